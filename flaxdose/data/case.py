@@ -1,0 +1,282 @@
+"""One patient plan (`Case`) and a dataset of them (a folder of `.npz` files + `manifest.json`).
+
+Axis order of every saved volume (masks, dose, CT) is **(x, y, z)** in the DICOM patient
+coordinate system (LPS): x runs from the patient's right to left, y from anterior to
+posterior, z from inferior to superior. `spacing_mm` is the voxel size along (x, y, z) and
+`origin_mm` the patient coordinate of the centre of voxel [0, 0, 0]. Masks are stacked
+structure-first, shape (S, X, Y, Z), in the order of `structures`. Inside the model the
+same volumes are channels-last, (N, X, Y, Z, C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.errors import FlaxdoseError
+
+# TG-263 names of the prostate set, in the model's input-channel order.
+PROSTATE_STRUCTURES = ("PTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Body")
+
+MANIFEST = "manifest.json"
+CASES_DIR = "cases"
+DATASET_FORMAT = "flaxdose-dataset"
+DATASET_VERSION = 1
+_CASE_FORMAT = "flaxdose-case-v1"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+    """One patient plan on one voxel grid; see the module docstring for the axis order."""
+
+    case_id: str
+    structures: tuple[str, ...]
+    masks: np.ndarray  # bool (S, X, Y, Z)
+    dose: np.ndarray | None  # float32 (X, Y, Z), Gy; None for a plan without dose
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    prescription_gy: float = 0.0
+    style: str = ""
+    ct: np.ndarray | None = None  # float32 (X, Y, Z), HU, optional
+    possible_dose_mask: np.ndarray | None = None  # bool (X, Y, Z), optional (OpenKBP)
+    meta: Mapping[str, object] = dataclasses.field(default_factory=dict)  # JSON-serializable
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen dataclass
+        set_("structures", tuple(str(s) for s in self.structures))
+        set_("masks", np.asarray(self.masks, dtype=bool))
+        set_("spacing_mm", _triple(self.spacing_mm, "spacing_mm", self.case_id))
+        set_("origin_mm", _triple(self.origin_mm, "origin_mm", self.case_id))
+        set_("prescription_gy", float(self.prescription_gy))
+        set_("meta", dict(self.meta))
+        if self.dose is not None:
+            set_("dose", np.asarray(self.dose, dtype=np.float32))
+        if self.ct is not None:
+            set_("ct", np.asarray(self.ct, dtype=np.float32))
+        if self.possible_dose_mask is not None:
+            set_("possible_dose_mask", np.asarray(self.possible_dose_mask, dtype=bool))
+        self.validate()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.masks.shape[1:])
+
+    def mask(self, structure: str) -> np.ndarray:
+        try:
+            return self.masks[self.structures.index(structure)]
+        except ValueError:
+            raise FlaxdoseError(
+                f"case {self.case_id!r} has no structure {structure!r}; it has {list(self.structures)}"
+            ) from None
+
+    def replace(self, **changes) -> Case:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        where = f"case {self.case_id!r}"
+        if not self.case_id or "/" in self.case_id or "\\" in self.case_id:
+            raise FlaxdoseError(f"{where}: case_id must be a non-empty name without path separators")
+        if self.masks.ndim != 4 or self.masks.shape[0] != len(self.structures):
+            raise FlaxdoseError(
+                f"{where}: masks must have shape (S, X, Y, Z) with S = {len(self.structures)} structures, "
+                f"got {self.masks.shape}; stack one mask per structure in `structures` order"
+            )
+        if len(set(self.structures)) != len(self.structures):
+            raise FlaxdoseError(f"{where}: structure names repeat: {list(self.structures)}")
+        for name in ("dose", "ct", "possible_dose_mask"):
+            volume = getattr(self, name)
+            if volume is not None and volume.shape != self.shape:
+                raise FlaxdoseError(
+                    f"{where}: {name} has shape {volume.shape} but the masks' grid is {self.shape}; "
+                    "resample both onto one grid"
+                )
+        if self.dose is not None and not np.all(np.isfinite(self.dose)):
+            raise FlaxdoseError(f"{where}: dose holds NaN or infinite values; fix or drop this case")
+        if min(self.spacing_mm) <= 0:
+            raise FlaxdoseError(f"{where}: spacing_mm must be positive, got {self.spacing_mm}")
+        if self.prescription_gy < 0 or not np.isfinite(self.prescription_gy):
+            raise FlaxdoseError(f"{where}: prescription_gy must be >= 0, got {self.prescription_gy}")
+
+    def check_structures(self, expected: Sequence[str]) -> None:
+        """Raise unless this case has exactly `expected` structures in that order."""
+        if tuple(expected) != self.structures:
+            raise FlaxdoseError(
+                f"case {self.case_id!r} has structures {list(self.structures)} but the model expects "
+                f"{list(expected)} in that order; re-import the data with that structure list"
+            )
+
+    # ---------------------------------------------------------------- storage
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an uncompressed-pickle-free `.npz` atomically (temp file + rename)."""
+        path = Path(path)
+        arrays = {
+            "format": np.array(_CASE_FORMAT),
+            "case_id": np.array(self.case_id),
+            "structures": np.array(self.structures, dtype=str),
+            "masks": np.packbits(self.masks, axis=-1),  # masks are 1 bit per voxel on disk
+            "shape": np.array(self.shape, dtype=np.int64),
+            "spacing_mm": np.array(self.spacing_mm, dtype=np.float64),
+            "origin_mm": np.array(self.origin_mm, dtype=np.float64),
+            "prescription_gy": np.array(self.prescription_gy, dtype=np.float64),
+            "style": np.array(self.style),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+        for name in ("dose", "ct"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        if self.possible_dose_mask is not None:
+            arrays["possible_dose_mask"] = np.packbits(self.possible_dose_mask, axis=-1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Case:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "format" not in z or str(z["format"]) != _CASE_FORMAT:
+                    raise FlaxdoseError(f"{path} is not a flaxdose case file; write cases with Case.save")
+                shape = tuple(int(v) for v in z["shape"])
+                unpack = lambda a: np.unpackbits(a, axis=-1, count=shape[-1]).astype(bool)
+                return cls(
+                    case_id=str(z["case_id"]),
+                    structures=tuple(str(s) for s in z["structures"]),
+                    masks=unpack(z["masks"]),
+                    dose=z["dose"] if "dose" in z else None,
+                    spacing_mm=tuple(z["spacing_mm"]),
+                    origin_mm=tuple(z["origin_mm"]),
+                    prescription_gy=float(z["prescription_gy"]),
+                    style=str(z["style"]),
+                    ct=z["ct"] if "ct" in z else None,
+                    possible_dose_mask=unpack(z["possible_dose_mask"]) if "possible_dose_mask" in z else None,
+                    meta=json.loads(str(z["meta"])),
+                )
+        except FlaxdoseError:
+            raise
+        except FileNotFoundError:
+            raise FlaxdoseError(f"case file {path} does not exist") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
+
+
+def _triple(values, name: str, case_id: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(np.isfinite(out)):
+        raise FlaxdoseError(f"case {case_id!r}: {name} must be 3 finite numbers (x, y, z), got {values!r}")
+    return out
+
+
+# ------------------------------------------------------------------ datasets
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A folder of cases (`cases/<case_id>.npz`) and a `manifest.json` naming the splits."""
+
+    root: Path
+    manifest: Mapping[str, object]
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> Dataset:
+        root = Path(root)
+        manifest_path = root / MANIFEST
+        if not root.is_dir():
+            raise FlaxdoseError(f"dataset folder {root} does not exist; create one or check the path")
+        if not manifest_path.is_file():
+            raise FlaxdoseError(
+                f"{root} has no {MANIFEST}, so it is not a flaxdose dataset "
+                "(write one with flaxdose.data.write_dataset or a flaxdose importer)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise FlaxdoseError(f"cannot read {manifest_path}: {e}") from None
+        if manifest.get("format") != DATASET_FORMAT or not isinstance(manifest.get("splits"), dict):
+            raise FlaxdoseError(f"{manifest_path} is not a flaxdose dataset manifest (format/splits missing)")
+        return cls(root, manifest)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("structures", ()))
+
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.manifest["splits"].items()}
+
+    def split(self, name: str) -> list[str]:
+        splits = self.splits
+        if name not in splits:
+            raise FlaxdoseError(f"dataset {self.root} has no split {name!r}; it has {sorted(splits)}")
+        return splits[name]
+
+    def case_path(self, case_id: str) -> Path:
+        return self.root / CASES_DIR / f"{case_id}.npz"
+
+    def load(self, case_id: str) -> Case:
+        return Case.load(self.case_path(case_id))
+
+
+def write_dataset(
+    root: str | os.PathLike,
+    cases: Iterable[Case],
+    splits: Mapping[str, Sequence[str]],
+    *,
+    overwrite: bool = False,
+    extra: Mapping[str, object] | None = None,
+) -> Dataset:
+    """Write cases and a manifest into a temporary folder, then rename it to `root`.
+
+    Nothing half-written is ever left at `root`: an interrupted write leaves only a hidden
+    temporary folder next to it. An existing non-empty `root` is refused unless `overwrite`.
+    """
+    root = Path(root)
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass overwrite")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        ids, structures = [], None
+        for case in cases:
+            structures = structures or case.structures
+            case.check_structures(structures)
+            case.save(tmp / CASES_DIR / f"{case.case_id}.npz")
+            ids.append(case.case_id)
+        if len(set(ids)) != len(ids):
+            raise FlaxdoseError("case ids repeat within the dataset; give every case a unique case_id")
+        unknown = sorted({i for ids_ in splits.values() for i in ids_} - set(ids))
+        if unknown:
+            raise FlaxdoseError(f"splits name cases that were not written: {unknown[:5]}")
+        manifest = {
+            "format": DATASET_FORMAT,
+            "version": DATASET_VERSION,
+            "axis_order": "x (right->left), y (anterior->posterior), z (inferior->superior); masks (S, X, Y, Z)",
+            "structures": list(structures or ()),
+            "num_cases": len(ids),
+            "splits": {k: list(v) for k, v in splits.items()},
+            **dict(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Dataset.open(root)
