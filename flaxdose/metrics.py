@@ -125,3 +125,109 @@ def dvh_errors(
         out[f"{key} err_gy"] = diff
         out[f"{key} err_pct"] = 100.0 * diff / prescription_gy
     return out
+
+
+# ------------------------------------------------------------------ OpenKBP scores
+# The OpenKBP challenge's scores, computed as its `provided_code/dose_evaluation_class.py`
+# (ababier/open-kbp) does. They use np.percentile (linear interpolation between voxel doses),
+# not the Dx convention of the module docstring:
+# - OARs: D_0.1_cc = np.percentile(doses, 100 - v / n * 100) with v = max(1, round(100 / voxel
+#   volume in mm^3)) voxels in 0.1 cc and n the ROI's voxel count; mean = mean voxel dose.
+# - Targets: D_99 = np.percentile(doses, 1), D_95 = np.percentile(doses, 5),
+#   D_1 = np.percentile(doses, 99).
+# - Only ROIs with at least one voxel are evaluated.
+# - Dose score of one patient: sum |reference - prediction| / (number of possible-dose-mask
+#   voxels), the prediction masked by the possible-dose mask first (the challenge's prediction
+#   code saves it masked); the dataset's dose score is the mean over patients.
+# - DVH score: the mean absolute difference over every (patient, ROI, metric) pooled together
+#   (np.nanmean over the whole table), not a mean of per-patient means.
+OPENKBP_OAR_METRICS = ("D_0.1_cc", "mean")
+OPENKBP_TARGET_METRICS = ("D_99", "D_95", "D_1")
+_OPENKBP_TARGET_PERCENTILES = {"D_99": 1.0, "D_95": 5.0, "D_1": 99.0}
+
+
+def openkbp_dvh_metrics(
+    dose: np.ndarray,
+    masks: np.ndarray,
+    structures: Sequence[str],
+    voxel_dimensions_mm: Sequence[float],
+    oars: Sequence[str],
+    targets: Sequence[str],
+) -> dict[str, float]:
+    """OpenKBP DVH metrics, keys ``"<ROI> <metric>"`` (e.g. ``"PTV70 D_99"``).
+
+    `masks` is (S, X, Y, Z) in `structures` order. ROIs not in `oars` or `targets`, and empty
+    ROIs, are skipped. An OAR smaller than 0.1 cc (where the challenge code would fail) gets
+    its maximum dose as D_0.1_cc.
+    """
+    dose, masks = np.asarray(dose, np.float64), np.asarray(masks, bool)
+    if masks.ndim != 4 or masks.shape[0] != len(structures):
+        raise FlaxdoseError(f"masks must be (S, X, Y, Z) with S = {len(structures)}, got {masks.shape}")
+    _same_grid(dose, masks[0], "openkbp_dvh_metrics")
+    voxel_mm3 = float(np.prod(voxel_dimensions_mm))
+    if not voxel_mm3 > 0:
+        raise FlaxdoseError(f"voxel dimensions must be positive, got {list(voxel_dimensions_mm)}")
+    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / voxel_mm3)))
+    out = {}
+    for name, mask in zip(structures, masks):
+        if name not in oars and name not in targets:
+            continue
+        roi_dose = dose[mask]
+        if roi_dose.size == 0:
+            continue
+        if name in oars:
+            fraction = 100.0 - voxels_in_tenth_cc / roi_dose.size * 100.0
+            out[f"{name} D_0.1_cc"] = float(np.percentile(roi_dose, max(fraction, 0.0)))
+            out[f"{name} mean"] = float(roi_dose.mean())
+        else:
+            for metric in OPENKBP_TARGET_METRICS:
+                out[f"{name} {metric}"] = float(np.percentile(roi_dose, _OPENKBP_TARGET_PERCENTILES[metric]))
+    return out
+
+
+def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np.ndarray) -> float:
+    """One patient's OpenKBP dose score (Gy): mean absolute error over the possible-dose mask."""
+    pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+    mask = np.asarray(possible_dose_mask, bool)
+    _same_grid(pred, ref, "openkbp_dose_score")
+    _same_grid(pred, mask, "openkbp_dose_score possible-dose mask")
+    count = int(mask.sum())
+    if count == 0:
+        raise FlaxdoseError("the possible-dose mask is empty; the OpenKBP dose score is undefined")
+    return float(np.sum(np.abs(ref - pred * mask)) / count)
+
+
+def openkbp_scores(
+    predictions: Sequence[np.ndarray],
+    references: Sequence,
+    oars: Sequence[str] = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"),
+    targets: Sequence[str] = ("PTV56", "PTV63", "PTV70"),
+) -> dict[str, float]:
+    """The challenge's dose score and DVH score of predicted doses against reference cases.
+
+    `references` are Case-like (``dose``, ``masks``, ``structures``, ``spacing_mm``,
+    ``possible_dose_mask``), one per prediction. Returns
+    ``{"dose_score": ..., "dvh_score": ..., "num_cases": ...}``.
+    """
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references) or not references:
+        raise FlaxdoseError(
+            f"openkbp_scores needs one prediction per reference case, got {len(predictions)} and {len(references)}"
+        )
+    dose_scores, differences = [], []
+    for pred, ref in zip(predictions, references):
+        if ref.dose is None or ref.possible_dose_mask is None:
+            raise FlaxdoseError(
+                f"reference case {getattr(ref, 'case_id', '?')!r} needs a dose and a possible-dose mask "
+                "(OpenKBP cases from flaxdose.data.openkbp have both)"
+            )
+        dose_scores.append(openkbp_dose_score(pred, ref.dose, ref.possible_dose_mask))
+        masked = np.asarray(pred, np.float64) * np.asarray(ref.possible_dose_mask, bool)
+        ref_m = openkbp_dvh_metrics(ref.dose, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
+        new_m = openkbp_dvh_metrics(masked, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
+        differences += [abs(new_m[k] - ref_m[k]) for k in ref_m]
+    return {
+        "dose_score": float(np.mean(dose_scores)),
+        "dvh_score": float(np.nanmean(differences)) if differences else float("nan"),
+        "num_cases": len(references),
+    }

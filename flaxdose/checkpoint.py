@@ -1,0 +1,158 @@
+"""orbax checkpoints of a workdir.
+
+- ``<workdir>/checkpoints/<step>/``: the latest few full states (params, optimizer state,
+  and a JSON `meta` holding the grain iterator state of the last consumed batch) for resuming; orbax writes each to a temporary folder and renames
+  it, so a run killed mid-save leaves the previous checkpoint intact.
+- ``<workdir>/best/<step>/``: params + meta of the lowest validation loss so far, for
+  prediction and transfer learning.
+
+States are stored unreplicated, so a checkpoint written with N devices restores on any
+device count.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from flaxdose.errors import FlaxdoseError
+
+CHECKPOINTS, BEST = "checkpoints", "best"
+
+
+def _manager(directory: Path, items: tuple[str, ...], keep: int, read_only: bool = False):
+    handlers = {name: ocp.StandardCheckpointHandler() for name in items}
+    handlers["meta"] = ocp.JsonCheckpointHandler()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(epath.Path(directory), item_handlers=handlers, options=options)
+
+
+class WorkdirCheckpoints:
+    """Save and restore a training run's checkpoints (see the module docstring)."""
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2):
+        workdir = Path(workdir)
+        self.latest = _manager(workdir / CHECKPOINTS, ("params", "opt_state"), keep)
+        self.best = _manager(workdir / BEST, ("params",), 1)
+        self.best_val = _best_val(self.best)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict, val_loss: float | None = None):
+        """Save a full state; also the params as `best` when `val_loss` improves on it."""
+        meta = {**meta, "step": int(step), "val_loss": val_loss}
+        self.latest.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
+            self.best_val = val_loss
+            self.best.save(
+                step,
+                args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+
+    def restore(self, step: int, params, opt_state):
+        """Restore the state saved at `step` into the structure of the given templates."""
+        check_shapes(self.latest, step, params, f"checkpoint step {step}")
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params),
+                opt_state=ocp.args.StandardRestore(opt_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.params, restored.opt_state, restored.meta
+
+    def wait(self):
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
+
+
+def _best_val(manager) -> float | None:
+    step = manager.latest_step()
+    if step is None:
+        return None
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return meta.get("val_loss")
+
+
+def check_shapes(manager, step: int, params, what: str) -> None:
+    """Raise a FlaxdoseError naming every parameter whose stored shape differs from `params`."""
+    stored = manager.item_metadata(step)["params"]
+    stored = getattr(stored, "tree", stored)
+    flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+    diffs = []
+    for path in sorted(set(flat_stored) | set(flat_new), key=name):
+        a, b = flat_stored.get(path), flat_new.get(path)
+        shape_a = tuple(a.shape) if a is not None else "missing"
+        shape_b = tuple(np.shape(b)) if b is not None else "missing"
+        if shape_a != shape_b:
+            diffs.append(f"{name(path)}: stored {shape_a} vs model {shape_b}")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise FlaxdoseError(
+            f"{what} holds a different model ({len(diffs)} parameter shapes differ: {shown}); "
+            "use the model config it was trained with, or another workdir"
+        )
+
+
+def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path, int]:
+    """Resolve a workdir, a checkpoints folder or one step folder to (manager dir, step)."""
+    path = Path(path)
+    if not path.exists():
+        raise FlaxdoseError(f"checkpoint path {path} does not exist")
+    if (path / "params").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    candidates = [path / BEST, path / CHECKPOINTS] if which == "best" else [path / CHECKPOINTS]
+    for directory in [*candidates, path]:
+        steps = [int(p.name) for p in directory.glob("[0-9]*") if (p / "params").is_dir()] if directory.is_dir() else []
+        if steps:
+            return directory, max(steps)
+    raise FlaxdoseError(
+        f"no orbax checkpoint found under {path}; pass a training workdir, its checkpoints/ or best/ "
+        "folder, or one step folder"
+    )
+
+
+def restore_params(path: str | os.PathLike, params_template=None, which: str = "best"):
+    """Params only (no optimizer state) from a workdir or checkpoint path, as numpy arrays.
+
+    With `params_template`, the stored shapes are checked against it first.
+    Returns (params, meta).
+    """
+    directory, step = find_checkpoint(path, which)
+    items = ("params",) if directory.name == BEST else ("params", "opt_state")
+    manager = _manager(directory, items, keep=None, read_only=True)
+    try:
+        if params_template is not None:
+            check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}")
+        target = None if params_template is None else jax.tree.map(np.asarray, params_template)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, restored.params), dict(restored.meta or {})

@@ -1,0 +1,144 @@
+"""grain input pipeline: random-access cases -> Gaussian-sampled patches -> flips -> batches.
+
+Each element is ``{"inputs": uint8 (X, Y, Z, C) masks, "target": float32 (X, Y, Z) dose /
+prescription}``; batches add a leading batch axis. Masks stay uint8 until the device (4x
+less host-to-device traffic). Randomness comes from grain's per-record seeds, so the same
+seed gives the same batches and the iterator state can be checkpointed and restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+from absl import flags
+import numpy as np
+
+from flaxdose.data.case import Case, Dataset
+from flaxdose.errors import FlaxdoseError
+
+# Channels exchanged by a left-right flip (the femoral heads swap sides).
+LR_PAIRS = (("Femur_Head_L", "Femur_Head_R"),)
+
+
+def case_to_example(case: Case) -> dict[str, np.ndarray]:
+    """Model input (uint8 channels-last masks) and target (dose in units of the prescription)."""
+    if case.dose is None:
+        raise FlaxdoseError(f"case {case.case_id!r} has no dose; training and evaluation need one")
+    if not case.prescription_gy > 0:
+        raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy")
+    return {
+        "inputs": np.moveaxis(case.masks, 0, -1).astype(np.uint8),
+        "target": (case.dose / case.prescription_gy).astype(np.float32),
+        "centroid": np.argwhere(case.mask("PTV")).mean(axis=0).astype(np.float32)
+        if case.mask("PTV").any()
+        else np.array(case.shape, np.float32) / 2,
+    }
+
+
+class CaseSource(grain.sources.RandomAccessDataSource):
+    """Random access over the cases of a dataset split, each checked against the model's structures."""
+
+    def __init__(self, dataset: Dataset, case_ids: Sequence[str], structures: Sequence[str], cache: bool = True):
+        if not case_ids:
+            raise FlaxdoseError(f"no cases to read from {dataset.root}; check the dataset's splits")
+        self._dataset, self._ids, self._structures = dataset, list(case_ids), tuple(structures)
+        self._cache = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        case = self._dataset.load(self._ids[index])
+        case.check_structures(self._structures)
+        example = case_to_example(case)
+        if self._cache is not None:
+            self._cache[index] = example
+        return example
+
+    def __repr__(self) -> str:  # grain logs this; keep it short
+        return f"CaseSource({self._dataset.root}, {len(self)} cases)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSampler(grain.transforms.RandomMap):
+    """Crop a patch whose centre is drawn from a Gaussian around the PTV centroid.
+
+    `sigma` is per axis in voxels; centres are clipped so the patch lies inside the volume.
+    With `flip_lr`, half of the patches are mirrored along x with the L/R channels swapped.
+    """
+
+    patch_shape: tuple[int, int, int]
+    sigma: tuple[float, float, float]
+    flip_lr: bool = False
+    swap_channels: tuple[int, ...] | None = None  # channel permutation applied on a flip
+
+    def random_map(self, element, rng: np.random.Generator):
+        shape = element["target"].shape
+        centre = rng.normal(element["centroid"], self.sigma)
+        start = [
+            int(np.clip(np.round(c - p / 2), 0, n - p)) for c, p, n in zip(centre, self.patch_shape, shape)
+        ]
+        window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_shape))
+        inputs, target = element["inputs"][window], element["target"][window]
+        if self.flip_lr and rng.random() < 0.5:
+            inputs, target = inputs[::-1][..., list(self.swap_channels)], target[::-1]
+        return {"inputs": np.ascontiguousarray(inputs), "target": np.ascontiguousarray(target)}
+
+
+def lr_swap_permutation(structures: Sequence[str]) -> tuple[int, ...]:
+    perm = list(range(len(structures)))
+    for left, right in LR_PAIRS:
+        if left in structures and right in structures:
+            i, j = structures.index(left), structures.index(right)
+            perm[i], perm[j] = j, i
+    return tuple(perm)
+
+
+def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int]) -> None:
+    if any(p > n for p, n in zip(patch_shape, volume_shape)) or len(patch_shape) != 3:
+        raise FlaxdoseError(
+            f"patch shape {tuple(patch_shape)} does not fit the volumes {tuple(volume_shape)}; "
+            "set data.patch_shape to at most the grid size"
+        )
+
+
+def patch_dataset(
+    source: CaseSource,
+    *,
+    patch_shape: Sequence[int],
+    sigma: Sequence[float],
+    batch_size: int,
+    seed: int,
+    structures: Sequence[str],
+    flip_lr: bool = True,
+) -> grain.MapDataset:
+    """An endless, shuffled, batched MapDataset of training patches."""
+    check_patch_fits(patch_shape, source[0]["target"].shape)
+    sampler = PatchSampler(
+        tuple(int(p) for p in patch_shape),
+        tuple(float(s) for s in sigma),
+        flip_lr,
+        lr_swap_permutation(tuple(structures)),
+    )
+    return (
+        grain.MapDataset.source(source)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .random_map(sampler)
+        .batch(batch_size, drop_remainder=True)
+    )
+
+
+def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch: int = 2):
+    """A checkpointable iterator; `workers` > 0 reads in that many worker processes."""
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iter_ds)

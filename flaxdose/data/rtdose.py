@@ -1,0 +1,266 @@
+"""RTDOSE export: a predicted dose back onto the patient's CT as a DICOM RT Dose object.
+
+`write_rtdose` writes one RT Dose instance (PS3.3 A.18: Patient, General Study, RT Series,
+Frame of Reference, General Equipment, General Image, Image Plane, Image Pixel,
+Multi-frame, RT Dose, SOP Common modules) that a planning system and 3D Slicer load on the
+reference CT: Study Instance UID and Frame of Reference UID (and the patient module) come
+from the CT, SOP Instance and Series Instance UIDs are new. Dose is stored as 32-bit
+unsigned integers x DoseGridScaling, the scaling chosen so the maximum does not clip;
+negative predicted doses are stored as 0. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.data.case import Case
+from flaxdose.data.dicom import (
+    CT_STORAGE,
+    RTDOSE_STORAGE,
+    Grid,
+    _direction,
+    _lps_layout,
+    _read_header_ds,
+    read_ct,
+    resample,
+    scan,
+)
+from flaxdose.errors import FlaxdoseError
+
+_MAX_STORED = {32: 2**32 - 1, 16: 2**16 - 1}
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root, as pydicom writes by default
+
+
+def _ds(value: float) -> str:
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
+
+
+def dose_grid_scaling(max_dose_gy: float, bits: int = 32) -> str:
+    """DoseGridScaling as a <= 16-character DS string such that max/scaling <= 2**bits - 1."""
+    if not max_dose_gy > 0:
+        return _ds(1e-6)
+    top = _MAX_STORED[bits]
+    scaling = max_dose_gy / (top * (1 - 1e-7))
+    text = _ds(scaling)
+    while np.rint(max_dose_gy / float(text)) > top:  # DS rounding went down: step up
+        scaling *= 1 + 1e-9
+        text = _ds(scaling)
+    return text
+
+
+def _reference_ct(reference_ct, ct_series_uid: str | None):
+    files, problems = scan(reference_ct)
+    cts = [f for f in files if f.modality == "CT" or f.sop_class == CT_STORAGE]
+    if not cts:
+        why = f" ({len(problems)} damaged file(s))" if problems else ""
+        raise FlaxdoseError(f"no CT images found in {reference_ct}{why}; --reference must name the patient's CT folder")
+    series = sorted({f.series_uid for f in cts})
+    if ct_series_uid is not None:
+        cts = [f for f in cts if f.series_uid == ct_series_uid]
+        if not cts:
+            raise FlaxdoseError(f"{reference_ct} holds no CT series {ct_series_uid}; it holds {series}")
+    elif len(series) > 1:
+        raise FlaxdoseError(
+            f"{reference_ct} holds {len(series)} CT series {series}; pass ct_series_uid to choose the planning CT"
+        )
+    return cts
+
+
+def write_rtdose(
+    dose: Case | np.ndarray,
+    reference_ct: str | os.PathLike | Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    plan_path: str | os.PathLike | None = None,
+    *,
+    origin_mm: Sequence[float] | None = None,
+    spacing_mm: Sequence[float] | None = None,
+    output_grid: str = "ct",
+    ct_series_uid: str | None = None,
+    series_description: str = "flaxdose predicted dose",
+    series_number: int = 901,
+    dose_comment: str = "Predicted by flaxdose (not a calculated dose)",
+    bits: int = 32,
+) -> Path:
+    """Write `dose` (Gy) as an RTDOSE on the frame of reference of the CT in `reference_ct`.
+
+    dose: a `Case` (its `dose`, `origin_mm`, `spacing_mm` are used) or an [x, y, z] array
+        with `origin_mm` and `spacing_mm` (LPS, patient coordinates of that CT).
+    reference_ct: the CT folder (or files) the case was imported from.
+    out_path: the file to write, or an existing folder (file `RD.<SOPInstanceUID>.dcm`).
+    plan_path: an RTPLAN file; when given, DoseSummationType PLAN references it.
+    output_grid: "ct" resamples (trilinear) onto the CT's pixels and slices, cropped to
+        the extent of the input grid, in the CT's orientation; "input" writes the input grid
+        unchanged (axis-aligned, ImageOrientationPatient 1\\0\\0\\0\\1\\0).
+    bits: 32 (default) or 16 bits per stored dose value.
+    Returns the path written.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    if isinstance(dose, Case):
+        if dose.dose is None:
+            raise FlaxdoseError(f"case {dose.case_id!r} has no dose to export")
+        volume, src = dose.dose, Grid(dose.origin_mm, dose.spacing_mm, dose.shape)
+    else:
+        volume = np.asarray(dose, np.float32)
+        if volume.ndim != 3 or origin_mm is None or spacing_mm is None:
+            raise FlaxdoseError(
+                "write_rtdose needs a Case, or a 3-D [x, y, z] dose array with origin_mm and spacing_mm"
+            )
+        src = Grid(tuple(float(v) for v in origin_mm), tuple(float(v) for v in spacing_mm), volume.shape)
+    if not np.isfinite(volume).all():
+        raise FlaxdoseError("the dose to export holds NaN or infinite values")
+    if bits not in _MAX_STORED:
+        raise FlaxdoseError(f"bits must be 16 or 32, got {bits}")
+    if output_grid not in ("ct", "input"):
+        raise FlaxdoseError(f"output_grid must be 'ct' or 'input', got {output_grid!r}")
+
+    cts = _reference_ct(reference_ct, ct_series_uid)
+    ct = read_ct(cts, load_pixels=False)
+    ct_ds = _read_header_ds(cts[0].path)
+    r, c, n = _direction([float(v) for v in ct_ds.ImageOrientationPatient], f"CT {cts[0].path}")
+
+    if output_grid == "input":
+        out_grid = src
+        r, c, n = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+        values = volume
+    else:
+        lo = [src.origin_mm[a] - 1e-3 for a in range(3)]
+        hi = [src.origin_mm[a] + (src.shape[a] - 1) * src.spacing_mm[a] + 1e-3 for a in range(3)]
+        keep = [(ct.grid.coords(a) >= lo[a]) & (ct.grid.coords(a) <= hi[a]) for a in range(3)]
+        if not all(k.any() for k in keep):
+            raise FlaxdoseError(
+                f"the dose grid (origin {src.origin_mm} mm, {src.shape} voxels) does not overlap the CT in "
+                f"{reference_ct}; is this the CT the case was imported from?"
+            )
+        first = [int(np.nonzero(k)[0][0]) for k in keep]
+        out_grid = Grid(
+            tuple(float(ct.grid.coords(a)[first[a]]) for a in range(3)),
+            ct.grid.spacing_mm,
+            tuple(int(k.sum()) for k in keep),
+        )
+        values = resample(volume, src, out_grid, order=1, cval=0.0)
+
+    # [x, y, z] -> the file's [frame, row, column] in orientation (r, c, n)
+    d_col, d_row, d_frame = (out_grid.spacing_mm[int(np.argmax(np.abs(v)))] for v in (r, c, n))
+    native_shape = tuple(out_grid.shape[int(np.argmax(np.abs(v)))] for v in (n, c, r))
+    perm, flips, check = _lps_layout(native_shape, np.zeros(3), r, c, n, d_col, d_row, d_frame)
+    native = np.transpose(values, np.argsort(perm))
+    if flips:
+        native = np.flip(native, axis=tuple(flips))
+    ipp = np.array(out_grid.origin_mm, np.float64)
+    for k in range(3):
+        a = perm[k]
+        if a in flips:
+            ipp[k] += (out_grid.shape[k] - 1) * out_grid.spacing_mm[k]
+    native = np.clip(native, 0.0, None).astype(np.float64)
+    scaling_text = dose_grid_scaling(float(native.max()) if native.size else 0.0, bits)
+    stored = np.rint(native / float(scaling_text))
+    assert stored.max(initial=0) <= _MAX_STORED[bits], "dose_grid_scaling guarantees no clipping"
+    stored = np.ascontiguousarray(stored.astype("<u4" if bits == 32 else "<u2"))
+    frames, rows, cols = stored.shape
+
+    plan = None
+    if plan_path is not None:
+        plan = _read_header_ds(Path(plan_path))
+        if str(plan.get("Modality", "")).upper() != "RTPLAN":
+            raise FlaxdoseError(f"{plan_path} is not an RTPLAN (Modality {plan.get('Modality')!r}); pass the plan file")
+        plan_for = str(plan.get("FrameOfReferenceUID", "") or "")
+        if plan_for and plan_for != str(ct_ds.get("FrameOfReferenceUID", "")):
+            raise FlaxdoseError(
+                f"RTPLAN {plan_path} is on frame of reference {plan_for}, the CT on "
+                f"{ct_ds.get('FrameOfReferenceUID')}; pass the plan that belongs to this CT"
+            )
+        if not plan.get("SOPInstanceUID") or not plan.get("SOPClassUID"):
+            raise FlaxdoseError(f"{plan_path} has no SOP Instance/Class UID; it is not a valid RTPLAN")
+
+    now = datetime.datetime.now()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTDOSE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = "FLAXDOSE"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = ct_ds.get("SpecificCharacterSet", "ISO_IR 100") or "ISO_IR 100"
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SOPClassUID = RTDOSE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    # Patient + General Study: from the reference CT (type 2: present, possibly empty)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(ds, keyword, ct_ds.get(keyword, "") or "")
+    ds.StudyInstanceUID = ct_ds.StudyInstanceUID
+    # RT Series
+    ds.Modality = "RTDOSE"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = series_description[:64]
+    ds.OperatorsName = ""
+    # Frame of Reference
+    ds.FrameOfReferenceUID = ct_ds.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ct_ds.get("PositionReferenceIndicator", "") or ""
+    # General Equipment
+    ds.Manufacturer = "flaxdose"
+    ds.SoftwareVersions = "flaxdose"
+    # General Image
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    # Image Plane
+    ds.PixelSpacing = [_ds(d_row), _ds(d_col)]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*r, *c)]
+    ds.ImagePositionPatient = [_ds(v) for v in ipp]
+    ds.SliceThickness = _ds(d_frame)
+    # Image Pixel + RT Dose
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.NumberOfFrames = frames
+    ds.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
+    ds.GridFrameOffsetVector = [_ds(k * d_frame) for k in range(frames)]
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseComment = dose_comment[:64]
+    ds.DoseSummationType = "PLAN"
+    if plan is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = plan.SOPClassUID
+        ref.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+        ds.ReferencedRTPlanSequence = DSequence([ref])
+    ds.DoseGridScaling = scaling_text
+    ds.PixelData = stored.tobytes()
+
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        out_path = out_path / f"RD.{sop_uid}.dcm"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    old_mode = pydicom.config.settings.writing_validation_mode
+    try:
+        pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+        try:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        except (ValueError, TypeError) as e:
+            raise FlaxdoseError(f"cannot write a valid RTDOSE ({e}); check the reference CT's patient/study attributes") from None
+        os.replace(tmp, out_path)
+    finally:
+        pydicom.config.settings.writing_validation_mode = old_mode
+        Path(tmp).unlink(missing_ok=True)
+    return out_path

@@ -1,0 +1,123 @@
+"""The five planning styles of the synthetic data, in one table (see docs/synthetic_data.md).
+
+A style is a named set of optimization weights and beam settings; the anatomy never depends
+on it. Doses inside the optimizer are in units of the prescription (1.0 = Rx). Every OAR
+objective acts on the OAR minus the PTV, as clinical optimization structures do.
+
+Style intent (Kandalan et al. 2020, Table 1 and section 2.1):
+- source: conformal VMAT, a normal-tissue objective (NTO) shapes the fall-off.
+- internal_a: like source, the rectum spared more aggressively.
+- internal_b: like source, rectum and bladder spared more aggressively, NTO a little softer.
+- internal_c: NTO off; femoral heads nearly unconstrained to lower bladder and rectum dose.
+- external: another institution's system (Erasmus-iCycle): 23 evenly spaced beam directions
+  as the starting condition; a beam-sparsity term leaves a few dominant beams, whose paths
+  show as intermediate/low-dose spikes; no NTO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Planning convention shared by every style: 70 Gy in 28 fractions of 2.5 Gy (moderate
+# hypofractionation), normalized so the PTV D95 equals the prescription.
+PRESCRIPTION_GY = 70.0
+FRACTIONS = 28
+
+# VMAT arcs are modelled as static control points this far apart (two full arcs' worth of
+# directions, 10 degrees apart, like a coarse TPS arc sampling).
+ARC_CONTROL_POINTS = 36
+EXTERNAL_BEAMS = 23  # the Erasmus-iCycle starting condition of the paper
+
+
+def arc(n: int = ARC_CONTROL_POINTS, avoid: tuple[float, float] | None = None) -> tuple[float, ...]:
+    """Control-point gantry angles of a full arc, less an avoidance sector (centre, half-width)."""
+    angles = np.arange(n) * 360.0 / n
+    if avoid is not None:
+        off = np.abs((angles - avoid[0] + 180.0) % 360.0 - 180.0)
+        angles = angles[off > avoid[1]]
+    return tuple(float(a) for a in angles)
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """Objective weights (dimensionless, relative) and beam settings of one planning style."""
+
+    name: str
+    description: str
+    gantry_deg: tuple[float, ...]  # IEC gantry angles; 0 = beam enters anteriorly
+    ptv_under: float = 400.0  # mean((1 - d)+^2) over the PTV: coverage
+    ptv_over: float = 300.0  # mean((d - hot)+^2) over the PTV: homogeneity
+    ptv_hot: float = 1.02
+    bladder: float = 1.0  # mean(d^2) over each OAR outside the PTV (a gEUD with a = 2)
+    rectum: float = 1.5
+    femoral: float = 1.0  # each femoral head
+    nto: float = 8.0  # mean((d - limit(r))+^2) over body minus PTV; 0 turns the NTO off
+    nto_start: float = 1.0  # limit at the PTV surface ...
+    nto_end: float = 0.35  # ... falling exponentially to this ...
+    nto_falloff_per_mm: float = 0.08  # ... at this rate per mm of distance
+    integral: float = 0.3  # mean(d) over body minus PTV: the low-dose bath
+    smooth: float = 0.5  # fluence modulation penalty (MLC deliverability)
+    beam_sparsity: float = 0.0  # mean over beams of the beam's RMS fluence (group lasso)
+    arc_smooth: float = 1.0  # fluence change between neighbouring control points (VMAT)
+    beam_uniformity: float = 1.0  # squared coefficient of variation of the beams' mean fluence (VMAT)
+    # Final dose only: each control point's fluence is spread over this gantry sector (two
+    # sub-angles), as the gantry moves while delivering it; 0 = static beams.
+    arc_sector_deg: float = 360.0 / ARC_CONTROL_POINTS
+    keep_beams: int = 0  # > 0: re-optimize with only this many of the starting beams (iCycle)
+
+    def weights(self) -> dict[str, float]:
+        """The numeric objective parameters, as the optimizer takes them (traced, not static)."""
+        skip = {"name", "description", "gantry_deg", "arc_sector_deg", "keep_beams"}
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+STYLE_TABLE: dict[str, Style] = {
+    s.name: s
+    for s in (
+        Style("source", "conformal VMAT arc with an NTO", gantry_deg=arc()),
+        Style(
+            "internal_a",
+            "source with the rectum spared more aggressively: arc avoiding the posterior 60 degrees",
+            gantry_deg=arc(avoid=(180.0, 15.0)),
+            rectum=1.8,
+        ),
+        Style(
+            "internal_b",
+            "source with rectum and bladder spared more aggressively, softer NTO",
+            gantry_deg=arc(),
+            rectum=2.5,
+            bladder=2.0,
+            nto=2.0,
+            nto_end=0.5,
+            nto_falloff_per_mm=0.03,
+        ),
+        Style(
+            "internal_c",
+            "NTO off; higher femoral-head dose traded for lower bladder and rectum dose",
+            gantry_deg=arc(),
+            rectum=5.0,
+            bladder=5.0,
+            femoral=0.0,
+            nto=0.0,
+            integral=0.1,
+            beam_uniformity=0.1,
+        ),
+        Style(
+            "external",
+            "another institution: 23 evenly spaced beams, a few dominant ones, no NTO",
+            gantry_deg=tuple(float(a) for a in np.arange(EXTERNAL_BEAMS) * 360.0 / EXTERNAL_BEAMS),
+            nto=0.0,
+            integral=0.1,
+            smooth=0.2,
+            beam_sparsity=0.3,
+            keep_beams=5,
+            arc_smooth=0.0,
+            beam_uniformity=0.0,
+            arc_sector_deg=0.0,
+        ),
+    )
+}
+
+STYLES: tuple[str, ...] = tuple(STYLE_TABLE)

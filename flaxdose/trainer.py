@@ -1,0 +1,276 @@
+"""Training: `train_and_evaluate(config, workdir)`.
+
+One code path for any number of local devices: the train step is `jax.pmap`-ed over all of
+them, each device takes `batch_size / num_devices` patches, gradients and loss are averaged
+with `lax.pmean`, and the state is donated so parameters are updated in place. The loss is
+the MSE of the dose in units of the prescription. Checkpoints hold the unreplicated state,
+so a run resumes on any device count (see `flaxdose.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from flaxdose import config as config_lib
+from flaxdose.checkpoint import WorkdirCheckpoints
+from flaxdose.data import pipeline
+from flaxdose.data.builtin import resolve_dataset
+from flaxdose.data.case import Dataset
+from flaxdose.errors import FlaxdoseError
+from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
+
+AXIS = "devices"
+log = logging.getLogger("flaxdose")
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ---------------------------------------------------------------- pure steps
+def mse_loss(params, spec: UNetSpec, batch) -> jax.Array:
+    pred = UNet3D(spec).apply({"params": params}, batch["inputs"].astype(jnp.float32))
+    return jnp.mean(jnp.square(pred - batch["target"]))
+
+
+def make_train_step(spec: UNetSpec, tx: optax.GradientTransformation, axis_name: str | None = None):
+    """(state, batch) -> (state, metrics); with `axis_name`, averages over that mapped axis."""
+
+    def train_step(state: TrainState, batch):
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, spec, batch)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+
+    return train_step
+
+
+def pmap_train_step(spec: UNetSpec, tx: optax.GradientTransformation):
+    return jax.pmap(make_train_step(spec, tx, AXIS), axis_name=AXIS, donate_argnums=(0,))
+
+
+def make_predict_fn(spec: UNetSpec) -> Callable:
+    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> dose / prescription."""
+    return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
+
+
+# ---------------------------------------------------------------- helpers
+def device_sharding(devices) -> jax.sharding.NamedSharding:
+    """Leading axis split over `devices`: the layout `jax.pmap` takes and returns."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree, devices):
+    n, sharding = len(devices), device_sharding(devices)
+    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def shard_to_devices(batch, devices):
+    """Split the leading (global batch) axis over `devices` and start the transfer."""
+    n, sharding = len(devices), device_sharding(devices)
+    return jax.tree.map(lambda x: jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding), batch)
+
+
+def prefetch(iterator, devices, size: int = 2) -> Iterator[tuple[Any, dict]]:
+    """Yield (device batch, iterator state after that batch), keeping `size` batches in flight.
+
+    The state travels with its batch, so a checkpoint records exactly the batches consumed.
+    """
+    queue = collections.deque()
+    while True:
+        while len(queue) < size:
+            batch = next(iterator)
+            queue.append((shard_to_devices(batch, devices), iterator.get_state()))
+        yield queue.popleft()
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    return optax.adam(config.train.learning_rate)
+
+
+def init_state(config, spec: UNetSpec) -> tuple[Any, optax.GradientTransformation, dict]:
+    """Fresh params and optimizer; transfer configs start from a source checkpoint instead."""
+    rng = jax.random.key(config.seed)
+    if config.get("transfer") and config.transfer.mode != "none":
+        from flaxdose import transfer
+
+        return transfer.init_transfer(config, spec, rng)
+    params = init_params(spec, rng, config.data.patch_shape)
+    return params, make_optimizer(config), {}
+
+
+def split_ids(dataset: Dataset, data_cfg) -> tuple[list[str], list[str]]:
+    train = dataset.split(data_cfg.train_split)
+    if "val" in dataset.splits:
+        return train, dataset.split("val")
+    n_val = min(data_cfg.val_cases, max(len(train) - 1, 0))
+    if not train:
+        raise FlaxdoseError(f"dataset {dataset.root} has no training cases in split {data_cfg.train_split!r}")
+    return (train[:-n_val], train[-n_val:]) if n_val else (train, [])
+
+
+def check_workdir(workdir: Path, config) -> None:
+    """Refuse a workdir that holds checkpoints of a different model, before writing anything."""
+    saved = workdir / "config.json"
+    if not saved.is_file() or not (workdir / "checkpoints").is_dir():
+        return
+    old = json.loads(saved.read_text()).get("model", {})
+    new = json.loads(config_lib.to_json(config))["model"]
+    diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise FlaxdoseError(
+            f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
+            "use a new --workdir, or the model settings it was trained with"
+        )
+
+
+class MetricWriter:
+    """metrics.jsonl plus TensorBoard event files (tensorboardX) in the workdir."""
+
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(workdir / "metrics.jsonl", "a")
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, **scalars):
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, float(value), int(step))
+
+    def close(self):
+        self._jsonl.close()
+        self._tb.close()
+
+
+def validation_loss(predict, params, examples) -> float:
+    losses = [
+        float(np.mean((np.asarray(predict(params, ex["inputs"][None]))[0] - ex["target"]) ** 2)) for ex in examples
+    ]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+# ---------------------------------------------------------------- the loop
+def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
+    """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
+
+    `devices` defaults to all local devices.
+    """
+    workdir = Path(workdir)
+    spec = UNetSpec.from_config(config.model)
+    structures = tuple(config.data.structures)
+    if len(structures) != spec.in_channels:
+        raise FlaxdoseError(
+            f"data.structures has {len(structures)} names but model.in_channels is {spec.in_channels}; make them agree"
+        )
+    devices = list(devices or jax.local_devices())
+    batch_size = config.train.batch_size
+    if batch_size % len(devices):
+        raise FlaxdoseError(
+            f"train.batch_size={batch_size} is not divisible by the {len(devices)} local devices; "
+            f"use a multiple of {len(devices)}"
+        )
+    check_workdir(workdir, config)
+    dataset = resolve_dataset(config.data, workdir)
+    if dataset.structures and dataset.structures != structures:
+        raise FlaxdoseError(
+            f"dataset {dataset.root} has structures {list(dataset.structures)} but the config expects "
+            f"{list(structures)} in that order; fix data.structures or re-import the data"
+        )
+    train_ids, val_ids = split_ids(dataset, config.data)
+    source = pipeline.CaseSource(dataset, train_ids, structures)
+    patches = pipeline.patch_dataset(
+        source,
+        patch_shape=config.data.patch_shape,
+        sigma=config.data.patch_sigma,
+        batch_size=batch_size,
+        seed=config.seed,
+        structures=structures,
+        flip_lr=config.data.flip_lr,
+    )
+    val_examples = [pipeline.case_to_example(dataset.load(i)) for i in val_ids]
+
+    params, tx, init_meta = init_state(config, spec)
+    opt_state = tx.init(params)
+    data_iter = pipeline.make_iterator(patches, workers=config.data.workers)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = WorkdirCheckpoints(workdir, keep=config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        data_iter.set_state(meta["data_state"])
+        log.info("resumed from step %d in %s", start, workdir)
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+
+    step_fn = pmap_train_step(spec, tx)
+    predict = make_predict_fn(spec)
+    state = replicate(TrainState(jnp.asarray(start), params, opt_state), devices)
+    writer = MetricWriter(workdir)
+    total = config.train.steps
+    log.info(
+        "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
+        f"{count_params(params):,}", len(devices), len(train_ids), len(val_ids), start, total,
+    )
+    result = {"step": start}
+    batches = prefetch(data_iter, devices)
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    window, tick = [], time.perf_counter()
+    try:
+        for step in range(start + 1, total + 1):
+            batch, data_state = next(batches)
+            state, metrics = step_fn(state, batch)
+            window.append(metrics["loss"])
+            bar.update(1)
+            is_last = step == total
+            if step % config.train.log_every == 0 or is_last:
+                loss = float(np.mean([float(x[0]) for x in window]))
+                rate = len(window) * batch_size / (time.perf_counter() - tick)
+                writer.write(step, loss=loss, patches_per_s=rate)
+                bar.set_postfix(loss=f"{loss:.4g}", patches_s=f"{rate:.1f}")
+                result.update(step=step, loss=loss, patches_per_s=rate)
+                window, tick = [], time.perf_counter()
+            do_ckpt = step % config.train.checkpoint_every == 0 or is_last
+            if do_ckpt or step % config.train.eval_every == 0:
+                val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
+                writer.write(step, val_loss=val)
+                result["val_loss"] = val
+                if do_ckpt:
+                    host = unreplicate(state)
+                    ckpt.save(
+                        step, host.params, host.opt_state,
+                        meta={**init_meta, "data_state": data_state}, val_loss=None if np.isnan(val) else val,
+                    )
+                tick = time.perf_counter()  # evaluation time is not training throughput
+        ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+        close = getattr(data_iter, "close", None)
+        if close:
+            close()
+    result["best_val_loss"] = ckpt.best_val
+    return result

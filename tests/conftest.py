@@ -1,0 +1,42 @@
+"""Test setup: 4 simulated CPU devices (set before jax is imported) and tiny configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from flaxdose import config as config_lib  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """The quick config shrunk to seconds: phantom data on a 16x16x8 grid, a 2-level UNet."""
+    config = config_lib.load_config("quick")
+    settings = {
+        "model.features": (4, 8),
+        "model.convs_per_level": 1,
+        "model.groups": 2,
+        "data.kind": "phantom",
+        "data.phantom_shape": (16, 16, 8),
+        "data.n_train": 6,
+        "data.n_test": 2,
+        "data.val_cases": 2,
+        "data.patch_shape": (8, 8, 8),
+        "data.patch_sigma": (2.0, 2.0, 1.0),
+        "train.steps": 6,
+        "train.batch_size": 4,
+        "train.learning_rate": 3e-3,
+        "train.log_every": 2,
+        "train.eval_every": 3,
+        "train.checkpoint_every": 3,
+        **overrides,
+    }
+    for key, value in settings.items():
+        config_lib.apply_override(config, f"{key}={value}")
+    return config
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config

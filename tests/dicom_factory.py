@@ -1,0 +1,311 @@
+"""Synthetic DICOM-RT exports (CT, RTSTRUCT, RTDOSE, RTPLAN) of an analytic phantom.
+
+Every shape is analytic in patient (LPS) millimetres, so the true mask at any voxel centre
+and the true dose at any point are known. Geometry (HFS; other orientations show the same
+patient): CT 64 columns x 48 rows, pixels 2.0 mm (x) x 2.5 mm (y), 32 slices 2.5 mm apart;
+dose grid 3 mm in-plane on the CT slice planes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CT_SHAPE_XYZ = (64, 48, 32)
+CT_SPACING = (2.0, 2.5, 2.5)
+CT_ORIGIN = (-63.0, -58.75, -38.75)
+DOSE_SHAPE_XYZ = (41, 39, 32)
+DOSE_SPACING = (3.0, 3.0, 2.5)
+DOSE_ORIGIN = (-60.0, -57.0, -38.75)
+PRESCRIPTION = 60.0
+
+# ROI number, ROI name (renamed clinical-style), canonical structure, interpreted type
+ROIS = [
+    (7, "PTV_6000", "PTV", "PTV"),
+    (3, "BLADDER", "Bladder", "ORGAN"),
+    (12, "rectum", "Rectum", "ORGAN"),
+    (5, "Femur Head Lt", "Femur_Head_L", "ORGAN"),
+    (9, "RT FEMORAL HEAD", "Femur_Head_R", "ORGAN"),
+    (21, "Patient Outline 1", "Body", "EXTERNAL"),
+    (4, "Box", "Box", "CONTROL"),
+    (30, "PTV_ring", "", "CONTROL"),
+]
+STRUCTURES = ("PTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Body", "Box")
+BOX_X, BOX_Y, BOX_Z = (-12.0, 15.0), (-54.0, -42.0), (-20.0, 20.0)  # on dose-grid voxel centres
+
+
+def coords(origin, spacing, shape):
+    return [o + d * np.arange(n) for o, d, n in zip(origin, spacing, shape)]
+
+
+def ct_z():
+    return coords(CT_ORIGIN, CT_SPACING, CT_SHAPE_XYZ)[2]
+
+
+def _in_shape(name, x, y, z):
+    """True where (x, y, z) mm lies in structure `name` (broadcasting arrays)."""
+    if name == "Body":
+        return ((x / 58.0) ** 2 + (y / 52.0) ** 2 <= 1.0) & (z == z)
+    if name == "PTV":
+        return x**2 + y**2 + z**2 <= 16.0**2
+    if name == "Bladder":
+        return (x / 20.0) ** 2 + ((y + 22) / 14.0) ** 2 + ((z - 12) / 14.0) ** 2 <= 1.0
+    if name == "Rectum":
+        r2 = x**2 + (y - 28) ** 2
+        return (r2 <= 12.0**2) & (r2 > 6.0**2) & (z >= -25) & (z <= 20)
+    if name in ("Femur_Head_L", "Femur_Head_R"):
+        xc = 40.0 if name.endswith("L") else -40.0
+        return (x - xc) ** 2 + y**2 + (z + 10) ** 2 <= 11.0**2
+    if name == "Box":
+        eps = 1e-6
+        return ((x >= BOX_X[0] - eps) & (x <= BOX_X[1] + eps) & (y >= BOX_Y[0] - eps) & (y <= BOX_Y[1] + eps)
+                & (z >= BOX_Z[0]) & (z <= BOX_Z[1]))
+    raise KeyError(name)
+
+
+def truth_masks(origin, spacing, shape, names=STRUCTURES):
+    """True masks at the voxel centres of a grid; z snapped to the nearest CT slice (slab rule)."""
+    xs, ys, zs = coords(origin, spacing, shape)
+    planes = ct_z()
+    idx = np.abs(zs[:, None] - planes[None, :]).argmin(1)
+    ok = np.abs(zs - planes[idx]) <= CT_SPACING[2] / 2 + 1e-3
+    zsnap = np.where(ok, planes[idx], 1e9)
+    X, Y, Z = np.meshgrid(xs, ys, zsnap, indexing="ij")
+    return {n: _in_shape(n, X, Y, Z) & (Z < 1e8) for n in names}
+
+
+def true_dose(x, y, z):
+    """A smooth asymmetric dose (Gy): flipped axes change it."""
+    return (PRESCRIPTION * np.exp(-((x - 2) ** 2 + (y + 3) ** 2 + (z - 1) ** 2) / (2 * 30.0**2))
+            + 0.05 * (x + 70) + 0.03 * (z + 50))
+
+
+def _circle(xc, yc, r, n=128, z=0.0, reverse=False):
+    r = r * np.sqrt(2 * np.pi / (n * np.sin(2 * np.pi / n)))  # polygon with the circle's area
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    if reverse:
+        t = t[::-1]
+    return np.stack([xc + r * np.cos(t), yc + r * np.sin(t), np.full(n, z)], 1)
+
+
+def _ellipse(xc, yc, a, b, n=128, z=0.0):
+    f = np.sqrt(2 * np.pi / (n * np.sin(2 * np.pi / n)))
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([xc + f * a * np.cos(t), yc + f * b * np.sin(t), np.full(n, z)], 1)
+
+
+def contours_for(name, z):
+    """Closed planar contours (N, 3) of structure `name` on the plane at height z."""
+    out = []
+    if name == "Body":
+        out.append(_ellipse(0, 0, 58.0, 52.0, z=z))
+    elif name == "PTV" and abs(z) < 16:
+        out.append(_circle(0, 0, np.sqrt(16.0**2 - z**2), z=z))
+    elif name == "Bladder" and abs(z - 12) < 14:
+        s = np.sqrt(1 - ((z - 12) / 14.0) ** 2)
+        out.append(_ellipse(0, -22, 20 * s, 14 * s, z=z))
+    elif name == "Rectum" and -25 <= z <= 20:
+        out.append(_circle(0, 28, 6.0, z=z, reverse=True))  # the hole first: XOR ignores the order
+        out.append(_circle(0, 28, 12.0, z=z))
+    elif name in ("Femur_Head_L", "Femur_Head_R") and abs(z + 10) < 11:
+        xc = 40.0 if name.endswith("L") else -40.0
+        out.append(_circle(xc, 0, np.sqrt(11.0**2 - (z + 10) ** 2), z=z))
+    elif name == "Box" and BOX_Z[0] <= z <= BOX_Z[1]:
+        (x0, x1), (y0, y1) = BOX_X, BOX_Y
+        out.append(np.array([[x0, y0, z], [x1, y0, z], [x1, y1, z], [x0, y1, z]]))
+    elif name == "" and abs(z) < 14:
+        out.append(_circle(0, 0, 20.0, z=z))
+        out.append(_circle(0, 0, 17.0, z=z))
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+def _base(modality, sop_class, study, for_uid, patient_id):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19500101"
+    ds.PatientSex = "M"
+    ds.StudyInstanceUID = study
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101010"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.Manufacturer = "factory"
+    if for_uid:
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+    return ds
+
+
+ORIENTATIONS = {  # ImageOrientationPatient (row, column cosines) per patient position
+    "HFS": ((1, 0, 0), (0, 1, 0)),
+    "FFS": ((-1, 0, 0), (0, 1, 0)),
+    "HFP": ((-1, 0, 0), (0, -1, 0)),
+    "FFP": ((1, 0, 0), (0, -1, 0)),
+}
+
+
+def _native(origin, spacing, shape, orientation):
+    """IPP of the first pixel, in-plane coordinate arrays in pixel order, slice normal."""
+    r, c = (np.array(v, float) for v in ORIENTATIONS[orientation])
+    xs, ys, zs = coords(origin, spacing, shape)
+    col_x = xs if r[0] > 0 else xs[::-1]  # columns run along r (x here)
+    row_y = ys if c[1] > 0 else ys[::-1]  # rows run along c (y here)
+    return r, c, np.cross(r, c), col_x, row_y, zs
+
+
+def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slice=None, patient_id="PAT001",
+                 with_plan=True, with_dose=True, study=None, for_uid=None):
+    """Write one patient's export into `folder`; returns dict of paths and UIDs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study = study or generate_uid()
+    for_uid = for_uid or generate_uid()
+    r, c, n, col_x, row_y, zs = _native(CT_ORIGIN, CT_SPACING, CT_SHAPE_XYZ, orientation)
+    series = generate_uid()
+    ct_uids = []
+    X, Y = np.meshgrid(col_x, row_y, indexing="xy")  # (rows, cols)
+    for k, z in enumerate(zs):
+        if drop_slice is not None and k == drop_slice:
+            continue
+        ds = _base("CT", "1.2.840.10008.5.1.4.1.1.2", study, for_uid, patient_id)
+        ds.SeriesInstanceUID = series
+        ds.PatientPosition = orientation
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [*r, *c]
+        ds.ImagePositionPatient = [col_x[0], row_y[0], z]
+        ds.PixelSpacing = [CT_SPACING[1], CT_SPACING[0]]  # row spacing (y), column spacing (x)
+        ds.SliceThickness = CT_SPACING[2]
+        ds.Rows, ds.Columns = len(row_y), len(col_x)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        hu = np.where(_in_shape("Body", X, Y, z), 40.0, -1000.0) + 0.5 * X  # HU ramp in x: flips show
+        ds.PixelData = (hu + 1024).astype("<u2").tobytes()
+        ct_uids.append(ds.SOPInstanceUID)
+        # shuffle file names so the order on disk says nothing about the position
+        pydicom.dcmwrite(folder / f"CT_{(k * 7919) % 1000:03d}.dcm", ds, enforce_file_format=True)
+
+    st = _base("RTSTRUCT", "1.2.840.10008.5.1.4.1.1.481.3", study, None, patient_id)
+    st.StructureSetLabel = "RS"
+    st.StructureSetDate, st.StructureSetTime = "20240102", "101010"
+    ref_for = Dataset()
+    ref_for.FrameOfReferenceUID = for_uid
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = series
+    ref_series.ContourImageSequence = Sequence([])
+    ref_study = Dataset()
+    ref_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    ref_study.ReferencedSOPInstanceUID = study
+    ref_study.RTReferencedSeriesSequence = Sequence([ref_series])
+    ref_for.RTReferencedStudySequence = Sequence([ref_study])
+    st.ReferencedFrameOfReferenceSequence = Sequence([ref_for])
+    rois, roi_contours, observations = [], [], []
+    for number, name, canonical, kind in ROIS:
+        item = Dataset()
+        item.ROINumber = number
+        item.ReferencedFrameOfReferenceUID = for_uid
+        item.ROIName = name
+        item.ROIGenerationAlgorithm = "MANUAL"
+        rois.append(item)
+        rc = Dataset()
+        rc.ReferencedROINumber = number
+        rc.ROIDisplayColor = [255, 0, 0]
+        contours = []
+        for z in zs:
+            for pts in contours_for(canonical, float(z)):
+                cont = Dataset()
+                cont.ContourGeometricType = "CLOSED_PLANAR"
+                cont.NumberOfContourPoints = len(pts)
+                cont.ContourData = [f"{v:.6f}" for v in pts.ravel()]
+                contours.append(cont)
+        rc.ContourSequence = Sequence(contours)
+        roi_contours.append(rc)
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = kind
+        obs.ROIInterpreter = ""
+        observations.append(obs)
+    st.StructureSetROISequence = Sequence(rois)
+    st.ROIContourSequence = Sequence(roi_contours[::-1])  # another order: match by number only
+    st.RTROIObservationsSequence = Sequence(observations)
+    pydicom.dcmwrite(folder / "RS.dcm", st, enforce_file_format=True)
+
+    out = {"folder": folder, "struct": folder / "RS.dcm", "study": study, "for": for_uid, "ct_series": series}
+    plan_uid = None
+    if with_plan:
+        pl = _base("RTPLAN", "1.2.840.10008.5.1.4.1.1.481.5", study, for_uid, patient_id)
+        pl.RTPlanLabel = "plan"
+        pl.RTPlanGeometry = "PATIENT"
+        pl.RTPlanDate, pl.RTPlanTime = "20240102", "101010"
+        refs = []
+        for i, rx in enumerate((50.0, PRESCRIPTION)):
+            d = Dataset()
+            d.DoseReferenceNumber = i + 1
+            d.DoseReferenceStructureType = "VOLUME"
+            d.DoseReferenceType = "TARGET"
+            d.TargetPrescriptionDose = rx
+            refs.append(d)
+        pl.DoseReferenceSequence = Sequence(refs)
+        fg = Dataset()
+        fg.FractionGroupNumber = 1
+        fg.NumberOfFractionsPlanned = 30
+        fg.NumberOfBeams = 0
+        fg.NumberOfBrachyApplicationSetups = 0
+        pl.FractionGroupSequence = Sequence([fg])
+        rs = Dataset()
+        rs.ReferencedSOPClassUID = st.SOPClassUID
+        rs.ReferencedSOPInstanceUID = st.SOPInstanceUID
+        pl.ReferencedStructureSetSequence = Sequence([rs])
+        pl.ApprovalStatus = "UNAPPROVED"
+        pydicom.dcmwrite(folder / "RP.dcm", pl, enforce_file_format=True)
+        plan_uid = pl.SOPInstanceUID
+        out["plan"] = folder / "RP.dcm"
+
+    if with_dose:
+        r, c, n, col_x, row_y, dz = _native(DOSE_ORIGIN, DOSE_SPACING, DOSE_SHAPE_XYZ, orientation)
+        dz = dz if n[2] > 0 else dz[::-1]  # frames run along the normal
+        X, Y, Z = np.meshgrid(col_x, row_y, dz, indexing="xy")  # (rows, cols, frames)
+        dose = np.transpose(true_dose(X, Y, Z), (2, 0, 1))  # (frames, rows, cols)
+        scaling = 1e-5
+        rd = _base("RTDOSE", "1.2.840.10008.5.1.4.1.1.481.2", study, for_uid, patient_id)
+        rd.ImageOrientationPatient = [*r, *c]
+        rd.ImagePositionPatient = [col_x[0], row_y[0], dz[0]]
+        rd.PixelSpacing = [DOSE_SPACING[1], DOSE_SPACING[0]]
+        rd.SliceThickness = DOSE_SPACING[2]
+        rd.Rows, rd.Columns, rd.NumberOfFrames = len(row_y), len(col_x), len(dz)
+        rd.SamplesPerPixel, rd.PhotometricInterpretation = 1, "MONOCHROME2"
+        rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = 32, 32, 31, 0
+        rd.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
+        steps = np.abs(dz - dz[0])
+        rd.GridFrameOffsetVector = list(dz) if absolute_offsets else list(steps)
+        rd.DoseUnits, rd.DoseType, rd.DoseSummationType = "GY", "PHYSICAL", "PLAN"
+        rd.DoseGridScaling = scaling
+        if plan_uid:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
+            ref.ReferencedSOPInstanceUID = plan_uid
+            rd.ReferencedRTPlanSequence = Sequence([ref])
+        rd.PixelData = np.rint(dose / scaling).astype("<u4").tobytes()
+        pydicom.dcmwrite(folder / "RD.dcm", rd, enforce_file_format=True)
+        out["dose"] = folder / "RD.dcm"
+    return out

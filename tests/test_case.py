@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from flaxdose.data import PROSTATE_STRUCTURES, Case, Dataset, write_dataset
+from flaxdose.data.phantom import phantom_case, phantom_cases
+from flaxdose.errors import FlaxdoseError
+
+
+def test_case_round_trip_without_pickle(tmp_path):
+    case = phantom_case(0, 1).replace(meta={"note": "x"}, possible_dose_mask=np.ones((32, 32, 16), bool))
+    path = case.save(tmp_path / "c.npz")
+    with np.load(path, allow_pickle=False) as z:  # readable with pickle disabled
+        assert "masks" in z
+    back = Case.load(path)
+    assert back.structures == PROSTATE_STRUCTURES
+    np.testing.assert_array_equal(back.masks, case.masks)
+    np.testing.assert_array_equal(back.dose, case.dose)
+    np.testing.assert_array_equal(back.possible_dose_mask, case.possible_dose_mask)
+    assert back.spacing_mm == case.spacing_mm and back.prescription_gy == 70.0 and back.meta == {"note": "x"}
+    assert back.ct is None
+
+
+def test_case_rejects_inconsistent_shapes():
+    case = phantom_case(0, 0)
+    with pytest.raises(FlaxdoseError, match="dose has shape"):
+        case.replace(dose=np.zeros((4, 4, 4), np.float32))
+    with pytest.raises(FlaxdoseError, match="masks must have shape"):
+        case.replace(structures=case.structures[:-1])
+    with pytest.raises(FlaxdoseError, match="NaN"):
+        case.replace(dose=np.full(case.shape, np.nan, np.float32))
+    with pytest.raises(FlaxdoseError, match="expects"):
+        case.check_structures(tuple(reversed(PROSTATE_STRUCTURES)))
+
+
+def test_damaged_case_file_is_a_clear_error(tmp_path):
+    path = phantom_case(0, 0).save(tmp_path / "c.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(FlaxdoseError, match="damaged"):
+        Case.load(path)
+    with pytest.raises(FlaxdoseError, match="does not exist"):
+        Case.load(tmp_path / "missing.npz")
+
+
+def test_dataset_write_open_and_refusals(tmp_path):
+    cases = phantom_cases(0, 3, shape=(8, 8, 8))
+    ids = [c.case_id for c in cases]
+    ds = write_dataset(tmp_path / "ds", cases, {"train": ids[:2], "test": ids[2:]})
+    assert ds.split("test") == ids[2:] and ds.structures == PROSTATE_STRUCTURES
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["num_cases"] == 3
+    np.testing.assert_array_equal(ds.load(ids[0]).dose, cases[0].dose)
+    with pytest.raises(FlaxdoseError, match="already holds"):
+        write_dataset(tmp_path / "ds", cases, {"train": ids})
+    with pytest.raises(FlaxdoseError, match="no split"):
+        ds.split("val")
+    with pytest.raises(FlaxdoseError, match="not written"):
+        write_dataset(tmp_path / "bad", cases, {"train": ["nobody"]})
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    (tmp_path / "empty").mkdir()
+    for folder, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no manifest")]:
+        with pytest.raises(FlaxdoseError, match=message):
+            Dataset.open(folder)

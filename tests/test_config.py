@@ -1,0 +1,39 @@
+import pytest
+
+from flaxdose import config as config_lib
+from flaxdose.errors import FlaxdoseError
+from flaxdose.train import parse_flags
+
+
+def test_names_paths_and_overrides(tmp_path):
+    config = config_lib.load_config("source", ["train.steps=10", "model.dtype=bfloat16", "data.patch_shape=(48,48,24)"])
+    assert config.train.steps == 10 and config.model.dtype == "bfloat16" and tuple(config.data.patch_shape) == (48, 48, 24)
+    assert config.train.learning_rate == 1e-4 and tuple(config.data.patch_shape) != ()
+    path = tmp_path / "mine.py"
+    path.write_text("from configs import quick\n\ndef get_config():\n    c = quick.get_config()\n    c.seed = 7\n    return c\n")
+    assert config_lib.load_config(str(path)).seed == 7
+    assert {"source", "quick"} <= set(config_lib.available_configs())
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("nonesuch", [], "available: .*quick.*source"),
+        ("quick", ["train.steps"], "malformed override"),
+        ("quick", ["train.stepz=3"], "no key 'train.stepz'"),
+        ("quick", ["trian.steps=3"], "no config section 'trian'"),
+        ("quick", ["train.steps=ten"], "cannot parse 'ten'"),
+        ("quick", ["data.flip_lr=1"], "expected a bool"),
+    ],
+)
+def test_config_errors(name, overrides, message):
+    with pytest.raises(FlaxdoseError, match=message):
+        config_lib.load_config(name, overrides)
+
+
+def test_cli_parser_takes_overrides_aside(monkeypatch):
+    import flaxdose.train as train
+
+    monkeypatch.setattr(train, "_OVERRIDES", [])
+    rest = parse_flags(["prog", "--config=quick", "--config.train.steps=5", "--config.seed", "3", "--workdir=/tmp/x"])
+    assert train._OVERRIDES == ["--config.train.steps=5", "--config.seed=3"] and rest == ["prog"]

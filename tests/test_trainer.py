@@ -1,0 +1,114 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from flaxdose import checkpoint, trainer
+from flaxdose.errors import FlaxdoseError
+from flaxdose.model import init_params, preset
+
+
+def assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_pmap_step_on_4_devices_equals_1_device():
+    devices = jax.local_devices()
+    assert len(devices) == 4, "conftest must simulate 4 CPU devices"
+    spec = preset("tiny")
+    tx = optax.adam(1e-2)
+    params = init_params(spec, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 2, (8, 8, 8, 4, 6), dtype=np.uint8),
+             "target": rng.random((8, 8, 8, 4), dtype=np.float32)}
+    state = trainer.TrainState(np.asarray(0), params, tx.init(params))
+    results = []
+    for devs in (devices[:1], devices):
+        step = trainer.pmap_train_step(spec, tx)
+        new, metrics = step(trainer.replicate(state, devs), trainer.shard_to_devices(batch, devs))
+        results.append((trainer.unreplicate(new), float(metrics["loss"][0])))
+    (one, loss1), (four, loss4) = results
+    assert loss1 == pytest.approx(loss4, rel=1e-5)
+    assert_trees_close(one.params, four.params, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(jax.tree_util.tree_leaves(one.params)[0], jax.tree_util.tree_leaves(params)[0])
+
+
+def test_loss_decreases_and_workdir_has_the_artifacts(tmp_path, make_config):
+    config = make_config(**{"train.steps": 24, "train.log_every": 4, "train.checkpoint_every": 12, "train.eval_every": 12})
+    result = trainer.train_and_evaluate(config, tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result["step"] == 24 and np.isfinite(result["val_loss"])
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 24
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "24"]
+    params, meta = checkpoint.restore_params(tmp_path)
+    assert meta["step"] in (12, 24) and meta["val_loss"] == pytest.approx(result["best_val_loss"])
+
+
+def test_interrupted_run_resumes_to_the_same_result_on_another_device_count(tmp_path, make_config):
+    devices = jax.local_devices()
+    straight = trainer.train_and_evaluate(make_config(), tmp_path / "a", devices=devices)
+    trainer.train_and_evaluate(make_config(**{"train.steps": 3}), tmp_path / "b", devices=devices)
+    resumed = trainer.train_and_evaluate(make_config(), tmp_path / "b", devices=devices[:1])
+    assert resumed["step"] == straight["step"] == 6
+    a, _ = checkpoint.restore_params(tmp_path / "a", which="latest")
+    b, _ = checkpoint.restore_params(tmp_path / "b", which="latest")
+    assert_trees_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_incompatible_workdir_is_refused_untouched(tmp_path, make_config):
+    trainer.train_and_evaluate(make_config(**{"train.steps": 3}), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(FlaxdoseError, match="another model"):
+        trainer.train_and_evaluate(make_config(**{"model.features": (4, 12)}), tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+    (tmp_path / "config.json").unlink()  # even without config.json the parameter shapes are checked
+    with pytest.raises(FlaxdoseError, match="parameter shapes differ"):
+        trainer.train_and_evaluate(make_config(**{"model.features": (4, 12), "train.steps": 6}), tmp_path)
+
+
+def test_bad_data_settings_are_clear_errors(tmp_path, make_config):
+    with pytest.raises(FlaxdoseError, match="does not exist"):
+        trainer.train_and_evaluate(make_config(**{"data.kind": "folder", "data.path": str(tmp_path / "x")}), tmp_path / "w")
+    with pytest.raises(FlaxdoseError, match="divisible"):
+        trainer.train_and_evaluate(make_config(**{"train.batch_size": 6}), tmp_path / "w")
+    with pytest.raises(FlaxdoseError, match="in_channels"):
+        trainer.train_and_evaluate(make_config(**{"model.in_channels": 5}), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
+    """The README's promise: kill -9 a training run, rerun the same command, it resumes."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flaxdose.train", "--config=quick", f"--workdir={workdir}",
+           "--config.data.kind=phantom", "--config.data.phantom_shape=(16,16,8)", "--config.data.n_train=6",
+           "--config.data.val_cases=2", "--config.data.patch_shape=(8,8,8)", "--config.model.features=(4,8)",
+           "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.steps=400",
+           "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((workdir / "checkpoints").glob("[1-9]*")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) < 400
+    done = subprocess.run(cmd[:-3] + ["--config.train.steps=" + str(max(steps) + 4)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == max(steps) + 4
+    assert f"resumed from step {max(steps)}" in done.stderr
