@@ -146,7 +146,10 @@ def restore_params(path: str | os.PathLike, params_template=None, which: str = "
     try:
         if params_template is not None:
             check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}")
-        target = None if params_template is None else jax.tree.map(np.asarray, params_template)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = None if params_template is None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), params_template
+        )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(

@@ -98,3 +98,11 @@ def _parse_value(raw: str, default):
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n"
+
+
+def load_config_json(path: str | Path) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved as config.json."""
+    try:
+        return ml_collections.ConfigDict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise FlaxdoseError(f"cannot read the run config {path}: {e}") from None

@@ -4,12 +4,9 @@
 ``--config.section.key=value`` overrides any value. Rerunning on the same workdir resumes.
 """
 
-import logging
-import sys
+from absl import flags
 
-from absl import app, flags
-from absl import logging as absl_logging
-
+from flaxdose import cli
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 
@@ -36,21 +33,10 @@ def main(argv):
 
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for checkpoints and logs")
-    if not FLAGS["verbosity"].present:  # orbax and grain are chatty at INFO; flaxdose's own log is not
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("flaxdose").setLevel(logging.INFO)
     config = config_lib.load_config(FLAGS.config, _OVERRIDES)
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
     print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()})
 
 
-def run():
-    try:
-        app.run(main, flags_parser=parse_flags)
-    except FlaxdoseError as e:
-        print(f"flaxdose: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    run()
+    cli.run(main, parse_flags)

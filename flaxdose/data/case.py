@@ -233,6 +233,13 @@ class Dataset:
         return Case.load(self.case_path(case_id))
 
 
+def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace a non-empty folder unless asked to; call before long work."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
+        raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
+
+
 def write_dataset(
     root: str | os.PathLike,
     cases: Iterable[Case],
@@ -247,8 +254,7 @@ def write_dataset(
     temporary folder next to it. An existing non-empty `root` is refused unless `overwrite`.
     """
     root = Path(root)
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass overwrite")
+    check_writable(root, overwrite)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     try:
