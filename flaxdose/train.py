@@ -12,6 +12,7 @@ from flaxdose.errors import FlaxdoseError
 
 flags.DEFINE_string("config", "quick", "config name in configs/ or path to a config .py file")
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, TensorBoard events")
+flags.DEFINE_string("source", None, "source-model workdir or checkpoint for transfer configs (= --config.transfer.source)")
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
 
@@ -33,7 +34,8 @@ def main(argv):
 
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for checkpoints and logs")
-    config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+    overrides = _OVERRIDES + ([f"transfer.source={FLAGS.source}"] if FLAGS.source else [])
+    config = config_lib.load_config(FLAGS.config, overrides)
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
     print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()})
 

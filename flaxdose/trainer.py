@@ -230,6 +230,8 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     state = replicate(TrainState(jnp.asarray(start), params, opt_state), devices)
     writer = MetricWriter(workdir)
     total = config.train.steps
+    if init_meta:
+        log.info("transfer: %s", init_meta)
     log.info(
         "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
         f"{count_params(params):,}", len(devices), len(train_ids), len(val_ids), start, total,
@@ -253,17 +255,16 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
                 result.update(step=step, loss=loss, patches_per_s=rate)
                 window, tick = [], time.perf_counter()
             do_ckpt = step % config.train.checkpoint_every == 0 or is_last
-            if do_ckpt or step % config.train.eval_every == 0:
+            if val_examples and (do_ckpt or step % config.train.eval_every == 0):
                 val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
                 writer.write(step, val_loss=val)
                 result["val_loss"] = val
-                if do_ckpt:
-                    host = unreplicate(state)
-                    ckpt.save(
-                        step, host.params, host.opt_state,
-                        meta={**init_meta, "data_state": data_state}, val_loss=None if np.isnan(val) else val,
-                    )
-                tick = time.perf_counter()  # evaluation time is not training throughput
+            if do_ckpt:
+                val = result.get("val_loss") if val_examples else None
+                host = unreplicate(state)
+                ckpt.save(step, host.params, host.opt_state, meta={**init_meta, "data_state": data_state}, val_loss=val)
+            if do_ckpt or step % config.train.eval_every == 0:
+                tick = time.perf_counter()  # evaluation and saving time is not training throughput
         ckpt.wait()
     finally:
         bar.close()

@@ -1,0 +1,95 @@
+"""Transfer learning: adapt a source model to a new planning style.
+
+The paper's recipe (mode ``paper``): load the source model, freeze the first half of the
+network (here the `encoder` and `bottleneck` subtrees: everything before the first
+up-sampling), train the second half (`decoder` + `head`) and randomly re-initialize the
+very last layer (`head`), with the learning rate reduced to 1e-5. Frozen parameters get
+`optax.set_to_zero()` through `optax.multi_transform`, so they stay bit-identical and carry
+no Adam moments.
+
+Further modes, beyond the paper:
+- ``full``: fine-tune everything; ``decoder``: the paper's recipe without head re-init;
+- ``head``: train only the 1x1x1 output layer; ``norm_head``: GroupNorm scales/offsets + head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from flaxdose.checkpoint import restore_params
+from flaxdose.errors import FlaxdoseError
+from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    trainable: tuple[str, ...]  # top-level subtrees that train
+    reinit_head: bool = False
+    norms: bool = False  # also train every GroupNorm scale/offset
+
+
+MODES = {
+    "paper": Mode(("decoder", "head"), reinit_head=True),
+    "full": Mode(SUBTREES),
+    "decoder": Mode(("decoder", "head")),
+    "head": Mode(("head",)),
+    "norm_head": Mode(("head",), norms=True),
+}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise FlaxdoseError(f"unknown transfer mode {name!r}; choose one of {sorted(MODES)} (or 'none' to train from scratch)")
+    return MODES[name]
+
+
+def param_labels(params, mode: Mode):
+    """Label every parameter leaf TRAINABLE or FROZEN, by top-level subtree (and GroupNorm)."""
+
+    def label(path, _):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        is_norm = any(k.startswith("norm") for k in keys)
+        return TRAINABLE if keys[0] in mode.trainable or (mode.norms and is_norm) else FROZEN
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_transfer_optimizer(params, mode: Mode, learning_rate: float) -> optax.GradientTransformation:
+    return optax.multi_transform(
+        {TRAINABLE: optax.adam(learning_rate), FROZEN: optax.set_to_zero()}, param_labels(params, mode)
+    )
+
+
+def count_by_label(params, mode: Mode) -> dict[str, int]:
+    labels = jax.tree_util.tree_leaves(param_labels(params, mode))
+    sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
+    return {lab: sum(s for s, l in zip(sizes, labels) if l == lab) for lab in (TRAINABLE, FROZEN)}
+
+
+def init_transfer(config, spec: UNetSpec, rng: jax.Array):
+    """Source params (head re-initialized per mode), the masked optimizer, and run metadata."""
+    mode = get_mode(config.transfer.mode)
+    source = config.transfer.source
+    if not source:
+        raise FlaxdoseError(
+            "transfer needs the source model: pass --source=SOURCE_WORKDIR (or --config.transfer.source=PATH)"
+        )
+    fresh = init_params(spec, rng, config.data.patch_shape)
+    params, source_meta = restore_params(source, fresh)
+    if mode.reinit_head:
+        params = {**params, "head": fresh["head"]}
+    counts = count_by_label(params, mode)
+    meta = {
+        "transfer_source": str(source),
+        "transfer_source_step": source_meta.get("step"),
+        "transfer_mode": config.transfer.mode,
+        "trainable_params": counts[TRAINABLE],
+        "frozen_params": counts[FROZEN],
+        "total_params": count_params(params),
+    }
+    return params, make_transfer_optimizer(params, mode, config.transfer.learning_rate), meta
