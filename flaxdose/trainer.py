@@ -174,26 +174,23 @@ def validation_loss(predict, params, examples) -> float:
 
 
 # ---------------------------------------------------------------- the loop
-def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
-    """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
-
-    `devices` defaults to all local devices.
-    """
-    workdir = Path(workdir)
-    spec = UNetSpec.from_config(config.model)
-    structures = tuple(config.data.structures)
-    if len(structures) != spec.in_channels:
+def check_setup(config, spec: UNetSpec, devices) -> None:
+    """Settings that cannot work together, refused before anything is read or written."""
+    n_structures = len(config.data.structures)
+    if n_structures != spec.in_channels:
         raise FlaxdoseError(
-            f"data.structures has {len(structures)} names but model.in_channels is {spec.in_channels}; make them agree"
+            f"data.structures has {n_structures} names but model.in_channels is {spec.in_channels}; make them agree"
         )
-    devices = list(devices or jax.local_devices())
-    batch_size = config.train.batch_size
-    if batch_size % len(devices):
+    if config.train.batch_size % len(devices):
         raise FlaxdoseError(
-            f"train.batch_size={batch_size} is not divisible by the {len(devices)} local devices; "
+            f"train.batch_size={config.train.batch_size} is not divisible by the {len(devices)} local devices; "
             f"use a multiple of {len(devices)}"
         )
-    check_workdir(workdir, config)
+
+
+def build_inputs(config, workdir: Path):
+    """The dataset, the training-patch pipeline and the validation examples of a run."""
+    structures = tuple(config.data.structures)
     dataset = resolve_dataset(config.data, workdir)
     if dataset.structures and dataset.structures != structures:
         raise FlaxdoseError(
@@ -201,17 +198,31 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
             f"{list(structures)} in that order; fix data.structures or re-import the data"
         )
     train_ids, val_ids = split_ids(dataset, config.data)
-    source = pipeline.CaseSource(dataset, train_ids, structures)
     patches = pipeline.patch_dataset(
-        source,
+        pipeline.CaseSource(dataset, train_ids, structures),
         patch_shape=config.data.patch_shape,
         sigma=config.data.patch_sigma,
-        batch_size=batch_size,
+        batch_size=config.train.batch_size,
         seed=config.seed,
         structures=structures,
         flip_lr=config.data.flip_lr,
     )
     val_examples = [pipeline.case_to_example(dataset.load(i)) for i in val_ids]
+    return patches, len(train_ids), val_examples
+
+
+def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
+    """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
+
+    `devices` defaults to all local devices.
+    """
+    workdir = Path(workdir)
+    spec = UNetSpec.from_config(config.model)
+    devices = list(devices or jax.local_devices())
+    batch_size = config.train.batch_size
+    check_setup(config, spec, devices)
+    check_workdir(workdir, config)
+    patches, n_train, val_examples = build_inputs(config, workdir)
 
     params, tx, init_meta = init_state(config, spec)
     opt_state = tx.init(params)
@@ -221,7 +232,13 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     start = ckpt.latest_step() or 0
     if start:
         params, opt_state, meta = ckpt.restore(start, params, opt_state)
-        data_iter.set_state(meta["data_state"])
+        try:
+            data_iter.set_state(meta["data_state"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise FlaxdoseError(
+                f"cannot restore the input pipeline state of step {start} ({e!r}); resume with the "
+                "data.workers setting of the original run"
+            ) from None
         log.info("resumed from step %d in %s", start, workdir)
     (workdir / "config.json").write_text(config_lib.to_json(config))
 
@@ -234,7 +251,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         log.info("transfer: %s", init_meta)
     log.info(
         "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
-        f"{count_params(params):,}", len(devices), len(train_ids), len(val_ids), start, total,
+        f"{count_params(params):,}", len(devices), n_train, len(val_examples), start, total,
     )
     result = {"step": start}
     batches = prefetch(data_iter, devices)

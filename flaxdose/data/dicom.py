@@ -619,14 +619,17 @@ def _read_header_ds(path):
             return _read(path, stop_before_pixels=True)
 
 
-def read_dose(path: str | os.PathLike) -> tuple[np.ndarray, Grid]:
-    """An RTDOSE file as (dose in Gy indexed [x, y, z], its LPS `Grid`)."""
+def read_dose(path: str | os.PathLike, require_gy: bool = True) -> tuple[np.ndarray, Grid]:
+    """An RTDOSE file as (dose in Gy indexed [x, y, z], its LPS `Grid`).
+
+    `require_gy=False` also accepts DoseUnits RELATIVE (values then are in the file's units).
+    """
     path = Path(path)
     f = DicomFile(path, "RTDOSE", "", "", "", "", "", "")
     ds = _load_full(f)
     with _guard(path, "the RTDOSE"):
         units = _str(ds, "DoseUnits").upper()
-        if units != "GY":
+        if units != "GY" and (require_gy or units != "RELATIVE"):
             raise FlaxdoseError(
                 f"{path}: DoseUnits is {units or 'missing'}; flaxdose needs absolute dose (GY): export the "
                 "dose in Gy, not relative"
@@ -969,12 +972,14 @@ def import_dicom(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    require_dose: bool = True,
     **read_kwargs,
 ) -> ImportSummary:
     """Import every plan under `src` into a dataset at `out` (see module docstring).
 
-    A patient whose files cannot be read is reported in the summary and skipped. Case ids
-    are salted hashes (the salt is random unless given) unless `keep_ids`.
+    A patient whose files cannot be read is reported in the summary and skipped; so is a
+    plan without RTDOSE unless `require_dose=False`. Case ids are salted hashes (the salt
+    is random unless given) unless `keep_ids`. `read_kwargs` go to `read_plan`.
     """
     if not 0.0 <= test_fraction < 1.0:
         raise FlaxdoseError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -1000,6 +1005,8 @@ def import_dicom(
             iterator = tqdm(todo, desc="importing", unit="plan", file=sys.stderr)
         for index, count, plan in iterator:
             try:
+                if require_dose and plan.dose is None:
+                    raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
                 cid = _case_id(plan, keep_ids, salt)
                 if count > 1:
                     cid = f"{cid}_{index + 1}"

@@ -154,7 +154,7 @@ def write_rtdose(
     # [x, y, z] -> the file's [frame, row, column] in orientation (r, c, n)
     d_col, d_row, d_frame = (out_grid.spacing_mm[int(np.argmax(np.abs(v)))] for v in (r, c, n))
     native_shape = tuple(out_grid.shape[int(np.argmax(np.abs(v)))] for v in (n, c, r))
-    perm, flips, check = _lps_layout(native_shape, np.zeros(3), r, c, n, d_col, d_row, d_frame)
+    perm, flips, _ = _lps_layout(native_shape, np.zeros(3), r, c, n, d_col, d_row, d_frame)
     native = np.transpose(values, np.argsort(perm))
     if flips:
         native = np.flip(native, axis=tuple(flips))

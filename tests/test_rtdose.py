@@ -1,0 +1,142 @@
+"""RTDOSE export: round trip, required attributes, validation, and dciodvfy when installed."""
+
+import shutil
+import subprocess
+
+import dicom_factory as F
+import numpy as np
+import pydicom
+import pytest
+
+from flaxdose.data.dicom import Grid, read_dose, read_rt, resample
+from flaxdose.data.rtdose import dose_grid_scaling, write_rtdose
+from flaxdose.errors import FlaxdoseError
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rtdose")
+    return {o: F.write_export(root / o, o) for o in ("HFS", "FFS")}
+
+
+@pytest.fixture(scope="module")
+def model_case(export):
+    case = read_rt(export["FFS"]["folder"], structures=F.STRUCTURES, grid="model",
+                   model_shape=(40, 40, 24), model_spacing_mm=(3.5, 3.5, 3.0))
+    # a prediction may be slightly negative: stored as 0
+    return case.replace(dose=case.dose - 0.01)
+
+
+def _strict_read(path):
+    old = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    try:
+        ds = pydicom.dcmread(path)
+        for elem in ds.iterall():
+            _ = elem.value
+            if elem.VR == "DS":
+                values = elem.value if elem.VM > 1 else [elem.value]
+                assert all(len(str(v)) <= 16 for v in values), elem
+        _ = ds.pixel_array
+        return ds
+    finally:
+        pydicom.config.settings.reading_validation_mode = old
+
+
+@pytest.mark.parametrize("bits", [32, 16])
+def test_round_trip_on_input_grid(model_case, export, tmp_path, bits):
+    path = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "rd.dcm", output_grid="input", bits=bits)
+    dose, grid = read_dose(path)
+    assert grid.shape == model_case.shape
+    np.testing.assert_allclose(grid.origin_mm, model_case.origin_mm, atol=1e-6)
+    np.testing.assert_allclose(grid.spacing_mm, model_case.spacing_mm, atol=1e-9)
+    step = float(pydicom.dcmread(path, stop_before_pixels=True).DoseGridScaling)
+    expected = np.clip(model_case.dose, 0, None)
+    assert np.abs(dose - expected).max() <= step / 2 + 1e-5 * expected.max()
+    assert dose.max() == pytest.approx(expected.max(), abs=step)  # the maximum does not clip
+    assert [p.name for p in tmp_path.iterdir()] == ["rd.dcm"]  # no temporary file left behind
+
+
+def test_round_trip_on_ct_grid_with_plan(model_case, export, tmp_path):
+    ffs = export["FFS"]
+    path = write_rtdose(model_case, ffs["folder"], tmp_path, plan_path=ffs["plan"])
+    assert path.parent == tmp_path and path.name.startswith("RD.")
+    ds = _strict_read(path)
+    ct = pydicom.dcmread(sorted(ffs["folder"].glob("CT_*.dcm"))[0], stop_before_pixels=True)
+    plan = pydicom.dcmread(ffs["plan"], stop_before_pixels=True)
+    assert ds.StudyInstanceUID == ct.StudyInstanceUID and ds.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert ds.SOPInstanceUID != ct.SOPInstanceUID and ds.SeriesInstanceUID != ct.SeriesInstanceUID
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.2" and ds.Modality == "RTDOSE"
+    assert ds.PatientID == ct.PatientID and ds.PatientName == ct.PatientName
+    assert [float(v) for v in ds.ImageOrientationPatient] == [float(v) for v in ct.ImageOrientationPatient]
+    assert ds.DoseSummationType == "PLAN" and ds.DoseUnits == "GY" and ds.DoseType == "PHYSICAL"
+    assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    assert ds.FrameIncrementPointer == pydicom.tag.Tag("GridFrameOffsetVector")
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                    "StudyID", "AccessionNumber", "SeriesNumber", "PositionReferenceIndicator", "Manufacturer",
+                    "InstanceNumber", "SliceThickness", "OperatorsName", "NumberOfFrames", "PixelSpacing"):
+        assert keyword in ds, keyword
+    dose, grid = read_dose(path)
+    # CT pixels and slices, cropped to the model grid's extent
+    np.testing.assert_allclose(grid.spacing_mm, F.CT_SPACING)
+    src = Grid(model_case.origin_mm, model_case.spacing_mm, model_case.shape)
+    expected = np.clip(resample(model_case.dose, src, grid), 0, None)  # negative predictions stored as 0
+    assert np.abs(dose - expected).max() <= float(ds.DoseGridScaling) + 1e-5 * expected.max()
+    # and it matches the original plan dose where both exist (resampled twice)
+    X, Y, Z = np.meshgrid(*F.coords(grid.origin_mm, grid.spacing_mm, grid.shape), indexing="ij")
+    lo, hi = np.array(F.DOSE_ORIGIN), np.array(F.DOSE_ORIGIN) + (np.array(F.DOSE_SHAPE_XYZ) - 1) * F.DOSE_SPACING
+    m_lo = np.array(model_case.origin_mm)
+    m_hi = m_lo + (np.array(model_case.shape) - 1) * model_case.spacing_mm
+    # one model voxel in from the edges (the model grid holds 0 beyond the plan's dose grid)
+    lo, hi = np.maximum(lo, m_lo) + model_case.spacing_mm, np.minimum(hi, m_hi) - model_case.spacing_mm
+    inside = (X >= lo[0]) & (X <= hi[0]) & (Y >= lo[1]) & (Y <= hi[1]) & (Z >= lo[2]) & (Z <= hi[2])
+    truth = F.true_dose(X, Y, Z)
+    assert np.abs(dose - truth)[inside].max() <= 0.01 * truth.max()
+
+
+def test_reimport_of_exported_dose(model_case, export, tmp_path):
+    """The exported RTDOSE loads back with the patient's CT and structures like a TPS dose."""
+    folder = tmp_path / "patient"
+    shutil.copytree(export["FFS"]["folder"], folder)
+    (folder / "RD.dcm").unlink()
+    write_rtdose(model_case, folder, folder / "RD_pred.dcm", plan_path=folder / "RP.dcm")
+    again = read_rt(folder, structures=F.STRUCTURES, grid="model", model_shape=model_case.shape,
+                    model_spacing_mm=model_case.spacing_mm)
+    np.testing.assert_allclose(again.origin_mm, model_case.origin_mm)
+    inner = (slice(6, -6),) * 3  # away from the edge of the plan's dose grid (zero beyond it)
+    assert np.abs(again.dose - np.clip(model_case.dose, 0, None))[inner].max() < 0.01 * model_case.dose.max()
+
+
+def test_dose_grid_scaling_never_clips():
+    for bits, top in ((32, 2**32 - 1), (16, 2**16 - 1)):
+        for max_dose in (1e-3, 0.7, 1.0, 59.99, 70.0, 78.123456789, 123456.789):
+            text = dose_grid_scaling(max_dose, bits)
+            assert len(text) <= 16
+            stored = np.rint(max_dose / float(text))
+            assert top * 0.999 <= stored <= top
+
+
+def test_export_errors(model_case, export, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FlaxdoseError, match="no CT images"):
+        write_rtdose(model_case, empty, tmp_path / "x.dcm")
+    far = model_case.replace(origin_mm=(1000.0, 1000.0, 1000.0))
+    with pytest.raises(FlaxdoseError, match="does not overlap"):
+        write_rtdose(far, export["FFS"]["folder"], tmp_path / "x.dcm")
+    with pytest.raises(FlaxdoseError, match="frame of reference"):
+        write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "x.dcm", plan_path=export["HFS"]["plan"])
+    with pytest.raises(FlaxdoseError, match="origin_mm and spacing_mm"):
+        write_rtdose(model_case.dose, export["FFS"]["folder"], tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) not installed")
+def test_dciodvfy_accepts_the_export(model_case, export, tmp_path):
+    # 16-bit: the Debian dicom3tools build (2022) aborts on any 32-bit pixel data, valid or not
+    path = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "rd.dcm",
+                        plan_path=export["FFS"]["plan"], bits=16)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert "RTDose" in report
+    assert "Error" not in report, report
