@@ -22,7 +22,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(
+        p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_") and "def get_config" in p.read_text()
+    )
 
 
 def config_path(name_or_path: str) -> Path:

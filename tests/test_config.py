@@ -37,3 +37,13 @@ def test_cli_parser_takes_overrides_aside(monkeypatch):
     monkeypatch.setattr(train, "_OVERRIDES", [])
     rest = parse_flags(["prog", "--config=quick", "--config.train.steps=5", "--config.seed", "3", "--workdir=/tmp/x"])
     assert train._OVERRIDES == ["--config.train.steps=5", "--config.seed=3"] and rest == ["prog"]
+
+
+def test_every_shipped_config_loads_and_builds_a_model():
+    from flaxdose.model import UNetSpec
+
+    for name in config_lib.available_configs():
+        config = config_lib.load_config(name)
+        spec = UNetSpec.from_config(config.model)
+        assert spec.in_channels == len(config.data.structures), name
+        assert all(p % spec.factor == 0 for p in config.data.patch_shape), name

@@ -18,8 +18,8 @@ import numpy as np
 from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
 
-# Channels exchanged by a left-right flip (the femoral heads swap sides).
-LR_PAIRS = (("Femur_Head_L", "Femur_Head_R"),)
+# Channels exchanged by a left-right flip (paired organs swap sides).
+LR_PAIRS = (("Femur_Head_L", "Femur_Head_R"), ("LeftParotid", "RightParotid"))
 
 
 def case_to_example(case: Case) -> dict[str, np.ndarray]:
@@ -31,10 +31,15 @@ def case_to_example(case: Case) -> dict[str, np.ndarray]:
     return {
         "inputs": np.moveaxis(case.masks, 0, -1).astype(np.uint8),
         "target": (case.dose / case.prescription_gy).astype(np.float32),
-        "centroid": np.argwhere(case.mask("PTV")).mean(axis=0).astype(np.float32)
-        if case.mask("PTV").any()
-        else np.array(case.shape, np.float32) / 2,
+        "centroid": target_centroid(case),
     }
+
+
+def target_centroid(case: Case) -> np.ndarray:
+    """Voxel centroid of all targets (structures named PTV...), else the volume centre."""
+    targets = [m for name, m in zip(case.structures, case.masks) if name.upper().startswith("PTV")]
+    union = np.any(targets, axis=0) if targets else np.zeros(case.shape, bool)
+    return (np.argwhere(union).mean(axis=0) if union.any() else np.array(case.shape) / 2).astype(np.float32)
 
 
 class CaseSource(grain.sources.RandomAccessDataSource):

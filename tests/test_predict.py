@@ -1,0 +1,85 @@
+import jax
+import numpy as np
+import pytest
+
+import dicom_factory as F
+from flaxdose import trainer
+from flaxdose.data.case import Dataset
+from flaxdose.data.dicom import Grid, read_dose, resample
+from flaxdose.errors import FlaxdoseError
+from flaxdose.predict import Model, export_rtdose, predict_dataset, predict_dicom, sliding_window, window_starts
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from conftest import tiny_config
+
+    workdir = tmp_path_factory.mktemp("run")
+    trainer.train_and_evaluate(tiny_config(**{"train.steps": 30, "data.phantom_shape": (24, 24, 16)}), workdir)
+    return workdir
+
+
+def data_dir(workdir):
+    return next((workdir / "data").iterdir())
+
+
+def test_predict_dataset_writes_clipped_gy_cases(tmp_path, workdir):
+    model = Model.load(workdir)
+    out = predict_dataset(model, data_dir(workdir), "test", tmp_path / "pred")
+    ref = Dataset.open(data_dir(workdir))
+    assert out.split("test") == ref.split("test")
+    for case_id in out.split("test"):
+        pred, truth = out.load(case_id), ref.load(case_id)
+        assert pred.shape == truth.shape and pred.dose.min() >= 0
+        np.testing.assert_array_equal(pred.masks, truth.masks)
+        # trained 30 steps: already in the right range of Gy, not in units of the prescription
+        assert 0.3 * truth.dose.max() < pred.dose.max() < 3 * truth.dose.max()
+    with pytest.raises(FlaxdoseError, match="already holds"):
+        predict_dataset(model, data_dir(workdir), "test", tmp_path / "pred")
+    with pytest.raises(FlaxdoseError, match="no split"):
+        predict_dataset(model, data_dir(workdir), "validation", tmp_path / "other")
+
+
+def test_sliding_windows_are_patch_inference_blended(workdir):
+    """Without overlap every voxel is exactly patch inference; with overlap each voxel is a
+    convex blend of the patch predictions that cover it."""
+    model = Model.load(workdir)
+    dataset = Dataset.open(data_dir(workdir))
+    case = dataset.load(dataset.split("test")[0])
+    inputs = np.moveaxis(case.masks, 0, -1).astype(np.uint8)
+    run = lambda x: np.asarray(model._predict(model.params, x))
+    window = model.window
+    assert window == (8, 8, 8) and case.shape == (24, 24, 16)
+    tiles = sliding_window(run, inputs, window, overlap=0.0, batch_size=4)
+    corner = (slice(8, 16), slice(16, 24), slice(8, 16))
+    np.testing.assert_allclose(tiles[corner], run(inputs[corner][None])[0], rtol=1e-5, atol=1e-6)
+    blended = sliding_window(run, inputs, window, overlap=0.5, batch_size=3)
+    starts = [(i, j, k) for i in window_starts(24, 8, 0.5) for j in window_starts(24, 8, 0.5) for k in window_starts(16, 8, 0.5)]
+    stack = np.full((len(starts), 24, 24, 16), np.nan, np.float32)
+    for n, (i, j, k) in enumerate(starts):
+        stack[n, i:i + 8, j:j + 8, k:k + 8] = run(inputs[i:i + 8, j:j + 8, k:k + 8][None])[0]
+    lo, hi = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+    assert np.all(blended >= lo - 1e-5) and np.all(blended <= hi + 1e-5)
+    assert window_starts(24, 8, 0.5) == [0, 4, 8, 12, 16] and window_starts(10, 8, 0.5) == [0, 2]
+
+
+def test_whole_volume_pass_is_available(workdir):
+    model = Model.load(workdir, full_volume=True)
+    dataset = Dataset.open(data_dir(workdir))
+    case = dataset.load(dataset.split("test")[0])
+    inputs = np.moveaxis(case.masks, 0, -1).astype(np.uint8)
+    direct = np.asarray(model._predict(model.params, inputs[None]))[0]
+    np.testing.assert_allclose(model.predict([case])[0].dose, np.clip(direct, 0, None) * 70.0, rtol=1e-5, atol=1e-4)
+
+
+def test_dicom_in_rtdose_out(tmp_path, workdir):
+    export = F.write_export(tmp_path / "patient")
+    model = Model.load(workdir)
+    # the tiny test model expects the 6 prostate structures; the factory adds a 7th ("Box")
+    predicted = predict_dicom(model, tmp_path / "patient")
+    assert predicted.structures == model.structures and predicted.prescription_gy == F.PRESCRIPTION
+    path = export_rtdose(predicted, tmp_path / "patient", tmp_path / "rtdose", plan=export.get("plan"))
+    dose, grid = read_dose(path)
+    expected = resample(predicted.dose, Grid(predicted.origin_mm, predicted.spacing_mm, predicted.shape), grid)
+    assert dose.shape == grid.shape and dose.max() > 0
+    np.testing.assert_allclose(dose, expected, atol=1e-3 * expected.max())  # the prediction, on the CT grid
