@@ -7,7 +7,7 @@ paper's Table 1 sizes. Transfer keeps the paper's ratio: learning rate one tenth
 SCALES = {
     # Seconds: a test runs the whole pipeline end to end.
     "smoke": dict(
-        splits={"source": (4, 2), "internal_a": (3, 2), "internal_b": (3, 2), "internal_c": (3, 2), "external": (3, 2)},
+        splits={"source": (3, 1), "internal_a": (2, 1), "internal_b": (2, 1), "internal_c": (2, 1), "external": (2, 1)},
         data={"scale": 0.5, "patch_shape": (16, 16, 16), "patch_sigma": (4.0, 4.0, 2.0), "val_cases": 1, "workers": 0},
         model={"features": (4, 8), "convs_per_level": 1, "groups": 2},
         source_train={"steps": 4, "batch_size": 2, "learning_rate": 1e-3, "log_every": 2, "eval_every": 4, "checkpoint_every": 4},

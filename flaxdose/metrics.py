@@ -127,6 +127,22 @@ def dvh_errors(
     return out
 
 
+def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, dose_gy: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Cumulative DVH: % of the structure's voxels with dose >= each value of `dose_gy`.
+
+    Consistent with ``Dx``: ``cumulative_dvh(dose, mask, [Dx]) >= x`` for every x. An empty
+    mask gives NaN volumes.
+    """
+    dose, mask = np.asarray(dose), np.asarray(mask, bool)
+    _same_grid(dose, mask, "cumulative_dvh")
+    grid = np.asarray(dose_gy, np.float64)
+    values = np.sort(dose[mask].astype(np.float64))
+    if values.size == 0:
+        return np.full(grid.shape, np.nan)
+    below = np.searchsorted(values, grid, side="left")  # voxels with dose < d
+    return 100.0 * (values.size - below) / values.size
+
+
 # ------------------------------------------------------------------ OpenKBP scores
 # The OpenKBP challenge's scores, computed as its `provided_code/dose_evaluation_class.py`
 # (ababier/open-kbp) does. They use np.percentile (linear interpolation between voxel doses),

@@ -1,0 +1,193 @@
+"""Evaluation figures (PNG) in the style of Kandalan et al. 2020, Figs. 1-4.
+
+Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot and no global
+backend switch), so this module is safe to import anywhere, headless included.
+
+- `dice_curve`: mean +/- SD isodose Dice per model against the isodose level (Fig. 3).
+- `dvh_error_violins`: violins of DVH-metric differences, prediction - reference, in % of the
+  prescription; targets and OARs in two panels, one violin per model (Figs. 1 and 4).
+- `case_figure`: axial and sagittal dose slices through the PTV centre for the reference and
+  every prediction, with structure contours, and the cumulative DVHs (Fig. 2).
+
+Display convention (radiological view): axial slices show the patient's right on the image
+left and anterior at the top; sagittal slices show anterior on the left and superior at the top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from flaxdose.metrics import cumulative_dvh
+
+MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+MODEL_LINESTYLES = (":", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
+DPI = 120
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def dice_curve(dice_by_model: Mapping[str, np.ndarray], levels_pct: Sequence[float], path: str | Path) -> Path:
+    """Mean +/- SD isodose Dice per model; `dice_by_model[name]` is (cases, levels)."""
+    fig = _new_figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    levels = np.asarray(levels_pct, float)
+    offsets = (np.arange(len(dice_by_model)) - (len(dice_by_model) - 1) / 2) * 0.8
+    for i, (name, values) in enumerate(dice_by_model.items()):
+        values = np.asarray(values, float).reshape(-1, len(levels))
+        mean = np.nanmean(values, axis=0)
+        sd = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+        ax.errorbar(levels + offsets[i], mean, yerr=sd, marker="o", ms=4, capsize=3,
+                    color=MODEL_COLORS[i % len(MODEL_COLORS)], label=f"{name} (n={values.shape[0]})")
+    ax.set_xlabel("Isodose volume (% of prescription)")
+    ax.set_ylabel("Dice similarity coefficient")
+    ax.set_title("Isodose Dice vs reference dose (mean ± SD)")
+    ax.set_xticks(levels)
+    ax.set_ylim(max(0.0, min(0.5, ax.get_ylim()[0])), 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def _violins(ax, errors_by_model: Mapping[str, Mapping[str, np.ndarray]], metrics: Sequence[str]) -> None:
+    n_models = len(errors_by_model)
+    width = 0.8 / n_models
+    for j, (name, errors) in enumerate(errors_by_model.items()):
+        color = MODEL_COLORS[j % len(MODEL_COLORS)]
+        for i, metric in enumerate(metrics):
+            values = np.asarray(errors.get(metric, []), float)
+            values = values[np.isfinite(values)]
+            x = i + (j - (n_models - 1) / 2) * width
+            if values.size >= 2 and np.ptp(values) > 0:  # a KDE needs spread
+                parts = ax.violinplot([values], positions=[x], widths=width * 0.95, showmedians=True)
+                for body in parts["bodies"]:
+                    body.set_facecolor(color)
+                    body.set_edgecolor(color)
+                    body.set_alpha(0.45)
+                for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+                    parts[key].set_color(color)
+            ax.plot(np.full(values.size, x), values, "o", ms=2.5, color=color, alpha=0.8)
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(metrics) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def dvh_error_violins(
+    errors_by_model: Mapping[str, Mapping[str, np.ndarray]],
+    target_metrics: Sequence[str],
+    oar_metrics: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Violins of DVH-metric errors (% of prescription), `errors_by_model[model][metric]` per case."""
+    panels = [(t, m) for t, m in (("Target", target_metrics), ("Organs at risk", oar_metrics)) if m]
+    ratios = [max(len(m), 2) for _, m in panels]
+    fig = _new_figure(1.6 + 0.75 * sum(ratios), 4.6)
+    axes = fig.subplots(1, len(panels), gridspec_kw={"width_ratios": ratios}, squeeze=False)[0]
+    for ax, (title, metrics) in zip(axes, panels):
+        _violins(ax, errors_by_model, metrics)
+        ax.set_title(f"{title} DVH metrics")
+    axes[0].set_ylabel("Prediction − reference (% of prescription)")
+    handles = [Patch(color=MODEL_COLORS[j % len(MODEL_COLORS)], alpha=0.6, label=name)
+               for j, name in enumerate(errors_by_model)]
+    axes[-1].legend(handles=handles, loc="best", fontsize="small")
+    fig.suptitle("DVH-metric differences to the reference dose")
+    return _save(fig, path)
+
+
+def _slice_index(case) -> tuple[int, int, int]:
+    """Voxel index of the PTV centre (or of the maximum dose when there is no PTV)."""
+    ptv = [m for name, m in zip(case.structures, case.masks) if name.upper().startswith("PTV") and m.any()]
+    if ptv:
+        return tuple(int(round(c)) for c in np.argwhere(ptv[0]).mean(axis=0))
+    return tuple(int(i) for i in np.unravel_index(np.argmax(case.dose), case.dose.shape))
+
+
+def _views(case, index):
+    """(name, 2-D image with rows top->bottom, extent in mm, {structure: 2-D mask}) per view."""
+    (i, _, k), (sx, sy, sz) = index, case.spacing_mm
+    nx, ny, nz = case.shape
+    contoured = {n: m for n, m in zip(case.structures, case.masks) if n != "Body"}
+    axial = lambda v: v[:, :, k].T  # rows y (anterior at top), columns x (patient right at left)
+    sagittal = lambda v: v[i, :, :].T[::-1]  # rows z (superior at top), columns y (anterior at left)
+    return [
+        (f"axial z={k}", axial, (0, nx * sx, ny * sy, 0)),
+        (f"sagittal x={i}", sagittal, (0, ny * sy, 0, nz * sz)),
+    ], contoured
+
+
+def _structure_colors(names: Sequence[str]) -> dict[str, str]:
+    return {n: f"C{i % 10}" for i, n in enumerate(names)}
+
+
+def case_figure(reference, predictions: Mapping[str, object], path: str | Path) -> Path:
+    """Dose slices (axial, sagittal) and DVHs of `reference` and each prediction (Case objects)."""
+    doses = {"Reference": reference.dose, **{name: p.dose for name, p in predictions.items()}}
+    dose_max = max(float(np.max(d)) for d in doses.values()) or 1.0
+    # Colour scale from the reference (hot spots of a prediction saturate; the DVH shows them).
+    vmax = 1.1 * max(float(np.max(reference.dose)), reference.prescription_gy) or dose_max
+    views, contoured = _views(reference, _slice_index(reference))
+    colors = _structure_colors([n for n in reference.structures if n != "Body"])
+    n_cols = len(doses)
+    fig = _new_figure(2.9 * n_cols + 6.6, 6.0)
+    grid = fig.add_gridspec(2, n_cols + 3, width_ratios=[1] * n_cols + [0.06, 0.45, 1.8], wspace=0.25)
+    image = None
+    for row, (view, cut, extent) in enumerate(views):
+        for col, (name, dose) in enumerate(doses.items()):
+            ax = fig.add_subplot(grid[row, col])
+            image = ax.imshow(cut(dose), cmap="jet", vmin=0, vmax=vmax, extent=extent, interpolation="nearest")
+            for structure, mask in contoured.items():
+                plane = cut(mask).astype(float)
+                if plane.any():
+                    ax.contour(plane, levels=[0.5], colors="white", linestyles=":", linewidths=1.0,
+                               extent=extent, origin="upper")
+            ax.set_title(f"{name}\n{view}" if row == 0 else view, fontsize="small")
+            ax.set_xlabel("x (mm, R→L)" if row == 0 else "y (mm, A→P)", fontsize="x-small")
+            ax.set_ylabel(("y (mm, A→P)" if row == 0 else "z (mm, I→S)") if col == 0 else "", fontsize="x-small")
+            ax.tick_params(labelsize="x-small")
+    cbar = fig.colorbar(image, cax=fig.add_subplot(grid[:, n_cols]), extend="max" if dose_max > vmax else "neither")
+    cbar.set_label("Dose (Gy)")
+    _dvh_panel(fig.add_subplot(grid[:, n_cols + 2]), reference, doses, colors, max(vmax, dose_max))
+    fig.suptitle(f"Case {reference.case_id}: reference vs predicted dose")
+    return _save(fig, path)
+
+
+def _dvh_panel(ax, reference, doses: Mapping[str, np.ndarray], colors: Mapping[str, str], vmax: float) -> None:
+    grid = np.linspace(0.0, vmax * 1.02, 300)
+    for k, (source, dose) in enumerate(doses.items()):
+        style = "-" if k == 0 else MODEL_LINESTYLES[(k - 1) % len(MODEL_LINESTYLES)]
+        for structure, color in colors.items():
+            mask = reference.mask(structure)
+            if mask.any():
+                ax.plot(grid, cumulative_dvh(dose, mask, grid), color=color, linestyle=style, lw=1.4)
+    structure_handles = [Line2D([], [], color=c, lw=2, label=s) for s, c in colors.items()]
+    source_handles = [Line2D([], [], color="k", linestyle="-" if k == 0 else MODEL_LINESTYLES[(k - 1) % 4],
+                             label=source) for k, source in enumerate(doses)]
+    legend = dict(loc="upper left", fontsize="x-small", title_fontsize="small")
+    ax.add_artist(ax.legend(handles=structure_handles, bbox_to_anchor=(1.02, 1.0), title="Structure", **legend))
+    ax.legend(handles=source_handles, bbox_to_anchor=(1.02, 0.45), title="Dose (line)", **legend)
+    if reference.prescription_gy > 0:
+        ax.axvline(reference.prescription_gy, color="0.5", lw=0.8, linestyle="--")
+    ax.set_xlim(0, grid[-1])
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("Dose (Gy)")
+    ax.set_ylabel("Volume (%)")
+    ax.set_title("Cumulative DVH", fontsize="small")
+    ax.grid(alpha=0.3)

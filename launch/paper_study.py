@@ -1,0 +1,214 @@
+"""The paper's study in one command: ``python -m launch.paper_study --scale cpu --workdir DIR``.
+
+Stages (each recorded in ``DIR/stages.json`` when done; a rerun skips finished stages and
+training resumes from its checkpoints):
+1. data: the five synthetic planning styles with the paper's Table 1 splits;
+2. source: train the source model on the source style;
+3. transfer: adapt it to internal_a, internal_b, internal_c and external (paper recipe);
+4. evaluate: source and target models on every style's test cases;
+5. report: ``<results>/paper_study_<scale>.md`` with tables, figures, wall time, machine, commit.
+
+Scales (configs/paper_study.py): ``smoke`` (seconds, used by a test), ``cpu`` (about half an
+hour on a 2-core machine), ``paper`` (full size, for a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import flags
+
+from configs.paper_study import SCALES
+from flaxdose import cli, trainer
+from flaxdose import config as config_lib
+from flaxdose.data import synth
+from flaxdose.data.case import Dataset
+from flaxdose.errors import FlaxdoseError
+
+SOURCE = "source"
+TARGETS = ("internal_a", "internal_b", "internal_c", "external")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def scale_settings(scale: str) -> dict:
+    if scale not in SCALES:
+        raise FlaxdoseError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
+    return SCALES[scale]
+
+
+def splits(settings: dict) -> dict[str, tuple[int, int]]:
+    return settings["splits"] or synth.PAPER_SPLITS
+
+
+def style_config(style: str, settings: dict, workdir: Path, seed: int):
+    """The source config or a target style's transfer config, at this scale, on the study's data."""
+    config = config_lib.load_config(style)
+    overrides = {
+        **{f"data.{k}": v for k, v in settings["data"].items() if k != "scale"},
+        **{f"model.{k}": v for k, v in settings["model"].items()},
+        **{f"train.{k}": v for k, v in settings[f"{'source' if style == SOURCE else 'target'}_train"].items()},
+        "data.kind": "folder",
+        "data.path": str(workdir / "data" / style),
+        "seed": seed,
+    }
+    if style != SOURCE:
+        overrides.update({"transfer.source": str(workdir / SOURCE), "transfer.learning_rate": settings["transfer_lr"]})
+    for key, value in overrides.items():
+        config_lib.apply_override(config, f"{key}={value}")
+    return config
+
+
+class Stages:
+    """Finished stages and their wall times, persisted in stages.json."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, fn):
+        if name in self.done:
+            print(f"[paper_study] {name}: done earlier, skipped")
+            return
+        print(f"[paper_study] {name} ...")
+        start = time.perf_counter()
+        fn()
+        self.done[name] = round(time.perf_counter() - start, 1)
+        self.path.write_text(json.dumps(self.done, indent=2))
+
+
+def generate_data(workdir: Path, settings: dict, seed: int) -> None:
+    for style, (n_train, n_test) in splits(settings).items():
+        synth.ensure_dataset(workdir / "data" / style, style, n_train, n_test, seed=seed, scale=settings["data"].get("scale", 1.0))
+
+
+def evaluate_style(workdir: Path, style: str) -> dict:
+    """Source model (and the style's target model) on the style's test cases: report folder + summary."""
+    from flaxdose import evaluate
+    from flaxdose.predict import Model
+
+    models = {"source model": Model.load(workdir / SOURCE)}
+    if style != SOURCE:
+        models["target model"] = Model.load(workdir / style)
+    ev = evaluate.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
+    note = f"{style} style, test split, {len(ev.references)} cases"
+    return evaluate.write_report(ev.rows, workdir / "eval" / style, ev.references, ev.predictions, overwrite=True, note=note)
+
+
+def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 0) -> Path:
+    settings = scale_settings(scale)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(workdir)
+    stages.run("data", lambda: generate_data(workdir, settings, seed))
+    stages.run(SOURCE, lambda: trainer.train_and_evaluate(style_config(SOURCE, settings, workdir, seed), workdir / SOURCE))
+    for style in TARGETS:
+        stages.run(style, lambda s=style: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
+    summaries = {}
+    for style in (SOURCE, *TARGETS):
+        stages.run(f"evaluate {style}", lambda s=style: evaluate_style(workdir, s))
+        summaries[style] = json.loads((workdir / "eval" / style / "summary.json").read_text())
+    return write_report(scale, settings, workdir, Path(results), summaries, stages.done)
+
+
+# ---------------------------------------------------------------- report
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _machine() -> str:
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices else "?"
+    return (f"{len(devices)} x {kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+            f"{platform.machine()}, Python {platform.python_version()}, jax {jax.__version__}")
+
+
+def _mean_sd(summary: dict, model: str, metric: str) -> str:
+    stats = summary["metrics"][model][metric]
+    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {(stats['sd'] or 0):.3f}"
+
+
+def _dvh_error(summary: dict, model: str) -> float:
+    """Mean absolute DVH-metric error (% of prescription), averaged over the metrics."""
+    means = [v["mean"] for k, v in summary["metrics"][model].items() if k.endswith(" abs_err_pct") and v["mean"] is not None]
+    return float(np.mean(means)) if means else float("nan")
+
+
+def summary_row(style: str, summary: dict) -> str:
+    n = summary["num_cases"]["source model"]
+    cells = [style, str(n), _mean_sd(summary, "source model", "dice_mean")]
+    if "target model" in summary["models"]:
+        change = summary["metrics"]["target model"]["dice_mean"]["mean"] - summary["metrics"]["source model"]["dice_mean"]["mean"]
+        p = summary["paired_ttests"][0]["p_values"].get("dice_mean")
+        cells += [_mean_sd(summary, "target model", "dice_mean"), f"{change:+.3f}", "n/a" if p is None else f"{p:.2g}",
+                  f"{_dvh_error(summary, 'source model'):.2f}", f"{_dvh_error(summary, 'target model'):.2f}"]
+    else:
+        cells += ["-", "-", "-", f"{_dvh_error(summary, 'source model'):.2f}", "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_report(scale: str, settings: dict, workdir: Path, results: Path, summaries: dict, times: dict) -> Path:
+    figures = results / f"paper_study_{scale}"
+    if figures.exists():
+        shutil.rmtree(figures)
+    figures.mkdir(parents=True)
+    lines = [f"# Paper study, scale `{scale}`", "",
+             f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
+             f"commit `{_commit()}`, machine: {_machine()}.", "",
+             "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
+             "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
+             "Dice: isodose Dice averaged over 10 %..100 % of the prescription, body-restricted, mean ± SD over the "
+             "style's test cases; p: paired t-test of the per-case mean Dice (target vs source model). DVH error: "
+             "mean |prediction - reference| in % of the prescription over PTV Dmean/D2/D95/D98 and OAR Dmean/D2.", "",
+             "## Summary", "",
+             "| style | test cases | source model Dice | target model Dice | change | p | source model DVH error (%) | target model DVH error (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [summary_row(style, summary) for style, summary in summaries.items()]
+    lines += ["", "## Per style", ""]
+    for style in summaries:
+        folder = workdir / "eval" / style
+        table = (folder / "report.md").read_text().split("\n", 1)[1]  # drop its title
+        lines += [f"### {style}", "", table.strip(), ""]
+        for png in sorted(folder.glob("*.png")):
+            target = figures / f"{style}_{png.name}"
+            shutil.copy(png, target)
+            lines.append(f"![{style} {png.stem}]({figures.name}/{target.name})")
+        lines.append("")
+    lines += ["## Wall time", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()]
+    lines += ["", f"Total: {sum(times.values()) / 60:.1f} minutes.", "", "## Settings", "", "```json",
+              json.dumps(settings, indent=1, default=list), "```", ""]
+    report = results / f"paper_study_{scale}.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
+    flags.DEFINE_string("workdir", None, "study folder (data, models, evaluations)")
+    flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where the Markdown report and figures go")
+    flags.DEFINE_integer("seed", 0, "seed of the data, the initialisation and the patches")
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir:
+        raise FlaxdoseError("--workdir is required: the folder for the study's data, models and evaluations")
+    report = run_study(FLAGS.scale, FLAGS.workdir, FLAGS.results, FLAGS.seed)
+    print(f"[paper_study] report: {report}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,124 @@
+"""Evaluation: per-case rows, the report folder (CSV, summary, figures), paired t-tests, bad input."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flaxdose import evaluate, trainer
+from flaxdose.data import Dataset, write_dataset
+from flaxdose.data.phantom import phantom_case
+from flaxdose.errors import FlaxdoseError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained workdir; its checkpoints at steps 1 and 2 serve as two different models."""
+    from conftest import tiny_config
+
+    workdir = tmp_path_factory.mktemp("model")
+    trainer.train_and_evaluate(tiny_config(**{"train.steps": 2, "train.checkpoint_every": 1, "train.eval_every": 2}), workdir)
+    return workdir, next((workdir / "data").iterdir())
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_case_row_by_hand():
+    ref = phantom_case(0, 0, shape=(16, 16, 8))
+    same = evaluate.evaluate_case(ref, ref, "m")
+    assert all(same[k] == 1.0 for k in evaluate.DICE_KEYS)
+    assert all(same[k] == 0.0 for k in same if k.endswith("err_gy") or k.endswith("err_pct"))
+    colder = evaluate.evaluate_case(ref.replace(dose=ref.dose * 0.9), ref, "m")
+    # Every DVH metric scales with the dose: error = -0.1 x reference, % of the 70 Gy prescription.
+    for key in ("PTV Dmean", "PTV D95", "Rectum D2"):
+        expected = -0.1 * colder[f"{key} ref_gy"]
+        assert colder[f"{key} err_gy"] == pytest.approx(expected, rel=1e-5)
+        assert colder[f"{key} err_pct"] == pytest.approx(100 * expected / 70.0, rel=1e-5)
+        assert colder[f"{key} abs_err_gy"] == pytest.approx(-expected, rel=1e-5)
+    # The phantom PTV gets exactly 70 Gy: the reference's 100 % volume is the PTV, the
+    # prediction's (max 63 Gy) is empty, so Dice = 0.
+    assert colder["dice_100"] == 0.0 and colder["case_id"] == ref.case_id and colder["model"] == "m"
+
+
+def test_predictions_on_another_grid_are_refused():
+    ref = phantom_case(0, 0, shape=(16, 16, 8))
+    other_shape = phantom_case(0, 0, shape=(16, 16, 10))
+    with pytest.raises(FlaxdoseError, match="grid"):
+        evaluate.evaluate_case(other_shape, ref, "m")
+    with pytest.raises(FlaxdoseError, match="grid"):
+        evaluate.evaluate_case(ref.replace(spacing_mm=(2.0, 2.0, 2.0)), ref, "m")
+    with pytest.raises(FlaxdoseError, match="order"):
+        evaluate.evaluate_predictions({"m": [phantom_case(0, 1, shape=(16, 16, 8))]}, [ref])
+    with pytest.raises(FlaxdoseError, match="predictions for 1"):
+        evaluate.evaluate_predictions({"m": []}, [ref])
+
+
+def test_summary_statistics_and_paired_ttest_by_hand():
+    rows = [{"case_id": c, "model": m, "dice_mean": v}
+            for m, values in (("a", (0.8, 0.9, 0.7)), ("b", (0.85, 0.97, 0.76))) for c, v in zip("xyz", values)]
+    summary = evaluate.summarize(rows)
+    assert summary["metrics"]["a"]["dice_mean"]["mean"] == pytest.approx(0.8)
+    assert summary["metrics"]["a"]["dice_mean"]["sd"] == pytest.approx(0.1)  # sample SD (ddof=1)
+    test = summary["paired_ttests"][0]
+    # differences b - a = 0.05, 0.07, 0.06: mean 0.06, SD 0.01, t = 0.06 / (0.01 / sqrt 3) = 10.392, df 2
+    assert test["models"] == ["a", "b"] and test["mean_difference"]["dice_mean"] == pytest.approx(0.06)
+    assert test["p_values"]["dice_mean"] == pytest.approx(0.009133, abs=2e-5)
+
+
+def test_evaluate_cli_function_writes_report(trained, tmp_path):
+    model, data = trained
+    out = tmp_path / "report"
+    summary = evaluate.evaluate_workdirs([model], data, "test", out)
+    rows = read_csv(out / "cases.csv")
+    ids = Dataset.open(data).split("test")
+    assert [r["case_id"] for r in rows] == ids and {r["model"] for r in rows} == {model.name}
+    assert {"dice_10", "dice_100", "dice_mean", "PTV D98 err_pct", "Rectum D2 abs_err_gy"} <= set(rows[0])
+    assert 0.0 <= float(rows[0]["dice_mean"]) <= 1.0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["models"] == [model.name] and saved["paired_ttests"] == []
+    assert saved["metrics"][model.name]["dice_mean"]["n"] == len(ids)
+    assert summary["figures"][:2] == ["dice.png", "dvh_errors.png"] and summary["figures"][2].startswith("case_")
+    for name in summary["figures"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "| dice_mean |" in (out / "report.md").read_text()
+    with pytest.raises(FlaxdoseError, match="overwrite"):
+        evaluate.evaluate_workdirs([model], data, "test", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
+
+
+def test_compare_gives_paired_p_values(trained, tmp_path):
+    workdir, data = trained
+    a, b = workdir / "checkpoints" / "1", workdir / "checkpoints" / "2"
+    out = tmp_path / "compare"
+    (out / "old").mkdir(parents=True)  # replaced with --overwrite
+    summary = evaluate.evaluate_workdirs([a, b], data, "test", out, names=["source", "target"], overwrite=True,
+                                         example_case=Dataset.open(data).split("test")[0])
+    test = summary["paired_ttests"][0]
+    assert test["models"] == ["source", "target"] and test["num_pairs"] == 2
+    p = test["p_values"]["dice_mean"]
+    assert p is not None and 0.0 <= p <= 1.0
+    assert "PTV D95 err_gy" in test["p_values"]
+    assert not (out / "old").exists() and "p (target vs source)" in (out / "report.md").read_text()
+    assert {r["model"] for r in read_csv(out / "cases.csv")} == {"source", "target"}
+
+
+def test_empty_split_is_an_error(tmp_path):
+    case = phantom_case(0, 0, shape=(16, 16, 8))
+    data = write_dataset(tmp_path / "d", [case], {"train": [case.case_id], "test": []})
+    with pytest.raises(FlaxdoseError, match="empty"):
+        evaluate.load_references(data, "test")
+    with pytest.raises(FlaxdoseError, match="empty"):  # before any model is loaded
+        evaluate.evaluate_workdirs([tmp_path / "no_model"], data.root, "test", tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, "-m", "flaxdose.evaluate", f"--workdir={tmp_path / 'no_model'}", f"--data={data.root}",
+         "--split=test", f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("flaxdose: error: split 'test'")
+    assert not (tmp_path / "out").exists()
