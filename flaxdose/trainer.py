@@ -207,8 +207,8 @@ def build_inputs(config, workdir: Path):
         structures=structures,
         flip_lr=config.data.flip_lr,
     )
-    val_examples = [pipeline.case_to_example(dataset.load(i)) for i in val_ids]
-    return patches, len(train_ids), val_examples
+    val_cases = [dataset.load(i) for i in val_ids]
+    return patches, len(train_ids), val_cases
 
 
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
@@ -222,7 +222,8 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     batch_size = config.train.batch_size
     check_setup(config, spec, devices)
     check_workdir(workdir, config)
-    patches, n_train, val_examples = build_inputs(config, workdir)
+    patches, n_train, val_cases = build_inputs(config, workdir)
+    val_examples = [pipeline.case_to_example(c) for c in val_cases]
 
     params, tx, init_meta = init_state(config, spec)
     opt_state = tx.init(params)
@@ -291,4 +292,20 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         if close:
             close()
     result["best_val_loss"] = ckpt.best_val
+    if val_cases and start < total:
+        result["preview"] = str(write_preview(workdir, spec, unreplicate(state.params), config, val_cases[0]))
     return result
+
+
+def write_preview(workdir: Path, spec: UNetSpec, params, config, case) -> Path:
+    """preview.png: the final model's dose next to the reference for one validation case."""
+    from flaxdose import plots
+    from flaxdose.metrics import isodose_dice
+    from flaxdose.predict import Model
+
+    model = Model(spec, params, config.data.structures, name="prediction", window=config.data.patch_shape)
+    predicted = model.predict([case])[0]
+    body = case.mask("Body") if "Body" in case.structures else None
+    dice = isodose_dice(predicted.dose, case.dose, case.prescription_gy, body=body)["mean"]
+    log.info("validation case %s: mean isodose Dice %.3f (preview.png)", case.case_id, dice)
+    return plots.case_figure(case, {f"prediction (Dice {dice:.2f})": predicted}, workdir / "preview.png")
