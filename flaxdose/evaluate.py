@@ -23,9 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,8 +32,9 @@ import numpy as np
 from absl import flags
 
 from flaxdose import cli
-from flaxdose.data.case import Case, Dataset, check_writable
+from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder, check_writable
 from flaxdose.metrics import ISODOSE_LEVELS, dvh_errors, isodose_dice, plan_dvh_metrics
 
 DICE_KEYS = tuple(f"dice_{round(level * 100)}" for level in ISODOSE_LEVELS) + ("dice_mean",)
@@ -270,23 +268,13 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, reference_cases: Seq
     """
     if not rows:
         raise FlaxdoseError("no evaluation rows to report; evaluate at least one case")
-    out_dir = Path(out_dir)
-    check_writable(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         summary = summarize(rows)
         write_csv(rows, tmp / "cases.csv")
         summary["figures"] = _figures(rows, reference_cases, predictions, tmp, example_case)
         summary["note"] = note
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         (tmp / "report.md").write_text(_markdown(summary, note))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from flaxdose import cli
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint, restore_params
-from flaxdose.data.case import Case, Dataset, check_writable, write_dataset
+from flaxdose.data.case import Case, Dataset, write_dataset
+from flaxdose.io import check_writable
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import UNetSpec, init_params
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder
 
 # TG-263 names of the prostate set, in the model's input-channel order.
 PROSTATE_STRUCTURES = ("PTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Body")
@@ -233,13 +233,6 @@ class Dataset:
         return Case.load(self.case_path(case_id))
 
 
-def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to replace a non-empty folder unless asked to; call before long work."""
-    root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
-        raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
-
-
 def write_dataset(
     root: str | os.PathLike,
     cases: Iterable[Case],
@@ -253,11 +246,7 @@ def write_dataset(
     Nothing half-written is ever left at `root`: an interrupted write leaves only a hidden
     temporary folder next to it. An existing non-empty `root` is refused unless `overwrite`.
     """
-    root = Path(root)
-    check_writable(root, overwrite)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(root, overwrite) as tmp:
         ids, structures = [], None
         for case in cases:
             structures = structures or case.structures
@@ -279,10 +268,4 @@ def write_dataset(
             **dict(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Dataset.open(root)

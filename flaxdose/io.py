@@ -1,0 +1,39 @@
+"""Writing folders so that nothing half-written is ever left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from flaxdose.errors import FlaxdoseError
+
+
+def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace a non-empty folder unless asked to; call before long work."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
+        raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to `root` that replaces `root` only on success.
+
+    On any error (or interruption) the temporary folder is removed and `root` is untouched.
+    """
+    root = Path(root)
+    check_writable(root, overwrite)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
