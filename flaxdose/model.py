@@ -182,7 +182,7 @@ def init_params(spec: UNetSpec, rng: jax.Array, patch_shape: Sequence[int] | Non
     """Initialise parameters with a small dummy input (parameter shapes do not depend on it)."""
     shape = tuple(patch_shape) if patch_shape is not None else (spec.factor,) * 3
     dummy = jnp.zeros((1, *shape, spec.in_channels), jnp.float32)
-    return UNet3D(spec).init(rng, dummy)["params"]
+    return jax.jit(lambda key: UNet3D(spec).init(key, dummy)["params"])(rng)  # jit: op-by-op init is slow
 
 
 def count_params(params) -> int:

@@ -138,7 +138,7 @@ class Case:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
+                _write_npz(f, arrays)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -173,6 +173,16 @@ class Case:
             raise FlaxdoseError(f"case file {path} does not exist") from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
+
+
+def _write_npz(file, arrays: Mapping[str, np.ndarray]) -> None:
+    """Like np.savez_compressed, but with fixed member timestamps: the same case gives the same bytes."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _triple(values, name: str, case_id: str) -> tuple[float, float, float]:

@@ -6,12 +6,13 @@ objective acts on the OAR minus the PTV, as clinical optimization structures do.
 
 Style intent (Kandalan et al. 2020, Table 1 and section 2.1):
 - source: conformal VMAT, a normal-tissue objective (NTO) shapes the fall-off.
-- internal_a: like source, the rectum spared more aggressively.
-- internal_b: like source, rectum and bladder spared more aggressively, NTO a little softer.
-- internal_c: NTO off; femoral heads nearly unconstrained to lower bladder and rectum dose.
+- internal_a: like source, the rectum spared more aggressively (an arc avoiding posterior entry).
+- internal_b: like source, rectum and bladder spared more aggressively (higher weights, an arc
+  avoiding anterior entry through the bladder), NTO softer.
+- internal_c: NTO off; femoral heads unconstrained to lower bladder and rectum dose.
 - external: another institution's system (Erasmus-iCycle): 23 evenly spaced beam directions
-  as the starting condition; a beam-sparsity term leaves a few dominant beams, whose paths
-  show as intermediate/low-dose spikes; no NTO.
+  as the starting condition; a beam-sparsity term and beam selection keep the 11 strongest,
+  whose paths show as intermediate/low-dose spikes; no NTO.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class Style:
     name: str
     description: str
     gantry_deg: tuple[float, ...]  # IEC gantry angles; 0 = beam enters anteriorly
-    ptv_under: float = 400.0  # mean((1 - d)+^2) over the PTV: coverage
-    ptv_over: float = 300.0  # mean((d - hot)+^2) over the PTV: homogeneity
-    ptv_hot: float = 1.02
+    ptv_under: float = 800.0  # mean((1 - d)+^2) over the PTV: coverage
+    ptv_over: float = 1000.0  # mean((d - hot)+^2) over the PTV: homogeneity
+    ptv_hot: float = 1.01
     bladder: float = 1.0  # mean(d^2) over each OAR outside the PTV (a gEUD with a = 2)
     rectum: float = 1.5
     femoral: float = 1.0  # each femoral head
@@ -58,7 +59,7 @@ class Style:
     nto_end: float = 0.35  # ... falling exponentially to this ...
     nto_falloff_per_mm: float = 0.08  # ... at this rate per mm of distance
     integral: float = 0.3  # mean(d) over body minus PTV: the low-dose bath
-    smooth: float = 0.5  # fluence modulation penalty (MLC deliverability)
+    smooth: float = 3.0  # fluence modulation penalty (MLC deliverability; no ripples the coarse grid misses)
     beam_sparsity: float = 0.0  # mean over beams of the beam's RMS fluence (group lasso)
     arc_smooth: float = 1.0  # fluence change between neighbouring control points (VMAT)
     beam_uniformity: float = 1.0  # squared coefficient of variation of the beams' mean fluence (VMAT)
@@ -79,30 +80,32 @@ STYLE_TABLE: dict[str, Style] = {
         Style("source", "conformal VMAT arc with an NTO", gantry_deg=arc()),
         Style(
             "internal_a",
-            "source with the rectum spared more aggressively: arc avoiding the posterior 60 degrees",
-            gantry_deg=arc(avoid=(180.0, 15.0)),
-            rectum=1.8,
+            "source with the rectum spared more aggressively: arc avoiding the posterior 50 degrees",
+            gantry_deg=arc(avoid=(180.0, 25.0)),  # no beam enters through the rectum
+            rectum=1.5,  # source's weight: the sparing comes from the beam geometry
         ),
         Style(
             "internal_b",
-            "source with rectum and bladder spared more aggressively, softer NTO",
-            gantry_deg=arc(),
-            rectum=2.5,
+            "source with rectum and bladder spared more aggressively: arc avoiding the anterior 30 degrees, softer NTO",
+            gantry_deg=arc(avoid=(0.0, 15.0)),
+            rectum=1.8,
             bladder=2.0,
-            nto=2.0,
-            nto_end=0.5,
+            nto=0.5,
+            nto_end=0.7,
             nto_falloff_per_mm=0.03,
         ),
         Style(
             "internal_c",
             "NTO off; higher femoral-head dose traded for lower bladder and rectum dose",
             gantry_deg=arc(),
-            rectum=5.0,
-            bladder=5.0,
+            rectum=6.0,
+            bladder=6.0,
             femoral=0.0,
+            ptv_under=2000.0,
             nto=0.0,
             integral=0.1,
-            beam_uniformity=0.1,
+            beam_uniformity=0.0,
+            arc_smooth=0.3,
         ),
         Style(
             "external",
@@ -110,9 +113,9 @@ STYLE_TABLE: dict[str, Style] = {
             gantry_deg=tuple(float(a) for a in np.arange(EXTERNAL_BEAMS) * 360.0 / EXTERNAL_BEAMS),
             nto=0.0,
             integral=0.1,
-            smooth=0.2,
+            smooth=1.0,
             beam_sparsity=0.3,
-            keep_beams=5,
+            keep_beams=11,
             arc_smooth=0.0,
             beam_uniformity=0.0,
             arc_sector_deg=0.0,

@@ -16,12 +16,8 @@ See docs/synthetic_data.md.
 from __future__ import annotations
 
 import os
-import shutil
-import struct
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -31,7 +27,7 @@ from tqdm import tqdm
 
 from flaxdose.data import anatomy as anat
 from flaxdose.data import vmat
-from flaxdose.data.case import CASES_DIR, MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
+from flaxdose.data.case import MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
 from flaxdose.data.styles import FRACTIONS, PRESCRIPTION_GY, STYLE_TABLE, STYLES
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dvh_metrics, isodose_dice
@@ -55,7 +51,6 @@ TEST_ANATOMY_BASE = 5000  # test anatomies start here; training anatomies at 0
 LOBE_LEVEL = 0.2  # the isodose (fraction of Rx) whose lobes tell the external style apart
 LOBE_DIRECTIONS = 72  # axial directions (every 5 degrees) of the isodose radius
 OARS = ("Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R")
-_ZIP_EPOCH = (0, (0 << 9) | (1 << 5) | 1)  # MS-DOS time 00:00:00, date 1980-01-01
 
 
 def _check_style(style: str) -> None:
@@ -194,54 +189,8 @@ def ensure_dataset(
         for start, n in (train, test):
             yield from iter_cases(style, n, seed, scale, start, progress)
 
-    _write_deterministic(root, cases(), splits, {"synth": params}, overwrite)
+    write_dataset(root, cases(), splits, overwrite=overwrite, extra={"synth": params})
     return root
-
-
-def _write_deterministic(root: Path, cases, splits, extra, overwrite: bool) -> None:
-    """write_dataset into a private temp folder, zero the zip timestamps, then rename into place.
-
-    np.savez stamps every member with the wall-clock time; zeroing it makes same seed, same bytes.
-    """
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".synth.tmp"))
-    try:
-        staged = write_dataset(tmp / "data", cases, splits, extra=extra).root
-        for path in sorted((staged / CASES_DIR).glob("*.npz")):
-            _zero_zip_times(path)
-        if root.exists():
-            if not overwrite:  # appeared meanwhile (another process): keep theirs if it is ours
-                if _existing_params(root) == extra["synth"]:
-                    return
-                raise FlaxdoseError(f"{root} was filled by someone else while generating; choose another folder")
-            shutil.rmtree(root) if root.is_dir() else root.unlink()
-        os.replace(staged, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _zero_zip_times(path: Path) -> None:
-    """Set every member's modification time in a zip file to 1980-01-01 00:00, in place."""
-    with zipfile.ZipFile(path) as zf:
-        infos = zf.infolist()
-        start_dir = zf.start_dir  # CPython: offset of the central directory
-    with open(path, "r+b") as f:
-        for info in infos:  # local headers: signature(4) version(2) flags(2) method(2) time(2) date(2)
-            f.seek(info.header_offset)
-            if f.read(4) != b"PK\x03\x04":
-                raise FlaxdoseError(f"{path}: unexpected zip layout; cannot normalize timestamps")
-            f.seek(info.header_offset + 10)
-            f.write(struct.pack("<HH", *_ZIP_EPOCH))
-        offset = start_dir
-        for _ in infos:  # central directory: ... method(2) at 10, time(2) at 12, date(2) at 14
-            f.seek(offset)
-            header = f.read(46)
-            if header[:4] != b"PK\x01\x02":
-                raise FlaxdoseError(f"{path}: unexpected zip layout; cannot normalize timestamps")
-            f.seek(offset + 12)
-            f.write(struct.pack("<HH", *_ZIP_EPOCH))
-            name_len, extra_len, comment_len = struct.unpack("<HHH", header[28:34])
-            offset += 46 + name_len + extra_len + comment_len
 
 
 def generate_study(root: str | os.PathLike, seed: int = 0, scale: float = 1.0, overwrite: bool = False, progress: bool = True) -> dict[str, Path]:
@@ -426,7 +375,7 @@ def _ensure_train_only(root: Path, style: str, n: int, seed: int, scale: float, 
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise FlaxdoseError(f"{root} already holds other data; choose an empty folder, delete it, or pass --overwrite")
     splits = {"train": [case_id(style, seed, i) for i in range(n)], "test": []}
-    _write_deterministic(root, iter_cases(style, n, seed, scale, 0, True), splits, {"synth": params}, overwrite)
+    write_dataset(root, iter_cases(style, n, seed, scale, 0, True), splits, overwrite=overwrite, extra={"synth": params})
     return root
 
 
