@@ -51,8 +51,10 @@ def splits(settings: dict) -> dict[str, tuple[int, int]]:
 def style_config(style: str, settings: dict, workdir: Path, seed: int):
     """The source config or a target style's transfer config, at this scale, on the study's data."""
     config = config_lib.load_config(style)
+    # Target styles train on all their plans, as in the paper (their configs set val_cases=0).
+    skip = {"scale"} if style == SOURCE else {"scale", "val_cases"}
     overrides = {
-        **{f"data.{k}": v for k, v in settings["data"].items() if k != "scale"},
+        **{f"data.{k}": v for k, v in settings["data"].items() if k not in skip},
         **{f"model.{k}": v for k, v in settings["model"].items()},
         **{f"train.{k}": v for k, v in settings[f"{'source' if style == SOURCE else 'target'}_train"].items()},
         "data.kind": "folder",
