@@ -17,7 +17,7 @@ SCALES = {
     # Within 40 minutes on the 2-core dev machine: half-size grid, small UNet.
     "cpu": dict(
         splits=None,
-        data={"scale": 0.5, "patch_shape": (32, 32, 16), "patch_sigma": (4.0, 4.0, 2.0), "val_cases": 4, "workers": 0},
+        data={"scale": 0.5, "patch_shape": (32, 32, 16), "patch_sigma": (8.0, 8.0, 4.0), "val_cases": 4, "workers": 0},
         model={"features": (8, 16, 32), "convs_per_level": 2, "groups": 4},
         source_train={"steps": 1200, "batch_size": 4, "learning_rate": 1e-3, "log_every": 50, "eval_every": 250, "checkpoint_every": 250},
         target_train={"steps": 300, "batch_size": 4, "log_every": 50, "eval_every": 100, "checkpoint_every": 100},

@@ -115,7 +115,7 @@ class Model:
         return sliding_window(run, inputs, self.window, self.overlap, batch_size)
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
-        """Predicted dose (Gy, clipped at 0) for each case, as copies of the cases with `dose` replaced."""
+        """Predicted dose (Gy, clipped at 0, zero outside the body) for each case, as copies of the cases."""
         for case in cases:
             case.check_structures(self.structures)
             if not case.prescription_gy > 0:
@@ -123,7 +123,10 @@ class Model:
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
             relative = self.predict_relative(np.moveaxis(case.masks, 0, -1).astype(np.uint8), batch_size)
-            dose = (np.clip(relative, 0.0, None) * case.prescription_gy).astype(np.float32)
+            dose = np.clip(relative, 0.0, None) * case.prescription_gy
+            if "Body" in case.structures:  # no dose in the air around the patient
+                dose = dose * case.mask("Body")
+            dose = dose.astype(np.float32)
             out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": self.name}))
         return out
 
