@@ -31,6 +31,7 @@ def test_predict_dataset_writes_clipped_gy_cases(tmp_path, workdir):
     for case_id in out.split("test"):
         pred, truth = out.load(case_id), ref.load(case_id)
         assert pred.shape == truth.shape and pred.dose.min() >= 0
+        assert not pred.dose[~truth.mask("Body")].any()
         np.testing.assert_array_equal(pred.masks, truth.masks)
         # trained 30 steps: already in the right range of Gy, not in units of the prescription
         assert 0.3 * truth.dose.max() < pred.dose.max() < 3 * truth.dose.max()
@@ -69,7 +70,8 @@ def test_whole_volume_pass_is_available(workdir):
     case = dataset.load(dataset.split("test")[0])
     inputs = np.moveaxis(case.masks, 0, -1).astype(np.uint8)
     direct = np.asarray(model._predict(model.params, inputs[None]))[0]
-    np.testing.assert_allclose(model.predict([case])[0].dose, np.clip(direct, 0, None) * 70.0, rtol=1e-5, atol=1e-4)
+    expected = np.clip(direct, 0, None) * 70.0 * case.mask("Body")  # zero outside the body
+    np.testing.assert_allclose(model.predict([case])[0].dose, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_dicom_in_rtdose_out(tmp_path, workdir):
