@@ -10,8 +10,8 @@ SCALES = {
         splits={"source": (3, 1), "internal_a": (2, 1), "internal_b": (2, 1), "internal_c": (2, 1), "external": (2, 1)},
         data={"scale": 0.5, "patch_shape": (16, 16, 16), "patch_sigma": (4.0, 4.0, 2.0), "val_cases": 1, "workers": 0},
         model={"features": (4, 8), "convs_per_level": 1, "groups": 2},
-        source_train={"steps": 4, "batch_size": 2, "learning_rate": 1e-3, "log_every": 2, "eval_every": 4, "checkpoint_every": 4},
-        target_train={"steps": 2, "batch_size": 2, "log_every": 2, "eval_every": 2, "checkpoint_every": 2},
+        source_train={"steps": 4, "batch_size": 4, "learning_rate": 1e-3, "log_every": 2, "eval_every": 4, "checkpoint_every": 4},
+        target_train={"steps": 2, "batch_size": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2},
         transfer_lr=1e-4,
     ),
     # Within 40 minutes on the 2-core dev machine: half-size grid, small UNet.
