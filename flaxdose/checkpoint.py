@@ -29,7 +29,8 @@ def _manager(directory: Path, items: tuple[str, ...], keep: int, read_only: bool
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only, create=not read_only)
-    return ocp.CheckpointManager(epath.Path(directory), item_handlers=handlers, options=options)
+    # orbax needs absolute paths; users pass relative workdirs
+    return ocp.CheckpointManager(epath.Path(Path(directory).resolve()), item_handlers=handlers, options=options)
 
 
 class WorkdirCheckpoints:

@@ -216,7 +216,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
 
     `devices` defaults to all local devices.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     spec = UNetSpec.from_config(config.model)
     devices = list(devices or jax.local_devices())
     batch_size = config.train.batch_size

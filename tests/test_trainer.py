@@ -91,13 +91,13 @@ def test_bad_data_settings_are_clear_errors(tmp_path, make_config):
 def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
     """The README's promise: kill -9 a training run, rerun the same command, it resumes."""
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flaxdose.train", "--config=quick", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "flaxdose.train", "--config=quick", "--workdir=run",  # relative, as users type it
            "--config.data.kind=phantom", "--config.data.phantom_shape=(16,16,8)", "--config.data.n_train=6",
            "--config.data.val_cases=2", "--config.data.patch_shape=(8,8,8)", "--config.model.features=(4,8)",
            "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.steps=400",
            "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not any((workdir / "checkpoints").glob("[1-9]*")):
         time.sleep(0.2)
@@ -106,7 +106,7 @@ def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
     proc.wait()
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and max(steps) < 400
-    done = subprocess.run(cmd[:-3] + ["--config.train.steps=" + str(max(steps) + 4)], env=env,
+    done = subprocess.run(cmd[:-3] + ["--config.train.steps=" + str(max(steps) + 4)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
