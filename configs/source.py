@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             phantom_shape=(32, 32, 16),
             structures=PROSTATE_STRUCTURES,
             train_split="train",
+            train_cases=(),  # case ids: train on this subset of the split (empty = all of it)
             val_cases=8,  # held out of the train split for the validation loss (no "val" split)
             patch_shape=(96, 96, 48),
             patch_sigma=(8.0, 8.0, 4.0),  # voxels; Gaussian spread of patch centres around the PTV centroid

@@ -12,6 +12,7 @@ device count.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,10 +26,25 @@ from flaxdose.errors import FlaxdoseError
 CHECKPOINTS, BEST = "checkpoints", "best"
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns on every read-only manager, i.e. on every model load; that is expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
 def _manager(directory: Path, items: tuple[str, ...], keep: int, read_only: bool = False):
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
     handlers["meta"] = ocp.JsonCheckpointHandler()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only, create=not read_only)
+    # Own barrier names per folder: in multi-process runs `checkpoints` and `best` save the same
+    # step concurrently, and orbax's default barrier keys (by step) would collide.
+    multiprocess = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=Path(directory).name)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only, create=not read_only,
+                                           save_interval_steps=0 if read_only else 1,
+                                           multiprocessing_options=multiprocess)
     # orbax needs absolute paths; users pass relative workdirs
     return ocp.CheckpointManager(epath.Path(Path(directory).resolve()), item_handlers=handlers, options=options)
 

@@ -24,3 +24,14 @@ def run(main, flags_parser=None) -> None:
     except FlaxdoseError as e:
         print(f"flaxdose: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv for absl, ``--config.x.y=v`` overrides): overrides may also be written ``--config.x.y v``."""
+    rest, overrides, args = [argv[0]], [], iter(argv[1:])
+    for arg in args:
+        if arg.startswith("--config."):
+            overrides.append(arg if "=" in arg else f"{arg}={next(args, '')}")
+        else:
+            rest.append(arg)
+    return rest, overrides

@@ -195,6 +195,12 @@ def summarize(rows: Sequence[dict]) -> dict:
     return summary
 
 
+def mean_dvh_error_pct(summary: dict, model: str) -> float | None:
+    """Mean absolute DVH-metric error (% of prescription) of a model, averaged over the metrics."""
+    means = [v["mean"] for k, v in summary["metrics"][model].items() if k.endswith(" abs_err_pct") and v["mean"] is not None]
+    return float(np.mean(means)) if means else None
+
+
 # ---------------------------------------------------------------- report
 def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
     fields = list(ID_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ID_COLUMNS]

@@ -14,6 +14,7 @@ is several times faster on GPUs than `nn.ConvTranspose` (see docs/performance.md
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -181,8 +182,14 @@ class UNet3D(nn.Module):
 def init_params(spec: UNetSpec, rng: jax.Array, patch_shape: Sequence[int] | None = None):
     """Initialise parameters with a small dummy input (parameter shapes do not depend on it)."""
     shape = tuple(patch_shape) if patch_shape is not None else (spec.factor,) * 3
+    return _init_fn(spec, tuple(int(n) for n in shape))(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(spec: UNetSpec, shape: tuple[int, ...]):
+    """jit-compiled init, cached so that many runs of one model (sweeps) compile it once."""
     dummy = jnp.zeros((1, *shape, spec.in_channels), jnp.float32)
-    return jax.jit(lambda key: UNet3D(spec).init(key, dummy)["params"])(rng)  # jit: op-by-op init is slow
+    return jax.jit(lambda key: UNet3D(spec).init(key, dummy)["params"])  # jit: op-by-op init is slow
 
 
 def count_params(params) -> int:

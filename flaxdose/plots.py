@@ -191,3 +191,49 @@ def _dvh_panel(ax, reference, doses: Mapping[str, np.ndarray], colors: Mapping[s
     ax.set_ylabel("Volume (%)")
     ax.set_title("Cumulative DVH", fontsize="small")
     ax.grid(alpha=0.3)
+
+
+def learning_curves(
+    panels: Mapping[str, Mapping[str, Mapping[str, Mapping[int, Sequence[float]]]]],
+    baselines: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+) -> Path:
+    """Few-shot learning curves: `panels[metric][style][curve][n]` lists one value per seed.
+
+    One row of panels per metric, one column per style; each curve is the mean over seeds
+    with a band over their range; `baselines[metric][style]` (the unadapted source model)
+    is drawn as a dashed line.
+    """
+    metrics, styles = list(panels), list(dict.fromkeys(s for m in panels.values() for s in m))
+    fig = _new_figure(3.6 * len(styles) + 1.6, 3.2 * len(metrics))
+    axes = fig.subplots(len(metrics), len(styles), squeeze=False)
+    curve_names = list(dict.fromkeys(c for m in panels.values() for s in m.values() for c in s))
+    colors = {c: MODEL_COLORS[i % len(MODEL_COLORS)] for i, c in enumerate(curve_names)}
+    for row, metric in enumerate(metrics):
+        for col, style in enumerate(styles):
+            ax = axes[row, col]
+            for name, by_n in panels[metric].get(style, {}).items():
+                ns = sorted(by_n)
+                values = [np.asarray(by_n[n], float) for n in ns]
+                ax.plot(ns, [np.nanmean(v) for v in values], marker="o", ms=4, color=colors[name], label=name)
+                ax.fill_between(ns, [np.nanmin(v) for v in values], [np.nanmax(v) for v in values],
+                                color=colors[name], alpha=0.18, linewidth=0)
+            base = baselines.get(metric, {}).get(style)
+            if base is not None:
+                ax.axhline(base, color="black", linestyle="--", linewidth=1, label="source model, unadapted")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({n for c in panels[metric].get(style, {}).values() for n in c}))
+            ax.xaxis.set_major_formatter("{x:g}")
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(style)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("target training plans")
+            if col == 0:
+                ax.set_ylabel(metric)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="mode (line: mean, band: range over seeds)", title_fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -11,6 +11,9 @@
 #          needed for XLA flags): baseline, no donation, pmap, fused GroupNorm, flattened Adam,
 #          XLA flag presets; merged into $OUT/levers.json / .md.
 # pipeline (~6 min): grain end-to-end levers (prefetch depth, worker processes) and batch size.
+# sweep    (~8 min): issue 7's check: the 8 fine-tunes of configs/sweep_gpu8.py packed on one
+#          GPU (one wave, vmap) against the same 8 one after another (runs_per_device=1);
+#          both train-stage wall times and their ratio in $OUT/sweep_timing.json.
 #
 # Python packages the GPU image lacks (grain, pydicom, ml-collections, tensorboardX and their
 # dependencies) are carried as wheels in .whl/ (see docs/performance.md for the download line).
@@ -84,7 +87,34 @@ levers|pipeline)
   [ ${#FILES[@]} -gt 0 ] && $PY -m flaxdose.bench --merge "${FILES[@]}" --out "$OUT/$MODE.json" > "$OUT/$MODE.txt" 2>&1
   cat "$OUT/$MODE.txt" 2>/dev/null
   ;;
+sweep)
+  W=$OUT/sweep
+  SW="$PY -m launch.sweep --config=${SWEEP_CONFIG:-sweep_gpu8}"
+  # The sequential sweep reuses the packed sweep's data and source model: only the fine-tunes differ.
+  SEQ="--config.runs_per_device=1 --config.source.path=$W/packed/source --config.data.folders={'internal_a':'$W/packed/data/internal_a'}"
+  timeout 240 $SW --workdir "$W/packed" --stage=prepare > "$OUT/sweep_prepare.log" 2>&1; log "prepare done (rc $?)"
+  # shellcheck disable=SC2086
+  timeout 60 $SW --workdir "$W/sequential" $SEQ --stage=prepare > "$OUT/sweep_prepare_seq.log" 2>&1; log "sequential prepare done (rc $?)"
+  t0=$(date +%s.%N)
+  timeout 120 $SW --workdir "$W/packed" --stage=train > "$OUT/sweep_packed.log" 2>&1; rc1=$?
+  t1=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  timeout 240 $SW --workdir "$W/sequential" $SEQ --stage=train > "$OUT/sweep_sequential.log" 2>&1; rc2=$?
+  t2=$(date +%s.%N)
+  log "packed rc $rc1, sequential rc $rc2"
+  $PY - "$t0" "$t1" "$t2" "$rc1" "$rc2" "$OUT/sweep_timing.json" <<'PY'
+import json, sys
+t0, t1, t2 = map(float, sys.argv[1:4])
+result = {"packed_s": round(t1 - t0, 1), "sequential_s": round(t2 - t1, 1), "ratio_packed_over_sequential": round((t1 - t0) / (t2 - t1), 3),
+          "packed_rc": int(sys.argv[4]), "sequential_rc": int(sys.argv[5]), "what": "train stage of configs/sweep_gpu8.py (8 fine-tunes incl. evaluation)"}
+json.dump(result, open(sys.argv[6], "w"), indent=1)
+print(result)
+PY
+  $PY -m launch.sweep --config="${SWEEP_CONFIG:-sweep_gpu8}" --workdir "$W/packed" --stage=report > /dev/null 2>&1
+  cp -r "$W/packed/report" "$OUT/sweep_report" 2>/dev/null
+  tail -n 3 "$OUT/sweep_packed.log" "$OUT/sweep_sequential.log"
+  ;;
 *)
-  echo "unknown mode $MODE; use main, levers or pipeline" >&2; exit 2 ;;
+  echo "unknown mode $MODE; use main, levers, pipeline or sweep" >&2; exit 2 ;;
 esac
 log "finished $MODE"

@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from configs.paper_study import SCALES
-from flaxdose import cli, trainer
+from flaxdose import cli, evaluate, trainer
 from flaxdose import config as config_lib
 from flaxdose.data import synth
 from flaxdose.data.case import Dataset
@@ -93,7 +93,6 @@ def generate_data(workdir: Path, settings: dict, seed: int) -> None:
 
 def evaluate_style(workdir: Path, style: str) -> dict:
     """Source model (and the style's target model) on the style's test cases: report folder + summary."""
-    from flaxdose import evaluate
     from flaxdose.predict import Model
 
     models = {"source model": Model.load(workdir / SOURCE)}
@@ -142,9 +141,8 @@ def _mean_sd(summary: dict, model: str, metric: str) -> str:
 
 
 def _dvh_error(summary: dict, model: str) -> float:
-    """Mean absolute DVH-metric error (% of prescription), averaged over the metrics."""
-    means = [v["mean"] for k, v in summary["metrics"][model].items() if k.endswith(" abs_err_pct") and v["mean"] is not None]
-    return float(np.mean(means)) if means else float("nan")
+    error = evaluate.mean_dvh_error_pct(summary, model)
+    return float("nan") if error is None else error
 
 
 def summary_row(style: str, summary: dict) -> str:

@@ -1,0 +1,435 @@
+"""Fine-tuning sweeps: many independent transfer-learning runs packed onto all local devices.
+
+A sweep answers "how many of my plans do I need, which adaptation mode, how stable across
+seeds?". Its config (``configs/sweep_*.py``) holds a base run config and a grid:
+target style x number of target training plans x mode (the transfer modes, plus
+``scratch``: training from random init, the control) x seed x learning rate.
+
+Packing. Runs of one mode share an optimizer structure, so their states can be stacked:
+each wave trains up to ``devices x runs_per_device`` runs at once, ``jax.pmap`` over devices
+and ``jax.vmap`` over the runs on a device, with no gradient averaging between runs. Every
+run keeps its own seed, case subset, grain pipeline, learning rate and checkpoints, and
+ends with the parameters it would have had trained alone (a test checks this).
+
+Learning rates: the optimizer is built for learning rate 1 and each run's updates are
+scaled by its own rate, which is exactly ``optax.adam(lr)`` (Adam's last step is a scale).
+
+Folder layout (``--workdir``):
+- ``sweep.json``: the resolved sweep config; a folder of another sweep is refused;
+- ``data/<style>/``: built-in synthetic plans; ``source/``: the source model (unless given);
+- ``baseline/<style>.json``: the source model, unadapted, on each style's test cases (n = 0);
+- ``runs/<run_id>/``: config.json, checkpoints/, metrics.jsonl, and ``result.json`` once the
+  run is trained and evaluated. A rerun skips finished runs and resumes the others;
+- ``report/``: results.csv (one row per run), summary.md, learning_curve.png.
+
+Several processes (SLURM job array, or a multi-process launch) split the runs by index.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from flaxdose import config as config_lib
+from flaxdose import trainer, transfer
+from flaxdose.checkpoint import WorkdirCheckpoints
+from flaxdose.data import pipeline
+from flaxdose.data.case import Dataset
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_write_text
+from flaxdose.model import UNetSpec
+
+SCRATCH = "scratch"
+MODES = (*transfer.MODES, SCRATCH)
+SOURCE_STYLE = "source"
+log = logging.getLogger("flaxdose")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    index: int
+    style: str
+    n_train: int
+    mode: str
+    seed: int
+    learning_rate: float
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.style}_n{self.n_train:03d}_{self.mode}_seed{self.seed}_lr{self.learning_rate:g}"
+
+    def fields(self) -> dict:
+        return {"run_id": self.run_id, **{k: v for k, v in dataclasses.asdict(self).items() if k != "index"}}
+
+
+# ---------------------------------------------------------------- the grid
+def expand_grid(grid) -> list[Run]:
+    """Every run of the grid, in a fixed order (style, n, mode, seed, learning rate)."""
+    runs = []
+    for style, counts in grid.targets.items():
+        for n in counts:
+            for mode in grid.modes:
+                rates = grid.scratch_learning_rates if mode == SCRATCH else grid.learning_rates
+                for seed in grid.seeds:
+                    for lr in rates:
+                        runs.append(Run(len(runs), style, int(n), mode, int(seed), float(lr)))
+    return runs
+
+
+def check_grid(config, available: dict[str, int]) -> None:
+    """Refuse grids that cannot run, before anything is written. `available`: style -> training plans."""
+    grid = config.grid
+    unknown = [m for m in grid.modes if m not in MODES]
+    if unknown:
+        raise FlaxdoseError(f"unknown sweep mode(s) {unknown}; choose from {list(MODES)}")
+    empty = [k for k in ("targets", "modes", "seeds", "learning_rates") if not len(grid[k])]
+    if SCRATCH in grid.modes and not len(grid.scratch_learning_rates):
+        empty.append("scratch_learning_rates")
+    if empty or not all(len(v) for v in grid.targets.values()):
+        raise FlaxdoseError(
+            f"the sweep grid is empty (grid.{', grid.'.join(empty) or 'targets'} has no values); "
+            "give every grid axis at least one value"
+        )
+    for style, counts in grid.targets.items():
+        if style not in available:
+            raise FlaxdoseError(f"grid.targets names style {style!r} with no data; styles: {sorted(available)}")
+        too_many = [n for n in counts if n > available[style]]
+        if too_many or min(counts) < 1:
+            raise FlaxdoseError(
+                f"grid.targets.{style} asks for {list(counts)} training plans but style {style!r} has "
+                f"{available[style]}; use 1..{available[style]} (or give the style more plans in data.plans)"
+            )
+    if config.runs_per_device < 1:
+        raise FlaxdoseError(f"runs_per_device={config.runs_per_device}; it must be at least 1")
+
+
+def plan_waves(pending: Sequence[tuple[Run, int]], capacity: int) -> list[list[tuple[Run, int]]]:
+    """Pack (run, start step) pairs into waves: same mode (optimizer structure) and start step."""
+    groups: dict[tuple[str, int], list] = {}
+    for run, start in pending:
+        groups.setdefault((run.mode, start), []).append((run, start))
+    return [group[i : i + capacity] for group in groups.values() for i in range(0, len(group), capacity)]
+
+
+def wave_layout(n_runs: int, n_devices: int) -> tuple[int, int]:
+    """(devices, runs per device) for a wave: spread over every device, then as few devices as that needs."""
+    per_device = math.ceil(n_runs / min(n_devices, n_runs))
+    return math.ceil(n_runs / per_device), per_device
+
+
+def shard_of(runs: Sequence[Run], index: int, count: int) -> list[Run]:
+    if not 0 <= index < count:
+        raise FlaxdoseError(f"shard {index} of {count} does not exist; shards are numbered 0..{count - 1}")
+    return [r for r in runs if r.index % count == index]
+
+
+# ---------------------------------------------------------------- stacking runs
+def stack(trees: Sequence, size: int):
+    """Stack per-run pytrees on a new leading axis, padded to `size` by repeating the last run."""
+    trees = list(trees) + [trees[-1]] * (size - len(trees))
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def unstack(tree, n: int) -> list:
+    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)  # (devices, per device, ...)
+    return [jax.tree.map(lambda x: x[i], flat) for i in range(n)]
+
+
+class StackedIterator:
+    """One batch from each run's grain iterator per step, stacked; the state lists theirs."""
+
+    def __init__(self, iterators: Sequence, size: int):
+        self.iterators, self.size = list(iterators), size
+
+    def __next__(self):
+        return stack([next(it) for it in self.iterators], self.size)
+
+    def get_state(self) -> list:
+        return [it.get_state() for it in self.iterators]
+
+
+# ---------------------------------------------------------------- the sweep
+class Sweep:
+    """A sweep folder and its config: prepare (data, source model, baselines), train, report."""
+
+    def __init__(self, config: ml_collections.ConfigDict, root: str | Path, devices=None):
+        self.config, self.root = config, Path(root).resolve()
+        self.devices = list(devices or jax.local_devices())
+        if config.max_devices:
+            self.devices = self.devices[: config.max_devices]
+        self.runs = expand_grid(config.grid)
+        check_grid(config, self.available_plans())
+        self._references: dict[str, list] = {}
+        self._step_fns: dict = {}
+
+    # ------------------------------------------------ folders and data
+    def available_plans(self) -> dict[str, int]:
+        plans = {style: int(n_train) for style, (n_train, _) in self.config.data.plans.items()}
+        for style, folder in self.config.data.folders.items():
+            plans[style] = len(Dataset.open(folder).split("train"))
+        return plans
+
+    def dataset_path(self, style: str) -> Path:
+        folders = self.config.data.folders
+        return Path(folders[style]) if style in folders else self.root / "data" / style
+
+    @property
+    def source_dir(self) -> Path:
+        return Path(self.config.source.path).resolve() if self.config.source.path else self.root / "source"
+
+    def run_dir(self, run: Run) -> Path:
+        return self.root / "runs" / run.run_id
+
+    def claim_folder(self) -> None:
+        """Write sweep.json, or check that the folder holds this same sweep."""
+        saved, new = self.root / "sweep.json", json.loads(config_lib.to_json(self.config))
+        if saved.is_file():
+            old = json.loads(saved.read_text())
+            if old != new:
+                diffs = sorted(k for k in set(_flatten(old)) | set(_flatten(new)) if _flatten(old).get(k) != _flatten(new).get(k))
+                raise FlaxdoseError(
+                    f"{self.root} holds another sweep (settings differ: {', '.join(diffs[:6])}); "
+                    "use a new --workdir, or the sweep config it was started with"
+                )
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise FlaxdoseError(f"{self.root} holds files but no sweep.json; choose an empty or new --workdir")
+        else:
+            atomic_write_text(saved, config_lib.to_json(self.config))
+
+    def prepare(self) -> None:
+        """Synthetic data, the source model and its unadapted scores (skipped when already there)."""
+        from flaxdose.data import synth
+
+        self.claim_folder()
+        styles = set(self.config.grid.targets) | ({SOURCE_STYLE} if not self.config.source.path else set())
+        for style in sorted(styles - set(self.config.data.folders)):
+            n_train, n_test = self.config.data.plans[style]
+            synth.ensure_dataset(self.dataset_path(style), style, n_train, n_test,
+                                 seed=self.config.data.seed, scale=self.config.data.scale)
+        if not self.config.source.path:
+            config = self.source_config()
+            usable = math.gcd(config.train.batch_size, len(self.devices))  # devices that split the batch evenly
+            trainer.train_and_evaluate(config, self.source_dir, self.devices[:usable])
+        for style in self.config.grid.targets:
+            path = self.root / "baseline" / f"{style}.json"
+            if not path.is_file():
+                from flaxdose.predict import Model
+
+                scores = self.score(Model.load(self.source_dir), style)
+                atomic_write_text(path, json.dumps({"style": style, "n_train": 0, "mode": "source model", **scores}, indent=1))
+
+    def is_prepared(self) -> bool:
+        return all((self.root / "baseline" / f"{s}.json").is_file() for s in self.config.grid.targets)
+
+    def source_config(self):
+        config = _unlocked_copy(self.config.base)
+        config.data.update(kind="folder", path=str(self.dataset_path(SOURCE_STYLE)), train_cases=())
+        config.data.val_cases = self.config.source.val_cases
+        config.train.update(self.config.source.train.to_dict())
+        config.transfer.mode = "none"
+        return config
+
+    def run_config(self, run: Run):
+        """The standalone training config of one run: `flaxdose.train` on it gives the same model."""
+        config = _unlocked_copy(self.config.base)
+        train_ids = Dataset.open(self.dataset_path(run.style)).split("train")
+        subset = np.random.default_rng(run.seed).permutation(len(train_ids))[: run.n_train]  # nested in n per seed
+        config.seed = run.seed
+        config.data.update(kind="folder", path=str(self.dataset_path(run.style)), val_cases=0,
+                           train_cases=tuple(train_ids[i] for i in sorted(subset)))
+        if run.mode == SCRATCH:
+            config.transfer.mode = "none"
+            config.train.learning_rate = run.learning_rate
+        else:
+            config.transfer.update(mode=run.mode, source=str(self.source_dir), learning_rate=run.learning_rate)
+        return config
+
+    # ------------------------------------------------ status
+    def result(self, run: Run) -> dict | None:
+        path = self.run_dir(run) / "result.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def pending(self, runs: Sequence[Run]) -> list[tuple[Run, int]]:
+        out = []
+        for run in runs:
+            if self.result(run) is None:
+                ckpt = self.run_dir(run) / "checkpoints"
+                steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()] if ckpt.is_dir() else []
+                out.append((run, max(steps, default=0)))
+        return out
+
+    # ------------------------------------------------ training
+    def train(self, shard_index: int = 0, shard_count: int = 1) -> None:
+        """Train and evaluate this shard's unfinished runs, wave by wave."""
+        if not self.is_prepared():
+            raise FlaxdoseError(
+                f"{self.root} is not prepared (data, source model, baselines); run the sweep with --stage=prepare "
+                "first (one process), then the shards"
+            )
+        runs = shard_of(self.runs, shard_index, shard_count)
+        pending = self.pending(runs)
+        capacity = len(self.devices) * self.config.runs_per_device
+        waves = plan_waves(pending, capacity)
+        steps = self.config.base.train.steps
+        done = len(runs) - len(pending)
+        bar = tqdm(total=sum(steps - start for _, start in pending), unit="run-step", dynamic_ncols=True,
+                   desc=f"sweep: runs {done}/{len(runs)} done", mininterval=1.0)
+        log.info("sweep %s: %d runs here, %d finished earlier, %d waves of up to %d (%d devices x %d)", self.root,
+                 len(runs), done, len(waves), capacity, len(self.devices), self.config.runs_per_device)
+        try:
+            for number, wave in enumerate(waves, 1):
+                log.info("wave %d/%d: %d %s runs from step %d", number, len(waves), len(wave), wave[0][0].mode, wave[0][1])
+                self.train_wave([r for r, _ in wave], wave[0][1], bar)
+                done += len(wave)
+                bar.set_description(f"sweep: runs {done}/{len(runs)} done")
+        finally:
+            bar.close()
+
+    def train_wave(self, runs: Sequence[Run], start: int, bar) -> None:
+        started = time.perf_counter()
+        base = self.config.base
+        spec = UNetSpec.from_config(base.model)
+        n_dev, per_dev = wave_layout(len(runs), len(self.devices))  # waves fit the capacity
+        devices, size = self.devices[:n_dev], n_dev * per_dev
+        configs = [self.run_config(r) for r in runs]
+        members = [_RunState(r, c, self.run_dir(r), spec, start) for r, c in zip(runs, configs)]
+        step_fn = self.wave_step(spec, members[0], devices)
+        state = trainer.shard_to_devices(stack([m.state for m in members], size), devices)
+        rates = trainer.shard_to_devices(stack([np.float32(r.learning_rate) for r in runs], size), devices)
+        batches = trainer.prefetch(StackedIterator([m.iterator for m in members], size), devices)
+        steps, train = base.train.steps, base.train
+        losses = []
+        try:
+            for step in range(start + 1, steps + 1):
+                batch, data_states = next(batches)
+                state, metrics = step_fn(state, batch, rates)
+                losses.append(metrics["loss"])
+                bar.update(len(runs))
+                if step % train.log_every == 0 or step == steps:
+                    window = np.mean([np.asarray(x).reshape(-1) for x in losses], axis=0)
+                    for i, m in enumerate(members):
+                        m.writer.write(step, loss=window[i])
+                        m.final_loss = float(window[i])
+                    losses = []
+                if step % train.checkpoint_every == 0 or step == steps:
+                    for m, host, data_state in zip(members, unstack(state, len(runs)), data_states):
+                        m.save(step, host, data_state)
+            for m in members:
+                m.ckpt.wait()
+        finally:
+            for m in members:
+                m.close()
+        wall = time.perf_counter() - started
+        for m, host in zip(members, unstack(state, len(runs))):
+            scores = self.score(m.model(host.params), m.run.style)
+            result = {**m.run.fields(), "steps": steps, **scores, "final_loss": m.final_loss,
+                      "wave_size": len(runs), "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
+            atomic_write_text(self.run_dir(m.run) / "result.json", json.dumps(result, indent=1))
+
+    def wave_step(self, spec: UNetSpec, member: _RunState, devices):
+        """pmap over devices of vmap over runs; kept per mode and layout, so later waves reuse the compilation."""
+        key = (spec, member.run.mode, tuple(devices))
+        if key not in self._step_fns:
+            step = trainer.make_train_step(spec, member.unit_tx)  # no axis name: runs never average gradients
+            self._step_fns[key] = jax.pmap(jax.vmap(step), donate_argnums=(0,), devices=devices)
+        return self._step_fns[key]
+
+    # ------------------------------------------------ evaluation and report
+    def references(self, style: str) -> list:
+        from flaxdose.evaluate import load_references
+
+        if style not in self._references:
+            self._references[style] = load_references(Dataset.open(self.dataset_path(style)), "test")
+        return self._references[style]
+
+    def score(self, model, style: str) -> dict:
+        """Mean isodose Dice and DVH error of `model` on the style's test cases."""
+        from flaxdose import evaluate
+
+        refs = self.references(style)
+        rows = evaluate.evaluate_predictions({model.name: model.predict(refs)}, refs)
+        summary = evaluate.summarize(rows)
+        dice = summary["metrics"][model.name]["dice_mean"]
+        return {"n_test": len(refs), "dice_mean": dice["mean"], "dice_sd": dice["sd"],
+                "dvh_abs_err_pct": evaluate.mean_dvh_error_pct(summary, model.name)}
+
+    def collect(self) -> tuple[list[dict], list[dict]]:
+        """(finished runs' results, baselines) as rows."""
+        rows = [r for r in (self.result(run) for run in self.runs) if r is not None]
+        baselines = [json.loads(p.read_text()) for p in sorted((self.root / "baseline").glob("*.json"))]
+        return rows, baselines
+
+    def report(self, title: str = "") -> Path:
+        from flaxdose import sweep_report
+
+        rows, baselines = self.collect()
+        return sweep_report.write(self.root / "report", rows, baselines, len(self.runs), self.config, title)
+
+
+class _RunState:
+    """One run inside a wave: its initial/resumed state, grain iterator, checkpoints and log."""
+
+    def __init__(self, run: Run, config, workdir: Path, spec: UNetSpec, start: int):
+        self.run, self.config, self.workdir, self.spec = run, config, workdir, spec
+        workdir.mkdir(parents=True, exist_ok=True)
+        trainer.check_workdir(workdir, config)
+        patches, _, _ = trainer.build_inputs(config, workdir)
+        self.iterator = pipeline.make_iterator(patches, workers=0)
+        # init_state with learning rate 1: the same params and optimizer structure as the run alone
+        params, self.unit_tx, self.meta = trainer.init_state(_with_learning_rate(config, 1.0), spec)
+        opt_state = self.unit_tx.init(params)
+        self.ckpt = WorkdirCheckpoints(workdir, keep=1)
+        if start:
+            params, opt_state, meta = self.ckpt.restore(start, params, opt_state)
+            self.iterator.set_state(meta["data_state"])
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+        self.state = trainer.TrainState(np.int32(start), params, opt_state)
+        self.writer = trainer.MetricWriter(workdir)
+        self.final_loss = float("nan")
+
+    def save(self, step: int, host, data_state) -> None:
+        self.ckpt.save(step, host.params, host.opt_state, meta={**self.meta, "data_state": data_state})
+
+    def model(self, params):
+        from flaxdose.predict import Model
+
+        return Model(self.spec, params, self.config.data.structures, name=self.run.run_id,
+                     window=self.config.data.patch_shape)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.ckpt.close()
+
+
+def _unlocked_copy(config):
+    config = copy.deepcopy(config)
+    config.unlock()
+    return config
+
+
+def _with_learning_rate(config, lr: float):
+    config = _unlocked_copy(config)
+    config.train.learning_rate = lr
+    config.transfer.learning_rate = lr
+    return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

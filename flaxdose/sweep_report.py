@@ -1,0 +1,110 @@
+"""A sweep's report: results.csv (one row per run), summary.md and the learning-curve figure."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.io import atomic_write_text
+
+COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "steps", "n_test", "dice_mean", "dice_sd",
+           "dvh_abs_err_pct", "final_loss", "wave_size", "wave_layout", "wave_wall_s")
+METRICS = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "DVH error (% of Rx)"}
+# A clinic "needs" the fewest plans whose mean Dice is within this of the curve's best.
+ENOUGH_DICE_MARGIN = 0.01
+
+
+def curve_name(row: dict, several_rates: bool) -> str:
+    return f"{row['mode']} lr {row['learning_rate']:g}" if several_rates else row["mode"]
+
+
+def curves(rows: Sequence[dict], metric: str) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """style -> curve (mode, and learning rate when the grid has several) -> n plans -> values over seeds."""
+    rates: dict[str, set] = {}
+    for r in rows:
+        rates.setdefault(r["mode"], set()).add(r["learning_rate"])
+    out: dict = {}
+    for r in rows:
+        name = curve_name(r, len(rates[r["mode"]]) > 1)
+        value = np.nan if r[metric] is None else r[metric]
+        out.setdefault(r["style"], {}).setdefault(name, {}).setdefault(int(r["n_train"]), []).append(value)
+    return out
+
+
+def _cell(values: Sequence[float]) -> str:
+    v = np.asarray(values, float)
+    sd = f" ± {np.nanstd(v, ddof=1):.3f}" if np.isfinite(v).sum() > 1 else ""
+    return f"{np.nanmean(v):.3f}{sd} ({len(v)})"
+
+
+def plans_needed(by_n: dict[int, list[float]]) -> str:
+    means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
+    best = max(means.values())
+    enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
+    return f"{enough} (Dice {means[enough]:.3f}; best {best:.3f})"
+
+
+def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: str) -> list[str]:
+    names = list(style_curves)
+    ns = sorted({n for c in style_curves.values() for n in c})
+    lines = [f"| plans | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    if baseline is not None and baseline.get(metric) is not None:
+        lines.append(f"| 0 (source model) | {' | '.join([f'{baseline[metric]:.3f}'] * len(names))} |")
+    for n in ns:
+        lines.append(f"| {n} | " + " | ".join(_cell(style_curves[c][n]) if n in style_curves[c] else "-" for c in names) + " |")
+    return lines
+
+
+def _machine() -> str:
+    import jax
+
+    devices = jax.local_devices()
+    return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, jax {jax.__version__}")
+
+
+def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str) -> str:
+    by_style = {b["style"]: b for b in baselines}
+    dice, dvh = curves(rows, "dice_mean"), curves(rows, "dvh_abs_err_pct")
+    waves = {(r["wave_layout"], r["wave_wall_s"], r["mode"]) for r in rows}
+    lines = [f"# {title or 'Fine-tuning sweep'}", "",
+             f"{len(rows)} of {n_total} runs finished; written {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}. "
+             f"Each run: {config.base.train.steps} steps, batch {config.base.train.batch_size}, patches "
+             f"{tuple(config.base.data.patch_shape)}, UNet features {tuple(config.base.model.features)}; "
+             f"wave training time (packed runs share it) summed: {sum(w[1] for w in waves) / 60:.1f} min.", "",
+             "Cells: mean ± SD over seeds (number of runs), on the style's test cases. Row 0: the source model "
+             "without adaptation. Modes: `paper` freezes encoder + bottleneck and re-initializes the head; `full`, "
+             "`decoder`, `head`, `norm_head` train those parts; `scratch` trains from random initialization (control).",
+             "", "![learning curves](learning_curve.png)", ""]
+    for style in dice:
+        lines += [f"## {style}", "", "Mean isodose Dice (higher is better):", ""]
+        lines += metric_table(style, dice[style], by_style.get(style), "dice_mean")
+        lines += ["", "Mean absolute DVH-metric error, % of prescription (lower is better):", ""]
+        lines += metric_table(style, dvh[style], by_style.get(style), "dvh_abs_err_pct")
+        lines += ["", f"Plans needed (fewest whose mean Dice is within {ENOUGH_DICE_MARGIN} of the best on the curve):", ""]
+        lines += [f"- {name}: {plans_needed(by_n)}" for name, by_n in dice[style].items()] + [""]
+    return "\n".join(lines)
+
+
+def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str = "") -> Path:
+    """Write results.csv, learning_curve.png and summary.md into `out_dir`; returns summary.md."""
+    from flaxdose import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "results.csv", text.getvalue())
+    if rows:
+        panels = {label: curves(rows, key) for key, label in METRICS.items()}
+        base = {label: {b["style"]: b.get(key) for b in baselines} for key, label in METRICS.items()}
+        plots.learning_curves(panels, base, out_dir / "learning_curve.png")
+    return atomic_write_text(out_dir / "summary.md", summary_markdown(rows, baselines, n_total, config, title))

@@ -1,0 +1,75 @@
+"""Fine-tuning sweeps: ``python -m launch.sweep --config=sweep_cpu --workdir=DIR``.
+
+Stages (``--stage``, default ``all``): ``prepare`` (data, source model, unadapted baselines),
+``train`` (every unfinished run of this shard, packed onto the local devices), ``report``
+(``DIR/report/``: results.csv, summary.md, learning_curve.png). Rerunning resumes: finished
+runs are skipped, interrupted ones continue from their checkpoints.
+
+Several processes split the runs: ``--shard_index/--shard_count``, or a SLURM job array
+(``launch/slurm/sweep_array.sbatch``), or a multi-process JAX launch (``--coordinator`` ...).
+Run ``--stage=prepare`` once before starting several shards. See flaxdose/sweep.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from flaxdose import cli
+from flaxdose import config as config_lib
+from flaxdose.errors import FlaxdoseError
+
+flags.DEFINE_string("config", "sweep_cpu", "sweep config name in configs/ (sweep_smoke, sweep_cpu, ...) or a path")
+flags.DEFINE_string("workdir", None, "sweep folder: data, source model, runs, report")
+flags.DEFINE_enum("stage", "all", ["all", "prepare", "train", "report"], "what to do")
+flags.DEFINE_integer("shard_index", None, "this process's share of the runs (default: SLURM array task / JAX process)")
+flags.DEFINE_integer("shard_count", None, "number of shards the runs are split into")
+flags.DEFINE_string("title", "", "report title")
+FLAGS = flags.FLAGS
+_OVERRIDES: list[str] = []
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    rest, overrides = cli.split_config_overrides(argv)
+    _OVERRIDES.extend(overrides)
+    return FLAGS(rest)
+
+
+def shard() -> tuple[int, int]:
+    """(index, count): explicit flags, else a multi-process JAX run, else a SLURM job array, else (0, 1)."""
+    import jax
+
+    if (FLAGS.shard_index is None) != (FLAGS.shard_count is None):
+        raise FlaxdoseError("give both --shard_index and --shard_count, or neither")
+    if FLAGS.shard_count is not None:
+        return FLAGS.shard_index, FLAGS.shard_count
+    if jax.process_count() > 1:
+        return jax.process_index(), jax.process_count()
+    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def main(argv):
+    del argv
+    if not FLAGS.workdir:
+        raise FlaxdoseError("--workdir is required: the sweep folder")
+    config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+    if "grid" not in config:
+        raise FlaxdoseError(f"config {FLAGS.config!r} is a training config, not a sweep; use a configs/sweep_*.py config")
+    from flaxdose.sweep import Sweep  # after flag parsing: jax reads XLA_FLAGS on import
+
+    index, count = shard()
+    sweep = Sweep(config, FLAGS.workdir)
+    if FLAGS.stage == "prepare" or (FLAGS.stage == "all" and count == 1):
+        sweep.prepare()
+    if FLAGS.stage in ("train", "all"):
+        sweep.train(index, count)
+    if FLAGS.stage == "report" or (FLAGS.stage == "all" and index == 0):
+        print(f"[sweep] report: {sweep.report(FLAGS.title or f'Sweep {FLAGS.config}')}")
+
+
+if __name__ == "__main__":
+    cli.run(main, parse_flags)
