@@ -22,7 +22,10 @@ Folder layout (``--workdir``):
   run is trained and evaluated. A rerun skips finished runs and resumes the others;
 - ``report/``: results.csv (one row per run), summary.md, learning_curve.png.
 
-Several processes (SLURM job array, or a multi-process launch) split the runs by index.
+Several processes (a SLURM job array or srun tasks, or explicit shard flags) split the runs by
+index. They share nothing, so each is a JAX runtime of its own: `jax.distributed` would turn every
+run's checkpoint into a collective (orbax writes only from process 0 and refuses process-local
+arrays), which independent runs must not wait on.
 """
 
 from __future__ import annotations
@@ -307,7 +310,7 @@ class Sweep:
         step_fn = self.wave_step(spec, members[0], devices)
         state = trainer.shard_to_devices(stack([m.state for m in members], size), devices)
         rates = trainer.shard_to_devices(stack([np.float32(r.learning_rate) for r in runs], size), devices)
-        batches = trainer.prefetch(StackedIterator([m.iterator for m in members], size), devices)
+        batches = trainer.prefetch(StackedIterator([m.iterator for m in members], size), devices, global_batches=False)
         steps, train = base.train.steps, base.train
         losses = []
         try:

@@ -10,6 +10,7 @@ so a run resumes on any device count (see `flaxdose.checkpoint`).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from flax import struct
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
+from flaxdose import distributed
 from flaxdose.checkpoint import WorkdirCheckpoints
 from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
@@ -51,11 +53,13 @@ def mse_loss(params, spec: UNetSpec, batch) -> jax.Array:
 def make_train_step(spec: UNetSpec, tx: optax.GradientTransformation, axis_name: str | None = None):
     """(state, batch) -> (state, metrics); with `axis_name`, averages over that mapped axis."""
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, update_scale=None):
         loss, grads = jax.value_and_grad(mse_loss)(state.params, spec, batch)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if update_scale is not None:  # a sweep's per-run learning rate, with `tx` built for lr 1
+            updates = jax.tree.map(lambda u: u * update_scale, updates)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss}
 
@@ -66,6 +70,7 @@ def pmap_train_step(spec: UNetSpec, tx: optax.GradientTransformation):
     return jax.pmap(make_train_step(spec, tx, AXIS), axis_name=AXIS, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
 def make_predict_fn(spec: UNetSpec) -> Callable:
     """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> dose / prescription."""
     return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
@@ -93,15 +98,27 @@ def shard_to_devices(batch, devices):
     return jax.tree.map(lambda x: jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding), batch)
 
 
-def prefetch(iterator, devices, size: int = 2) -> Iterator[tuple[Any, dict]]:
+def process_slice(batch, index: int, count: int):
+    """Process `index` of `count`'s rows [index*B/count, (index+1)*B/count) of a global batch of B."""
+    if count == 1:
+        return batch
+    return jax.tree.map(lambda x: x[index * (x.shape[0] // count) : (index + 1) * (x.shape[0] // count)], batch)
+
+
+def prefetch(iterator, devices, size: int = 2, global_batches: bool = True) -> Iterator[tuple[Any, dict]]:
     """Yield (device batch, iterator state after that batch), keeping `size` batches in flight.
 
     The state travels with its batch, so a checkpoint records exactly the batches consumed.
+    With several processes, each one's iterator yields the same global batch (same pipeline,
+    same seed) and the process keeps its slice: pmap's global device axis then sees exactly
+    the batch a single process would, split the same way. `global_batches=False`: the batches
+    are this process's own (a sweep's runs), used whole.
     """
+    index, count = (jax.process_index(), jax.process_count()) if global_batches else (0, 1)
     queue = collections.deque()
     while True:
         while len(queue) < size:
-            batch = next(iterator)
+            batch = process_slice(next(iterator), index, count)
             queue.append((shard_to_devices(batch, devices), iterator.get_state()))
         yield queue.popleft()
 
@@ -123,6 +140,15 @@ def init_state(config, spec: UNetSpec) -> tuple[Any, optax.GradientTransformatio
 
 def split_ids(dataset: Dataset, data_cfg) -> tuple[list[str], list[str]]:
     train = dataset.split(data_cfg.train_split)
+    chosen = list(data_cfg.get("train_cases") or ())
+    if chosen:  # an explicit subset of the split, e.g. a sweep's few-shot runs
+        unknown = sorted(set(chosen) - set(train))
+        if unknown:
+            raise FlaxdoseError(
+                f"data.train_cases names cases {unknown[:5]} that are not in split {data_cfg.train_split!r} "
+                f"of {dataset.root}; choose from its {len(train)} cases"
+            )
+        train = chosen
     if "val" in dataset.splits:
         return train, dataset.split("val")
     n_val = min(data_cfg.val_cases, max(len(train) - 1, 0))
@@ -144,6 +170,16 @@ def check_workdir(workdir: Path, config) -> None:
             f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
             "use a new --workdir, or the model settings it was trained with"
         )
+
+
+class NoMetricWriter:
+    """What processes other than 0 of a multi-process run write: nothing (process 0 writes once)."""
+
+    def write(self, step: int, **scalars):
+        pass
+
+    def close(self):
+        pass
 
 
 class MetricWriter:
@@ -181,10 +217,19 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
         raise FlaxdoseError(
             f"data.structures has {n_structures} names but model.in_channels is {spec.in_channels}; make them agree"
         )
-    if config.train.batch_size % len(devices):
+    n_processes = jax.process_count()
+    if n_processes > 1 and len(devices) != jax.local_device_count():
+        # pmap's global axis is (processes x local devices); a subset would borrow other processes' devices
         raise FlaxdoseError(
-            f"train.batch_size={config.train.batch_size} is not divisible by the {len(devices)} local devices; "
-            f"use a multiple of {len(devices)}"
+            f"multi-process training uses all {jax.local_device_count()} local devices of each process, "
+            f"got {len(devices)}; leave `devices` unset (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    n_global = len(devices) * n_processes
+    if config.train.batch_size % n_global:
+        where = (f"{n_global} devices ({n_processes} processes x {len(devices)} local devices)" if n_processes > 1
+                 else f"{len(devices)} local devices")
+        raise FlaxdoseError(
+            f"train.batch_size={config.train.batch_size} is not divisible by the {where}; use a multiple of {n_global}"
         )
 
 
@@ -222,6 +267,15 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     batch_size = config.train.batch_size
     check_setup(config, spec, devices)
     check_workdir(workdir, config)
+    primary = distributed.is_primary()  # with several processes, process 0 alone writes logs and files
+    if jax.process_count() > 1:
+        distributed.check_same(config_lib.to_json(config), "config")
+        # built-in data is generated on first use: by process 0 alone, as concurrent writers of
+        # one cache folder would replace each other's copy. The barrier also keeps process 0 from
+        # rewriting config.json while another process is still checking it.
+        if primary and config.data.kind != "folder":
+            resolve_dataset(config.data, workdir)
+        distributed.barrier("flaxdose: dataset ready")
     patches, n_train, val_cases = build_inputs(config, workdir)
     val_examples = [pipeline.case_to_example(c) for c in val_cases]
 
@@ -241,12 +295,13 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
                 "data.workers setting of the original run"
             ) from None
         log.info("resumed from step %d in %s", start, workdir)
-    (workdir / "config.json").write_text(config_lib.to_json(config))
+    if primary:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
 
     step_fn = pmap_train_step(spec, tx)
     predict = make_predict_fn(spec)
     state = replicate(TrainState(jnp.asarray(start), params, opt_state), devices)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir) if primary else NoMetricWriter()
     total = config.train.steps
     if init_meta:
         log.info("transfer: %s", init_meta)
@@ -256,7 +311,8 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     )
     result = {"step": start}
     batches = prefetch(data_iter, devices)
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not primary)
     window, tick = [], time.perf_counter()
     try:
         for step in range(start + 1, total + 1):
@@ -275,6 +331,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
             do_ckpt = step % config.train.checkpoint_every == 0 or is_last
             if val_examples and (do_ckpt or step % config.train.eval_every == 0):
                 val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
+                val = distributed.broadcast_float(val)  # every process must agree on saving a new `best`
                 writer.write(step, val_loss=val)
                 result["val_loss"] = val
             if do_ckpt:
@@ -292,7 +349,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         if close:
             close()
     result["best_val_loss"] = ckpt.best_val
-    if val_cases and start < total:
+    if val_cases and start < total and primary:
         result["preview"] = str(write_preview(workdir, spec, unreplicate(state.params), config, val_cases[0]))
     return result
 

@@ -102,11 +102,11 @@ sweep)
   timeout 240 $SW --workdir "$W/sequential" $SEQ --stage=train > "$OUT/sweep_sequential.log" 2>&1; rc2=$?
   t2=$(date +%s.%N)
   log "packed rc $rc1, sequential rc $rc2"
-  $PY - "$t0" "$t1" "$t2" "$rc1" "$rc2" "$OUT/sweep_timing.json" <<'PY'
+  $PY - "$t0" "$t1" "$t2" "$rc1" "$rc2" "$OUT/sweep_timing.json" "${SWEEP_CONFIG:-sweep_gpu8}" <<'PY'
 import json, sys
 t0, t1, t2 = map(float, sys.argv[1:4])
 result = {"packed_s": round(t1 - t0, 1), "sequential_s": round(t2 - t1, 1), "ratio_packed_over_sequential": round((t1 - t0) / (t2 - t1), 3),
-          "packed_rc": int(sys.argv[4]), "sequential_rc": int(sys.argv[5]), "what": "train stage of configs/sweep_gpu8.py (8 fine-tunes incl. evaluation)"}
+          "packed_rc": int(sys.argv[4]), "sequential_rc": int(sys.argv[5]), "what": f"train stage of sweep config {sys.argv[7]}, evaluation included"}
 json.dump(result, open(sys.argv[6], "w"), indent=1)
 print(result)
 PY

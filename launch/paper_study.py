@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import flags
 
 from configs.paper_study import SCALES

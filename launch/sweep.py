@@ -5,9 +5,9 @@ Stages (``--stage``, default ``all``): ``prepare`` (data, source model, unadapte
 (``DIR/report/``: results.csv, summary.md, learning_curve.png). Rerunning resumes: finished
 runs are skipped, interrupted ones continue from their checkpoints.
 
-Several processes split the runs: ``--shard_index/--shard_count``, or a SLURM job array
-(``launch/slurm/sweep_array.sbatch``), or a multi-process JAX launch (``--coordinator`` ...).
-Run ``--stage=prepare`` once before starting several shards. See flaxdose/sweep.py.
+Several processes split the runs: ``--shard_index/--shard_count``, a SLURM job array
+(``launch/slurm/sweep_array.sbatch``) or the tasks of an ``srun`` step. Each shard is a JAX
+runtime of its own (why: flaxdose/sweep.py). Run ``--stage=prepare`` once before the shards.
 """
 
 from __future__ import annotations
@@ -37,18 +37,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def shard() -> tuple[int, int]:
-    """(index, count): explicit flags, else a multi-process JAX run, else a SLURM job array, else (0, 1)."""
-    import jax
-
+    """(index, count): explicit flags, else a SLURM job array, else the tasks of an srun step, else (0, 1)."""
     if (FLAGS.shard_index is None) != (FLAGS.shard_count is None):
         raise FlaxdoseError("give both --shard_index and --shard_count, or neither")
     if FLAGS.shard_count is not None:
         return FLAGS.shard_index, FLAGS.shard_count
-    if jax.process_count() > 1:
-        return jax.process_index(), jax.process_count()
-    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return 0, 1
 
 
@@ -64,6 +62,8 @@ def main(argv):
     index, count = shard()
     sweep = Sweep(config, FLAGS.workdir)
     if FLAGS.stage == "prepare" or (FLAGS.stage == "all" and count == 1):
+        if count > 1:
+            raise FlaxdoseError("--stage=prepare runs as one process; start it without shards")
         sweep.prepare()
     if FLAGS.stage in ("train", "all"):
         sweep.train(index, count)

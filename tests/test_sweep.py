@@ -1,6 +1,5 @@
 """Fine-tuning sweeps: grid checks, packing into waves, equality with solo runs, resume after kill -9."""
 
-import json
 import os
 import signal
 import subprocess
@@ -177,3 +176,26 @@ def test_cli_refuses_a_training_config():
     out = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=quick", "--workdir=/tmp/unused"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not a sweep" in out.stderr
+
+
+def test_two_processes_split_a_sweep(smoke_sweep, tmp_path):
+    """Two shards at once on one prepared folder: each trains its half; the results are the sweep's."""
+    config_file = reuse_prepared(smoke_sweep, tmp_path)
+    workdir = tmp_path / "two_processes"
+    Sweep(config_lib.load_config(str(config_file)), workdir).prepare()  # one process prepares first
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "launch.sweep", f"--config={config_file}", f"--workdir={workdir}", "--stage=train",
+         f"--shard_index={i}", "--shard_count=2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "4 runs here" in err
+    assert len(list(workdir.glob("runs/*/result.json"))) == 8
+    for run in smoke_sweep.runs:
+        assert_same_params(final_params(workdir / "runs" / run.run_id), final_params(smoke_sweep.run_dir(run)))
