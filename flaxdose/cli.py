@@ -26,6 +26,9 @@ def run(main, flags_parser=None) -> None:
         sys.exit(2)
 
 
+CONFIG_OVERRIDES: list[str] = []  # the ``--config.x.y=v`` arguments of this command line
+
+
 def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv for absl, ``--config.x.y=v`` overrides): overrides may also be written ``--config.x.y v``."""
     rest, overrides, args = [argv[0]], [], iter(argv[1:])
@@ -35,3 +38,10 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return rest, overrides
+
+
+def parse_flags_with_overrides(argv: list[str]) -> list[str]:
+    """absl flag parsing for CLIs with ``--config``: the overrides go to CONFIG_OVERRIDES."""
+    rest, overrides = split_config_overrides(argv)
+    CONFIG_OVERRIDES.extend(overrides)
+    return flags.FLAGS(rest)

@@ -19,21 +19,13 @@ flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, Te
 flags.DEFINE_string("source", None, "source-model workdir or checkpoint for transfer configs (= --config.transfer.source)")
 distributed.define_flags()
 FLAGS = flags.FLAGS
-_OVERRIDES: list[str] = []
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """Take ``--config.x.y=v`` overrides aside; absl parses the rest."""
-    rest, overrides = cli.split_config_overrides(argv)
-    _OVERRIDES.extend(overrides)
-    return FLAGS(rest)
 
 
 def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for checkpoints and logs")
-    overrides = _OVERRIDES + ([f"transfer.source={FLAGS.source}"] if FLAGS.source else [])
+    overrides = cli.CONFIG_OVERRIDES + ([f"transfer.source={FLAGS.source}"] if FLAGS.source else [])
     config = config_lib.load_config(FLAGS.config, overrides)
     if "grid" in config:
         raise FlaxdoseError(f"config {FLAGS.config!r} is a sweep; run it with python -m launch.sweep --config={FLAGS.config}")
@@ -47,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, parse_flags)
+    cli.run(main, cli.parse_flags_with_overrides)

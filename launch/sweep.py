@@ -23,17 +23,10 @@ from flaxdose.errors import FlaxdoseError
 flags.DEFINE_string("config", "sweep_cpu", "sweep config name in configs/ (sweep_smoke, sweep_cpu, ...) or a path")
 flags.DEFINE_string("workdir", None, "sweep folder: data, source model, runs, report")
 flags.DEFINE_enum("stage", "all", ["all", "prepare", "train", "report"], "what to do")
-flags.DEFINE_integer("shard_index", None, "this process's share of the runs (default: SLURM array task / JAX process)")
+flags.DEFINE_integer("shard_index", None, "this process's shard of the runs (default: SLURM array task or srun task)")
 flags.DEFINE_integer("shard_count", None, "number of shards the runs are split into")
 flags.DEFINE_string("title", "", "report title")
 FLAGS = flags.FLAGS
-_OVERRIDES: list[str] = []
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    rest, overrides = cli.split_config_overrides(argv)
-    _OVERRIDES.extend(overrides)
-    return FLAGS(rest)
 
 
 def shard() -> tuple[int, int]:
@@ -54,7 +47,7 @@ def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the sweep folder")
-    config = config_lib.load_config(FLAGS.config, _OVERRIDES)
+    config = config_lib.load_config(FLAGS.config, cli.CONFIG_OVERRIDES)
     if "grid" not in config:
         raise FlaxdoseError(f"config {FLAGS.config!r} is a training config, not a sweep; use a configs/sweep_*.py config")
     from flaxdose.sweep import Sweep  # after flag parsing: jax reads XLA_FLAGS on import
@@ -72,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, parse_flags)
+    cli.run(main, cli.parse_flags_with_overrides)

@@ -2,7 +2,6 @@ import pytest
 
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
-from flaxdose.train import parse_flags
 
 
 def test_names_paths_and_overrides(tmp_path):
@@ -32,18 +31,25 @@ def test_config_errors(name, overrides, message):
 
 
 def test_cli_parser_takes_overrides_aside(monkeypatch):
-    import flaxdose.train as train
+    import flaxdose.train  # noqa: F401  (defines --config and --workdir)
+    from flaxdose import cli
 
-    monkeypatch.setattr(train, "_OVERRIDES", [])
-    rest = parse_flags(["prog", "--config=quick", "--config.train.steps=5", "--config.seed", "3", "--workdir=/tmp/x"])
-    assert train._OVERRIDES == ["--config.train.steps=5", "--config.seed=3"] and rest == ["prog"]
+    monkeypatch.setattr(cli, "CONFIG_OVERRIDES", [])
+    argv = ["prog", "--config=quick", "--config.train.steps=5", "--config.seed", "3", "--workdir=/tmp/x"]
+    rest = cli.parse_flags_with_overrides(argv)
+    assert cli.CONFIG_OVERRIDES == ["--config.train.steps=5", "--config.seed=3"] and rest == ["prog"]
 
 
 def test_every_shipped_config_loads_and_builds_a_model():
     from flaxdose.model import UNetSpec
 
+    from flaxdose.sweep import check_grid
+
     for name in config_lib.available_configs():
         config = config_lib.load_config(name)
+        if "grid" in config:  # a sweep: its grid is valid for its data, its runs train `base`
+            check_grid(config, {style: n_train for style, (n_train, _) in config.data.plans.items()})
+            config = config.base
         spec = UNetSpec.from_config(config.model)
         assert spec.in_channels == len(config.data.structures), name
         assert all(p % spec.factor == 0 for p in config.data.patch_shape), name
