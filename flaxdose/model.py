@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from flaxdose.errors import FlaxdoseError
@@ -188,7 +189,7 @@ def init_params(spec: UNetSpec, rng: jax.Array, patch_shape: Sequence[int] | Non
 @functools.lru_cache(maxsize=16)
 def _init_fn(spec: UNetSpec, shape: tuple[int, ...]):
     """jit-compiled init, cached so that many runs of one model (sweeps) compile it once."""
-    dummy = jnp.zeros((1, *shape, spec.in_channels), jnp.float32)
+    dummy = np.zeros((1, *shape, spec.in_channels), np.float32)  # numpy: never a tracer, even if first called under a trace
     return jax.jit(lambda key: UNet3D(spec).init(key, dummy)["params"])  # jit: op-by-op init is slow
 
 
