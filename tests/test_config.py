@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 from flaxdose import config as config_lib
@@ -31,7 +33,7 @@ def test_config_errors(name, overrides, message):
 
 
 def test_cli_parser_takes_overrides_aside(monkeypatch):
-    import flaxdose.train  # noqa: F401  (defines --config and --workdir)
+    importlib.import_module("flaxdose.train")  # defines --config and --workdir
     from flaxdose import cli
 
     monkeypatch.setattr(cli, "CONFIG_OVERRIDES", [])

@@ -281,7 +281,7 @@ def test_import_cli_entry_point(exports, tmp_path):
     assert Dataset.open(tmp_path / "ds").manifest["num_cases"] == 1
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "flaxdose: error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ------------------------------------------------------------------- robustness

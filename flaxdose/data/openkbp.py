@@ -256,20 +256,15 @@ def main(argv):
     FLAGS = flags.FLAGS
     args = argv[1:]
     if len(args) != 2 or args[0] != "convert" or not FLAGS.out:
-        print("usage: python -m flaxdose.data.openkbp convert SRC --out DATASET [--noinclude_ct]", file=sys.stderr)
-        return 2
-    try:
-        ds = convert_openkbp(args[1], FLAGS.out, include_ct=FLAGS.include_ct, overwrite=FLAGS.overwrite)
-    except FlaxdoseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise FlaxdoseError("usage: python -m flaxdose.data.openkbp convert SRC --out DATASET [--noinclude_ct]")
+    ds = convert_openkbp(args[1], FLAGS.out, include_ct=FLAGS.include_ct, overwrite=FLAGS.overwrite)
     print(f"wrote {ds.manifest['num_cases']} OpenKBP cases to {ds.root}: "
           + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items()))
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from flaxdose import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)
