@@ -133,6 +133,14 @@ def check_shapes(manager, step: int, params, what: str) -> None:
         )
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints in a manager folder (orbax renames a step folder into place when done)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.glob("[0-9]*") if p.name.isdigit() and (p / "params").is_dir())
+
+
 def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path, int]:
     """Resolve a workdir, a checkpoints folder or one step folder to (manager dir, step)."""
     path = Path(path)
@@ -142,7 +150,7 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
         return path.parent, int(path.name)
     candidates = [path / BEST, path / CHECKPOINTS] if which == "best" else [path / CHECKPOINTS]
     for directory in [*candidates, path]:
-        steps = [int(p.name) for p in directory.glob("[0-9]*") if (p / "params").is_dir()] if directory.is_dir() else []
+        steps = saved_steps(directory)
         if steps:
             return directory, max(steps)
     raise FlaxdoseError(

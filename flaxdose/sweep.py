@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from flaxdose import config as config_lib
 from flaxdose import trainer, transfer
-from flaxdose.checkpoint import WorkdirCheckpoints
+from flaxdose.checkpoint import CHECKPOINTS, WorkdirCheckpoints, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
@@ -267,9 +267,7 @@ class Sweep:
         out = []
         for run in runs:
             if self.result(run) is None:
-                ckpt = self.run_dir(run) / "checkpoints"
-                steps = [int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit()] if ckpt.is_dir() else []
-                out.append((run, max(steps, default=0)))
+                out.append((run, max(saved_steps(self.run_dir(run) / CHECKPOINTS), default=0)))
         return out
 
     # ------------------------------------------------ training

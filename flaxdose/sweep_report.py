@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from flaxdose import provenance
 from flaxdose.io import atomic_write_text
 
 COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "steps", "n_test", "dice_mean", "dice_sd",
@@ -62,20 +61,13 @@ def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: 
     return lines
 
 
-def _machine() -> str:
-    import jax
-
-    devices = jax.local_devices()
-    return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
-            f"Python {platform.python_version()}, jax {jax.__version__}")
-
-
 def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str) -> str:
     by_style = {b["style"]: b for b in baselines}
     dice, dvh = curves(rows, "dice_mean"), curves(rows, "dvh_abs_err_pct")
     waves = {(r["wave_layout"], r["wave_wall_s"], r["mode"]) for r in rows}
     lines = [f"# {title or 'Fine-tuning sweep'}", "",
-             f"{len(rows)} of {n_total} runs finished; written {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}. "
+             f"{len(rows)} of {n_total} runs finished; written {time.strftime('%Y-%m-%d %H:%M')} by commit "
+             f"`{provenance.commit() or 'unknown'}` on {provenance.machine()}. "
              f"Each run: {config.base.train.steps} steps, batch {config.base.train.batch_size}, patches "
              f"{tuple(config.base.data.patch_shape)}, UNet features {tuple(config.base.model.features)}; "
              f"wave training time (packed runs share it) summed: {sum(w[1] for w in waves) / 60:.1f} min.", "",

@@ -15,18 +15,14 @@ hour on a 2-core machine), ``paper`` (full size, for a GPU).
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import jax
 from absl import flags
 
 from configs.paper_study import SCALES
-from flaxdose import cli, evaluate, trainer
+from flaxdose import cli, evaluate, provenance, trainer
 from flaxdose import config as config_lib
 from flaxdose.data import synth
 from flaxdose.data.case import Dataset
@@ -119,21 +115,6 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
 
 
 # ---------------------------------------------------------------- report
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _machine() -> str:
-    devices = jax.devices()
-    kind = devices[0].device_kind if devices else "?"
-    return (f"{len(devices)} x {kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
-            f"{platform.machine()}, Python {platform.python_version()}, jax {jax.__version__}")
-
-
 def _mean_sd(summary: dict, model: str, metric: str) -> str:
     stats = summary["metrics"][model][metric]
     return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {(stats['sd'] or 0):.3f}"
@@ -164,7 +145,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     figures.mkdir(parents=True)
     lines = [f"# Paper study, scale `{scale}`", "",
              f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
-             f"commit `{_commit()}`, machine: {_machine()}.", "",
+             f"commit `{provenance.commit() or 'unknown'}`, machine: {provenance.machine()}.", "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
              "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
              "Dice: isodose Dice averaged over 10 %..100 % of the prescription, body-restricted, mean ± SD over the "
