@@ -15,7 +15,7 @@ A sweep config holds:
 
 import ml_collections
 
-from flaxdose.data.synth import PAPER_SPLITS
+from flaxdose.synthetic.styles import PAPER_SPLITS
 
 
 def sweep_config(base, targets: dict, modes, seeds, learning_rates, scratch_learning_rates, *, source_train: dict,

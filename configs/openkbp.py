@@ -9,7 +9,7 @@ Volumes are 128^3 on each patient's own voxel size; the ten structure masks are 
 `flaxdose.metrics.openkbp_scores`.
 """
 
-from configs import source
+from flaxdose.configs import source
 from flaxdose.data.openkbp import OPENKBP_STRUCTURES
 
 

@@ -1,6 +1,6 @@
 """A few-minute CPU run: the source style on a half-size grid (60x60x32) with a small UNet."""
 
-from configs import source
+from flaxdose.configs import source
 
 
 def get_config():

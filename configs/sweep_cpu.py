@@ -7,8 +7,8 @@ Results: docs/results/sweep_cpu.md. For a GPU, raise `base` to the paper's setti
 (configs/source.py) and the grid to more modes and seeds.
 """
 
-from configs import quick
-from configs._sweep import sweep_config
+from flaxdose.configs import quick
+from flaxdose.configs._sweep import sweep_config
 
 
 def get_config():

@@ -4,8 +4,8 @@
 wall times. Full-size grid, the `small` UNet preset, 64x64x32 patches.
 """
 
-from configs import source
-from configs._sweep import sweep_config
+from flaxdose.configs import source
+from flaxdose.configs._sweep import sweep_config
 from flaxdose.model import PRESETS
 
 

@@ -4,8 +4,8 @@ On 4 devices it trains in 2 waves of 4 (one per mode). Data: the source and inte
 styles on a half-size grid.
 """
 
-from configs import quick
-from configs._sweep import sweep_config
+from flaxdose.configs import quick
+from flaxdose.configs._sweep import sweep_config
 
 
 def get_config():

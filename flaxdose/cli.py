@@ -1,16 +1,89 @@
-"""Shared entry-point plumbing: absl app, quiet library logs, FlaxdoseError -> one clear line, exit 2."""
+"""The one entry-point mechanism of every flaxdose command (`python -m flaxdose.X` and `flaxdose-X`).
+
+A command is a module with absl flags and a ``main(argv)``; `run(main)` runs it:
+- ``--config=NAME`` (a name in configs/, ``NAME:ARG``, or a path) becomes the config file's
+  path before absl parses the flags, and `ml_collections.config_flags` applies the
+  ``--config.section.key=value`` overrides (`config_flag` defines that flag);
+- orbax/grain INFO chatter is hidden unless ``--verbosity`` is given.
+
+Exit status, the same for every command: 0 done; 1 done, but some items failed (the command
+lists them, e.g. patients an import skipped); 2 bad input or usage, reported as one line
+``flaxdose: error: <what was wrong and how to fix it>`` (a `FlaxdoseError` or a flag error).
+"""
+
+from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 
+USAGE_ERROR = 2
+PARTIAL_FAILURE = 1
 
-def run(main, flags_parser=None) -> None:
-    """`app.run(main)`, with orbax/grain INFO chatter hidden unless --verbosity is given."""
+
+def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):
+    """Define ``--config`` (a `ml_collections.config_flags` config file flag) with a default config name."""
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file("config", config_lib.config_path(default), help_string)
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """argv with ``--config=NAME`` / ``--config NAME`` replaced by the config file's path.
+
+    Raises FlaxdoseError for an unknown name (listing the available configs).
+    """
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg.startswith("--config="):
+            arg = "--config=" + config_lib.config_path(arg.removeprefix("--config="))
+        elif arg == "--config":
+            out.append(arg)
+            arg = config_lib.config_path(next(args, ""))
+        out.append(arg)
+    return out
+
+
+# What flag parsing raises for a bad value or an unknown --config.x.y (config_flags lets
+# AttributeError and KeyError through absl's own error type).
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except _FLAG_ERRORS as e:
+        _fail(f"{_describe(e)} (see --help)")
+
+
+def _describe(error: BaseException) -> str:
+    """One line of an exception's message (config_flags nests quoted messages with newlines)."""
+    message = str(error)
+    for _ in range(3):  # AttributeError(KeyError("'x'\\nDid you mean ...")) prints nested quotes
+        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+            message = message[1:-1]
+        message = message.replace("\\n", " ").replace("\\'", "'")
+    return " ".join(message.split())
+
+
+def _fail(message: str):
+    print(f"flaxdose: error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None] | None = None,
+        argv: Sequence[str] | None = None) -> None:
+    """Define the command's flags, parse them and run ``main(argv)`` with flaxdose's conventions.
+
+    `define_flags` runs first (config_flags parses the default config, and its overrides,
+    when ``--config`` is defined); `argv` defaults to sys.argv.
+    """
 
     def quiet_main(argv):
         if not flags.FLAGS["verbosity"].present:
@@ -18,30 +91,13 @@ def run(main, flags_parser=None) -> None:
         logging.getLogger("flaxdose").setLevel(logging.INFO)
         return main(argv)
 
-    kwargs = {"flags_parser": flags_parser} if flags_parser else {}
     try:
-        app.run(quiet_main, **kwargs)
+        sys.argv = resolve_config_args(sys.argv if argv is None else argv)  # config_flags reads sys.argv
+        if define_flags is not None:
+            try:
+                define_flags()
+            except _FLAG_ERRORS as e:
+                _fail(f"{_describe(e)} (see --help)")
+        app.run(quiet_main, flags_parser=_parse_flags)
     except FlaxdoseError as e:
-        print(f"flaxdose: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-CONFIG_OVERRIDES: list[str] = []  # the ``--config.x.y=v`` arguments of this command line
-
-
-def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv for absl, ``--config.x.y=v`` overrides): overrides may also be written ``--config.x.y v``."""
-    rest, overrides, args = [argv[0]], [], iter(argv[1:])
-    for arg in args:
-        if arg.startswith("--config."):
-            overrides.append(arg if "=" in arg else f"{arg}={next(args, '')}")
-        else:
-            rest.append(arg)
-    return rest, overrides
-
-
-def parse_flags_with_overrides(argv: list[str]) -> list[str]:
-    """absl flag parsing for CLIs with ``--config``: the overrides go to CONFIG_OVERRIDES."""
-    rest, overrides = split_config_overrides(argv)
-    CONFIG_OVERRIDES.extend(overrides)
-    return flags.FLAGS(rest)
+        _fail(str(e))

@@ -26,22 +26,6 @@ _ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):(\d{1
 _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
-def define_flags() -> None:
-    """--coordinator/--num_processes/--process_id, shared by the training and sweep CLIs."""
-    from absl import flags
-
-    flags.DEFINE_string("coordinator", None, "multi-process runs: HOST:PORT of process 0 (same on every process)")
-    flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes (same on every process)")
-    flags.DEFINE_integer("process_id", None, "multi-process runs: this process's id, 0..num_processes-1")
-
-
-def initialize_from_flags() -> bool:
-    from absl import flags
-
-    f = flags.FLAGS
-    return initialize(f.coordinator, f.num_processes, f.process_id)
-
-
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
     """Start the multi-process runtime if this is one of several processes; True if it did.
 

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from flaxdose.data.case import BODY
 from flaxdose.metrics import cumulative_dvh
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -114,7 +115,7 @@ def dvh_error_violins(
 
 def _slice_index(case) -> tuple[int, int, int]:
     """Voxel index of the PTV centre (or of the maximum dose when there is no PTV)."""
-    ptv = [m for name, m in zip(case.structures, case.masks) if name.upper().startswith("PTV") and m.any()]
+    ptv = [case.mask(name) for name in case.targets if case.mask(name).any()]
     if ptv:
         return tuple(int(round(c)) for c in np.argwhere(ptv[0]).mean(axis=0))
     return tuple(int(i) for i in np.unravel_index(np.argmax(case.dose), case.dose.shape))
@@ -124,7 +125,7 @@ def _views(case, index):
     """(name, 2-D image with rows top->bottom, extent in mm, {structure: 2-D mask}) per view."""
     (i, _, k), (sx, sy, sz) = index, case.spacing_mm
     nx, ny, nz = case.shape
-    contoured = {n: m for n, m in zip(case.structures, case.masks) if n != "Body"}
+    contoured = {n: m for n, m in zip(case.structures, case.masks) if n != BODY}
     axial = lambda v: v[:, :, k].T  # rows y (anterior at top), columns x (patient right at left)
     sagittal = lambda v: v[i, :, :].T[::-1]  # rows z (superior at top), columns y (anterior at left)
     return [
@@ -144,7 +145,7 @@ def case_figure(reference, predictions: Mapping[str, object], path: str | Path) 
     # Colour scale from the reference (hot spots of a prediction saturate; the DVH shows them).
     vmax = 1.1 * max(float(np.max(reference.dose)), reference.prescription_gy) or dose_max
     views, contoured = _views(reference, _slice_index(reference))
-    colors = _structure_colors([n for n in reference.structures if n != "Body"])
+    colors = _structure_colors([n for n in reference.structures if n != BODY])
     n_cols = len(doses)
     fig = _new_figure(2.9 * n_cols + 6.6, 6.0)
     grid = fig.add_gridspec(2, n_cols + 3, width_ratios=[1] * n_cols + [0.06, 0.45, 1.8], wspace=0.25)

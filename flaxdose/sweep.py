@@ -11,8 +11,8 @@ and ``jax.vmap`` over the runs on a device, with no gradient averaging between r
 run keeps its own seed, case subset, grain pipeline, learning rate and checkpoints, and
 ends with the parameters it would have had trained alone (a test checks this).
 
-Learning rates: the optimizer is built for learning rate 1 and each run's updates are
-scaled by its own rate, which is exactly ``optax.adam(lr)`` (Adam's last step is a scale).
+Learning rates: each run's rate lives in its optimizer state (`flaxdose.optim`), so the
+stacked states carry one rate per run and one compiled step trains them all.
 
 Folder layout (``--workdir``):
 - ``sweep.json``: the resolved sweep config; a folder of another sweep is refused;
@@ -45,11 +45,12 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose import trainer, transfer
-from flaxdose.checkpoint import CHECKPOINTS, WorkdirCheckpoints, saved_steps
+from flaxdose import evaluation, trainer, transfer
+from flaxdose.checkpoint import CHECKPOINTS, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference import Model
 from flaxdose.io import atomic_write_text
 from flaxdose.model import UNetSpec
 
@@ -212,7 +213,7 @@ class Sweep:
 
     def prepare(self) -> None:
         """Synthetic data, the source model and its unadapted scores (skipped when already there)."""
-        from flaxdose.data import synth
+        from flaxdose.synthetic import generator as synth
 
         self.claim_folder()
         styles = set(self.config.grid.targets) | ({SOURCE_STYLE} if not self.config.source.path else set())
@@ -227,8 +228,6 @@ class Sweep:
         for style in self.config.grid.targets:
             path = self.root / "baseline" / f"{style}.json"
             if not path.is_file():
-                from flaxdose.predict import Model
-
                 scores = self.score(Model.load(self.source_dir), style)
                 atomic_write_text(path, json.dumps({"style": style, "n_train": 0, "mode": "source model", **scores}, indent=1))
 
@@ -298,72 +297,59 @@ class Sweep:
             bar.close()
 
     def train_wave(self, runs: Sequence[Run], start: int, bar) -> None:
+        """Train runs of one mode from step `start` together (`trainer.train_steps`), then score each."""
         started = time.perf_counter()
         base = self.config.base
         spec = UNetSpec.from_config(base.model)
         n_dev, per_dev = wave_layout(len(runs), len(self.devices))  # waves fit the capacity
         devices, size = self.devices[:n_dev], n_dev * per_dev
-        configs = [self.run_config(r) for r in runs]
-        members = [_RunState(r, c, self.run_dir(r), spec, start) for r, c in zip(runs, configs)]
-        step_fn = self.wave_step(spec, members[0], devices)
-        state = trainer.shard_to_devices(stack([m.state for m in members], size), devices)
-        rates = trainer.shard_to_devices(stack([np.float32(r.learning_rate) for r in runs], size), devices)
-        batches = trainer.prefetch(StackedIterator([m.iterator for m in members], size), devices, global_batches=False)
-        steps, train = base.train.steps, base.train
-        losses = []
+        folders, iterators, states = [], [], []
         try:
-            for step in range(start + 1, steps + 1):
-                batch, data_states = next(batches)
-                state, metrics = step_fn(state, batch, rates)
-                losses.append(metrics["loss"])
-                bar.update(len(runs))
-                if step % train.log_every == 0 or step == steps:
-                    window = np.mean([np.asarray(x).reshape(-1) for x in losses], axis=0)
-                    for i, m in enumerate(members):
-                        m.writer.write(step, loss=window[i])
-                        m.final_loss = float(window[i])
-                    losses = []
-                if step % train.checkpoint_every == 0 or step == steps:
-                    for m, host, data_state in zip(members, unstack(state, len(runs)), data_states):
-                        m.save(step, host, data_state)
-            for m in members:
-                m.ckpt.wait()
+            for run in runs:
+                config = self.run_config(run)
+                folders.append(trainer.RunFolder(config, self.run_dir(run), spec, keep=1))
+                patches, _, _ = trainer.build_inputs(config, folders[-1].workdir)
+                iterators.append(pipeline.make_iterator(patches, workers=0))
+                state, tx = folders[-1].start(iterators[-1])
+                states.append(state)
+            step_fn = self.wave_step(spec, tx, run.mode, devices)  # every run's optimizer has one structure
+            batches = trainer.prefetch(StackedIterator(iterators, size), devices, global_batches=False)
+            state = trainer.train_steps(step_fn, trainer.shard_to_devices(stack(states, size), devices), batches,
+                                        folders, start, base.train, losses=lambda x: np.asarray(x).reshape(-1)[: len(runs)],
+                                        hosts=lambda s: unstack(s, len(runs)), batch_size=base.train.batch_size, bar=bar)
         finally:
-            for m in members:
-                m.close()
+            for folder in folders:
+                folder.close()
         wall = time.perf_counter() - started
-        for m, host in zip(members, unstack(state, len(runs))):
-            scores = self.score(m.model(host.params), m.run.style)
-            result = {**m.run.fields(), "steps": steps, **scores, "final_loss": m.final_loss,
-                      "wave_size": len(runs), "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
-            atomic_write_text(self.run_dir(m.run) / "result.json", json.dumps(result, indent=1))
+        for run, folder, host in zip(runs, folders, unstack(state, len(runs))):
+            model = Model.from_config(folder.config, host.params, name=run.run_id)
+            result = {**run.fields(), "steps": base.train.steps, **self.score(model, run.style),
+                      "final_loss": folder.last.get("loss", float("nan")), "wave_size": len(runs),
+                      "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
+            atomic_write_text(self.run_dir(run) / "result.json", json.dumps(result, indent=1))
 
-    def wave_step(self, spec: UNetSpec, member: _RunState, devices):
+    def wave_step(self, spec: UNetSpec, tx, mode: str, devices):
         """pmap over devices of vmap over runs; kept per mode and layout, so later waves reuse the compilation."""
-        key = (spec, member.run.mode, tuple(devices))
+        key = (spec, mode, tuple(devices))
         if key not in self._step_fns:
-            step = trainer.make_train_step(spec, member.unit_tx)  # no axis name: runs never average gradients
+            step = trainer.make_train_step(spec, tx)  # no axis name: runs never average gradients
             self._step_fns[key] = jax.pmap(jax.vmap(step), donate_argnums=(0,), devices=devices)
         return self._step_fns[key]
 
     # ------------------------------------------------ evaluation and report
     def references(self, style: str) -> list:
-        from flaxdose.evaluate import load_references
-
         if style not in self._references:
-            self._references[style] = load_references(Dataset.open(self.dataset_path(style)), "test")
+            self._references[style] = evaluation.load_references(Dataset.open(self.dataset_path(style)), "test")
         return self._references[style]
 
     def score(self, model, style: str) -> dict:
         """Mean isodose Dice and DVH error of `model` on the style's test cases."""
-        from flaxdose import evaluate
-
         refs = self.references(style)
-        rows = evaluate.evaluate_predictions({model.name: model.predict(refs)}, refs)
-        summary = evaluate.summarize(rows)
+        rows = evaluation.evaluate_predictions({model.name: model.predict(refs)}, refs)
+        summary = evaluation.summarize(rows)
         dice = summary["metrics"][model.name]["dice_mean"]
         return {"n_test": len(refs), "dice_mean": dice["mean"], "dice_sd": dice["sd"],
-                "dvh_abs_err_pct": evaluate.mean_dvh_error_pct(summary, model.name)}
+                "dvh_abs_err_pct": evaluation.mean_dvh_error_pct(summary, model.name)}
 
     def collect(self) -> tuple[list[dict], list[dict]]:
         """(finished runs' results, baselines) as rows."""
@@ -378,51 +364,9 @@ class Sweep:
         return sweep_report.write(self.root / "report", rows, baselines, len(self.runs), self.config, title)
 
 
-class _RunState:
-    """One run inside a wave: its initial/resumed state, grain iterator, checkpoints and log."""
-
-    def __init__(self, run: Run, config, workdir: Path, spec: UNetSpec, start: int):
-        self.run, self.config, self.workdir, self.spec = run, config, workdir, spec
-        workdir.mkdir(parents=True, exist_ok=True)
-        trainer.check_workdir(workdir, config)
-        patches, _, _ = trainer.build_inputs(config, workdir)
-        self.iterator = pipeline.make_iterator(patches, workers=0)
-        # init_state with learning rate 1: the same params and optimizer structure as the run alone
-        params, self.unit_tx, self.meta = trainer.init_state(_with_learning_rate(config, 1.0), spec)
-        opt_state = self.unit_tx.init(params)
-        self.ckpt = WorkdirCheckpoints(workdir, keep=1)
-        if start:
-            params, opt_state, meta = self.ckpt.restore(start, params, opt_state)
-            self.iterator.set_state(meta["data_state"])
-        (workdir / "config.json").write_text(config_lib.to_json(config))
-        self.state = trainer.TrainState(np.int32(start), params, opt_state)
-        self.writer = trainer.MetricWriter(workdir)
-        self.final_loss = float("nan")
-
-    def save(self, step: int, host, data_state) -> None:
-        self.ckpt.save(step, host.params, host.opt_state, meta={**self.meta, "data_state": data_state})
-
-    def model(self, params):
-        from flaxdose.predict import Model
-
-        return Model(self.spec, params, self.config.data.structures, name=self.run.run_id,
-                     window=self.config.data.patch_shape)
-
-    def close(self) -> None:
-        self.writer.close()
-        self.ckpt.close()
-
-
 def _unlocked_copy(config):
     config = copy.deepcopy(config)
     config.unlock()
-    return config
-
-
-def _with_learning_rate(config, lr: float):
-    config = _unlocked_copy(config)
-    config.train.learning_rate = lr
-    config.transfer.learning_rate = lr
     return config
 
 

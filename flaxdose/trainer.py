@@ -1,20 +1,24 @@
-"""Training: `train_and_evaluate(config, workdir)`.
+"""Training: `train_and_evaluate(config, workdir)`, and the one loop every training uses.
 
 One code path for any number of local devices: the train step is `jax.pmap`-ed over all of
 them, each device takes `batch_size / num_devices` patches, gradients and loss are averaged
 with `lax.pmean`, and the state is donated so parameters are updated in place. The loss is
 the MSE of the dose in units of the prescription. Checkpoints hold the unreplicated state,
 so a run resumes on any device count (see `flaxdose.checkpoint`).
+
+`RunFolder` is the one place that decides how a run starts (resume from its checkpoint,
+fine-tune from a source model, or fresh init) and that writes a run's config.json, logs and
+checkpoints; `train_steps` is the one loop. `train_and_evaluate` uses both for one run, and
+`flaxdose.sweep` for many runs stacked on the devices.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,13 @@ from flax import struct
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose import distributed
+from flaxdose import distributed, optim, transfer
 from flaxdose.checkpoint import WorkdirCheckpoints
 from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference import Model, make_predict_fn
 from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
 
 AXIS = "devices"
@@ -53,13 +58,11 @@ def mse_loss(params, spec: UNetSpec, batch) -> jax.Array:
 def make_train_step(spec: UNetSpec, tx: optax.GradientTransformation, axis_name: str | None = None):
     """(state, batch) -> (state, metrics); with `axis_name`, averages over that mapped axis."""
 
-    def train_step(state: TrainState, batch, update_scale=None):
+    def train_step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(mse_loss)(state.params, spec, batch)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        if update_scale is not None:  # a sweep's per-run learning rate, with `tx` built for lr 1
-            updates = jax.tree.map(lambda u: u * update_scale, updates)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss}
 
@@ -67,13 +70,8 @@ def make_train_step(spec: UNetSpec, tx: optax.GradientTransformation, axis_name:
 
 
 def pmap_train_step(spec: UNetSpec, tx: optax.GradientTransformation):
+    """The data-parallel step: pmapped over devices, gradients averaged, the state donated."""
     return jax.pmap(make_train_step(spec, tx, AXIS), axis_name=AXIS, donate_argnums=(0,))
-
-
-@functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
-def make_predict_fn(spec: UNetSpec) -> Callable:
-    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> dose / prescription."""
-    return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
 
 
 # ---------------------------------------------------------------- helpers
@@ -123,19 +121,12 @@ def prefetch(iterator, devices, size: int = 2, global_batches: bool = True) -> I
         yield queue.popleft()
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    return optax.adam(config.train.learning_rate)
-
-
-def init_state(config, spec: UNetSpec) -> tuple[Any, optax.GradientTransformation, dict]:
-    """Fresh params and optimizer; transfer configs start from a source checkpoint instead."""
+def initial_params(config, spec: UNetSpec) -> tuple[Any, dict]:
+    """(params, metadata) a run starts from: fresh (seed ``config.seed``), or the source model for transfer configs."""
     rng = jax.random.key(config.seed)
-    if config.get("transfer") and config.transfer.mode != "none":
-        from flaxdose import transfer
-
+    if transfer.is_transfer(config):
         return transfer.init_transfer(config, spec, rng)
-    params = init_params(spec, rng, config.data.patch_shape)
-    return params, make_optimizer(config), {}
+    return init_params(spec, rng, config.data.patch_shape), {}
 
 
 def split_ids(dataset: Dataset, data_cfg) -> tuple[list[str], list[str]]:
@@ -256,15 +247,125 @@ def build_inputs(config, workdir: Path):
     return patches, len(train_ids), val_cases
 
 
+class RunFolder:
+    """One run's workdir: how the run starts, and everything it writes (config.json, logs, checkpoints).
+
+    `start()` decides, in one place for every kind of training: resume from the latest
+    checkpoint (params, optimizer state and input-pipeline position), else fine-tune from
+    the source model (transfer configs), else a fresh init. A finished run (its latest
+    checkpoint at ``train.steps``) is never reopened for writing: no config.json rewrite,
+    no new log or TensorBoard file. With several processes only the primary one writes
+    logs and config.json; every process takes part in the (collective) checkpoint saves.
+    """
+
+    def __init__(self, config, workdir: str | Path, spec: UNetSpec, *, keep: int | None = None, primary: bool = True):
+        self.config, self.workdir, self.spec, self.primary = config, Path(workdir).resolve(), spec, primary
+        check_workdir(self.workdir, config)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = WorkdirCheckpoints(self.workdir, keep=keep or config.train.keep_checkpoints)
+        self.writer = NoMetricWriter()
+        self.meta: dict = {}
+        self.last: dict = {}  # the latest logged values: step, loss, patches_per_s, val_loss
+
+    @property
+    def finished(self) -> bool:
+        return (self.ckpt.latest_step() or 0) >= self.config.train.steps
+
+    def start(self, data_iter=None) -> tuple[TrainState, optax.GradientTransformation]:
+        """The run's first state (host arrays) and optimizer; restores `data_iter`'s position on resume.
+
+        Raises FlaxdoseError when a checkpoint or the pipeline state cannot be restored.
+        """
+        params, self.meta = initial_params(self.config, self.spec)
+        tx = optim.make_optimizer(self.config, params)
+        opt_state = tx.init(params)
+        step = self.ckpt.latest_step() or 0
+        if step:
+            params, opt_state, saved = self.ckpt.restore(step, params, opt_state)
+            if data_iter is not None:
+                try:
+                    data_iter.set_state(saved["data_state"])
+                except (KeyError, ValueError, TypeError) as e:
+                    raise FlaxdoseError(
+                        f"cannot restore the input pipeline state of step {step} ({e!r}); resume with the "
+                        "data.workers setting of the original run"
+                    ) from None
+            log.info("resumed from step %d in %s", step, self.workdir)
+        if self.primary and step < self.config.train.steps:
+            (self.workdir / "config.json").write_text(config_lib.to_json(self.config))
+            self.writer = MetricWriter(self.workdir)
+        self.last = {"step": step}
+        return TrainState(np.int32(step), params, opt_state), tx
+
+    def log(self, step: int, **scalars) -> None:
+        self.writer.write(step, **scalars)
+        self.last.update(step=step, **{k: float(v) for k, v in scalars.items()})
+
+    def save(self, step: int, host: TrainState, data_state, val_loss: float | None = None) -> None:
+        """Checkpoint the host state after `step`, with the pipeline position of the last batch it consumed."""
+        self.ckpt.save(step, host.params, host.opt_state, meta={**self.meta, "data_state": data_state}, val_loss=val_loss)
+
+    def close(self) -> None:
+        """Wait for pending checkpoint writes and close the files."""
+        try:
+            self.ckpt.wait()
+        finally:
+            self.writer.close()
+            self.ckpt.close()
+
+
+def train_steps(step_fn, state, batches, runs: Sequence[RunFolder], start: int, train_cfg, *, losses, hosts,
+                batch_size: int, validate: Callable | None = None, bar=None):
+    """The training loop: steps start+1..train_cfg.steps of one or several runs; the final state.
+
+    `step_fn(state, batch) -> (state, {"loss": ...})` updates every run at once; `batches`
+    yields (device batch, pipeline state(s) after it); `losses(loss)` gives one float per run
+    of a step's loss output, `hosts(state)` one host `TrainState` per run, and the pipeline
+    state is one per run (a list) or shared (one run). Every ``log_every`` steps each run logs
+    its mean loss and the throughput; every ``eval_every`` and checkpoint step, `validate(state)`
+    (if given) gives the first run's validation loss; every ``checkpoint_every`` steps and at
+    the end every run saves a checkpoint.
+    """
+    total, window, tick = train_cfg.steps, [], time.perf_counter()
+    for step in range(start + 1, total + 1):
+        batch, data_state = next(batches)
+        state, metrics = step_fn(state, batch)
+        window.append(metrics["loss"])
+        if bar is not None:
+            bar.update(len(runs))
+        is_last = step == total
+        if step % train_cfg.log_every == 0 or is_last:
+            mean = np.mean([losses(x) for x in window], axis=0)
+            rate = len(window) * batch_size / (time.perf_counter() - tick)
+            for run, loss in zip(runs, mean):
+                run.log(step, loss=loss, patches_per_s=rate)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean[0]:.4g}", patches_s=f"{rate:.1f}")
+            window, tick = [], time.perf_counter()
+        do_ckpt = step % train_cfg.checkpoint_every == 0 or is_last
+        do_eval = validate is not None and (do_ckpt or step % train_cfg.eval_every == 0)
+        if do_eval:
+            runs[0].log(step, val_loss=validate(state))
+        if do_ckpt:
+            data_states = data_state if isinstance(data_state, list) else [data_state]
+            val = runs[0].last.get("val_loss") if validate is not None else None
+            for run, host, run_data_state in zip(runs, hosts(state), data_states):
+                run.save(step, host, run_data_state, val)
+        if do_ckpt or do_eval:
+            tick = time.perf_counter()  # evaluation and saving time is not training throughput
+    return state
+
+
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
     """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
 
-    `devices` defaults to all local devices.
+    `devices` defaults to all local devices. Returns {"step", "loss", "patches_per_s",
+    "val_loss", "best_val_loss", "preview"} as far as they apply. Raises FlaxdoseError for
+    settings that cannot work together, a workdir of another model, or unreadable data.
     """
     workdir = Path(workdir).resolve()
     spec = UNetSpec.from_config(config.model)
     devices = list(devices or jax.local_devices())
-    batch_size = config.train.batch_size
     check_setup(config, spec, devices)
     check_workdir(workdir, config)
     primary = distributed.is_primary()  # with several processes, process 0 alone writes logs and files
@@ -278,91 +379,50 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         distributed.barrier("flaxdose: dataset ready")
     patches, n_train, val_cases = build_inputs(config, workdir)
     val_examples = [pipeline.case_to_example(c) for c in val_cases]
-
-    params, tx, init_meta = init_state(config, spec)
-    opt_state = tx.init(params)
     data_iter = pipeline.make_iterator(patches, workers=config.data.workers)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = WorkdirCheckpoints(workdir, keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        params, opt_state, meta = ckpt.restore(start, params, opt_state)
-        try:
-            data_iter.set_state(meta["data_state"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise FlaxdoseError(
-                f"cannot restore the input pipeline state of step {start} ({e!r}); resume with the "
-                "data.workers setting of the original run"
-            ) from None
-        log.info("resumed from step %d in %s", start, workdir)
-    if primary:
-        (workdir / "config.json").write_text(config_lib.to_json(config))
-
-    step_fn = pmap_train_step(spec, tx)
-    predict = make_predict_fn(spec)
-    state = replicate(TrainState(jnp.asarray(start), params, opt_state), devices)
-    writer = MetricWriter(workdir) if primary else NoMetricWriter()
-    total = config.train.steps
-    if init_meta:
-        log.info("transfer: %s", init_meta)
-    log.info(
-        "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
-        f"{count_params(params):,}", len(devices), n_train, len(val_examples), start, total,
-    )
-    result = {"step": start}
-    batches = prefetch(data_iter, devices)
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=not primary)
-    window, tick = [], time.perf_counter()
+    run = RunFolder(config, workdir, spec, primary=primary)
     try:
-        for step in range(start + 1, total + 1):
-            batch, data_state = next(batches)
-            state, metrics = step_fn(state, batch)
-            window.append(metrics["loss"])
-            bar.update(1)
-            is_last = step == total
-            if step % config.train.log_every == 0 or is_last:
-                loss = float(np.mean([float(x[0]) for x in window]))
-                rate = len(window) * batch_size / (time.perf_counter() - tick)
-                writer.write(step, loss=loss, patches_per_s=rate)
-                bar.set_postfix(loss=f"{loss:.4g}", patches_s=f"{rate:.1f}")
-                result.update(step=step, loss=loss, patches_per_s=rate)
-                window, tick = [], time.perf_counter()
-            do_ckpt = step % config.train.checkpoint_every == 0 or is_last
-            if val_examples and (do_ckpt or step % config.train.eval_every == 0):
-                val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
-                val = distributed.broadcast_float(val)  # every process must agree on saving a new `best`
-                writer.write(step, val_loss=val)
-                result["val_loss"] = val
-            if do_ckpt:
-                val = result.get("val_loss") if val_examples else None
-                host = unreplicate(state)
-                ckpt.save(step, host.params, host.opt_state, meta={**init_meta, "data_state": data_state}, val_loss=val)
-            if do_ckpt or step % config.train.eval_every == 0:
-                tick = time.perf_counter()  # evaluation and saving time is not training throughput
-        ckpt.wait()
+        host, tx = run.start(data_iter)
+        start, total = int(host.step), config.train.steps
+        if run.meta:
+            log.info("transfer: %s", run.meta)
+        log.info(
+            "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
+            f"{count_params(host.params):,}", len(devices), n_train, len(val_examples), start, total,
+        )
+        predict = make_predict_fn(spec)
+
+        def validate(state) -> float:
+            val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
+            return distributed.broadcast_float(val)  # every process must agree on saving a new `best`
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+                   disable=not primary)
+        try:
+            state = train_steps(pmap_train_step(spec, tx), replicate(host, devices), prefetch(data_iter, devices),
+                                [run], start, config.train, losses=lambda x: [float(x[0])],
+                                hosts=lambda s: [unreplicate(s)], batch_size=config.train.batch_size,
+                                validate=validate if val_examples else None, bar=bar)
+        finally:
+            bar.close()
     finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
+        run.close()
         close = getattr(data_iter, "close", None)
         if close:
             close()
-    result["best_val_loss"] = ckpt.best_val
+    result = {**run.last, "best_val_loss": run.ckpt.best_val}
     if val_cases and start < total and primary:
-        result["preview"] = str(write_preview(workdir, spec, unreplicate(state.params), config, val_cases[0]))
+        model = Model.from_config(config, unreplicate(state.params), name="prediction")
+        result["preview"] = str(write_preview(workdir, model, val_cases[0]))
     return result
 
 
-def write_preview(workdir: Path, spec: UNetSpec, params, config, case) -> Path:
-    """preview.png: the final model's dose next to the reference for one validation case."""
+def write_preview(workdir: Path, model: Model, case) -> Path:
+    """preview.png: the model's dose next to the reference for one validation case."""
     from flaxdose import plots
     from flaxdose.metrics import isodose_dice
-    from flaxdose.predict import Model
 
-    model = Model(spec, params, config.data.structures, name="prediction", window=config.data.patch_shape)
     predicted = model.predict([case])[0]
-    body = case.mask("Body") if "Body" in case.structures else None
-    dice = isodose_dice(predicted.dose, case.dose, case.prescription_gy, body=body)["mean"]
+    dice = isodose_dice(predicted.dose, case.dose, case.prescription_gy, body=case.dose_region())["mean"]
     log.info("validation case %s: mean isodose Dice %.3f (preview.png)", case.case_id, dice)
     return plots.case_figure(case, {f"prediction (Dice {dice:.2f})": predicted}, workdir / "preview.png")

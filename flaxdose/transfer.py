@@ -4,8 +4,8 @@ The paper's recipe (mode ``paper``): load the source model, freeze the first hal
 network (here the `encoder` and `bottleneck` subtrees: everything before the first
 up-sampling), train the second half (`decoder` + `head`) and randomly re-initialize the
 very last layer (`head`), with the learning rate reduced to 1e-5. Frozen parameters get
-`optax.set_to_zero()` through `optax.multi_transform`, so they stay bit-identical and carry
-no Adam moments.
+`optax.set_to_zero()` through `optax.multi_transform` (`flaxdose.optim`), so they stay
+bit-identical and carry no Adam moments.
 
 Further modes, beyond the paper:
 - ``full``: fine-tune everything; ``decoder``: the paper's recipe without head re-init;
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import optax
 
 from flaxdose.checkpoint import restore_params
 from flaxdose.errors import FlaxdoseError
@@ -42,7 +41,13 @@ MODES = {
 }
 
 
+def is_transfer(config) -> bool:
+    """Whether a run config fine-tunes a source model (``transfer.mode`` set and not "none")."""
+    return bool(config.get("transfer")) and config.transfer.mode != "none"
+
+
 def get_mode(name: str) -> Mode:
+    """The `Mode` of a name in `MODES`; raises FlaxdoseError for an unknown one."""
     if name not in MODES:
         raise FlaxdoseError(f"unknown transfer mode {name!r}; choose one of {sorted(MODES)} (or 'none' to train from scratch)")
     return MODES[name]
@@ -59,20 +64,19 @@ def param_labels(params, mode: Mode):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_transfer_optimizer(params, mode: Mode, learning_rate: float) -> optax.GradientTransformation:
-    return optax.multi_transform(
-        {TRAINABLE: optax.adam(learning_rate), FROZEN: optax.set_to_zero()}, param_labels(params, mode)
-    )
-
-
 def count_by_label(params, mode: Mode) -> dict[str, int]:
+    """Number of trainable and frozen parameters: {TRAINABLE: n, FROZEN: m}."""
     labels = jax.tree_util.tree_leaves(param_labels(params, mode))
     sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
     return {lab: sum(s for s, l in zip(sizes, labels) if l == lab) for lab in (TRAINABLE, FROZEN)}
 
 
-def init_transfer(config, spec: UNetSpec, rng: jax.Array):
-    """Source params (head re-initialized per mode), the masked optimizer, and run metadata."""
+def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:
+    """(params, metadata) of a fine-tune's start: the source model's params, the head re-initialized per mode.
+
+    The optimizer comes from `flaxdose.optim.make_optimizer`. Raises FlaxdoseError without a
+    source (``transfer.source``), for an unknown mode, or a source of another architecture.
+    """
     mode = get_mode(config.transfer.mode)
     source = config.transfer.source
     if not source:
@@ -92,4 +96,4 @@ def init_transfer(config, spec: UNetSpec, rng: jax.Array):
         "frozen_params": counts[FROZEN],
         "total_params": count_params(params),
     }
-    return params, make_transfer_optimizer(params, mode, config.transfer.learning_rate), meta
+    return params, meta

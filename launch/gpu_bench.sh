@@ -48,21 +48,21 @@ main)
   log "flax done (rc $?)"; tail -n 25 "$OUT/flax.log"
   timeout 230 $BENCH --frameworks torch --out "$OUT/torch.json" > "$OUT/torch.log" 2>&1
   log "torch done (rc $?)"; tail -n 25 "$OUT/torch.log"
-  $PY -m flaxdose.bench --merge "$OUT/flax.json" "$OUT/torch.json" --out "$OUT/bench.json" > "$OUT/summary.txt" 2>&1
+  $PY -m flaxdose.bench --merge="$OUT/flax.json,$OUT/torch.json" --out "$OUT/bench.json" > "$OUT/summary.txt" 2>&1
   cat "$OUT/summary.txt"
   ;;
 levers|pipeline)
   if [ "$MODE" = levers ]; then
     LEVERS=(
       "baseline|"
-      "no_donate|--no-donate"
-      "pmap|--flax-step pmap"
+      "no_donate|--nodonate"
+      "pmap|--flax_step pmap"
       "groupnorm_fused|--groupnorm fused"
       "adam_flat|--optimizer adam_flat"
-      "xla_autotune0|--xla-flags autotune0"
-      "xla_cmdbuf_off|--xla-flags cmdbuf_off"
-      "xla_runtime_fusion|--xla-flags runtime_fusion"
-      "xla_lhs|--xla-flags lhs"
+      "xla_autotune0|--xla_flags=autotune0"
+      "xla_cmdbuf_off|--xla_flags=cmdbuf_off"
+      "xla_runtime_fusion|--xla_flags=runtime_fusion"
+      "xla_lhs|--xla_flags=lhs"
     )
     COMMON="--frameworks flax --dtypes bf16 --tasks train --steps 15"
   else
@@ -84,7 +84,7 @@ levers|pipeline)
     log "$name done (rc $?)"; grep -E "ms/step" "$OUT/$name.log" | tail -n 3
     [ -f "$OUT/$name.json" ] && FILES+=("$OUT/$name.json")
   done
-  [ ${#FILES[@]} -gt 0 ] && $PY -m flaxdose.bench --merge "${FILES[@]}" --out "$OUT/$MODE.json" > "$OUT/$MODE.txt" 2>&1
+  [ ${#FILES[@]} -gt 0 ] && $PY -m flaxdose.bench --merge="$(IFS=,; echo "${FILES[*]}")" --out "$OUT/$MODE.json" > "$OUT/$MODE.txt" 2>&1
   cat "$OUT/$MODE.txt" 2>/dev/null
   ;;
 sweep)

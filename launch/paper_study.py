@@ -21,16 +21,18 @@ from pathlib import Path
 
 from absl import flags
 
-from configs.paper_study import SCALES
-from flaxdose import cli, evaluate, provenance, trainer
+from flaxdose import cli, evaluation, provenance, trainer
 from flaxdose import config as config_lib
-from flaxdose.data import synth
+from flaxdose.configs.paper_study import SCALES
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference import Model
+from flaxdose.synthetic import generator as synth
 
 SOURCE = "source"
 TARGETS = ("internal_a", "internal_b", "internal_c", "external")
 REPO = Path(__file__).resolve().parent.parent
+FLAGS = flags.FLAGS
 
 
 def scale_settings(scale: str) -> dict:
@@ -45,7 +47,7 @@ def splits(settings: dict) -> dict[str, tuple[int, int]]:
 
 def style_config(style: str, settings: dict, workdir: Path, seed: int):
     """The source config or a target style's transfer config, at this scale, on the study's data."""
-    config = config_lib.load_config(style)
+    config = config_lib.load_config(SOURCE if style == SOURCE else f"transfer:{style}")
     # Target styles train on all their plans, as in the paper (their configs set val_cases=0).
     skip = {"scale"} if style == SOURCE else {"scale", "val_cases"}
     overrides = {
@@ -58,9 +60,7 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
     }
     if style != SOURCE:
         overrides.update({"transfer.source": str(workdir / SOURCE), "transfer.learning_rate": settings["transfer_lr"]})
-    for key, value in overrides.items():
-        config_lib.apply_override(config, f"{key}={value}")
-    return config
+    return config_lib.override(config, overrides)
 
 
 class Stages:
@@ -88,14 +88,12 @@ def generate_data(workdir: Path, settings: dict, seed: int) -> None:
 
 def evaluate_style(workdir: Path, style: str) -> dict:
     """Source model (and the style's target model) on the style's test cases: report folder + summary."""
-    from flaxdose.predict import Model
-
     models = {"source model": Model.load(workdir / SOURCE)}
     if style != SOURCE:
         models["target model"] = Model.load(workdir / style)
-    ev = evaluate.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
+    ev = evaluation.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
     note = f"{style} style, test split, {len(ev.references)} cases"
-    return evaluate.write_report(ev.rows, workdir / "eval" / style, ev.references, ev.predictions, overwrite=True, note=note)
+    return evaluation.write_report(ev.rows, workdir / "eval" / style, ev.references, ev.predictions, overwrite=True, note=note)
 
 
 def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 0) -> Path:
@@ -121,7 +119,7 @@ def _mean_sd(summary: dict, model: str, metric: str) -> str:
 
 
 def _dvh_error(summary: dict, model: str) -> float:
-    error = evaluate.mean_dvh_error_pct(summary, model)
+    error = evaluation.mean_dvh_error_pct(summary, model)
     return float("nan") if error is None else error
 
 
@@ -174,6 +172,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
 
 
 def define_flags() -> None:
+    """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
     flags.DEFINE_string("workdir", None, "study folder (data, models, evaluations)")
     flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where the Markdown report and figures go")
@@ -182,13 +181,16 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    FLAGS = flags.FLAGS
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for the study's data, models and evaluations")
     report = run_study(FLAGS.scale, FLAGS.workdir, FLAGS.results, FLAGS.seed)
     print(f"[paper_study] report: {report}")
 
 
+def run():
+    """Console script ``flaxdose-study``."""
+    cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+    run()

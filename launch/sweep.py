@@ -13,20 +13,24 @@ runtime of its own (why: flaxdose/sweep.py). Run ``--stage=prepare`` once before
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from absl import flags
 
 from flaxdose import cli
-from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 
-flags.DEFINE_string("config", "sweep_cpu", "sweep config name in configs/ (sweep_smoke, sweep_cpu, ...) or a path")
-flags.DEFINE_string("workdir", None, "sweep folder: data, source model, runs, report")
-flags.DEFINE_enum("stage", "all", ["all", "prepare", "train", "report"], "what to do")
-flags.DEFINE_integer("shard_index", None, "this process's shard of the runs (default: SLURM array task or srun task)")
-flags.DEFINE_integer("shard_count", None, "number of shards the runs are split into")
-flags.DEFINE_string("title", "", "report title")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a program, so tests can import the module)."""
+    cli.config_flag("sweep_cpu", "sweep config name in configs/ (sweep_smoke, sweep_cpu, ...) or a path")
+    flags.DEFINE_string("workdir", None, "sweep folder: data, source model, runs, report")
+    flags.DEFINE_enum("stage", "all", ["all", "prepare", "train", "report"], "what to do")
+    flags.DEFINE_integer("shard_index", None, "this process's shard of the runs (default: SLURM array task or srun task)")
+    flags.DEFINE_integer("shard_count", None, "number of shards the runs are split into")
+    flags.DEFINE_string("title", "", "report title")
 
 
 def shard() -> tuple[int, int]:
@@ -47,9 +51,9 @@ def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the sweep folder")
-    config = config_lib.load_config(FLAGS.config, cli.CONFIG_OVERRIDES)
+    config = FLAGS.config
     if "grid" not in config:
-        raise FlaxdoseError(f"config {FLAGS.config!r} is a training config, not a sweep; use a configs/sweep_*.py config")
+        raise FlaxdoseError("this config is a training config, not a sweep; use a configs/sweep_*.py config")
     from flaxdose.sweep import Sweep  # after flag parsing: jax reads XLA_FLAGS on import
 
     index, count = shard()
@@ -61,8 +65,14 @@ def main(argv):
     if FLAGS.stage in ("train", "all"):
         sweep.train(index, count)
     if FLAGS.stage == "report" or (FLAGS.stage == "all" and index == 0):
-        print(f"[sweep] report: {sweep.report(FLAGS.title or f'Sweep {FLAGS.config}')}")
+        name = Path(flags.FLAGS["config"].config_filename.split(":")[0]).stem
+        print(f"[sweep] report: {sweep.report(FLAGS.title or f'Sweep {name}')}")
+
+
+def run():
+    """Console script ``flaxdose-sweep``."""
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-    cli.run(main, cli.parse_flags_with_overrides)
+    run()

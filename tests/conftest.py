@@ -33,9 +33,7 @@ def tiny_config(**overrides):
         "train.checkpoint_every": 3,
         **overrides,
     }
-    for key, value in settings.items():
-        config_lib.apply_override(config, f"{key}={value}")
-    return config
+    return config_lib.override(config, settings)
 
 
 @pytest.fixture

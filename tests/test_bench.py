@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +106,7 @@ def test_bad_options_say_what_to_fix():
         BenchOptions(frameworks=("flax", "tensorflow"))
     with pytest.raises(FlaxdoseError, match="--dtypes"):
         BenchOptions(dtypes=("float16",))
-    with pytest.raises(FlaxdoseError, match="--xla-flags"):
+    with pytest.raises(FlaxdoseError, match="--xla_flags"):
         BenchOptions(xla_flags="fastest")
     with pytest.raises(FlaxdoseError, match="must fit"):
         BenchOptions(patch=(32, 32, 32))
@@ -124,18 +126,23 @@ ROW_FIELDS = {
 }
 
 
+def bench_cli(*args):
+    """`python -m flaxdose.bench ARGS` in a fresh process (the CLI sets XLA flags before JAX starts)."""
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.bench", *args], capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def test_cli_smoke_run_writes_json_and_markdown(tmp_path):
     pytest.importorskip("torch")
-    from flaxdose.bench.__main__ import main
     from flaxdose.bench.run import print_ratios
 
     out = tmp_path / "bench.json"
-    rc = main([
+    rc, log = bench_cli(
         "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--patch", "8,8,8",
-        "--volume", "16,16,8", "--dtypes", "fp32,bf16", "--torch-variants", "eager_fp32,eager_bf16_cl",
+        "--volume", "16,16,8", "--dtypes", "fp32,bf16", "--torch_variants", "eager_fp32,eager_bf16_cl",
         "--out", str(out),
-    ])
-    assert rc == 0
+    )
+    assert rc == 0, log
     result = json.loads(out.read_text())
     assert {"options", "env", "device", "rows", "ratios", "errors"} <= set(result)
     assert result["errors"] == []
@@ -164,20 +171,19 @@ def test_cli_smoke_run_writes_json_and_markdown(tmp_path):
     assert "flaxdose/PyTorch train" in buf.getvalue()
 
     merged = tmp_path / "merged.json"
-    assert main(["--merge", str(out), str(out), "--out", str(merged)]) == 0
+    assert bench_cli(f"--merge={out},{out}", "--out", str(merged))[0] == 0
     assert len(json.loads(merged.read_text())["rows"]) == 2 * len(rows)
 
 
 def test_cli_flax_only_levers(tmp_path):
-    from flaxdose.bench.__main__ import main
-
     out = tmp_path / "levers.json"
-    rc = main([
+    rc, log = bench_cli(
         "--preset", "tiny", "--frameworks", "flax", "--tasks", "train", "--dtypes", "bf16", "--batch", "2",
-        "--steps", "2", "--warmup", "0", "--patch", "8,8,8", "--volume", "8,8,8", "--flax-step", "pmap",
-        "--no-donate", "--groupnorm", "fused", "--optimizer", "adam_flat", "--tag", "levers", "--out", str(out),
-    ])
-    assert rc == 0
+        "--steps", "2", "--warmup", "0", "--patch", "8,8,8", "--volume", "8,8,8", "--flax_step", "pmap",
+        "--nodonate", "--groupnorm", "fused", "--optimizer", "adam_flat", "--tag", "levers",
+        "--xla_flags=--xla_force_host_platform_device_count=2", "--out", str(out),
+    )
+    assert rc == 0, log
     rows = json.loads(out.read_text())["rows"]
     assert {r["variant"] for r in rows} == {"pmap_bf16"}
     assert all(r["tag"] == "levers" and r["levers"]["groupnorm"] == "fused" and not r["levers"]["donate"] for r in rows)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flaxdose.data import PROSTATE_STRUCTURES, Case, Dataset, write_dataset
-from flaxdose.data.phantom import phantom_case, phantom_cases
+from flaxdose.synthetic.phantom import phantom_case, phantom_cases
 from flaxdose.errors import FlaxdoseError
 
 

@@ -1,30 +1,36 @@
-import importlib
+import subprocess
+import sys
 
 import pytest
 
+from flaxdose import cli
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 
 
 def test_names_paths_and_overrides(tmp_path):
-    config = config_lib.load_config("source", ["train.steps=10", "model.dtype=bfloat16", "data.patch_shape=(48,48,24)"])
+    config = config_lib.load_config("source", {"train.steps": 10, "model.dtype": "bfloat16", "data.patch_shape": (48, 48, 24)})
     assert config.train.steps == 10 and config.model.dtype == "bfloat16" and tuple(config.data.patch_shape) == (48, 48, 24)
-    assert config.train.learning_rate == 1e-4 and tuple(config.data.patch_shape) != ()
+    assert config.train.learning_rate == 1e-4
+    assert config_lib.load_config("source", {"train.learning_rate": 1}).train.learning_rate == 1.0  # int for a float
     path = tmp_path / "mine.py"
-    path.write_text("from configs import quick\n\ndef get_config():\n    c = quick.get_config()\n    c.seed = 7\n    return c\n")
+    path.write_text("from flaxdose.configs import quick\n\ndef get_config():\n    c = quick.get_config()\n    c.seed = 7\n    return c\n")
     assert config_lib.load_config(str(path)).seed == 7
-    assert {"source", "quick"} <= set(config_lib.available_configs())
+    assert {"source", "quick", "transfer"} <= set(config_lib.available_configs())
+    external = config_lib.load_config("transfer:external")
+    assert (external.data.style, external.data.n_train, external.data.n_test, external.transfer.mode) == ("external", 20, 40, "paper")
 
 
 @pytest.mark.parametrize(
     "name, overrides, message",
     [
-        ("nonesuch", [], "available: .*quick.*source"),
-        ("quick", ["train.steps"], "malformed override"),
-        ("quick", ["train.stepz=3"], "no key 'train.stepz'"),
-        ("quick", ["trian.steps=3"], "no config section 'trian'"),
-        ("quick", ["train.steps=ten"], "cannot parse 'ten'"),
-        ("quick", ["data.flip_lr=1"], "expected a bool"),
+        ("nonesuch", {}, "available: .*quick.*source"),
+        ("_sweep", {}, "unknown config"),
+        ("transfer:elsewhere", {}, "unknown target style"),
+        ("quick", {"train.stepz": 3}, "stepz"),
+        ("quick", {"trian.steps": 3}, "trian"),
+        ("quick", {"train.steps": "ten"}, "ten"),
+        ("quick", {"data.flip_lr": 1}, "flip_lr"),
     ],
 )
 def test_config_errors(name, overrides, message):
@@ -32,14 +38,26 @@ def test_config_errors(name, overrides, message):
         config_lib.load_config(name, overrides)
 
 
-def test_cli_parser_takes_overrides_aside(monkeypatch):
-    importlib.import_module("flaxdose.train")  # defines --config and --workdir
-    from flaxdose import cli
+def test_config_names_become_paths_on_the_command_line():
+    argv = ["prog", "--config=quick", "--config.train.steps=5", "--config", "transfer:external", "--workdir=/tmp/x"]
+    out = cli.resolve_config_args(argv)
+    assert out[1] == f"--config={config_lib.CONFIG_DIR / 'quick.py'}" and out[2] == "--config.train.steps=5"
+    assert out[3:5] == ["--config", f"{config_lib.CONFIG_DIR / 'transfer.py'}:external"] and out[5] == "--workdir=/tmp/x"
+    with pytest.raises(FlaxdoseError, match="available"):
+        cli.resolve_config_args(["prog", "--config=nope"])
 
-    monkeypatch.setattr(cli, "CONFIG_OVERRIDES", [])
-    argv = ["prog", "--config=quick", "--config.train.steps=5", "--config.seed", "3", "--workdir=/tmp/x"]
-    rest = cli.parse_flags_with_overrides(argv)
-    assert cli.CONFIG_OVERRIDES == ["--config.train.steps=5", "--config.seed=3"] and rest == ["prog"]
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=nope"], "unknown config 'nope'"),
+    (["--config.train.steps=ten"], "ten"),
+    (["--config.train.stepz=3"], "stepz"),
+    (["--workdir"], "workdir"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.train", *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("flaxdose: error:") and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_every_shipped_config_loads_and_builds_a_model():
@@ -47,7 +65,9 @@ def test_every_shipped_config_loads_and_builds_a_model():
 
     from flaxdose.sweep import check_grid
 
-    for name in config_lib.available_configs():
+    names = [n for n in config_lib.available_configs() if n != "transfer"]
+    names += [f"transfer:{style}" for style in ("internal_a", "internal_b", "internal_c", "external")]
+    for name in names:
         config = config_lib.load_config(name)
         if "grid" in config:  # a sweep: its grid is valid for its data, its runs train `base`
             check_grid(config, {style: n_train for style, (n_train, _) in config.data.plans.items()})

@@ -30,7 +30,7 @@ from flaxdose import trainer
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
 config = config_lib.load_config_json(config_path)
 first = config_lib.load_config_json(config_path)
-config_lib.apply_override(first, "train.steps=2")
+config_lib.override(first, {"train.steps": 2})
 trainer.train_and_evaluate(first, workdir)
 print("RESULT", json.dumps(trainer.train_and_evaluate(config, workdir)))
 """

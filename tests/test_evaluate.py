@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from flaxdose import evaluate, trainer
+from flaxdose import evaluate, evaluation, trainer
 from flaxdose.data import Dataset, write_dataset
-from flaxdose.data.phantom import phantom_case
+from flaxdose.synthetic.phantom import phantom_case
 from flaxdose.errors import FlaxdoseError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,10 +32,10 @@ def read_csv(path):
 
 def test_case_row_by_hand():
     ref = phantom_case(0, 0, shape=(16, 16, 8))
-    same = evaluate.evaluate_case(ref, ref, "m")
-    assert all(same[k] == 1.0 for k in evaluate.DICE_KEYS)
+    same = evaluation.evaluate_case(ref, ref, "m")
+    assert all(same[k] == 1.0 for k in evaluation.DICE_KEYS)
     assert all(same[k] == 0.0 for k in same if k.endswith("err_gy") or k.endswith("err_pct"))
-    colder = evaluate.evaluate_case(ref.replace(dose=ref.dose * 0.9), ref, "m")
+    colder = evaluation.evaluate_case(ref.replace(dose=ref.dose * 0.9), ref, "m")
     # Every DVH metric scales with the dose: error = -0.1 x reference, % of the 70 Gy prescription.
     for key in ("PTV Dmean", "PTV D95", "Rectum D2"):
         expected = -0.1 * colder[f"{key} ref_gy"]
@@ -51,19 +51,19 @@ def test_predictions_on_another_grid_are_refused():
     ref = phantom_case(0, 0, shape=(16, 16, 8))
     other_shape = phantom_case(0, 0, shape=(16, 16, 10))
     with pytest.raises(FlaxdoseError, match="grid"):
-        evaluate.evaluate_case(other_shape, ref, "m")
+        evaluation.evaluate_case(other_shape, ref, "m")
     with pytest.raises(FlaxdoseError, match="grid"):
-        evaluate.evaluate_case(ref.replace(spacing_mm=(2.0, 2.0, 2.0)), ref, "m")
+        evaluation.evaluate_case(ref.replace(spacing_mm=(2.0, 2.0, 2.0)), ref, "m")
     with pytest.raises(FlaxdoseError, match="order"):
-        evaluate.evaluate_predictions({"m": [phantom_case(0, 1, shape=(16, 16, 8))]}, [ref])
+        evaluation.evaluate_predictions({"m": [phantom_case(0, 1, shape=(16, 16, 8))]}, [ref])
     with pytest.raises(FlaxdoseError, match="predictions for 1"):
-        evaluate.evaluate_predictions({"m": []}, [ref])
+        evaluation.evaluate_predictions({"m": []}, [ref])
 
 
 def test_summary_statistics_and_paired_ttest_by_hand():
     rows = [{"case_id": c, "model": m, "dice_mean": v}
             for m, values in (("a", (0.8, 0.9, 0.7)), ("b", (0.85, 0.97, 0.76))) for c, v in zip("xyz", values)]
-    summary = evaluate.summarize(rows)
+    summary = evaluation.summarize(rows)
     assert summary["metrics"]["a"]["dice_mean"]["mean"] == pytest.approx(0.8)
     assert summary["metrics"]["a"]["dice_mean"]["sd"] == pytest.approx(0.1)  # sample SD (ddof=1)
     test = summary["paired_ttests"][0]
@@ -113,7 +113,7 @@ def test_empty_split_is_an_error(tmp_path):
     case = phantom_case(0, 0, shape=(16, 16, 8))
     data = write_dataset(tmp_path / "d", [case], {"train": [case.case_id], "test": []})
     with pytest.raises(FlaxdoseError, match="empty"):
-        evaluate.load_references(data, "test")
+        evaluation.load_references(data, "test")
     with pytest.raises(FlaxdoseError, match="empty"):  # before any model is loaded
         evaluate.evaluate_workdirs([tmp_path / "no_model"], data.root, "test", tmp_path / "out")
     result = subprocess.run(

@@ -3,7 +3,7 @@ import pytest
 
 from flaxdose.data import PROSTATE_STRUCTURES, Case, write_dataset
 from flaxdose.data import pipeline
-from flaxdose.data.phantom import phantom_cases
+from flaxdose.synthetic.phantom import phantom_cases
 from flaxdose.errors import FlaxdoseError
 
 

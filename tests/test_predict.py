@@ -6,7 +6,7 @@ from flaxdose import trainer
 from flaxdose.data.case import Dataset
 from flaxdose.data.dicom import Grid, read_dose, resample
 from flaxdose.errors import FlaxdoseError
-from flaxdose.predict import Model, export_rtdose, predict_dataset, predict_dicom, sliding_window, window_starts
+from flaxdose.inference import Model, export_rtdose, predict_dataset, predict_dicom, sliding_window, window_starts
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from flaxdose.sweep import Run, Sweep, check_grid, expand_grid, plan_waves, shar
 REPO = Path(__file__).resolve().parent.parent
 
 
-def smoke_config(overrides=()):
+def smoke_config(overrides=None):
     return config_lib.load_config("sweep_smoke", overrides)
 
 
@@ -47,7 +47,7 @@ def assert_same_params(a, b, rtol=1e-5, atol=1e-6):
 
 def reuse_prepared(smoke_sweep, tmp_path, **settings):
     """A sweep file on the smoke sweep's data and source model, so only its runs train."""
-    lines = ["from configs import sweep_smoke", "", "def get_config():", "    c = sweep_smoke.get_config()",
+    lines = ["from flaxdose.configs import sweep_smoke", "", "def get_config():", "    c = sweep_smoke.get_config()",
              f"    c.source.path = {str(smoke_sweep.source_dir)!r}",
              f"    c.data.folders = {{'internal_c': {str(smoke_sweep.dataset_path('internal_c'))!r}}}"]
     lines += [f"    c.{k} = {v!r}" for k, v in settings.items()] + ["    return c", ""]
@@ -61,20 +61,20 @@ def test_grid_expands_every_combination_once():
     runs = expand_grid(smoke_config().grid)
     assert len(runs) == 8 and len({r.run_id for r in runs}) == 8
     assert [r.index for r in runs] == list(range(8))
-    with_scratch = smoke_config(["grid.modes=('paper', 'scratch')", "grid.scratch_learning_rates=(1e-3, 3e-3)"])
+    with_scratch = smoke_config({"grid.modes": ("paper", "scratch"), "grid.scratch_learning_rates": (1e-3, 3e-3)})
     runs = expand_grid(with_scratch.grid)
     assert sum(r.mode == "scratch" for r in runs) == 2 * 2 * 2  # n x seeds x scratch rates
     assert {r.learning_rate for r in runs if r.mode == "scratch"} == {1e-3, 3e-3}
 
 
 @pytest.mark.parametrize("override, message", [
-    ("grid.seeds=()", "grid is empty"),
-    ("grid.modes=()", "grid is empty"),
-    ("grid.modes=('paper', 'fine')", "unknown sweep mode"),
-    ("runs_per_device=0", "at least 1"),
+    ({"grid.seeds": ()}, "grid is empty"),
+    ({"grid.modes": ()}, "grid is empty"),
+    ({"grid.modes": ("paper", "fine")}, "unknown sweep mode"),
+    ({"runs_per_device": 0}, "at least 1"),
 ])
 def test_bad_grids_are_refused(override, message):
-    config = smoke_config([override])
+    config = smoke_config(override)
     with pytest.raises(FlaxdoseError, match=message):
         check_grid(config, {"internal_c": 2, "source": 3})
 
@@ -155,7 +155,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(smoke_sweep, tmp_p
 # ---------------------------------------------------------------- folders
 def test_a_folder_of_another_sweep_is_refused_untouched(smoke_sweep):
     before = {p: p.stat().st_mtime_ns for p in smoke_sweep.root.rglob("*")}
-    other = Sweep(smoke_config(["grid.seeds=(0, 1, 2)"]), smoke_sweep.root)
+    other = Sweep(smoke_config({"grid.seeds": (0, 1, 2)}), smoke_sweep.root)
     with pytest.raises(FlaxdoseError, match="holds another sweep .*grid.seeds"):
         other.prepare()
     assert {p: p.stat().st_mtime_ns for p in smoke_sweep.root.rglob("*")} == before

@@ -7,13 +7,14 @@ The style assertions run on 8 shared anatomies planned in all five styles at sca
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from flaxdose.data import Dataset, anatomy, synth
+from flaxdose.data import Dataset
+from flaxdose.synthetic import anatomy
+from flaxdose.synthetic import generator as synth
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dvh_metrics
 
@@ -52,7 +53,7 @@ def test_anatomy_is_realistic_and_varies():
     volumes = []
     for index in range(12):
         a = anatomy.sample_anatomy(3, index)
-        ptv, bladder, rectum, fem_l, fem_r, body = anatomy.rasterize(a, grid)
+        ptv, bladder, rectum, fem_l, fem_r, body = anatomy.structure_masks(a, grid)
         volumes.append((ptv.sum() * cc, bladder.sum() * cc))
         assert 35 < ptv.sum() * cc < 200 and 50 < bladder.sum() * cc < 550
         c = {name: np.argwhere(m).mean(axis=0) for name, m in zip("pbrLR", (ptv, bladder, rectum, fem_l, fem_r))}
@@ -68,10 +69,10 @@ def test_anatomy_is_realistic_and_varies():
 
 def test_anatomy_depends_only_on_seed_and_index(planned):
     grid = anatomy.grid_for_scale(SCALE)
-    same = anatomy.rasterize(anatomy.sample_anatomy(0, 7), grid)
-    np.testing.assert_array_equal(same, anatomy.rasterize(anatomy.sample_anatomy(0, 7), grid))
-    assert (same != anatomy.rasterize(anatomy.sample_anatomy(1, 7), grid)).any()
-    assert (same != anatomy.rasterize(anatomy.sample_anatomy(0, 8), grid)).any()
+    same = anatomy.structure_masks(anatomy.sample_anatomy(0, 7), grid)
+    np.testing.assert_array_equal(same, anatomy.structure_masks(anatomy.sample_anatomy(0, 7), grid))
+    assert (same != anatomy.structure_masks(anatomy.sample_anatomy(1, 7), grid)).any()
+    assert (same != anatomy.structure_masks(anatomy.sample_anatomy(0, 8), grid)).any()
     for style in synth.STYLES:  # every style plans the same patients
         for case, ref in zip(planned[style], planned["source"]):
             np.testing.assert_array_equal(case.masks, ref.masks)
@@ -155,7 +156,7 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(FlaxdoseError, match="internal_c"):  # lists the styles
         synth.generate_cases("conformal", 2, seed=0)
     for n in (0, -3, 1.5):
-        with pytest.raises(FlaxdoseError, match="positive"):
+        with pytest.raises(FlaxdoseError, match=">= 1"):
             synth.generate_cases("source", n, seed=0)
     with pytest.raises(FlaxdoseError, match="scale"):
         synth.generate_cases("source", 1, seed=0, scale=0.3)
@@ -165,15 +166,15 @@ def test_bad_input_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_cli_report_and_errors(tmp_path, capsys):
+def test_cli_report_and_errors(tmp_path):
     (tmp_path / "study" / "source").mkdir(parents=True)  # an empty folder is fine
     synth.ensure_dataset(tmp_path / "study" / "source", "source", 1, 1, seed=0, scale=SCALE, progress=False)
-    flags = types.SimpleNamespace(out=None, study=None, report=str(tmp_path / "study"))
-    assert synth.run(flags) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[1].startswith("source") and "100.0" in out
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.synth", "--report", str(tmp_path / "study")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("source") and "100.0" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "flaxdose.data.synth", "--style", "nope", "--n", "2", "--out", str(tmp_path / "x")],
+        [sys.executable, "-m", "flaxdose.synth", "--style", "nope", "--n", "2", "--out", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "internal_c" in proc.stderr and not (tmp_path / "x").exists()

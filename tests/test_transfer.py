@@ -1,9 +1,10 @@
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from flaxdose import checkpoint, trainer, transfer
+from flaxdose import checkpoint, optim, trainer, transfer
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import init_params, preset
 
@@ -43,18 +44,19 @@ def test_head_is_reinitialized_before_training(source_workdir, make_config):
     config = transfer_config(make_config, source_workdir)
     spec = trainer.UNetSpec.from_config(config.model)
     source, _ = checkpoint.restore_params(source_workdir)
-    params, _, _ = transfer.init_transfer(config, spec, jax.random.key(5))
+    params, _ = transfer.init_transfer(config, spec, jax.random.key(5))
     assert not np.array_equal(params["head"]["kernel"], source["head"]["kernel"])
     np.testing.assert_array_equal(params["decoder"]["level0"]["conv0"]["kernel"], source["decoder"]["level0"]["conv0"]["kernel"])
     config.transfer.mode = "decoder"
-    params, _, _ = transfer.init_transfer(config, spec, jax.random.key(5))
+    params, _ = transfer.init_transfer(config, spec, jax.random.key(5))
     np.testing.assert_array_equal(params["head"]["kernel"], source["head"]["kernel"])
 
 
 def test_frozen_leaves_carry_no_adam_moments():
     params = init_params(preset("tiny"), jax.random.key(0))
     mode = transfer.get_mode("paper")
-    opt_state = transfer.make_transfer_optimizer(params, mode, 1e-5).init(params)
+    config = ml_collections.ConfigDict({"transfer": {"mode": "paper", "learning_rate": 1e-5}})
+    opt_state = optim.make_optimizer(config, params).init(params)
     moments = [
         x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
         if not isinstance(x, optax.MaskedNode) and np.ndim(x) > 0
@@ -85,3 +87,18 @@ def test_transfer_errors(tmp_path, source_workdir, make_config):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "c")
     with pytest.raises(FlaxdoseError, match="no orbax checkpoint"):
         trainer.train_and_evaluate(transfer_config(make_config, tmp_path), tmp_path / "d")
+
+
+def test_adam_with_the_rate_in_its_state_equals_optax_adam_bitwise():
+    """optim.adam keeps the rate in the state (sweeps stack per-run rates) and computes what optax.adam does."""
+    params = init_params(preset("tiny"), jax.random.key(0))
+    grads = jax.tree.map(lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params)
+    for lr in (1e-3, 3e-4):
+        ours, ref = optim.adam(lr), optax.adam(lr)
+        s_ours, s_ref = ours.init(params), ref.init(params)
+        for _ in range(3):
+            u_ours, s_ours = ours.update(grads, s_ours, params)
+            u_ref, s_ref = ref.update(grads, s_ref, params)
+            for a, b in zip(jax.tree_util.tree_leaves(u_ours), jax.tree_util.tree_leaves(u_ref)):
+                np.testing.assert_array_equal(a, b)
+        assert float(s_ours[1].hyperparams["learning_rate"]) == np.float32(lr)

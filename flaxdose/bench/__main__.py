@@ -1,104 +1,99 @@
-"""`python -m flaxdose.bench`: flaxdose vs PyTorch training and inference throughput.
+"""`python -m flaxdose.bench` (``flaxdose-bench``): flaxdose vs PyTorch training and inference throughput.
 
 Examples:
-  python -m flaxdose.bench --preset tiny --steps 5 --out bench.json          # CPU smoke run
-  python -m flaxdose.bench --preset paper --batch 8 --dtypes bf16 --out r.json
-  python -m flaxdose.bench --preset paper --frameworks flax --xla-flags autotune0 --tag autotune0 --out l.json
-  python -m flaxdose.bench --merge a.json b.json --out all.json                 # one table + ratios
+  python -m flaxdose.bench --preset=tiny --steps=5 --out=bench.json          # CPU smoke run
+  python -m flaxdose.bench --preset=paper --batch=8 --dtypes=bf16 --out=r.json
+  python -m flaxdose.bench --preset=paper --frameworks=flax --xla_flags=autotune0 --tag=autotune0 --out=l.json
+  python -m flaxdose.bench --xla_flags='--xla_gpu_autotune_level=0' --out=raw.json  # raw XLA flags: write '='
+  python -m flaxdose.bench --merge=a.json,b.json --out=all.json                 # one table + ratios
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import flags
 
-def _ints(text: str) -> tuple[int, ...]:
+from flaxdose import cli
+from flaxdose.errors import FlaxdoseError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a program, so tests can import the module)."""
+    flags.DEFINE_string("preset", "tiny", "model preset: paper, small or tiny (tiny: CPU smoke runs)")
+    flags.DEFINE_list("batch", None, "batch sizes, comma-separated (default: the preset's: paper 8, small 4, tiny 2)")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes: fp32,bf16")
+    flags.DEFINE_integer("steps", 20, "timed steps per measurement; the median is reported")
+    flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
+    flags.DEFINE_list("frameworks", ["flax", "torch"], "flax,torch")
+    flags.DEFINE_list("tasks", ["train", "infer", "e2e"], "train,infer,e2e")
+    flags.DEFINE_list("torch_variants", None,
+                      "eager_fp32,eager_bf16,eager_bf16_cl,compile_bf16 (default all; compile_bf16 only on a GPU)")
+    flags.DEFINE_string("torch_compile_mode", "default", "torch.compile mode")
+    flags.DEFINE_list("patch", None, "training patch X,Y,Z (default: paper 96,96,48)")
+    flags.DEFINE_list("volume", None, "inference volume and grain phantom grid X,Y,Z (default: paper 120,120,64)")
+    flags.DEFINE_enum("norm_order", None, ["relu_norm", "norm_relu"], "override the preset's norm order")
+    flags.DEFINE_list("flax_step", ["jit"], "jit (donated state) and/or pmap on one device")
+    flags.DEFINE_bool("donate", True, "lever: donate the train state buffers (--nodonate: do not)")
+    flags.DEFINE_string("groupnorm", "flax", "lever: flax (nn.GroupNorm) or fused (one-pass stats, hand-written backward)")
+    flags.DEFINE_string("optimizer", "adam", "lever: adam (optax.adam) or adam_flat (optax.flatten(adam))")
+    flags.DEFINE_string("xla_flags", "default", "lever: XLA flag preset (default, autotune0, cmdbuf_off, runtime_fusion, "
+                        "lhs, no_triton_gemm) or raw flags, written --xla_flags='--xla_...'")
+    flags.DEFINE_integer("prefetch", 2, "end-to-end: batches kept in flight on the device")
+    flags.DEFINE_integer("workers", 0, "end-to-end: grain worker processes (0: threads)")
+    flags.DEFINE_string("tag", "", "label stored with every row (e.g. the lever being measured)")
+    flags.DEFINE_string("out", None, "write results to FILE.json and the Markdown table to FILE.md")
+    flags.DEFINE_list("merge", None, "only combine earlier result files (comma-separated) into one table")
+
+
+def _ints(values, flag: str) -> tuple[int, ...] | None:
+    if values is None:
+        return None
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        return tuple(int(v) for v in values)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise FlaxdoseError(f"--{flag} takes comma-separated integers, got {','.join(values)!r}") from None
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise FlaxdoseError(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    if FLAGS.merge:
+        from flaxdose.bench.run import markdown, merge, print_ratios
+
+        result = merge(FLAGS.merge, FLAGS.out)
+        print(markdown(result))
+        print_ratios(result)
+        return 0
+    return bench()
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flaxdose.bench",
-        description="Training-step and full-volume inference throughput of flaxdose (JAX) and the same UNet in PyTorch.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
-    p.add_argument("--preset", default="tiny", help="model preset: paper, small or tiny (default tiny, for CPU smoke runs)")
-    p.add_argument("--batch", type=_ints, default=None, help="batch sizes, comma-separated (default: the preset's: paper 8, small 4, tiny 2)")
-    p.add_argument("--dtypes", type=_names, default=("float32", "bfloat16"), help="compute dtypes: fp32,bf16 (default both)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement; the median is reported (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
-    p.add_argument("--frameworks", type=_names, default=("flax", "torch"), help="flax,torch (default both)")
-    p.add_argument("--tasks", type=_names, default=("train", "infer", "e2e"), help="train,infer,e2e (default all)")
-    p.add_argument("--torch-variants", type=_names, default=None,
-                   help="eager_fp32,eager_bf16,eager_bf16_cl,compile_bf16 (default all; compile_bf16 only on a GPU)")
-    p.add_argument("--torch-compile-mode", default="default", help="torch.compile mode (default 'default')")
-    p.add_argument("--patch", type=_ints, default=None, help="training patch X,Y,Z (default: paper 96,96,48)")
-    p.add_argument("--volume", type=_ints, default=None, help="inference volume and grain phantom grid X,Y,Z (default: paper 120,120,64)")
-    p.add_argument("--norm-order", default=None, choices=("relu_norm", "norm_relu"), help="override the preset's norm order")
-    p.add_argument("--flax-step", type=_names, default=("jit",), help="jit (donated state) and/or pmap on one device (default jit)")
-    p.add_argument("--no-donate", action="store_true", help="lever: do not donate the train state buffers")
-    p.add_argument("--groupnorm", default="flax", help="lever: flax (nn.GroupNorm) or fused (one-pass stats, hand-written backward)")
-    p.add_argument("--optimizer", default="adam", help="lever: adam (optax.adam) or adam_flat (optax.flatten(adam))")
-    p.add_argument("--xla-flags", default="default",
-                   help="lever: XLA flag preset (default, autotune0, cmdbuf_off, runtime_fusion, lhs, no_triton_gemm) or raw '--xla_...' flags")
-    p.add_argument("--prefetch", type=int, default=2, help="end-to-end: batches kept in flight on the device (default 2)")
-    p.add_argument("--workers", type=int, default=0, help="end-to-end: grain worker processes (default 0: threads)")
-    p.add_argument("--tag", default="", help="label stored with every row (e.g. the lever being measured)")
-    p.add_argument("--out", default=None, help="write results to FILE.json and the Markdown table to FILE.md")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only combine earlier result files into one table")
-    return p
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    from flaxdose.errors import FlaxdoseError
-
-    try:
-        if args.merge:
-            from flaxdose.bench.run import markdown, merge, print_ratios
-
-            result = merge(args.merge, args.out)
-            print(markdown(result))
-            print_ratios(result)
-            return 0
-        return run(args)
-    except FlaxdoseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def run(args) -> int:
+def bench() -> int:
+    """Run the benchmark the flags describe; 1 if some measurements failed (listed), else 0."""
     from flaxdose.bench.levers import xla_flags_for
 
-    flags = xla_flags_for(args.xla_flags)
+    xla_flags = xla_flags_for(FLAGS.xla_flags)
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized():  # flags act only before the backend starts
-        if flags:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
-        if "torch" in args.frameworks:
+        if xla_flags:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+        if "torch" in FLAGS.frameworks:
             # The torch run uses JAX too (flaxdose's initial weights); JAX would otherwise take
             # 75 % of GPU memory up front and starve PyTorch.
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    elif flags:
-        print(f"warning: JAX already started; --xla-flags {args.xla_flags} not applied", file=sys.stderr)
+    elif xla_flags:
+        print(f"warning: JAX already started; --xla_flags={FLAGS.xla_flags} not applied", file=sys.stderr)
 
     from flaxdose.bench.run import TORCH_VARIANTS, BenchOptions, markdown, print_ratios, run_benchmark
 
-    variants = args.torch_variants
+    variants = FLAGS.torch_variants
     if variants is None:
         variants = TORCH_VARIANTS
-        if "torch" in args.frameworks:
+        if "torch" in FLAGS.frameworks:
             try:
                 import torch
 
@@ -107,20 +102,26 @@ def run(args) -> int:
             except ImportError:
                 pass
     opts = BenchOptions(
-        preset=args.preset, batches=args.batch, dtypes=args.dtypes, frameworks=args.frameworks, tasks=args.tasks,
-        torch_variants=variants, steps=args.steps, warmup=args.warmup, patch=args.patch, volume=args.volume,
-        norm_order=args.norm_order, flax_step=args.flax_step, donate=not args.no_donate, groupnorm=args.groupnorm,
-        optimizer=args.optimizer, xla_flags=args.xla_flags, prefetch=args.prefetch, workers=args.workers,
-        torch_compile_mode=args.torch_compile_mode, tag=args.tag,
+        preset=FLAGS.preset, batches=_ints(FLAGS.batch, "batch"), dtypes=tuple(FLAGS.dtypes),
+        frameworks=tuple(FLAGS.frameworks), tasks=tuple(FLAGS.tasks), torch_variants=tuple(variants), steps=FLAGS.steps,
+        warmup=FLAGS.warmup, patch=_ints(FLAGS.patch, "patch"), volume=_ints(FLAGS.volume, "volume"),
+        norm_order=FLAGS.norm_order, flax_step=tuple(FLAGS.flax_step), donate=FLAGS.donate, groupnorm=FLAGS.groupnorm,
+        optimizer=FLAGS.optimizer, xla_flags=FLAGS.xla_flags, prefetch=FLAGS.prefetch, workers=FLAGS.workers,
+        torch_compile_mode=FLAGS.torch_compile_mode, tag=FLAGS.tag,
     )
-    result = run_benchmark(opts, args.out, log=lambda s: print(s, flush=True))
+    result = run_benchmark(opts, FLAGS.out, log=lambda s: print(s, flush=True))
     print()
     print(markdown(result))
     print_ratios(result)
     for err in result["errors"]:
         print(f"error: {err}", file=sys.stderr)
-    return 1 if result["errors"] else 0
+    return cli.PARTIAL_FAILURE if result["errors"] else 0
+
+
+def run():
+    """Console script ``flaxdose-bench``."""
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

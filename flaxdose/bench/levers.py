@@ -1,14 +1,14 @@
 """Speed levers the benchmark can switch one at a time (see docs/performance.md).
 
 - `XLA_FLAG_PRESETS`: named sets of XLA flags. They only act if set before JAX starts its
-  backend, so `python -m flaxdose.bench --xla-flags NAME` sets them at start-up; one
+  backend, so `python -m flaxdose.bench --xla_flags NAME` sets them at start-up; one
   process measures one preset.
 - `groupnorm_interceptor("fused")`: replaces every `nn.GroupNorm` call of the model, without
   touching its parameters, by a GroupNorm with statistics in float32 from one pass
   (sum and sum of squares), the affine folded into one multiply-add per element, and a
   hand-written backward (`jax.custom_vjp`) that needs two per-group reductions instead of
   what autodiff of the forward generates. The math is GroupNorm's; tests check it against flax.
-- `make_optimizer(name, lr)`: `adam` (optax.adam, what the trainer uses) or `adam_flat`
+- `make_optimizer(name, lr)`: `adam` (flaxdose.optim.adam, what the trainer uses) or `adam_flat`
   (optax.flatten: one concatenated vector, so the update is a few large kernels instead of a
   few per parameter).
 """
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxdose import optim
 from flaxdose.errors import FlaxdoseError
 
 # Flag names checked against the jaxlib of the dev machine (an unknown flag aborts XLA).
@@ -45,17 +46,18 @@ def xla_flags_for(name_or_flags: str) -> str:
         return name_or_flags
     if name_or_flags not in XLA_FLAG_PRESETS:
         raise FlaxdoseError(
-            f"unknown --xla-flags preset {name_or_flags!r}; choose one of {sorted(XLA_FLAG_PRESETS)} "
+            f"unknown --xla_flags preset {name_or_flags!r}; choose one of {sorted(XLA_FLAG_PRESETS)} "
             "or pass raw flags starting with '--'"
         )
     return XLA_FLAG_PRESETS[name_or_flags]
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """The trainer's Adam (`flaxdose.optim.adam`), or the same on one flattened parameter vector."""
     if name == "adam":
-        return optax.adam(learning_rate)
+        return optim.adam(learning_rate)
     if name == "adam_flat":
-        return optax.flatten(optax.adam(learning_rate))
+        return optax.flatten(optim.adam(learning_rate))
     raise FlaxdoseError(f"unknown --optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 

@@ -87,8 +87,8 @@ class BenchOptions:
         for name, values, allowed in [
             ("--frameworks", self.frameworks, FRAMEWORKS),
             ("--tasks", self.tasks, TASKS),
-            ("--torch-variants", self.torch_variants, TORCH_VARIANTS),
-            ("--flax-step", self.flax_step, FLAX_STEPS),
+            ("--torch_variants", self.torch_variants, TORCH_VARIANTS),
+            ("--flax_step", self.flax_step, FLAX_STEPS),
         ]:
             for v in values:
                 _check_choice(allowed, v, name)
@@ -197,7 +197,7 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
     import jax
     import jax.numpy as jnp
 
-    from flaxdose import trainer
+    from flaxdose import inference, trainer
     from flaxdose.bench.levers import make_optimizer, with_groupnorm
     from flaxdose.model import count_params, init_params, preset
 
@@ -254,7 +254,7 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
                     emit(row)
                 del state, dev_batches, compiled
         if "infer" in opts.tasks:
-            predict = jax.jit(with_groupnorm(trainer.make_predict_fn(spec), opts.groupnorm))
+            predict = jax.jit(with_groupnorm(inference.make_predict_fn(spec), opts.groupnorm))
             x = jax.device_put(_random_batch(rng, 1, opts.volume, spec.in_channels)["inputs"], devices[0])
             p = jax.device_put(params, devices[0])
             t = time.perf_counter()
@@ -277,7 +277,7 @@ def _short(dtype: str) -> str:
 def _phantom_dataset(opts, root: Path):
     """Write (once per run) the phantom dataset the end-to-end number reads through grain."""
     from flaxdose.data import write_dataset
-    from flaxdose.data.phantom import phantom_cases
+    from flaxdose.synthetic.phantom import phantom_cases
 
     path = root / "data"
     if not path.is_dir():

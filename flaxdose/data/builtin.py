@@ -22,7 +22,7 @@ def resolve_dataset(data_cfg, workdir: str | Path) -> Dataset:
         return Dataset.open(data_cfg.path)
     cache = Path(data_cfg.cache_dir or Path(workdir) / "data")
     if kind == "synthetic":
-        from flaxdose.data import synth  # the VMAT generator pulls in more JAX code; load on demand
+        from flaxdose.synthetic import generator as synth  # the VMAT generator pulls in more JAX code; load on demand
 
         name = f"{data_cfg.style}_scale{data_cfg.scale:g}_seed{data_cfg.seed}_{data_cfg.n_train}-{data_cfg.n_test}"
         root = synth.ensure_dataset(
@@ -35,7 +35,7 @@ def resolve_dataset(data_cfg, workdir: str | Path) -> Dataset:
 
 
 def _phantom_dataset(cache: Path, data_cfg) -> Dataset:
-    from flaxdose.data.phantom import phantom_cases
+    from flaxdose.synthetic.phantom import phantom_cases
 
     shape = tuple(data_cfg.phantom_shape)
     root = cache / f"phantom_{'x'.join(map(str, shape))}_seed{data_cfg.seed}_{data_cfg.n_train}-{data_cfg.n_test}"

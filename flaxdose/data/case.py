@@ -25,12 +25,23 @@ from flaxdose.io import atomic_folder
 
 # TG-263 names of the prostate set, in the model's input-channel order.
 PROSTATE_STRUCTURES = ("PTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Body")
+BODY = "Body"  # the external contour: no dose outside it
 
 MANIFEST = "manifest.json"
 CASES_DIR = "cases"
 DATASET_FORMAT = "flaxdose-dataset"
 DATASET_VERSION = 1
 _CASE_FORMAT = "flaxdose-case-v1"
+
+
+def is_target(structure: str) -> bool:
+    """Whether a structure is a target: its name starts with "PTV" (PTV, PTV_7000, PTV56, ...)."""
+    return structure.upper().startswith("PTV")
+
+
+def target_names(structures: Sequence[str]) -> tuple[str, ...]:
+    """The targets among `structures`, in their order (see `is_target`)."""
+    return tuple(s for s in structures if is_target(s))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,6 +87,21 @@ class Case:
             raise FlaxdoseError(
                 f"case {self.case_id!r} has no structure {structure!r}; it has {list(self.structures)}"
             ) from None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Names of the target structures (see `is_target`)."""
+        return target_names(self.structures)
+
+    def dose_region(self) -> np.ndarray | None:
+        """bool (X, Y, Z): where a plan can deposit dose, or None when the case does not say.
+
+        The possible-dose mask when the case has one (OpenKBP's rule), else the body.
+        Predictions are zero outside it and isodose Dice is computed inside it.
+        """
+        if self.possible_dose_mask is not None:
+            return self.possible_dose_mask
+        return self.mask(BODY) if BODY in self.structures else None
 
     def replace(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)

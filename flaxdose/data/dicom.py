@@ -36,7 +36,7 @@ from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
 from flaxdose.data.structures import AliasTable, Roi
 from flaxdose.errors import FlaxdoseError
 
-# The model grid: the synthetic data's grid (flaxdose.data.anatomy), centred on the PTV.
+# The model grid: the synthetic data's grid (flaxdose.synthetic.anatomy), centred on the PTV.
 MODEL_SHAPE = (120, 120, 64)
 MODEL_SPACING_MM = (4.0, 4.0, 3.0)
 

@@ -37,7 +37,7 @@ def case_to_example(case: Case) -> dict[str, np.ndarray]:
 
 def target_centroid(case: Case) -> np.ndarray:
     """Voxel centroid of all targets (structures named PTV...), else the volume centre."""
-    targets = [m for name, m in zip(case.structures, case.masks) if name.upper().startswith("PTV")]
+    targets = [case.mask(name) for name in case.targets]
     union = np.any(targets, axis=0) if targets else np.zeros(case.shape, bool)
     return (np.argwhere(union).mean(axis=0) if union.any() else np.array(case.shape) / 2).astype(np.float32)
 

@@ -173,7 +173,7 @@ def _capsule(x, y, z, p0, p1, radius):
     return (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2 <= radius**2
 
 
-def rasterize(anatomy: Anatomy, grid: Grid) -> np.ndarray:
+def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
     """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order; organs are clipped to the body."""
     ax, ay, az = grid.axes()
     x, y, z = ax[:, None, None], ay[None, :, None], az[None, None, :]

@@ -1,7 +1,7 @@
 """A fast analytic phantom: ellipsoid structures and a smooth dose fall-off around the PTV.
 
 This is the tiny, instant data of the unit tests. The realistic built-in data (anatomy
-variability, optimized VMAT dose in five planning styles) lives in `flaxdose.data.synth`.
+variability, optimized VMAT dose in five planning styles) lives in `flaxdose.synthetic.generator`.
 """
 
 from __future__ import annotations

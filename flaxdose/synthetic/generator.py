@@ -1,11 +1,9 @@
 """Synthetic prostate VMAT plans in the paper's five planning styles: the built-in data.
 
-    python -m flaxdose.data.synth --style internal_c --n 20 --seed 0 --out DIR [--scale 0.5]
-    python -m flaxdose.data.synth --study DIR [--seed 0] [--scale 1.0]   # Table 1 sizes
-    python -m flaxdose.data.synth --report DIR                           # style signatures
+The command line is `flaxdose.synth`.
 
-Anatomy depends only on (seed, anatomy index) (`flaxdose.data.anatomy`); the dose is
-optimized per style (`flaxdose.data.vmat`, styles in `flaxdose.data.styles`) and normalized
+Anatomy depends only on (seed, anatomy index) (`flaxdose.synthetic.anatomy`); the dose is
+optimized per style (`flaxdose.synthetic.vmat`, styles in `flaxdose.synthetic.styles`) and normalized
 so the PTV D95 equals the prescription (70 Gy in 28 fractions). Anatomy indices: a dataset's
 training cases use 0..n_train-1 and its test cases TEST_ANATOMY_BASE + 0..n_test-1, so the
 test patients are never anyone's training patients and every style generated with the same
@@ -16,7 +14,6 @@ See docs/synthetic_data.md.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,10 +22,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from flaxdose.data import anatomy as anat
-from flaxdose.data import vmat
+from flaxdose.synthetic import anatomy as anat
+from flaxdose.synthetic import vmat
 from flaxdose.data.case import MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
-from flaxdose.data.styles import FRACTIONS, PRESCRIPTION_GY, STYLE_TABLE, STYLES
+from flaxdose.synthetic.styles import FRACTIONS, PAPER_SPLITS, PRESCRIPTION_GY, STYLE_TABLE, STYLES
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dvh_metrics, isodose_dice
 
@@ -44,9 +41,8 @@ __all__ = [
     "style_report",
 ]
 
-GENERATOR = "flaxdose.data.synth"
+GENERATOR = "flaxdose.synthetic"
 GENERATOR_VERSION = 1  # bump whenever the bytes a seed produces change: caches regenerate
-PAPER_SPLITS = {"source": (108, 10), "internal_a": (29, 5), "internal_b": (14, 2), "internal_c": (17, 3), "external": (20, 40)}
 TEST_ANATOMY_BASE = 5000  # test anatomies start here; training anatomies at 0
 LOBE_LEVEL = 0.2  # the isodose (fraction of Rx) whose lobes tell the external style apart
 LOBE_DIRECTIONS = 72  # axial directions (every 5 degrees) of the isodose radius
@@ -58,9 +54,9 @@ def _check_style(style: str) -> None:
         raise FlaxdoseError(f"unknown style {style!r}; choose one of: {', '.join(STYLES)}")
 
 
-def _check_count(n, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise FlaxdoseError(f"{what} must be a positive whole number of cases, got {n!r}")
+def _check_count(n, what: str, minimum: int = 1) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < minimum:
+        raise FlaxdoseError(f"{what} must be a whole number of cases >= {minimum}, got {n!r}")
     return int(n)
 
 
@@ -87,7 +83,7 @@ def generate_case(style: str, seed: int, index: int, scale: float = 1.0) -> Case
     dose = np.asarray(
         vmat.dose_on_grid(angles, fluence, np.asarray(patient.iso, np.float32), patient.body_ellipse(az), ax, ay, az)
     )
-    masks = anat.rasterize(patient, grid)
+    masks = anat.structure_masks(patient, grid)
     # Clinics normalize the plan so 95 % of the PTV receives the prescription.
     d95 = dvh_metrics(dose, masks[0], grid.spacing_mm)["D95"]
     dose = (dose * np.float32(PRESCRIPTION_GY / d95)).astype(np.float32)
@@ -162,10 +158,11 @@ def ensure_dataset(
 ) -> Path:
     """The dataset of these parameters at `root`: reused if already there, else generated atomically.
 
-    Splits are "train" and "test". A `root` holding anything else is refused unless `overwrite`.
+    Splits are "train" and "test" (empty when `n_test` is 0). A `root` holding anything else
+    is refused unless `overwrite`. Raises FlaxdoseError for an unknown style, bad counts or scale.
     """
     _check_style(style)
-    n_train, n_test = _check_count(n_train, "n_train"), _check_count(n_test, "n_test")
+    n_train, n_test = _check_count(n_train, "n_train"), _check_count(n_test, "n_test", minimum=0)
     if n_train > TEST_ANATOMY_BASE:
         raise FlaxdoseError(f"n_train must be at most {TEST_ANATOMY_BASE} (test anatomies start there), got {n_train}")
     anat.grid_for_scale(scale)
@@ -187,7 +184,8 @@ def ensure_dataset(
 
     def cases():
         for start, n in (train, test):
-            yield from iter_cases(style, n, seed, scale, start, progress)
+            if n:
+                yield from iter_cases(style, n, seed, scale, start, progress)
 
     write_dataset(root, cases(), splits, overwrite=overwrite, extra={"synth": params})
     return root
@@ -320,79 +318,3 @@ def format_report(report: Mapping[str, Mapping[str, float]]) -> str:
         "on the same anatomies; x/src = ratio to source on the same anatomies"
     )
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ CLI
-def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_string("style", None, f"planning style: {', '.join(STYLES)}")
-    flags.DEFINE_integer("n", None, "number of cases (with --style/--out)")
-    flags.DEFINE_integer("n_test", 0, "with --style/--out: also this many test cases (a 'test' split)")
-    flags.DEFINE_integer("seed", 0, "anatomy seed; the same seed gives the same patients in every style")
-    flags.DEFINE_float("scale", 1.0, "grid scale: 1.0 = 120x120x64 (4x4x3 mm), 0.5 = 60x60x32 for quick CPU runs")
-    flags.DEFINE_string("out", None, "output dataset folder (with --style and --n)")
-    flags.DEFINE_string("study", None, "write all five styles with the paper's Table 1 sizes into this folder")
-    flags.DEFINE_string("report", None, "print the style signature report of a study (or dataset) folder")
-    flags.DEFINE_bool("overwrite", False, "replace an output folder that holds other data")
-    return flags.FLAGS
-
-
-def run(argv_flags) -> int:
-    f = argv_flags
-    modes = [m for m in ("out", "study", "report") if getattr(f, m)]
-    if len(modes) != 1:
-        raise FlaxdoseError("pass exactly one of --out (with --style and --n), --study DIR, or --report DIR")
-    if f.out:
-        if f.style is None or f.n is None:
-            raise FlaxdoseError("--out needs --style and --n, e.g. --style internal_c --n 20 --out DIR")
-        t0 = time.perf_counter()
-        n_test = f.n_test if f.n_test else None
-        _check_style(f.style)
-        if n_test is None:  # only a training split
-            _check_count(f.n, "--n")
-            root = _ensure_train_only(Path(f.out), f.style, f.n, f.seed, f.scale, f.overwrite)
-        else:
-            root = ensure_dataset(f.out, f.style, f.n, n_test, f.seed, f.scale, True, f.overwrite)
-        total = f.n + (n_test or 0)
-        print(f"wrote {total} {f.style} cases to {root} ({(time.perf_counter() - t0) / total:.2f} s per case)")
-    elif f.study:
-        t0 = time.perf_counter()
-        generate_study(f.study, f.seed, f.scale, f.overwrite)
-        total = sum(a + b for a, b in PAPER_SPLITS.values())
-        elapsed = time.perf_counter() - t0
-        print(f"study: {total} cases in {elapsed / 60:.1f} min ({elapsed / total:.2f} s per case) under {f.study}")
-    else:
-        print(format_report(style_report(load_study(f.report))))
-    return 0
-
-
-def _ensure_train_only(root: Path, style: str, n: int, seed: int, scale: float, overwrite: bool) -> Path:
-    """--style/--n/--out without --n_test: one "train" split of anatomies 0..n-1."""
-    params = {**_dataset_params(style, n, 0, seed, scale), "test_anatomies": [TEST_ANATOMY_BASE, TEST_ANATOMY_BASE]}
-    if _existing_params(root) == params:
-        return root
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise FlaxdoseError(f"{root} already holds other data; choose an empty folder, delete it, or pass --overwrite")
-    splits = {"train": [case_id(style, seed, i) for i in range(n)], "test": []}
-    write_dataset(root, iter_cases(style, n, seed, scale, 0, True), splits, overwrite=overwrite, extra={"synth": params})
-    return root
-
-
-def main(argv):
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        return run(flags.FLAGS)
-    except FlaxdoseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

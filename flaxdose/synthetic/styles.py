@@ -25,6 +25,8 @@ import numpy as np
 # hypofractionation), normalized so the PTV D95 equals the prescription.
 PRESCRIPTION_GY = 70.0
 FRACTIONS = 28
+# (training, test) plans per style: the paper's Table 1.
+PAPER_SPLITS = {"source": (108, 10), "internal_a": (29, 5), "internal_b": (14, 2), "internal_c": (17, 3), "external": (20, 40)}
 
 # VMAT arcs are modelled as static control points this far apart (two full arcs' worth of
 # directions, 10 degrees apart, like a coarse TPS arc sampling).

@@ -14,7 +14,7 @@ and across field edges as a 6 MV beam does, so optimized plans show the real tra
 
 Fluence is optimized (Adam, projected onto fluence >= 0) on the fixed coarse optimization grid
 (the scale-0.5 grid, 8 x 8 x 6 mm, body columns only) against the objectives of a
-`flaxdose.data.styles.Style`; the final dose is computed from the optimized fluence on the
+`flaxdose.synthetic.styles.Style`; the final dose is computed from the optimized fluence on the
 requested grid. Shapes are static per (number of beams, grid), so every case of a style and
 grid reuses one compilation; the style's weights are traced arguments.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from scipy import ndimage
 
-from flaxdose.data import anatomy as anat
+from flaxdose.synthetic import anatomy as anat
 
 # Beam physics (10 MV-like, a common prostate energy).
 SAD_MM = 1000.0  # source-axis distance: inverse square and divergence
@@ -209,12 +209,12 @@ def dose_on_grid(angles, fluence, iso, ellipse, x, y, z):
 def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray) -> dict:
     """Everything the optimizer needs about one patient, padded to static shapes (numpy)."""
     grid = anat.grid_for_scale(OPT_SCALE)
-    masks = anat.rasterize(anatomy, grid)
+    masks = anat.structure_masks(anatomy, grid)
     _, bladder, rectum, fl, fr, body = masks
     # Coarse voxels at least PTV_FILL full of full-grid PTV count as PTV, not normal tissue
     # or OAR, for the coarse objectives (the PTV objectives use the full-grid PTV box below).
     fine = anat.grid_for_scale(1.0)
-    ptv_fine = anat.rasterize(anatomy, fine)[0]
+    ptv_fine = anat.structure_masks(anatomy, fine)[0]
     f = [n // c for n, c in zip(fine.shape, grid.shape)]
     ptv = ptv_fine.reshape(grid.shape[0], f[0], grid.shape[1], f[1], grid.shape[2], f[2]).mean(axis=(1, 3, 5)) >= PTV_FILL
     ptv &= body

@@ -1,0 +1,280 @@
+"""Evaluate predicted doses against the reference (clinical) doses: tables, statistics, figures.
+
+The command line is `flaxdose.evaluate`. `write_report` writes into a report folder:
+
+- ``cases.csv``: one row per case x model: isodose Dice at 10 %..100 % of the prescription
+  (``dice_10``..``dice_100``, ``dice_mean``) and, for every DVH metric (PTV Dmean/D2/D95/D98,
+  OAR Dmean/D2), the reference and predicted value and the error prediction - reference in
+  Gy and % of the prescription, signed (``err_gy``, ``err_pct``) and absolute (``abs_err_*``);
+- ``summary.json``: per model the mean, SD (ddof=1) and median of every metric; with two or
+  more models, paired t-tests (scipy.stats.ttest_rel, pairs = the same case, NaN pairs
+  dropped) of each model against the first, per metric;
+- ``report.md``: the short table; ``dice.png``, ``dvh_errors.png`` and ``case_<id>.png``
+  (see flaxdose.plots).
+
+Metric conventions are those of flaxdose.metrics. Isodose Dice is restricted to the
+reference case's dose region (`Case.dose_region`: the body, or OpenKBP's possible-dose
+mask); targets are `Case.targets` (names starting with "PTV").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from flaxdose.data.case import Case, Dataset, target_names
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder
+from flaxdose.metrics import ISODOSE_LEVELS, dvh_errors, isodose_dice, plan_dvh_metrics
+
+DICE_KEYS = tuple(f"dice_{round(level * 100)}" for level in ISODOSE_LEVELS) + ("dice_mean",)
+ERROR_SUFFIXES = ("err_gy", "err_pct", "abs_err_gy", "abs_err_pct")
+ID_COLUMNS = ("case_id", "model", "style", "prescription_gy")
+
+
+class Evaluation(NamedTuple):
+    rows: list[dict]  # one per case x model, see the module docstring
+    references: list[Case]
+    predictions: dict[str, list[Case]]  # model name -> predicted cases, in reference order
+
+
+# ---------------------------------------------------------------- per case
+def check_same_grid(pred: Case, ref: Case) -> None:
+    """Raise unless `pred` is a dose for the reference case on the reference's voxel grid."""
+    where = f"prediction for case {ref.case_id!r}"
+    if pred.case_id != ref.case_id:
+        raise FlaxdoseError(f"{where} is case {pred.case_id!r}; give predictions in the order of the reference cases")
+    if pred.dose is None or ref.dose is None:
+        raise FlaxdoseError(f"case {ref.case_id!r}: both the prediction and the reference need a dose")
+    if pred.dose.shape != ref.dose.shape or not np.allclose(pred.spacing_mm, ref.spacing_mm) \
+            or not np.allclose(pred.origin_mm, ref.origin_mm):
+        raise FlaxdoseError(
+            f"{where} is on grid {pred.dose.shape} spacing {pred.spacing_mm} origin {pred.origin_mm}, the reference on "
+            f"{ref.dose.shape} spacing {ref.spacing_mm} origin {ref.origin_mm}; resample the prediction onto the reference grid"
+        )
+    if not ref.prescription_gy > 0:
+        raise FlaxdoseError(f"reference case {ref.case_id!r} has no prescription; set prescription_gy to evaluate")
+
+
+def evaluate_case(pred: Case, ref: Case, model: str) -> dict:
+    """One row: Dice per isodose level and DVH-metric values and errors (see module docstring)."""
+    check_same_grid(pred, ref)
+    rx = ref.prescription_gy
+    dice = isodose_dice(pred.dose, ref.dose, rx, body=ref.dose_region())
+    row = {"case_id": ref.case_id, "model": model, "style": ref.style, "prescription_gy": rx,
+           **{k: v for k, v in dice.items() if k != "mean"}, "dice_mean": dice["mean"]}
+    targets = ref.targets
+    ref_m = plan_dvh_metrics(ref.dose, ref.masks, ref.structures, ref.spacing_mm, targets=targets)
+    pred_m = plan_dvh_metrics(pred.dose, ref.masks, ref.structures, ref.spacing_mm, targets=targets)
+    errors = dvh_errors(pred_m, ref_m, rx)
+    for key in ref_m:
+        row[f"{key} ref_gy"], row[f"{key} pred_gy"] = ref_m[key], pred_m[key]
+        row[f"{key} err_gy"], row[f"{key} err_pct"] = errors[f"{key} err_gy"], errors[f"{key} err_pct"]
+        row[f"{key} abs_err_gy"], row[f"{key} abs_err_pct"] = abs(row[f"{key} err_gy"]), abs(row[f"{key} err_pct"])
+    return row
+
+
+def evaluate_predictions(predictions: Mapping[str, Sequence[Case]], references: Sequence[Case]) -> list[dict]:
+    """Rows for every model x case; `predictions[model]` lists one Case per reference, same order."""
+    if not references:
+        raise FlaxdoseError("no reference cases to evaluate; the split is empty")
+    rows = []
+    for model, cases in predictions.items():
+        if len(cases) != len(references):
+            raise FlaxdoseError(f"model {model!r} has {len(cases)} predictions for {len(references)} reference cases")
+        rows += [evaluate_case(p, r, model) for p, r in zip(cases, references)]
+    return rows
+
+
+# ---------------------------------------------------------------- models and datasets
+def load_references(dataset: Dataset, split: str) -> list[Case]:
+    ids = dataset.split(split)
+    if not ids:
+        raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; choose a split with cases (e.g. 'test')")
+    cases = [dataset.load(i) for i in ids]
+    missing = [c.case_id for c in cases if c.dose is None]
+    if missing:
+        raise FlaxdoseError(f"cases {missing[:5]} of {dataset.root} have no reference dose; evaluate only planned cases")
+    return cases
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Make model names distinct ("w", "w" -> "w", "w (2)"): they key the tables and legends."""
+    out = []
+    for name in names:
+        candidate, k = name, 2
+        while candidate in out:
+            candidate, k = f"{name} ({k})", k + 1
+        out.append(candidate)
+    return out
+
+
+def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, batch_size: int = 1) -> Evaluation:
+    """Predict the split with every model and evaluate against its doses.
+
+    `models` maps names to objects with ``predict(cases, batch_size=, progress=) -> cases``
+    (`flaxdose.inference.Model`, or any other predictor). Raises FlaxdoseError for an empty
+    split or cases without a reference dose.
+    """
+    references = load_references(dataset, split)
+    predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
+    return Evaluation(evaluate_predictions(predictions, references), references, predictions)
+
+
+# ---------------------------------------------------------------- statistics
+def metric_columns(rows: Sequence[dict]) -> list[str]:
+    """Dice columns then every DVH error column, in table order."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [k for k in columns if k in DICE_KEYS or k.rsplit(" ", 1)[-1] in ERROR_SUFFIXES]
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _by_model(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """model -> case_id -> row."""
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        out.setdefault(row["model"], {})[row["case_id"]] = row
+    return out
+
+
+def describe(values: Sequence[float]) -> dict:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": None, "sd": None, "median": None, "n": 0}
+    sd = float(np.std(v, ddof=1)) if v.size > 1 else float("nan")
+    return {"mean": _finite(v.mean()), "sd": _finite(sd), "median": _finite(np.median(v)), "n": int(v.size)}
+
+
+def paired_ttest(rows: Sequence[dict], model_a: str, model_b: str) -> dict:
+    """scipy.stats.ttest_rel of model_b vs model_a per metric over the cases both evaluated."""
+    from scipy import stats
+
+    by_model = _by_model(rows)
+    cases = [c for c in by_model[model_a] if c in by_model[model_b]]
+    p_values, differences = {}, {}
+    for metric in metric_columns(rows):
+        a = np.array([by_model[model_a][c].get(metric, np.nan) for c in cases], float)
+        b = np.array([by_model[model_b][c].get(metric, np.nan) for c in cases], float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        differences[metric] = _finite(np.mean(b[keep] - a[keep])) if keep.any() else None
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # constant differences -> NaN p-value, reported as null
+            p = stats.ttest_rel(b[keep], a[keep]).pvalue if keep.sum() >= 2 else float("nan")
+        p_values[metric] = _finite(p)
+    return {"models": [model_a, model_b], "num_pairs": len(cases), "p_values": p_values,
+            "mean_difference": differences}
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Per-model statistics of every metric and paired t-tests of each model against the first."""
+    by_model = _by_model(rows)
+    models = list(by_model)
+    columns = metric_columns(rows)
+    summary = {
+        "models": models,
+        "num_cases": {m: len(cases) for m, cases in by_model.items()},
+        "metrics": {m: {k: describe([r.get(k, np.nan) for r in cases.values()]) for k in columns}
+                    for m, cases in by_model.items()},
+        "paired_ttests": [paired_ttest(rows, models[0], other) for other in models[1:]],
+    }
+    return summary
+
+
+def mean_dvh_error_pct(summary: dict, model: str) -> float | None:
+    """Mean absolute DVH-metric error (% of prescription) of a model, averaged over the metrics."""
+    means = [v["mean"] for k, v in summary["metrics"][model].items() if k.endswith(" abs_err_pct") and v["mean"] is not None]
+    return float(np.mean(means)) if means else None
+
+
+# ---------------------------------------------------------------- report
+def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    fields = list(ID_COLUMNS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ID_COLUMNS]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="nan")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+def _markdown(summary: dict, split_note: str) -> str:
+    models, test = summary["models"], (summary["paired_ttests"] or [None])[0]
+    shown = [k for k in next(iter(summary["metrics"].values())) if k in DICE_KEYS or k.endswith(" err_pct")]
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["sd"] is not None \
+        else f"{s['mean']:.3f}"
+    head = ["metric", *models] + ([f"p ({test['models'][1]} vs {test['models'][0]})"] if test else [])
+    lines = [f"# Dose-prediction evaluation\n\n{split_note}\n",
+             "Dice: isodose volumes at % of prescription. DVH errors: prediction − reference, % of prescription.",
+             "Values: mean ± SD over cases.\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in shown:
+        cells = [k, *(fmt(summary["metrics"][m][k]) for m in models)]
+        if test:
+            p = test["p_values"].get(k)
+            cells.append("n/a" if p is None else f"{p:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figures(rows: Sequence[dict], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],
+             folder: Path, example_case: str | None) -> list[str]:
+    from flaxdose import plots  # matplotlib only when figures are drawn
+
+    by_model = _by_model(rows)
+    dice_keys = [k for k in DICE_KEYS if k != "dice_mean"]
+    dice = {m: np.array([[r[k] for k in dice_keys] for r in cases.values()]) for m, cases in by_model.items()}
+    plots.dice_curve(dice, [int(k.split("_")[1]) for k in dice_keys], folder / "dice.png")
+    errors = {m: {k.removesuffix(" err_pct"): [r[k] for r in cases.values()] for k in next(iter(cases.values()))
+                  if k.endswith(" err_pct") and not k.endswith("abs_err_pct")} for m, cases in by_model.items()}
+    metrics = list(next(iter(errors.values())))
+    targets = set(target_names(references[0].structures))
+    files = ["dice.png"]
+    if metrics:  # cases with only a body have no DVH metrics
+        plots.dvh_error_violins(errors, [k for k in metrics if k.split(" ")[0] in targets],
+                                [k for k in metrics if k.split(" ")[0] not in targets], folder / "dvh_errors.png")
+        files.append("dvh_errors.png")
+    index = _example_index(rows, references, example_case)
+    case_png = f"case_{references[index].case_id}.png"
+    plots.case_figure(references[index], {m: p[index] for m, p in predictions.items()}, folder / case_png)
+    return [*files, case_png]
+
+
+def _example_index(rows: Sequence[dict], references: Sequence[Case], example_case: str | None) -> int:
+    """The requested case, else the one with the median mean Dice of the first model (a typical case)."""
+    ids = [c.case_id for c in references]
+    if example_case is not None:
+        if example_case not in ids:
+            raise FlaxdoseError(f"example case {example_case!r} is not in the evaluated split; it has {ids[:10]}")
+        return ids.index(example_case)
+    first = _by_model(rows)[rows[0]["model"]]
+    scores = np.array([first[i]["dice_mean"] for i in ids])
+    return int(np.argsort(scores)[(len(scores) - 1) // 2])
+
+
+def write_report(rows: Sequence[dict], out_dir: str | Path, reference_cases: Sequence[Case],
+                 predictions: Mapping[str, Sequence[Case]], *, overwrite: bool = False,
+                 example_case: str | None = None, note: str = "") -> dict:
+    """Write cases.csv, summary.json, report.md and the PNG figures into `out_dir` atomically.
+
+    Everything is written into a temporary folder next to `out_dir` and renamed at the end, so
+    an interrupted run never leaves a half-written report. Returns the summary dict.
+    """
+    if not rows:
+        raise FlaxdoseError("no evaluation rows to report; evaluate at least one case")
+    with atomic_folder(out_dir, overwrite) as tmp:
+        summary = summarize(rows)
+        write_csv(rows, tmp / "cases.csv")
+        summary["figures"] = _figures(rows, reference_cases, predictions, tmp, example_case)
+        summary["note"] = note
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        (tmp / "report.md").write_text(_markdown(summary, note))
+    return summary

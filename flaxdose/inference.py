@@ -1,0 +1,187 @@
+"""Inference: a trained model as an object that predicts dose for cases.
+
+`Model` holds the architecture, parameters, the structures it expects and its training
+patch size; build it from a workdir (`Model.load`) or from a config and parameters
+(`Model.from_config`). Prediction runs sliding windows of the training patch size with
+50 % overlap and Gaussian blending, so the network always sees inputs like those it was
+trained on: with GroupNorm, a whole-volume pass normalizes over a different extent than
+the training patches and shifts the dose (``window=None`` still does that, for
+comparison). Dose is clipped at 0, converted from units of the prescription to Gy, and
+zeroed outside the case's dose region (`Case.dose_region`: the body, or OpenKBP's
+possible-dose mask).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from flaxdose import config as config_lib
+from flaxdose.checkpoint import find_checkpoint, restore_params
+from flaxdose.data.case import Case, Dataset, write_dataset
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import check_writable
+from flaxdose.model import UNet3D, UNetSpec, init_params
+
+
+@functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
+def make_predict_fn(spec: UNetSpec) -> Callable:
+    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> (N, X, Y, Z) dose / prescription."""
+    return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window offsets along one axis: stride window*(1-overlap), the last window flush with the end."""
+    if window >= size:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, size - window + 1, stride))
+    return starts if starts[-1] == size - window else [*starts, size - window]
+
+
+def gaussian_weights(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
+    """Blending weights peaking at the window centre (edges, with the least context, count least)."""
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / max(n * sigma_fraction, 1e-6)) ** 2) for n in window]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def sliding_window(run, volume: np.ndarray, window: Sequence[int], overlap: float = 0.5, batch_size: int = 1) -> np.ndarray:
+    """Predict a (X, Y, Z, C) `volume` window by window and blend the windows.
+
+    `run` maps (B, *window, C) inputs to (B, *window) outputs; windows of at most `window`
+    voxels overlap by `overlap` along each axis (`window_starts`) and are blended with
+    `gaussian_weights`. Returns float32 (X, Y, Z) in `run`'s units.
+    """
+    shape = volume.shape[:3]
+    window = tuple(min(w, n) for w, n in zip(window, shape))
+    corners = [(i, j, k) for i in window_starts(shape[0], window[0], overlap)
+               for j in window_starts(shape[1], window[1], overlap) for k in window_starts(shape[2], window[2], overlap)]
+    weights = gaussian_weights(window)
+    total, norm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for chunk in range(0, len(corners), batch_size):
+        members = corners[chunk : chunk + batch_size]
+        slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in members]
+        crops = np.stack([volume[s] for s in slices])
+        if len(members) < batch_size:  # one batch shape: one compilation
+            crops = np.concatenate([crops, np.zeros((batch_size - len(members), *crops.shape[1:]), crops.dtype)])
+        predicted = np.asarray(run(crops))
+        for row, s in enumerate(slices):
+            total[s] += predicted[row] * weights
+            norm[s] += weights
+    return total / norm
+
+
+class Model:
+    """A trained model: architecture, parameters, the structures it expects and its training patch size.
+
+    `predict` runs sliding windows of the training patch size (50 % overlap, Gaussian
+    blending): every window is exactly the input the model was trained on, including its
+    GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
+    (zero-padded to the down-sampling factor and cropped back).
+    """
+
+    def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
+                 window: Sequence[int] | None = None, overlap: float = 0.5):
+        self.spec, self.structures, self.name = spec, tuple(structures), name
+        self.window, self.overlap = (tuple(window) if window else None), overlap
+        self.params = jax.device_put(params)
+        self._predict = make_predict_fn(spec)
+
+    @classmethod
+    def from_config(cls, config, params, name: str = "model", full_volume: bool = False) -> Model:
+        """The model a run config trains (`config.model`, `config.data.structures`, its patch size), with `params`."""
+        window = None if full_volume else tuple(config.data.patch_shape)
+        return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window)
+
+    @classmethod
+    def load(cls, path: str | Path, which: str = "best", full_volume: bool = False) -> Model:
+        """From a training workdir, or a checkpoint path inside one (config.json is found above it).
+
+        `which`: "best" (lowest validation loss, else the latest) or "latest". Raises
+        FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
+        """
+        path = Path(path)
+        directory, _ = find_checkpoint(path, which)
+        config_file = next((p / "config.json" for p in [directory, *directory.parents] if (p / "config.json").is_file()), None)
+        if config_file is None:
+            raise FlaxdoseError(f"no config.json next to the checkpoint {directory}; pass the training workdir")
+        config = config_lib.load_config_json(config_file)
+        spec = UNetSpec.from_config(config.model)
+        template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
+        params, _ = restore_params(path, template, which)
+        return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume)
+
+    def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
+        """(X, Y, Z, C) uint8 masks -> (X, Y, Z) dose in units of the prescription."""
+        run = lambda x: self._predict(self.params, x)
+        if self.window is None:
+            return np.asarray(run(inputs[None]))[0]
+        return sliding_window(run, inputs, self.window, self.overlap, batch_size)
+
+    def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
+        """Predicted dose for each case, as copies of the cases with `dose` replaced.
+
+        The dose is float32 (X, Y, Z) in Gy: the network's output x the case's prescription,
+        clipped at 0 and zero outside `Case.dose_region`. Raises FlaxdoseError for a case whose
+        structures differ from the model's or that has no prescription.
+        """
+        for case in cases:
+            case.check_structures(self.structures)
+            if not case.prescription_gy > 0:
+                raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
+        out = []
+        for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
+            relative = self.predict_relative(np.moveaxis(case.masks, 0, -1).astype(np.uint8), batch_size)
+            dose = np.clip(relative, 0.0, None) * case.prescription_gy
+            region = case.dose_region()
+            if region is not None:  # no dose in the air around the patient
+                dose = dose * region
+            dose = dose.astype(np.float32)
+            out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": self.name}))
+        return out
+
+
+def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
+                    overwrite: bool = False) -> Dataset:
+    """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.
+
+    The written cases are copies of the inputs whose `dose` is the prediction (Gy), with the
+    split's name and ids. Raises FlaxdoseError for an empty split or an `out` that holds
+    files (unless `overwrite`); nothing half-written is left.
+    """
+    check_writable(out, overwrite)
+    dataset = Dataset.open(data)
+    ids = dataset.split(split)
+    if not ids:
+        raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; nothing to predict")
+    predictions = model.predict([dataset.load(i) for i in ids], batch_size=batch_size, progress=True)
+    return write_dataset(out, predictions, {split: ids}, overwrite=overwrite,
+                         extra={"predicted_by": str(model.name), "source_dataset": str(Path(data).resolve())})
+
+
+def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path, plan: str | None = None) -> Path:
+    """Write one RTDOSE of `predicted` on the CT it was imported from (see flaxdose.data.rtdose); its path."""
+    from flaxdose.data.rtdose import write_rtdose
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_rtdose(predicted, reference_ct, out_dir, plan_path=plan)
+
+
+def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
+    """Read a patient's DICOM-RT export onto the model grid and predict its dose (a Case, dose in Gy).
+
+    Raises FlaxdoseError when the export cannot be read or has no prescription (give one).
+    """
+    from flaxdose.data.dicom import read_rt
+
+    case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy)
+    if not case.prescription_gy > 0:
+        raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
+    return model.predict([case])[0]
