@@ -144,8 +144,8 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
 
 
 def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path, plan: str | None = None) -> Path:
-    """One RTDOSE of `predicted` on the CT it was imported from (see flaxdose.data.rtdose)."""
-    from flaxdose.data.rtdose import write_rtdose
+    """One RTDOSE of `predicted` on the CT it was imported from (see flaxdose.dicom.rtdose)."""
+    from flaxdose.dicom import write_rtdose
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_rtdose(predicted, reference_ct, out_dir, plan_path=plan)
@@ -153,7 +153,7 @@ def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path
 
 def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
     """Read a patient's DICOM-RT export onto the model grid and predict its dose."""
-    from flaxdose.data.dicom import read_rt
+    from flaxdose.dicom import read_rt
 
     case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy)
     if not case.prescription_gy > 0:
