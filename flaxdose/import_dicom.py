@@ -2,8 +2,10 @@
 
 ``python -m flaxdose.import_dicom SRC --out DATASET [--aliases FILE] [--grid model|dose|ct] ...``
 
-Exit status: 0 every plan imported; 1 some plans failed (the summary lists them, the others
-are imported); 2 the import could not run (one ``flaxdose: error:`` line). See docs/dicom.md.
+Prints a table per plan (structures with cc and dose coverage, dose type, prescription and
+its source, grid) and writes it as DATASET/import_report.csv. Exit status: 0 every plan
+imported; 1 some plans failed (the summary lists them, the others are imported); 2 the
+import could not run (one ``flaxdose: error:`` line). See docs/dicom.md.
 """
 
 from absl import flags
@@ -11,7 +13,7 @@ from absl import flags
 from flaxdose import cli
 from flaxdose.data.case import PROSTATE_STRUCTURES
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
-from flaxdose.dicom import AliasTable, import_dicom
+from flaxdose.dicom import MIN_COVERAGE, AliasTable, import_dicom
 from flaxdose.errors import FlaxdoseError
 
 flags.DEFINE_string("out", None, "dataset folder to write")
@@ -28,6 +30,8 @@ flags.DEFINE_float("prescription_gy", None, "override the prescription read from
 flags.DEFINE_float("test_fraction", 0.0, "fraction of cases put in the 'test' split")
 flags.DEFINE_integer("seed", 0, "seed of the train/test split")
 flags.DEFINE_bool("overwrite", False, "replace an existing dataset folder")
+flags.DEFINE_float("min_coverage", MIN_COVERAGE, "refuse a plan whose dose covers less than this fraction of a "
+                   "target's or OAR's contoured volume (the body's coverage is only recorded)")
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +44,7 @@ def main(argv):
         aliases=AliasTable.from_file(FLAGS.aliases),
         keep_ids=FLAGS.keep_ids, salt=FLAGS.salt, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
         overwrite=FLAGS.overwrite, include_ct=FLAGS.include_ct, style=FLAGS.style,
-        prescription_gy=FLAGS.prescription_gy,
+        prescription_gy=FLAGS.prescription_gy, min_coverage=FLAGS.min_coverage,
         model_shape=[int(v) for v in FLAGS.model_shape],
         model_spacing_mm=[float(v) for v in FLAGS.model_spacing_mm],
     )
