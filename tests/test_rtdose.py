@@ -8,8 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from flaxdose.data.dicom import Grid, read_dose, read_rt, resample
-from flaxdose.data.rtdose import dose_grid_scaling, write_rtdose
+from flaxdose.dicom import Grid, dose_grid_scaling, read_dose, read_rt, resample, write_rtdose
 from flaxdose.errors import FlaxdoseError
 
 
