@@ -2,7 +2,7 @@
 
 ``python -m flaxdose.predict --workdir W --data DIR --split test --out OUT`` predicts every
 case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy).
-``--rtdose-out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
+``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
 RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
 DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid. Sliding windows of the
 training patch size by default; ``--full_volume`` predicts each volume in one pass.
@@ -37,6 +37,8 @@ def define_flags() -> None:
 
 
 def main(argv):
+    """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
+    optionally write one prediction as RTDOSE. Raises FlaxdoseError for missing or conflicting flags."""
     del argv
     if not (FLAGS.workdir or FLAGS.checkpoint) or not (FLAGS.data or FLAGS.dicom):
         raise FlaxdoseError(

@@ -21,6 +21,7 @@ ENOUGH_DICE_MARGIN = 0.01
 
 
 def curve_name(row: dict, several_rates: bool) -> str:
+    """A curve's label: the mode, plus the learning rate when its mode was run at several."""
     return f"{row['mode']} lr {row['learning_rate']:g}" if several_rates else row["mode"]
 
 
@@ -44,6 +45,7 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def plans_needed(by_n: dict[int, list[float]]) -> str:
+    """The fewest plans n whose mean Dice over seeds is within ENOUGH_DICE_MARGIN of the curve's best, as text."""
     means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
     best = max(means.values())
     enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
@@ -51,6 +53,10 @@ def plans_needed(by_n: dict[int, list[float]]) -> str:
 
 
 def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: str) -> list[str]:
+    """Markdown table lines: one row per plan count (row 0: the unadapted `baseline`), one column per curve.
+
+    Cells are mean ± SD over seeds (number of runs), "-" where a curve has no run.
+    """
     names = list(style_curves)
     ns = sorted({n for c in style_curves.values() for n in c})
     lines = [f"| plans | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
@@ -62,6 +68,11 @@ def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: 
 
 
 def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str) -> str:
+    """summary.md: provenance, then per style the Dice and DVH-error tables and the plans needed per curve.
+
+    rows: result.json dicts of finished runs; baselines: the unadapted source model per style;
+    n_total: runs in the grid; config: the sweep config (for the run settings shown).
+    """
     by_style = {b["style"]: b for b in baselines}
     dice, dvh = curves(rows, "dice_mean"), curves(rows, "dvh_abs_err_pct")
     waves = {(r["wave_layout"], r["wave_wall_s"], r["mode"]) for r in rows}

@@ -48,6 +48,12 @@ def shard() -> tuple[int, int]:
 
 
 def main(argv):
+    """absl main: run the `--stage` of the sweep in `--workdir`, as shard `shard()` of the runs.
+
+    With `all`, a single process prepares, trains and reports; of several shards each trains and
+    shard 0 writes the report from the runs finished so far. Raises FlaxdoseError without
+    --workdir, for a training (not sweep) config, or for `prepare` run as several shards.
+    """
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the sweep folder")

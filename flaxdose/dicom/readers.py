@@ -69,7 +69,13 @@ class CtSeries:
 
 
 def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
-    """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing."""
+    """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing.
+
+    `hu` (float32 [x, y, z], stored value x RescaleSlope + RescaleIntercept) is read only with
+    `load_pixels`. Raises FlaxdoseError for no files, slices of mixed orientation / spacing /
+    size, an oblique or tilted series, duplicate or missing slices, non-uniform spacing, and
+    damaged files.
+    """
     if not files:
         raise FlaxdoseError("no CT slices found; export the planning CT with the plan")
     items = []
