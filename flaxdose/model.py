@@ -47,6 +47,8 @@ class UNetSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+        if self.groups < 1:
+            raise FlaxdoseError(f"model.groups must be >= 1, got {self.groups}")
         if len(self.features) < 2:
             raise FlaxdoseError(f"model.features needs at least 2 levels, got {self.features}")
         bad = [f for f in self.features if f % self.groups]
@@ -69,9 +71,12 @@ class UNetSpec:
 
     @classmethod
     def from_config(cls, cfg) -> UNetSpec:
-        """The spec of a `config.model` mapping; keys that are not UNetSpec fields are ignored."""
+        """The spec of a `config.model` mapping; FlaxdoseError for a key that is not a UNetSpec field (a typo)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "features" else v) for k, v in dict(cfg).items() if k in fields})
+        unknown = sorted(set(dict(cfg)) - fields)
+        if unknown:
+            raise FlaxdoseError(f"model config keys {unknown} are not model settings; the settings are {sorted(fields)}")
+        return cls(**{k: (tuple(v) if k == "features" else v) for k, v in dict(cfg).items()})
 
 
 # Presets: `paper` matches the paper's 7,870,177 trainable parameters to within 0.2 %

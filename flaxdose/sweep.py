@@ -361,7 +361,7 @@ class Sweep:
         for run, folder, host in zip(runs, folders, unstack(state, len(runs))):
             model = Model.from_config(folder.config, host.params, name=run.run_id)
             result = {**run.fields(), "steps": base.train.steps, **self.score(model, run.style),
-                      "final_loss": folder.last.get("loss", float("nan")), "wave_size": len(runs),
+                      "final_loss": folder.last.get("loss", float("nan")), "wave": runs[0].run_id, "wave_size": len(runs),
                       "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
             atomic_write_text(self.run_dir(run) / "result.json", json.dumps(result, indent=1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,8 +46,16 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def plans_needed(by_n: dict[int, list[float]]) -> str:
-    """The fewest plans n whose mean Dice over seeds is within ENOUGH_DICE_MARGIN of the curve's best, as text."""
-    means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
+    """The fewest plans n whose mean Dice over seeds is within ENOUGH_DICE_MARGIN of the curve's best, as text.
+
+    Plan counts whose runs have no Dice (NaN) are left out; "n/a" when none has one.
+    """
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of all-NaN values: NaN, left out below
+        means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
+    means = {n: m for n, m in means.items() if np.isfinite(m)}
+    if not means:
+        return "n/a"
     best = max(means.values())
     enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
     return f"{enough} (Dice {means[enough]:.3f}; best {best:.3f})"
@@ -75,13 +84,14 @@ def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: i
     """
     by_style = {b["style"]: b for b in baselines}
     dice, dvh = curves(rows, "dice_mean"), curves(rows, "dvh_abs_err_pct")
-    waves = {(r["wave_layout"], r["wave_wall_s"], r["mode"]) for r in rows}
+    # a wave's runs share its wall time: count it once per wave (named by its first run)
+    waves = {r.get("wave", (r["wave_layout"], r["wave_wall_s"], r["mode"])): r["wave_wall_s"] for r in rows}
     lines = [f"# {title or 'Fine-tuning sweep'}", "",
              f"{len(rows)} of {n_total} runs finished; written {time.strftime('%Y-%m-%d %H:%M')} by commit "
              f"`{provenance.commit() or 'unknown'}` on {provenance.machine()}. "
              f"Each run: {config.base.train.steps} steps, batch {config.base.train.batch_size}, patches "
              f"{tuple(config.base.data.patch_shape)}, UNet features {tuple(config.base.model.features)}; "
-             f"wave training time (packed runs share it) summed: {sum(w[1] for w in waves) / 60:.1f} min.", "",
+             f"wave training time (packed runs share it) summed: {sum(waves.values()) / 60:.1f} min.", "",
              "Cells: mean ± SD over seeds (number of runs), on the style's test cases. Row 0: the source model "
              "without adaptation. Modes: `paper` freezes encoder + bottleneck and re-initializes the head; `full`, "
              "`decoder`, `head`, `norm_head` train those parts; `scratch` trains from random initialization (control).",

@@ -297,6 +297,15 @@ class Dataset:
         """Load one case (`Case.load`); FlaxdoseError if it is missing or damaged."""
         return Case.load(self.case_path(case_id))
 
+    def case_shape(self, case_id: str) -> tuple[int, int, int]:
+        """A case's grid (X, Y, Z) voxels, read without loading its volumes; FlaxdoseError if unreadable."""
+        path = self.case_path(case_id)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return tuple(int(v) for v in z["shape"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
+
 
 def write_dataset(
     root: str | os.PathLike,

@@ -74,6 +74,10 @@ class CaseSource(grain.sources.RandomAccessDataSource):
             self._cache[index] = example
         return example
 
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """case id -> grid (X, Y, Z) voxels of every case, read without loading the volumes."""
+        return {case_id: self._dataset.case_shape(case_id) for case_id in self._ids}
+
     def __repr__(self) -> str:  # grain logs this; keep it short
         return f"CaseSource({self._dataset.root}, {len(self)} cases)"
 
@@ -117,12 +121,12 @@ def lr_swap_permutation(structures: Sequence[str]) -> tuple[int, ...]:
     return tuple(perm)
 
 
-def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int]) -> None:
-    """Raise FlaxdoseError unless `patch_shape` has 3 sizes, each at most `volume_shape`'s (X, Y, Z voxels)."""
-    if any(p > n for p, n in zip(patch_shape, volume_shape)) or len(patch_shape) != 3:
+def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int], where: str = "the volumes") -> None:
+    """Raise FlaxdoseError unless `patch_shape` has 3 positive sizes, each at most `volume_shape`'s (X, Y, Z voxels)."""
+    if len(patch_shape) != 3 or any(p < 1 for p in patch_shape) or any(p > n for p, n in zip(patch_shape, volume_shape)):
         raise FlaxdoseError(
-            f"patch shape {tuple(patch_shape)} does not fit the volumes {tuple(volume_shape)}; "
-            "set data.patch_shape to at most the grid size"
+            f"patch shape {tuple(patch_shape)} does not fit {where} {tuple(volume_shape)}; "
+            "set data.patch_shape to three positive sizes, at most the grid size"
         )
 
 
@@ -140,10 +144,10 @@ def patch_dataset(
 
     Batches: {"inputs": uint8 (batch_size, X, Y, Z, S), "target": float32 (batch_size, X, Y, Z)}
     with (X, Y, Z) = `patch_shape`; `sigma` in voxels (see `PatchSampler`). The same `seed`
-    gives the same batches. Raises FlaxdoseError when the patch does not fit the first case's
-    volume.
+    gives the same batches. Raises FlaxdoseError when the patch does not fit every case's grid.
     """
-    check_patch_fits(patch_shape, source[0]["target"].shape)
+    for case_id, shape in source.shapes().items():
+        check_patch_fits(patch_shape, shape, f"case {case_id!r} of grid")
     sampler = PatchSampler(
         tuple(int(p) for p in patch_shape),
         tuple(float(s) for s in sigma),
