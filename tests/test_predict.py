@@ -52,7 +52,8 @@ def test_sliding_windows_are_patch_inference_blended(workdir):
     assert window == (8, 8, 8) and case.shape == (24, 24, 16)
     tiles = sliding_window(run, inputs, window, overlap=0.0, batch_size=4)
     corner = (slice(8, 16), slice(16, 24), slice(8, 16))
-    np.testing.assert_allclose(tiles[corner], run(inputs[corner][None])[0], rtol=1e-5, atol=1e-6)
+    # batched (4 windows) and single-window convolutions may differ in the last float bits
+    np.testing.assert_allclose(tiles[corner], run(inputs[corner][None])[0], rtol=1e-5, atol=1e-5)
     blended = sliding_window(run, inputs, window, overlap=0.5, batch_size=3)
     starts = [(i, j, k) for i in window_starts(24, 8, 0.5) for j in window_starts(24, 8, 0.5) for k in window_starts(16, 8, 0.5)]
     stack = np.full((len(starts), 24, 24, 16), np.nan, np.float32)

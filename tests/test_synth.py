@@ -200,6 +200,14 @@ def test_ensure_dataset_caches_and_is_byte_identical(tmp_path, planned):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left behind
 
 
+def test_worker_processes_plan_the_same_bytes(planned):
+    """workers > 1 (the GPU scale's data stage) plans in CPU processes: the same plans, in order."""
+    cases = list(synth.iter_cases("source", 2, seed=0, scale=SCALE, start=synth.TEST_ANATOMY_BASE, workers=2))
+    assert [c.case_id for c in cases] == [c.case_id for c in planned["source"][:2]]
+    for mine, ref in zip(cases, planned["source"]):
+        np.testing.assert_array_equal(mine.dose, ref.dose)
+
+
 def test_bad_input_is_refused(tmp_path):
     with pytest.raises(FlaxdoseError, match="internal_c"):  # lists the styles
         synth.generate_cases("conformal", 2, seed=0)

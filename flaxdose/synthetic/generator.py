@@ -13,6 +13,8 @@ See docs/synthetic_data.md.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,7 +80,7 @@ def generate_case(style: str, seed: int, index: int, scale: float = 1.0) -> Case
     angles = np.deg2rad(np.asarray(st.gantry_deg, np.float32))
     data = vmat.optimization_data(patient, angles, st.beam_profile)
     weights = {k: np.float32(v) for k, v in st.weights().items()}
-    fluence, _ = vmat.optimize_fluence(angles, data, weights, keep_beams=st.keep_beams)
+    fluence, _ = vmat.optimize_fluence(angles, data, weights)
     if st.arc_sector_deg:  # the gantry moves while a control point delivers: two sub-angles
         half = np.deg2rad(st.arc_sector_deg / 4)
         angles = np.concatenate([angles - half, angles + half]).astype(np.float32)
@@ -111,14 +113,41 @@ def generate_case(style: str, seed: int, index: int, scale: float = 1.0) -> Case
     )
 
 
-def iter_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False) -> Iterator[Case]:
-    """Plans of anatomies start..start+n-1, one at a time (a full study does not fit in memory)."""
+def _plan(args) -> Case:
+    return generate_case(*args)
+
+
+@contextlib.contextmanager
+def _cpu_pool(workers: int):
+    """A spawn-context process pool whose workers run JAX on the CPU (several processes must not
+    each claim an accelerator's memory); the parent's environment is left as it was."""
+    saved = os.environ.get("JAX_PLATFORMS")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        if saved is None:
+            del os.environ["JAX_PLATFORMS"]
+        else:
+            os.environ["JAX_PLATFORMS"] = saved
+    with pool:
+        yield pool
+
+
+def iter_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False,
+               workers: int = 0, indices: Sequence[int] | None = None) -> Iterator[Case]:
+    """Plans of anatomies start..start+n-1 (or the given `indices`), in order, one at a time (a full
+    study does not fit in memory). `workers` > 1 plans them in that many CPU processes (same bytes)."""
     _check_style(style)
-    n = _check_count(n, "n")
+    indices = list(range(start, start + _check_count(n, "n"))) if indices is None else list(indices)
     anat.grid_for_scale(scale)  # fail before any work
-    bar = tqdm(range(start, start + n), desc=f"{style} (seed {seed}, scale {scale:g})", unit="case", disable=not progress)
-    for index in bar:
-        yield generate_case(style, seed, index, scale)
+    bar = dict(desc=f"{style} (seed {seed}, scale {scale:g})", unit="case", disable=not progress, total=len(indices))
+    if workers > 1:
+        with _cpu_pool(workers) as pool:
+            yield from tqdm(pool.imap(_plan, [(style, seed, i, scale) for i in indices]), **bar)
+    else:
+        for index in tqdm(indices, **bar):
+            yield generate_case(style, seed, index, scale)
 
 
 def generate_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False) -> list[Case]:
@@ -159,11 +188,13 @@ def ensure_dataset(
     scale: float = 1.0,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 0,
 ) -> Path:
     """The dataset of these parameters at `root`: reused if already there, else generated atomically.
 
     Splits are "train" and "test" (empty when `n_test` is 0). A `root` holding anything else
-    is refused unless `overwrite`. Raises FlaxdoseError for an unknown style, bad counts or scale.
+    is refused unless `overwrite`. `workers` > 1 plans the cases in that many CPU processes
+    (the same bytes as one process). Raises FlaxdoseError for an unknown style, bad counts or scale.
     """
     _check_style(style)
     n_train, n_test = _check_count(n_train, "n_train"), _check_count(n_test, "n_test", minimum=0)
@@ -186,12 +217,10 @@ def ensure_dataset(
         "test": [case_id(style, seed, i) for i in range(test[0], test[0] + test[1])],
     }
 
-    def cases():
-        for start, n in (train, test):
-            if n:
-                yield from iter_cases(style, n, seed, scale, start, progress)
+    indices = [*range(train[0], train[0] + train[1]), *range(test[0], test[0] + test[1])]
+    cases = iter_cases(style, len(indices), seed, scale, progress=progress, workers=workers, indices=indices)
 
-    write_dataset(root, cases(), splits, overwrite=overwrite, extra={"synth": params})
+    write_dataset(root, cases, splits, overwrite=overwrite, extra={"synth": params})
     return root
 
 
@@ -240,7 +269,7 @@ def beam_entrance_dose(case: Case, gantry_deg: Sequence[float], radius_mm: float
 
     Sampled (linear interpolation) in the axial slice through the PTV centroid. Gantry
     angles are IEC: 0 enters anteriorly (-y), 90 from the patient's left (+x), as in
-    `flaxdose.data.vmat.beam_geometry`.
+    `flaxdose.synthetic.vmat.beam_geometry`.
     """
     cx, cy, cz = np.argwhere(case.mask("PTV")).mean(axis=0)
     theta = np.deg2rad(np.asarray(gantry_deg, float))

@@ -67,19 +67,17 @@ class Style:
     nto_falloff_per_mm: float = 0.08  # ... at this rate per mm of distance
     integral: float = 0.3  # mean(d) over body minus PTV: the low-dose bath
     smooth: float = 3.0  # fluence modulation penalty (MLC deliverability; no ripples the coarse grid misses)
-    beam_sparsity: float = 0.0  # mean over beams of the beam's RMS fluence (group lasso)
     arc_smooth: float = 1.0  # fluence change between neighbouring control points (VMAT)
     beam_uniformity: float = 1.0  # squared coefficient of variation of the beams' mean fluence (VMAT)
     # Final dose only: each control point's fluence is spread over this gantry sector (two
     # sub-angles), as the gantry moves while delivering it; 0 = static beams.
     arc_sector_deg: float = 360.0 / ARC_CONTROL_POINTS
-    keep_beams: int = 0  # > 0: re-optimize with only this many of the starting beams (iCycle)
     # Relative MU per beam that `beam_uniformity` holds the plan to (None: all equal, an arc).
     beam_profile: tuple[float, ...] | None = None
 
     def weights(self) -> dict[str, float]:
         """The numeric objective parameters, as the optimizer takes them (traced, not static)."""
-        skip = {"name", "description", "gantry_deg", "arc_sector_deg", "keep_beams", "beam_profile"}
+        skip = {"name", "description", "gantry_deg", "arc_sector_deg", "beam_profile"}
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
 
 

@@ -138,7 +138,6 @@ def _objective(theta, w, data, geometry, scale):
     ) / n_open
     beam_mean = jnp.sum(aperture * theta, axis=(1, 2)) / jnp.maximum(jnp.sum(aperture, axis=(1, 2)), 1.0)
     relative_mu = beam_mean / data["beam_profile"]
-    beam_rms = jnp.sqrt(jnp.sum(aperture * theta**2, axis=(1, 2)) / jnp.maximum(jnp.sum(aperture, axis=(1, 2)), 1.0) + 1e-6)
     terms = {
         "ptv_under": w["ptv_under"] * under,
         "ptv_over": w["ptv_over"] * over,
@@ -148,7 +147,6 @@ def _objective(theta, w, data, geometry, scale):
         "nto": w["nto"] * nto,
         "integral": w["integral"] * jnp.sum(m["normal"] * dose),
         "smooth": w["smooth"] * smooth,
-        "beam_sparsity": w["beam_sparsity"] * jnp.mean(beam_rms),
         # VMAT deliverability: leaves and dose rate change little between control points.
         "arc_smooth": w["arc_smooth"] * jnp.sum(aperture * (theta - jnp.roll(theta, 1, axis=0)) ** 2) / n_open,
         # ... and MU per degree follows the style's beam profile (uniform for arcs: limited
@@ -158,14 +156,10 @@ def _objective(theta, w, data, geometry, scale):
     return sum(terms.values()), terms
 
 
-@functools.partial(jax.jit, static_argnames=("iterations", "keep_beams"))
-def optimize_fluence(angles, data, w, iterations=ITERATIONS, keep_beams=0):
-    """Optimized fluence (B, BEAMLETS_U, BEAMLETS_Z), in units where the PTV mean dose is ~1.
-
-    With `keep_beams` > 0 the optimization runs twice, the second time with only the
-    `keep_beams` beams that carried the most fluence in the first (beam-angle selection from
-    a starting set of candidate directions, as Erasmus-iCycle does).
-    """
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def optimize_fluence(angles, data, w, iterations=ITERATIONS):
+    """Optimized fluence (B, BEAMLETS_U, BEAMLETS_Z), in units where the PTV mean dose is ~1, and the
+    objective's terms at the end."""
     geo = jax.vmap(beam_geometry, in_axes=(0, None, None, None))
     geometry = {
         "coarse": geo(angles, data["cols"], data["iso_xy"], data["ellipse"]),
@@ -178,26 +172,15 @@ def optimize_fluence(angles, data, w, iterations=ITERATIONS, keep_beams=0):
     dose0 = _dose(start, data["box_z_rel"], geometry["box"])
     scale = 1.0 / jnp.maximum(jnp.sum(data["box_ptv"] * dose0), 1e-6)
     opt = optax.adam(LEARNING_RATE)
+    grad_fn = jax.grad(lambda t: _objective(t, w, data, geometry, scale)[0])
 
-    def run(aperture):
-        d = {**data, "aperture": aperture}
-        grad_fn = jax.grad(lambda t: _objective(t, w, d, geometry, scale)[0])
+    def step(_, carry):
+        theta, state = carry
+        updates, state = opt.update(grad_fn(theta), state, theta)
+        return jnp.maximum(optax.apply_updates(theta, updates), 0.0), state  # fluence >= 0
 
-        def step(_, carry):
-            theta, state = carry
-            updates, state = opt.update(grad_fn(theta), state, theta)
-            return jnp.maximum(optax.apply_updates(theta, updates), 0.0), state  # fluence >= 0
-
-        theta, _ = jax.lax.fori_loop(0, iterations, step, (start * aperture, opt.init(aperture)))
-        return theta, _objective(theta, w, d, geometry, scale)[1]
-
-    theta, terms = run(aperture)
-    if keep_beams:
-        beam_total = jnp.sum(theta * aperture, axis=(1, 2))
-        kept = beam_total >= jnp.sort(beam_total)[-keep_beams]
-        aperture = aperture * kept[:, None, None]
-        theta, terms = run(aperture)
-    return scale * theta * aperture, terms
+    theta, _ = jax.lax.fori_loop(0, iterations, step, (start, opt.init(start)))
+    return scale * theta * aperture, _objective(theta, w, data, geometry, scale)[1]
 
 
 @jax.jit
