@@ -20,7 +20,7 @@ scored take part: the possible-dose mask when a case has one, else the Body, els
 
 D_k defaults to each case's prescription for every target; pass `target_doses` (e.g. the
 OpenKBP levels PTV56 -> 56 Gy, PTV63 -> 63 Gy, PTV70 -> 70 Gy) for plans with several
-dose levels. `predict(cases) -> cases` matches `flaxdose.predict.Model`, so one scoring
+dose levels. `predict(cases) -> cases` matches `flaxdose.inference.Model`, so one scoring
 code path scores both.
 """
 
@@ -40,12 +40,9 @@ from flaxdose.io import atomic_write_text
 
 
 def scored_region(case: Case) -> np.ndarray:
-    """Where dose counts: the possible-dose mask, else the Body, else the whole grid (bool (X, Y, Z))."""
-    if case.possible_dose_mask is not None:
-        return case.possible_dose_mask
-    if "Body" in case.structures:
-        return case.mask("Body")
-    return np.ones(case.shape, bool)
+    """Where dose counts: `Case.dose_region` (possible-dose mask, else body), else the whole grid."""
+    region = case.dose_region()
+    return np.ones(case.shape, bool) if region is None else region
 
 
 def signed_distance_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
@@ -68,17 +65,20 @@ class DistanceBaseline:
         self.name = name
 
     # ------------------------------------------------------------ geometry
-    def _nearest_target(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
-        """(D_k* in Gy, d_k* in mm) per voxel, both (X, Y, Z)."""
-        names = [s for s, m in zip(case.structures, case.masks) if s.upper().startswith("PTV") and m.any()]
+    def _nearest_target(self, case: Case) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+        """(box, D_k* in Gy, d_k* in mm): the last two per voxel of the box, which holds the scored
+        region and every target with a margin of one voxel (so distances are those of the whole grid)."""
+        names = [s for s in case.targets if case.mask(s).any()]
         if not names:
             raise FlaxdoseError(f"case {case.case_id!r} has no non-empty target (PTV...); the reference needs one")
+        points = np.argwhere(scored_region(case) | np.any([case.mask(s) for s in names], axis=0))
+        box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(points.min(0), points.max(0)))
         levels = np.array([self._dose_level(case, s) for s in names])
-        distance = np.stack([signed_distance_mm(case.mask(s), case.spacing_mm) for s in names])
+        distance = np.stack([signed_distance_mm(case.mask(s)[box], case.spacing_mm) for s in names])
         # inside targets rank first, highest level first; outside, nearest first, ties to the higher level
         rank = np.where(distance < 0, -1e9 - levels[:, None, None, None], distance - 1e-6 * levels[:, None, None, None])
         k = np.argmin(rank, axis=0)
-        return levels[k], np.take_along_axis(distance, k[None], axis=0)[0]
+        return box, levels[k], np.take_along_axis(distance, k[None], axis=0)[0]
 
     def _dose_level(self, case: Case, target: str) -> float:
         level = float(self.target_doses.get(target, case.prescription_gy))
@@ -103,10 +103,10 @@ class DistanceBaseline:
         for case in cases:
             if case.dose is None:
                 raise FlaxdoseError(f"case {case.case_id!r} has no dose; fit the reference on planned cases")
-            level, distance = model._nearest_target(case)
-            region = scored_region(case)
+            box, level, distance = model._nearest_target(case)
+            region = scored_region(case)[box]
             bins.append(model._bins(distance[region]))
-            ratios.append(case.dose[region] / level[region])
+            ratios.append(case.dose[box][region] / level[region])
         bins, ratios = np.concatenate(bins), np.concatenate(ratios)
         order = np.argsort(bins, kind="stable")
         bins, ratios = bins[order], ratios[order]
@@ -122,12 +122,13 @@ class DistanceBaseline:
 
     def predict_dose(self, case: Case) -> np.ndarray:
         """Predicted dose (Gy, float32 (X, Y, Z)), zero outside the scored region."""
-        level, distance = self._nearest_target(case)
-        dose = level * self.relative_dose[self._bins(distance)]
-        return np.where(scored_region(case), dose, 0.0).astype(np.float32)
+        box, level, distance = self._nearest_target(case)
+        dose = np.zeros(case.shape, np.float32)
+        dose[box] = np.where(scored_region(case)[box], level * self.relative_dose[self._bins(distance)], 0.0)
+        return dose
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
-        """Copies of `cases` whose dose is this reference's prediction (same interface as predict.Model)."""
+        """Copies of `cases` whose dose is this reference's prediction (same interface as inference.Model)."""
         del batch_size, progress  # no batches, and it takes well under a second per case
         return [c.replace(dose=self.predict_dose(c), meta={**c.meta, "predicted_by": self.name}) for c in cases]
 

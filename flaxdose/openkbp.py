@@ -261,19 +261,30 @@ def convert_openkbp(
     return write_dataset(out, cases, splits, overwrite=overwrite, extra=_manifest_extra(structures, include_ct, downsample))
 
 
-def downsample_dataset(src: Dataset, out: str | os.PathLike, factor: int, overwrite: bool = False,
-                       progress: bool = True) -> Dataset:
-    """A converted challenge-grid dataset on the grid `factor` times coarser (see `downsample_case`)."""
-    check_factor(factor)
-    if src.manifest.get("grid", {}).get("downsample", 1) != 1:
-        raise FlaxdoseError(f"{src.root} is already downsampled; downsample the challenge-grid dataset")
-    ids = [i for ids in src.splits.values() for i in ids]
-    cases = (downsample_case(src.load(i), factor) for i in _progress(list(dict.fromkeys(ids)), "downsampling", progress))
-    extra = _manifest_extra(src.structures, src.manifest.get("has_ct", False), factor)
-    return write_dataset(out, cases, src.splits, overwrite=overwrite, extra={**extra, "downsampled_from": str(src.root)})
-
-
 # ---------------------------------------------------------------- coarser grids
+def dataset_downsample(dataset: Dataset) -> int:
+    """The grid factor a converted OpenKBP dataset was written with (1: the challenge's grid)."""
+    return int(dataset.manifest.get("grid", {}).get("downsample", 1))
+
+
+def training_downsample(data_cfg) -> int:
+    """The grid factor a run trained on: its config's ``data.downsample``.
+
+    Checked against the manifest of the training dataset (``data.path``) when that is at
+    hand: a model scored on another grid than it learned would give wrong scores, not an
+    error. Raises FlaxdoseError when they disagree.
+    """
+    factor = int(data_cfg.get("downsample", 1))
+    path = data_cfg.get("path") or ""
+    if path and (Path(path) / "manifest.json").is_file():
+        recorded = dataset_downsample(Dataset.open(path))
+        if recorded != factor:
+            raise FlaxdoseError(f"the run trained on {path}, a grid downsampled {recorded}x, but its config says "
+                                f"data.downsample={factor}; retrain with --config.data.downsample={recorded}")
+    check_factor(factor)
+    return factor
+
+
 def check_factor(factor: int) -> None:
     if not isinstance(factor, (int, np.integer)) or factor < 1 or OPENKBP_SHAPE[0] % factor:
         raise FlaxdoseError(f"the downsampling factor must be a whole divisor of 128 (1, 2, 4, ...), got {factor!r}")
@@ -336,27 +347,65 @@ def upsample_dose(coarse: np.ndarray, factor: int, possible_dose_mask: np.ndarra
         return (coarse * fine).astype(np.float32)
     if tuple(n * factor for n in coarse.shape) != fine.shape:
         raise FlaxdoseError(f"a {coarse.shape} dose upsampled {factor}x does not fit the grid {fine.shape}")
-    weight = _blocks(fine, factor).any(-1).astype(np.float64)
+    weight = _blocks(fine, factor).any(-1)
+    if not weight.any():
+        return np.zeros(fine.shape, np.float32)
+    # Outside the mask's bounding box (grown by one coarse voxel of zeros) both interpolated
+    # volumes are zero, so interpolating inside it alone gives the same values, faster.
+    points = np.argwhere(weight)
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(points.min(0), points.max(0)))
+    fine_box = tuple(slice(b.start * factor, min(b.stop, n) * factor) for b, n in zip(box, weight.shape))
+    w, c = weight[box].astype(np.float64), coarse[box]
     zoom = lambda v: ndimage.zoom(v, factor, order=order, mode="nearest", grid_mode=True)
-    numerator, denominator = zoom(coarse * weight), zoom(weight)
-    nearest = coarse.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
-    dose = np.where(denominator > 0.25, numerator / np.maximum(denominator, 0.25), nearest)
-    return (np.clip(dose, 0.0, None) * fine).astype(np.float32)
+    numerator, denominator = zoom(c * w), zoom(w)
+    nearest = c.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+    dose = np.zeros(fine.shape, np.float32)
+    dose[fine_box] = np.where(denominator > 0.25, numerator / np.maximum(denominator, 0.25), nearest).clip(0.0, None)
+    return dose * fine
+
+
+def crop_box(case: Case, minimum: Sequence[int] | None = None) -> tuple[slice, slice, slice]:
+    """The box (x, y, z slices) around the possible-dose mask and every structure of `case`.
+
+    Grown symmetrically (within the grid) to at least `minimum` voxels per axis, e.g. a
+    model's window, so a network never sees a smaller input than it was trained on.
+    """
+    occupied = case.masks.any(axis=0)
+    if case.possible_dose_mask is not None:
+        occupied |= case.possible_dose_mask
+    if not occupied.any():
+        return tuple(slice(0, n) for n in case.shape)
+    points = np.argwhere(occupied)
+    box = []
+    for lo, hi, n, want in zip(points.min(0), points.max(0) + 1, case.shape, minimum or (0, 0, 0)):
+        size = min(max(hi - lo, int(want)), n)
+        start = min(max(0, lo - (size - (hi - lo)) // 2), n - size)
+        box.append(slice(int(start), int(start + size)))
+    return tuple(box)
 
 
 def predict_openkbp(model, cases: Sequence[Case], factor: int = 1, progress: bool = False) -> list[Case]:
     """Each case's predicted dose on the challenge's grid, masked by its possible-dose mask.
 
-    `model` is anything with ``predict(cases) -> cases`` (flaxdose's network Model, the
+    `model` is anything with ``predict(cases) -> cases`` (`flaxdose.inference.Model`, the
     `flaxdose.baseline` reference); it sees each case on the grid `factor` times coarser it
-    was trained on, and its dose is brought back with `upsample_dose`. Returns copies of
-    `cases` whose `dose` is the prediction (float32 Gy).
+    was trained on, cropped to `crop_box` (grown to the model's ``window``, if it has one:
+    dose outside the possible-dose mask is never scored, so windows of empty air are
+    skipped), and its dose is brought back with `upsample_dose`. Returns copies of `cases`
+    whose `dose` is the prediction (float32 Gy).
     """
     out = []
     for case in _progress(list(cases), "predicting", progress):
         if case.possible_dose_mask is None:
             raise FlaxdoseError(f"case {case.case_id!r} has no possible-dose mask; convert it from OpenKBP CSVs")
-        predicted = model.predict([downsample_case(case, factor)])[0].dose
+        coarse = downsample_case(case, factor)
+        box = crop_box(coarse, getattr(model, "window", None))
+        origin = np.asarray(coarse.origin_mm) + np.asarray(coarse.spacing_mm) * [b.start for b in box]
+        cropped = coarse.replace(masks=coarse.masks[(slice(None), *box)], possible_dose_mask=coarse.possible_dose_mask[box],
+                                 dose=None if coarse.dose is None else coarse.dose[box],
+                                 ct=None if coarse.ct is None else coarse.ct[box], origin_mm=tuple(origin))
+        predicted = np.zeros(coarse.shape, np.float32)
+        predicted[box] = model.predict([cropped])[0].dose
         dose = upsample_dose(predicted, factor, case.possible_dose_mask)
         out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": getattr(model, "name", "model")}))
     return out

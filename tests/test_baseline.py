@@ -61,6 +61,10 @@ def test_nearest_target_and_dose_levels():
     # nested: x = 0 lies in both targets, x = 1 only in PTV56
     nested = model.predict([line_case("nested", np.zeros(12), {"PTV56": [0, 1], "PTV70": [0]})])[0].dose.ravel()
     assert nested[0] == pytest.approx(70.0) and nested[1] == pytest.approx(56.0)
+    # only x < 5 is scored: distances come from a box around it (and the targets), the same values
+    scored = np.arange(12)[:, None, None] < 5
+    near = model.predict([line_case("near", np.zeros(12), {"PTV70": [0, 1]}, scored)])[0].dose.ravel()
+    np.testing.assert_allclose(near, [70.0, 70.0, *(70.0 * G([2.0, 4.0, 6.0])), *[0.0] * 7], rtol=1e-6)
 
 
 def test_save_load_and_errors(tmp_path):

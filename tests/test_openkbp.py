@@ -14,6 +14,7 @@ from flaxdose.openkbp import (
     OPENKBP_STRUCTURES,
     OPENKBP_TARGETS,
     convert_openkbp,
+    crop_box,
     downsample_case,
     find_patients,
     from_openkbp,
@@ -245,3 +246,35 @@ def test_round_trip_scores_and_submission(cases, tmp_path):
     expected = to_openkbp(back.dose * case.possible_dose_mask).ravel()
     assert np.array_equal(idx, np.flatnonzero(expected > 0))
     np.testing.assert_allclose(values, expected[idx], rtol=1e-5)
+
+
+def test_crop_box_covers_every_structure_and_the_window():
+    masks = np.zeros((1, 10, 10, 10), bool)
+    masks[0, 2:4, 5, 9] = True
+    possible = np.zeros((10, 10, 10), bool)
+    possible[3, 1, 8] = True
+    case = Case("pt_c", ("PTV70",), masks, None, (1.0, 1.0, 1.0), possible_dose_mask=possible)
+    assert crop_box(case) == (slice(2, 4), slice(1, 6), slice(8, 10))
+    # grown to a 4 x 4 x 4 window: centred where possible, shifted to stay inside the grid
+    assert crop_box(case, (4, 4, 4)) == (slice(1, 5), slice(1, 6), slice(6, 10))
+    assert crop_box(case, (16, 16, 16)) == (slice(0, 10),) * 3
+
+
+def test_mirror_averaged_prediction_is_left_right_symmetric():
+    """Model(mirror=True) averages the prediction with that of the mirrored case (parotids swapped)."""
+    import jax
+
+    from flaxdose.inference import Model
+    from flaxdose.model import UNetSpec, init_params
+
+    spec = UNetSpec(features=(4, 8), convs_per_level=1, groups=2, in_channels=3)
+    structures = ("LeftParotid", "RightParotid", "PTV70")
+    params = init_params(spec, jax.random.key(3), (8, 8, 8))
+    inputs = (np.random.default_rng(0).random((8, 8, 8, 3)) > 0.7).astype(np.uint8)
+    mirrored = np.ascontiguousarray(inputs[::-1][..., [1, 0, 2]])
+    plain = Model(spec, params, structures, window=(8, 8, 8))
+    both = Model(spec, params, structures, window=(8, 8, 8), mirror=True)
+    expected = (plain.predict_relative(inputs) + plain.predict_relative(mirrored)[::-1]) / 2
+    np.testing.assert_allclose(both.predict_relative(inputs), expected, rtol=1e-6)
+    np.testing.assert_allclose(both.predict_relative(mirrored), expected[::-1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain.predict_relative(mirrored), plain.predict_relative(inputs)[::-1])
