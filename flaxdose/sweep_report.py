@@ -43,11 +43,17 @@ def _cell(values: Sequence[float]) -> str:
     return f"{np.nanmean(v):.3f}{sd} ({len(v)})"
 
 
-def plans_needed(by_n: dict[int, list[float]]) -> str:
+def fewest_plans(by_n: dict[int, list[float]], margin: float = ENOUGH_DICE_MARGIN) -> tuple[int, float, float]:
+    """(fewest plans whose mean Dice is within `margin` of the curve's best, its mean Dice, the best mean Dice)."""
     means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
     best = max(means.values())
-    enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
-    return f"{enough} (Dice {means[enough]:.3f}; best {best:.3f})"
+    enough = min(n for n, m in means.items() if m >= best - margin)
+    return enough, means[enough], best
+
+
+def plans_needed(by_n: dict[int, list[float]]) -> str:
+    enough, dice, best = fewest_plans(by_n)
+    return f"{enough} (Dice {dice:.3f}; best {best:.3f})"
 
 
 def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: str) -> list[str]:
