@@ -165,7 +165,8 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
         out["adapt"], out["advice"] = True, (
             f"Adapt ({curve.name}) with {n} plans: expected mean Dice {dice_at_n:.3f}, {gain:+.3f} over {baseline:.3f} "
             f"({baseline_from})" + (f", DVH error {dvh_at_n:.2f} % of Rx" if dvh_at_n is not None else "") +
-            f"; more plans add at most {best - dice_at_n:.3f} on this curve.")
+            (f"; {n} is the curve's largest point, so more plans may add more (not measured)." if n == max(curve.dice)
+             else f"; more plans add at most {best - dice_at_n:.3f} on this curve."))
     return out
 
 

@@ -140,6 +140,15 @@ def flagged_on(plans: list[dict], organ: str | None = None) -> int:
     return sum(any(organ is None or f.startswith(organ + " ") for f in p["flags"]) for p in plans)
 
 
+def half_widths(rows) -> dict[str, float]:
+    """Median band half-width (Gy) per metric key."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["position"] != "n/a":
+            out.setdefault(planqa.metric_key(r["structure"], r["metric"]), []).append((r["upper_gy"] - r["lower_gy"]) / 2)
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
 def twin_effect(plans, twins, organ: str) -> list[float]:
     """How much more Dmean (Gy) each worse twin gives `organ` than its unchanged plan: the true perturbation."""
     key = f"{organ} Dmean"
@@ -161,11 +170,14 @@ def evaluate(workdir: Path, s: dict, results: Path, scale: str) -> dict:
            "n_test": len(test), "levels": {}, "twin_effect_gy": {}}
     for level in s["levels"]:
         rows = check_all(test, predictions, calibration, level, planqa.DEFAULT_TOLERANCE_GY)
-        entry = {"coverage": planqa.coverage(rows), "unchanged_flagged": flagged_on(planqa.rank_plans(rows))}
+        entry = {"coverage": planqa.coverage(rows), "unchanged_flagged": flagged_on(planqa.rank_plans(rows)),
+                 "half_width_gy": half_widths(rows)}
         for organ, cases in twins.items():
             ranked = planqa.rank_plans(check_all(cases, predictions, calibration, level, planqa.DEFAULT_TOLERANCE_GY))
             entry[f"{organ}_flagged"] = flagged_on(ranked)
             entry[f"{organ}_flagged_on_organ"] = flagged_on(ranked, TWIN_ORGAN[organ])
+            flagged = {p["case_id"] for p in ranked if p["flagged"]}
+            entry[f"{organ}_flags"] = [c.case_id in flagged for c in cases]  # in test-plan order
         out["levels"][str(level)] = entry
     for organ, cases in twins.items():
         out["twin_effect_gy"][organ] = twin_effect(test, cases, TWIN_ORGAN[organ])
@@ -214,17 +226,19 @@ def binomial_ci(k: int, n: int) -> str:
 
 def coverage_table(numbers: dict, levels) -> list[str]:
     head = [f"{round(100 * float(level))} %" for level in levels]
-    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    default = numbers["levels"][str(planqa.DEFAULT_LEVEL)]["half_width_gy"]
+    lines = ["| metric | " + " | ".join(head) + f" | median half-width at {round(100 * planqa.DEFAULT_LEVEL)} % (Gy) |",
+             "|---|" + "---|" * (len(head) + 1)]
     metrics = list(numbers["levels"][str(levels[0])]["coverage"])
     for key in metrics:
         cells = [numbers["levels"][str(level)]["coverage"][key] for level in levels]
-        lines.append(f"| {key} | " + " | ".join(f"{c['inside']}/{c['n']}" for c in cells) + " |")
+        lines.append(f"| {key} | " + " | ".join(f"{c['inside']}/{c['n']}" for c in cells) + f" | {default[key]:.1f} |")
     pooled = []
     for level in levels:
         cov = numbers["levels"][str(level)]["coverage"].values()
         k, n = sum(c["inside"] for c in cov), sum(c["n"] for c in cov)
         pooled.append(f"**{k / n:.2f}** ({binomial_ci(k, n)})")
-    lines.append("| all metrics pooled (95 % CI, cases correlated) | " + " | ".join(pooled) + " |")
+    lines.append("| all metrics pooled (95 % CI, cases correlated) | " + " | ".join(pooled) + " | |")
     return lines
 
 
@@ -303,6 +317,13 @@ def write_report(numbers: dict, s: dict, times: dict, loads: dict, results: Path
               f"{effects['bladder'].max():+.1f}). A plan is flagged when any metric is; \"on the rectum\": a flag on "
               "that organ's metrics.", ""]
     lines += flag_table(numbers, levels, s["twins"])
+    lines += ["", f"Which twins are caught, at {round(100 * planqa.DEFAULT_LEVEL)} %: the true extra mean dose of flagged "
+              "and of missed twins:", ""]
+    for organ in s["twins"]:
+        caught = np.asarray(numbers["levels"][str(planqa.DEFAULT_LEVEL)][f"{organ}_flags"])
+        effect = effects[organ]
+        describe = lambda v: f"{v.mean():+.1f} Gy (range {v.min():+.1f} to {v.max():+.1f}, n={v.size})" if v.size else "none"
+        lines.append(f"- {organ} twins: flagged {describe(effect[caught])}; missed {describe(effect[~caught])}.")
     figures = numbers["figures"]
     if "worse twin" in figures:
         lines += ["", "Top-ranked flagged rectum twin:", "", f"![worse twin]({figures['worse twin']})"]

@@ -54,6 +54,8 @@ def test_recommendation_by_hand():
     near = assess.style_distance(rows([0.80, 0.85, 0.90], [1, -1, 0], [2, 0, -2]), rows([0.81, 0.86, 0.88], [1, 0, -1], [1, 0, -2]))
     assert not assess.recommend(near, curve(baseline_dice=0.75))["adapt"]
     assert not assess.recommend(far, curve(baseline_dice=0.9))["adapt"]  # adapting would not help on this curve
+    rising = assess.LearningCurve("sweep", "internal_c", "full", {2: [0.8], 8: [0.9]}, {2: [9.0], 8: [7.0]}, 0.75)
+    assert assess.recommend(far, rising)["plans_needed"] == 8 and "largest point" in assess.recommend(far, rising)["advice"]
 
 
 def test_learning_curve_from_a_results_csv(tmp_path):
