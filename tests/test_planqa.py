@@ -192,11 +192,6 @@ def test_qa_cli_on_a_dataset_then_a_dicom_export(members, qa_data, tmp_path):
     assert got == pytest.approx(expected, abs=1e-3) and plan.prescription_gy == F.PRESCRIPTION
     assert expected["PTV D95"] > 0.5 * F.PRESCRIPTION
 
-    proc = run_qa_cli(f"--workdirs={members[0]}", f"--calibration={out / 'calibration.json'}", f"--data={data}",
-                      f"--out={tmp_path / 'other'}")
-    assert proc.returncode == 2 and "calibration was made for the members" in proc.stderr
-    assert not (tmp_path / "other").exists()
-
 
 def test_generator_plans_twins_of_one_anatomy():
     """generate_case takes a Style: the same anatomy planned with the rectum weight / 10 spares the rectum less."""
