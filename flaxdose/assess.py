@@ -128,6 +128,9 @@ def learning_curve(path: str | Path, style: str, name: str | None = None) -> Lea
     if not rows:
         raise FlaxdoseError(f"the sweep {path} has no finished run of style {style!r}; choose --curve_style")
     dice, dvh = sweep_report.curves(rows, "dice_mean")[style], sweep_report.curves(rows, "dvh_abs_err_pct")[style]
+    dice = {c: by_n for c, by_n in dice.items() if sweep_report.fewest_plans(by_n) is not None}
+    if not dice:
+        raise FlaxdoseError(f"the sweep {path} has no run of style {style!r} with a Dice; its runs failed to score")
     if name is None:
         name = max(dice, key=lambda c: sweep_report.fewest_plans(dice[c])[2])
     if name not in dice:
@@ -141,7 +144,10 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
     """Adapt or not, with how many plans and the expected gain, from the curve (module docstring)."""
     worse = {score: distance[score]["p"] is not None and distance[score]["p"] < alpha
              and distance[score]["difference"] * WORSE[score] > 0 for score in SCORES}
-    n, dice_at_n, best = sweep_report.fewest_plans(curve.dice, margin)
+    found = sweep_report.fewest_plans(curve.dice, margin)
+    if found is None:
+        raise FlaxdoseError(f"the learning curve {curve.name!r} of {curve.source} has no Dice values to recommend from")
+    n, dice_at_n, best = found
     dvh_at_n = float(np.nanmean(curve.dvh[n])) if n in curve.dvh else None
     if curve.baseline_dice is not None:
         baseline, baseline_from = curve.baseline_dice, "the unadapted model on the curve's test plans"

@@ -40,6 +40,10 @@ def define_flags() -> None:
 
 
 def main(argv):
+    """absl main: `import_dicom(SRC, --out, ...)`, print the report; exit status 1 if some plans were skipped.
+
+    Raises FlaxdoseError without exactly one SRC and --out, or when no plan could be imported.
+    """
     if len(argv) != 2 or not FLAGS.out:
         raise FlaxdoseError("usage: python -m flaxdose.import_dicom SRC --out DATASET [--aliases FILE]")
     summary = import_dicom(

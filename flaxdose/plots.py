@@ -45,7 +45,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def dice_curve(dice_by_model: Mapping[str, np.ndarray], levels_pct: Sequence[float], path: str | Path) -> Path:
-    """Mean +/- SD isodose Dice per model; `dice_by_model[name]` is (cases, levels)."""
+    """Mean +/- SD isodose Dice per model; `dice_by_model[name]` is (cases, levels).
+
+    levels_pct: isodose levels in % of the prescription. Writes a PNG at `path` and returns it.
+    """
     fig = _new_figure(6.4, 4.4)
     ax = fig.add_subplot()
     levels = np.asarray(levels_pct, float)
@@ -97,7 +100,11 @@ def dvh_error_violins(
     oar_metrics: Sequence[str],
     path: str | Path,
 ) -> Path:
-    """Violins of DVH-metric errors (% of prescription), `errors_by_model[model][metric]` per case."""
+    """Violins of DVH-metric errors (% of prescription), `errors_by_model[model][metric]` per case.
+
+    Targets and OARs in two panels (an empty metric list drops its panel); NaN values are
+    skipped. Writes a PNG at `path` and returns it.
+    """
     panels = [(t, m) for t, m in (("Target", target_metrics), ("Organs at risk", oar_metrics)) if m]
     ratios = [max(len(m), 2) for _, m in panels]
     fig = _new_figure(1.6 + 0.75 * sum(ratios), 4.6)
@@ -139,7 +146,12 @@ def _structure_colors(names: Sequence[str]) -> dict[str, str]:
 
 
 def case_figure(reference, predictions: Mapping[str, object], path: str | Path) -> Path:
-    """Dose slices (axial, sagittal) and DVHs of `reference` and each prediction (Case objects)."""
+    """Dose slices (axial, sagittal) and DVHs of `reference` and each prediction (Case objects).
+
+    Predictions must be on the reference's grid: slices and DVHs use the reference's masks.
+    Slices go through the centre of the first non-empty target (the dose maximum without one); the colour scale (Gy)
+    tops at 1.1 x max(reference dose, prescription). Writes a PNG at `path` and returns it.
+    """
     doses = {"Reference": reference.dose, **{name: p.dose for name, p in predictions.items()}}
     dose_max = max(float(np.max(d)) for d in doses.values()) or 1.0
     # Colour scale from the reference (hot spots of a prediction saturate; the DVH shows them).

@@ -108,6 +108,7 @@ class RoiContours:
 
     @property
     def contour_count(self) -> int:
+        """Number of polygons over all planes."""
         return sum(len(p) for p in self.polygons)
 
 
@@ -171,7 +172,7 @@ def plane_of_slices(roi: RoiContours, zs: np.ndarray, slice_mm: float) -> np.nda
 
 
 def rasterize(roi: RoiContours, grid: Grid, lo=(0, 0, 0), hi=None) -> np.ndarray:
-    """bool mask of one ROI on the voxel centres of `grid` with indices lo <= (i, j, k) < hi.
+    """bool (hi - lo) mask of one ROI on the voxel centres of `grid` with indices lo <= (i, j, k) < hi.
 
     By default the whole grid, (X, Y, Z); indices outside the grid's shape extend its lattice
     (same origin and spacing), so a window can hold the parts of an ROI beyond the grid.

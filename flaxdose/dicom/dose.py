@@ -91,6 +91,7 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
         offsets = floats(ds, "GridFrameOffsetVector", path, required=frames > 1)
         if offsets is None:
             offsets = np.zeros(1)
+        if frames == 1:  # one plane: its thickness is the slab it stands for
             thickness = floats(ds, "SliceThickness", path, 1, required=False)
             frame_spacing = float(thickness[0]) if thickness is not None and thickness[0] > 0 else 1.0
         if offsets.size != frames:

@@ -144,6 +144,7 @@ class DicomFile:
 
     @property
     def kind(self) -> str:
+        """"CT", "RTSTRUCT", "RTDOSE", "RTPLAN", "MEDIA" or "": by SOP Class UID, by Modality only without one."""
         if self.sop_class:
             return KINDS.get(self.sop_class, "")
         return self.modality if self.modality in ("CT", "RTSTRUCT", "RTDOSE", "RTPLAN") else ""
@@ -295,8 +296,9 @@ def file_header(path: Path) -> DicomFile | None:
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: bool = False):
     """Headers of every DICOM file under `paths` (files or folders, searched recursively).
 
-    Returns (files, problems): `problems` lists (path, message) of damaged DICOM files;
-    files that are not DICOM at all are ignored.
+    Returns (files, problems): `files` the `DicomFile` of each readable DICOM file, `problems`
+    (path, message) of damaged DICOM files; files that are not DICOM at all and hidden files
+    are ignored. Raises FlaxdoseError for a path that does not exist.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -398,6 +400,7 @@ class Grouping:
 
     @property
     def plans(self) -> list[PlanFiles]:
+        """Every plan found, over all patients (patients without a plan left out)."""
         return [p for v in self.patients.values() if isinstance(v, list) for p in v]
 
 

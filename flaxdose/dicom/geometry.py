@@ -96,6 +96,7 @@ def resample(volume: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: flo
 
     order=1: trilinear interpolation between the 8 surrounding voxel centres; order=0: nearest.
     Points of `dst` outside `src` (see `inside_source`) get `cval`. Returns float32 `dst.shape`.
+    Raises FlaxdoseError for an order other than 0 or 1.
     Uses scipy.ndimage.affine_transform with a diagonal matrix (the grids differ by scale and
     shift per axis only); mode "nearest" holds the edge value for the points that
     `inside_source` keeps within INSIDE_TOL beyond the outer centres, and along single-voxel axes.

@@ -69,7 +69,13 @@ class CtSeries:
 
 
 def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
-    """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing."""
+    """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing.
+
+    `hu` (float32 [x, y, z], stored value x RescaleSlope + RescaleIntercept) is read only with
+    `load_pixels`. Raises FlaxdoseError for no files, slices of mixed orientation / spacing /
+    size, an oblique or tilted series, duplicate or missing slices, non-uniform spacing, and
+    damaged files.
+    """
     if not files:
         raise FlaxdoseError("no CT slices found; export the planning CT with the plan")
     items = []
@@ -371,7 +377,8 @@ def read_plan(
     rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
     dose = plan_dose(plan, rtplan) if plan.doses and read_dose else None
     if dose is None and grid == "dose":
-        raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}; export the plan dose or use grid='model'")
+        raise FlaxdoseError(f"grid='dose' needs the plan's RTDOSE (plan in {plan.label}): export the plan dose, "
+                            "or use grid='model' or 'ct'" + ("" if read_dose else " (read_dose=False ignores the dose)"))
     rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
                           ct.slice_spacing if ct is not None else None, plan.struct.path)
 

@@ -93,7 +93,12 @@ def write_rtdose(
         the extent of the input grid, in the CT's orientation; "input" writes the input grid
         unchanged (axis-aligned, ImageOrientationPatient 1\\0\\0\\0\\1\\0).
     bits: 32 (default) or 16 bits per stored dose value.
-    Returns the path written.
+    Returns the path written. Patient and study attributes are copied from the CT, so the
+    file carries the patient's identity like the CT it belongs to.
+    Raises FlaxdoseError for a case without dose, an array without geometry, non-finite dose,
+    bad `bits` / `output_grid`, no (or several, without `ct_series_uid`) CT series in
+    `reference_ct`, a dose grid that does not overlap the CT, an RTPLAN on another frame of
+    reference, or a dataset pydicom refuses to write.
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset

@@ -157,7 +157,11 @@ def _capsule(x, y, z, p0, p1, radius):
 
 
 def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
-    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order; organs are clipped to the body."""
+    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order on `grid`; organs are clipped to the body.
+
+    Shapes are evaluated at the voxel centres (mm), so the same anatomy gives consistent masks
+    at every grid scale.
+    """
     ax, ay, az = grid.axes()
     x, y, z = ax[:, None, None], ay[None, :, None], az[None, None, :]
     ell = anatomy.body_ellipse(az)
