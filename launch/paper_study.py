@@ -66,15 +66,15 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
 class Stages:
     """Finished stages and their wall times, persisted in stages.json."""
 
-    def __init__(self, workdir: Path):
-        self.path = workdir / "stages.json"
+    def __init__(self, workdir: Path, label: str = "paper_study"):
+        self.path, self.label = workdir / "stages.json", label
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def run(self, name: str, fn):
         if name in self.done:
-            print(f"[paper_study] {name}: done earlier, skipped")
+            print(f"[{self.label}] {name}: done earlier, skipped")
             return
-        print(f"[paper_study] {name} ...")
+        print(f"[{self.label}] {name} ...")
         start = time.perf_counter()
         fn()
         self.done[name] = round(time.perf_counter() - start, 1)
