@@ -50,7 +50,11 @@ def _manager(directory: Path, items: tuple[str, ...], keep: int, read_only: bool
 
 
 class WorkdirCheckpoints:
-    """Save and restore a training run's checkpoints (see the module docstring)."""
+    """Save and restore a training run's checkpoints (see the module docstring).
+
+    Keeps the latest `keep` full states under ``<workdir>/checkpoints`` and one best state under
+    ``<workdir>/best``; `best_val` is the lowest validation loss saved so far (None before any).
+    """
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2):
         workdir = Path(workdir)
@@ -59,10 +63,15 @@ class WorkdirCheckpoints:
         self.best_val = _best_val(self.best)
 
     def latest_step(self) -> int | None:
+        """Step of the latest full checkpoint, or None when there is none (a fresh run)."""
         return self.latest.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict, val_loss: float | None = None):
-        """Save a full state; also the params as `best` when `val_loss` improves on it."""
+        """Save a full state; also the params as `best` when `val_loss` improves on it.
+
+        `meta` must be JSON-serializable; `step` and `val_loss` are added to it. Saves may finish
+        asynchronously: call `wait` before reading them back.
+        """
         meta = {**meta, "step": int(step), "val_loss": val_loss}
         self.latest.save(
             step,
@@ -82,7 +91,11 @@ class WorkdirCheckpoints:
             )
 
     def restore(self, step: int, params, opt_state):
-        """Restore the state saved at `step` into the structure of the given templates."""
+        """Restore the state saved at `step` into the structure of the given templates.
+
+        Returns (params, opt_state, meta). Raises FlaxdoseError naming every parameter whose
+        stored shape differs from `params` (a checkpoint of another model).
+        """
         check_shapes(self.latest, step, params, f"checkpoint step {step}")
         restored = self.latest.restore(
             step,
@@ -95,10 +108,12 @@ class WorkdirCheckpoints:
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self):
+        """Block until every pending (asynchronous) save has been written."""
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
     def close(self):
+        """Finish pending saves and release both orbax managers."""
         self.latest.close()
         self.best.close()
 
@@ -142,7 +157,12 @@ def saved_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path, int]:
-    """Resolve a workdir, a checkpoints folder or one step folder to (manager dir, step)."""
+    """Resolve a workdir, a checkpoints folder or one step folder to (manager dir, step).
+
+    For a workdir, `which="best"` prefers ``best/`` and falls back to ``checkpoints/``; any other
+    value takes ``checkpoints/`` (the latest step). Raises FlaxdoseError when `path` does not
+    exist or holds no finished checkpoint.
+    """
     path = Path(path)
     if not path.exists():
         raise FlaxdoseError(f"checkpoint path {path} does not exist")
@@ -163,7 +183,8 @@ def restore_params(path: str | os.PathLike, params_template=None, which: str = "
     """Params only (no optimizer state) from a workdir or checkpoint path, as numpy arrays.
 
     With `params_template`, the stored shapes are checked against it first.
-    Returns (params, meta).
+    Returns (params, meta). Raises FlaxdoseError when no checkpoint is found (see
+    `find_checkpoint`) or the stored shapes differ from the template's.
     """
     directory, step = find_checkpoint(path, which)
     items = ("params",) if directory.name == BEST else ("params", "opt_state")

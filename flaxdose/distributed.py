@@ -32,6 +32,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Give all three arguments (the same `coordinator` HOST:PORT of process 0 and
     `num_processes` everywhere, `process_id` 0..N-1) or none: then a multi-task SLURM step is
     detected from the environment, and anything else is a single-process run (returns False).
+    Raises FlaxdoseError for some but not all three arguments, a coordinator that is not
+    HOST:PORT, an invalid count or id, or a runtime that cannot start (JAX already in use, or
+    the coordinator unreachable).
     """
     given = {"--coordinator": coordinator, "--num_processes": num_processes, "--process_id": process_id}
     missing = [name for name, value in given.items() if value is None]

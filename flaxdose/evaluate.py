@@ -95,6 +95,10 @@ def define_flags() -> None:
 
 
 def main(argv):
+    """absl main: evaluate `--workdir` (and `--compare`) on `--data`/`--split`, write `--out`, print the mean Dice.
+
+    Raises FlaxdoseError when --workdir, --data or --out is missing (and see `evaluate_workdirs`).
+    """
     del argv
     if not FLAGS.workdir or not FLAGS.data or not FLAGS.out:
         raise FlaxdoseError("usage: python -m flaxdose.evaluate --workdir W [--compare W2] --data DIR "

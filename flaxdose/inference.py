@@ -174,8 +174,8 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
 
 
 def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path, plan: str | None = None) -> Path:
-    """Write one RTDOSE of `predicted` on the CT it was imported from (see flaxdose.data.rtdose); its path."""
-    from flaxdose.data.rtdose import write_rtdose
+    """Write one RTDOSE of `predicted` on the CT it was imported from (see flaxdose.dicom.rtdose); its path."""
+    from flaxdose.dicom import write_rtdose
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_rtdose(predicted, reference_ct, out_dir, plan_path=plan)
@@ -184,11 +184,13 @@ def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path
 def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
     """Read a patient's DICOM-RT export onto the model grid and predict its dose (a Case, dose in Gy).
 
-    Raises FlaxdoseError when the export cannot be read or has no prescription (give one).
+    The export's RTDOSE, if any, is ignored. Raises FlaxdoseError when the export cannot be
+    read or has no prescription (give one).
     """
-    from flaxdose.data.dicom import read_rt
+    from flaxdose.dicom import read_rt
 
-    case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy)
+    case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy,
+                   read_dose=False)
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
     return model.predict([case])[0]

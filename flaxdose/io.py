@@ -13,7 +13,10 @@ from flaxdose.errors import FlaxdoseError
 
 
 def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to replace a non-empty folder unless asked to; call before long work."""
+    """Refuse to replace a non-empty folder (or a file) unless asked to; call before long work.
+
+    Raises FlaxdoseError when `root` is a file or a non-empty folder and not `overwrite`.
+    """
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
@@ -24,6 +27,7 @@ def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[
     """Yield a hidden temporary folder next to `root` that replaces `root` only on success.
 
     On any error (or interruption) the temporary folder is removed and `root` is untouched.
+    Raises FlaxdoseError up front when `root` holds files and not `overwrite` (`check_writable`).
     """
     root = Path(root)
     check_writable(root, overwrite)

@@ -31,7 +31,12 @@ SUBTREES = ("encoder", "bottleneck", "decoder", "head")
 
 @dataclasses.dataclass(frozen=True)
 class UNetSpec:
-    """Architecture hyper-parameters; `model.*` in the configs."""
+    """Architecture hyper-parameters; `model.*` in the configs.
+
+    features: channels per level, the last one the bottleneck's; convs_per_level: conv +
+    ReLU + GroupNorm units per level; groups: GroupNorm groups (divides every feature count);
+    in_channels: input masks (structures). Raises FlaxdoseError for invalid values.
+    """
 
     features: tuple[int, ...] = (16, 32, 64, 128, 232)
     convs_per_level: int = 3
@@ -42,6 +47,8 @@ class UNetSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+        if self.groups < 1:
+            raise FlaxdoseError(f"model.groups must be >= 1, got {self.groups}")
         if len(self.features) < 2:
             raise FlaxdoseError(f"model.features needs at least 2 levels, got {self.features}")
         bad = [f for f in self.features if f % self.groups]
@@ -64,8 +71,12 @@ class UNetSpec:
 
     @classmethod
     def from_config(cls, cfg) -> UNetSpec:
+        """The spec of a `config.model` mapping; FlaxdoseError for a key that is not a UNetSpec field (a typo)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "features" else v) for k, v in dict(cfg).items() if k in fields})
+        unknown = sorted(set(dict(cfg)) - fields)
+        if unknown:
+            raise FlaxdoseError(f"model config keys {unknown} are not model settings; the settings are {sorted(fields)}")
+        return cls(**{k: (tuple(v) if k == "features" else v) for k, v in dict(cfg).items()})
 
 
 # Presets: `paper` matches the paper's 7,870,177 trainable parameters to within 0.2 %
@@ -78,6 +89,7 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> UNetSpec:
+    """The `PRESETS[name]` spec with `overrides` (UNetSpec fields); FlaxdoseError for an unknown name."""
     if name not in PRESETS:
         raise FlaxdoseError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return UNetSpec(**{**PRESETS[name], **overrides})
@@ -123,6 +135,8 @@ class ConvBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Per level but the last: a `ConvBlock`, then 2x2x2 max-pool; returns (pooled, [skip per level])."""
+
     spec: UNetSpec
 
     @nn.compact
@@ -137,6 +151,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Per level, deepest first: `Upsample`, concatenation with the skip (channels-last), a `ConvBlock`."""
+
     spec: UNetSpec
 
     @nn.compact
@@ -151,11 +167,15 @@ class Decoder(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """(N, X, Y, Z, in_channels) masks -> (N, X, Y, Z) dose in units of the prescription."""
+    """(N, X, Y, Z, in_channels) masks -> float32 (N, X, Y, Z) dose in units of the prescription.
+
+    Raises FlaxdoseError for an input of another rank or channel count.
+    """
 
     spec: UNetSpec
 
     def setup(self):
+        """The four parameter subtrees (`SUBTREES`): encoder, bottleneck, decoder, float32 1x1x1 head."""
         s = self.spec
         self.encoder = Encoder(s)
         self.bottleneck = ConvBlock(
@@ -181,7 +201,11 @@ class UNet3D(nn.Module):
 
 
 def init_params(spec: UNetSpec, rng: jax.Array, patch_shape: Sequence[int] | None = None):
-    """Initialise parameters with a small dummy input (parameter shapes do not depend on it)."""
+    """The float32 parameter tree of `UNet3D(spec)` (without the "params" wrapper), initialised from `rng`.
+
+    A small dummy input is used (parameter shapes do not depend on it); `patch_shape` (X, Y, Z)
+    only changes that input.
+    """
     shape = tuple(patch_shape) if patch_shape is not None else (spec.factor,) * 3
     return _init_fn(spec, tuple(int(n) for n in shape))(rng)
 
@@ -194,4 +218,5 @@ def _init_fn(spec: UNetSpec, shape: tuple[int, ...]):
 
 
 def count_params(params) -> int:
+    """Total number of parameter elements in a pytree."""
     return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

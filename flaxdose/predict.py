@@ -2,7 +2,7 @@
 
 ``python -m flaxdose.predict --workdir W --data DIR --split test --out OUT`` predicts every
 case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy).
-``--rtdose-out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
+``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
 RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
 DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid. Sliding windows of the
 training patch size by default; ``--full_volume`` predicts each volume in one pass.
@@ -30,21 +30,23 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_string("dicom", None, "predict one patient straight from its DICOM-RT export folder")
     flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
-    flags.DEFINE_string("case", None, "with --rtdose-out: the case of --data/--split to export")
+    flags.DEFINE_string("case", None, "with --rtdose_out: the case of --data/--split to export")
     flags.DEFINE_string("rtdose_out", None, "folder for an RTDOSE of the prediction (one case)")
-    flags.DEFINE_string("reference", None, "the patient's CT folder for --rtdose-out (default: --dicom)")
+    flags.DEFINE_string("reference", None, "the patient's CT folder for --rtdose_out (default: --dicom)")
     flags.DEFINE_string("plan", None, "the patient's RTPLAN file, referenced by the RTDOSE")
 
 
 def main(argv):
+    """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
+    optionally write one prediction as RTDOSE. Raises FlaxdoseError for missing or conflicting flags."""
     del argv
     if not (FLAGS.workdir or FLAGS.checkpoint) or not (FLAGS.data or FLAGS.dicom):
         raise FlaxdoseError(
             "usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
-            "(--data DIR --out OUT | --dicom PATIENT_DIR --rtdose-out DIR)"
+            "(--data DIR --out OUT | --dicom PATIENT_DIR --rtdose_out DIR)"
         )
     if FLAGS.rtdose_out and not (FLAGS.reference or FLAGS.dicom):
-        raise FlaxdoseError("--rtdose-out needs --reference CT_DIR, the patient's CT the dose is written on")
+        raise FlaxdoseError("--rtdose_out needs --reference CT_DIR, the patient's CT the dose is written on")
     if FLAGS.data and not FLAGS.out:
         raise FlaxdoseError("--data needs --out, the folder for the predicted cases")
     model = inference.Model.load(FLAGS.checkpoint or FLAGS.workdir, full_volume=FLAGS.full_volume)
@@ -57,7 +59,7 @@ def main(argv):
         predicted = [result.load(i) for i in ([FLAGS.case] if FLAGS.case else ids)] if FLAGS.rtdose_out else []
     if FLAGS.rtdose_out:
         if len(predicted) != 1:
-            raise FlaxdoseError(f"--rtdose-out writes one patient's dose; choose one with --case (of {len(predicted)})")
+            raise FlaxdoseError(f"--rtdose_out writes one patient's dose; choose one with --case (of {len(predicted)})")
         path = inference.export_rtdose(predicted[0], FLAGS.reference or FLAGS.dicom, FLAGS.rtdose_out, FLAGS.plan)
         print(json.dumps({"rtdose": str(path)}))
 

@@ -62,6 +62,11 @@ log = logging.getLogger("flaxdose")
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+    """One fine-tuning run of the grid: target style, number of its training plans, mode, seed, learning rate.
+
+    `index` is the run's position in `expand_grid`'s order (shards split runs by it).
+    """
+
     index: int
     style: str
     n_train: int
@@ -71,9 +76,11 @@ class Run:
 
     @property
     def run_id(self) -> str:
+        """The run's folder name, e.g. ``internal_c_n005_paper_seed0_lr1e-05``."""
         return f"{self.style}_n{self.n_train:03d}_{self.mode}_seed{self.seed}_lr{self.learning_rate:g}"
 
     def fields(self) -> dict:
+        """run_id and the grid values (not `index`), for result rows."""
         return {"run_id": self.run_id, **{k: v for k, v in dataclasses.asdict(self).items() if k != "index"}}
 
 
@@ -92,7 +99,11 @@ def expand_grid(grid) -> list[Run]:
 
 
 def check_grid(config, available: dict[str, int]) -> None:
-    """Refuse grids that cannot run, before anything is written. `available`: style -> training plans."""
+    """Refuse grids that cannot run, before anything is written. `available`: style -> training plans.
+
+    Raises FlaxdoseError for an unknown mode, an empty grid axis, a style without data, a plan
+    count outside 1..available, or `runs_per_device` < 1.
+    """
     grid = config.grid
     unknown = [m for m in grid.modes if m not in MODES]
     if unknown:
@@ -133,6 +144,10 @@ def wave_layout(n_runs: int, n_devices: int) -> tuple[int, int]:
 
 
 def shard_of(runs: Sequence[Run], index: int, count: int) -> list[Run]:
+    """The runs of shard `index` of `count` (run.index % count == index).
+
+    Raises FlaxdoseError for an index outside 0..count-1.
+    """
     if not 0 <= index < count:
         raise FlaxdoseError(f"shard {index} of {count} does not exist; shards are numbered 0..{count - 1}")
     return [r for r in runs if r.index % count == index]
@@ -146,6 +161,8 @@ def stack(trees: Sequence, size: int):
 
 
 def unstack(tree, n: int) -> list:
+    """Inverse of `stack` after device sharding: leaves (devices, runs per device, ...) -> the first `n`
+    runs' pytrees (numpy; the padding runs dropped)."""
     flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)  # (devices, per device, ...)
     return [jax.tree.map(lambda x: x[i], flat) for i in range(n)]
 
@@ -160,12 +177,17 @@ class StackedIterator:
         return stack([next(it) for it in self.iterators], self.size)
 
     def get_state(self) -> list:
+        """Each run's grain iterator state, in run order."""
         return [it.get_state() for it in self.iterators]
 
 
 # ---------------------------------------------------------------- the sweep
 class Sweep:
-    """A sweep folder and its config: prepare (data, source model, baselines), train, report."""
+    """A sweep folder and its config: prepare (data, source model, baselines), train, report.
+
+    `devices` defaults to the local devices (at most `config.max_devices` when set). Raises
+    FlaxdoseError for a grid that cannot run (`check_grid`) or a data folder that is not a dataset.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, root: str | Path, devices=None):
         self.config, self.root = config, Path(root).resolve()
@@ -179,24 +201,32 @@ class Sweep:
 
     # ------------------------------------------------ folders and data
     def available_plans(self) -> dict[str, int]:
+        """Style -> number of training plans: `data.plans` for built-in styles, the train split of `data.folders`."""
         plans = {style: int(n_train) for style, (n_train, _) in self.config.data.plans.items()}
         for style, folder in self.config.data.folders.items():
             plans[style] = len(Dataset.open(folder).split("train"))
         return plans
 
     def dataset_path(self, style: str) -> Path:
+        """The style's dataset folder: the user's (`data.folders`) or ``<root>/data/<style>``."""
         folders = self.config.data.folders
         return Path(folders[style]) if style in folders else self.root / "data" / style
 
     @property
     def source_dir(self) -> Path:
+        """The source model: `source.path` when given, else ``<root>/source`` (trained by `prepare`)."""
         return Path(self.config.source.path).resolve() if self.config.source.path else self.root / "source"
 
     def run_dir(self, run: Run) -> Path:
+        """``<root>/runs/<run_id>``: the run's workdir."""
         return self.root / "runs" / run.run_id
 
     def claim_folder(self) -> None:
-        """Write sweep.json, or check that the folder holds this same sweep."""
+        """Write sweep.json, or check that the folder holds this same sweep.
+
+        Raises FlaxdoseError when sweep.json holds other settings (naming them), or the folder
+        holds files but no sweep.json.
+        """
         saved, new = self.root / "sweep.json", json.loads(config_lib.to_json(self.config))
         if saved.is_file():
             old = json.loads(saved.read_text())
@@ -232,9 +262,11 @@ class Sweep:
                 atomic_write_text(path, json.dumps({"style": style, "n_train": 0, "mode": "source model", **scores}, indent=1))
 
     def is_prepared(self) -> bool:
+        """Whether `prepare` finished: every target style has its baseline file."""
         return all((self.root / "baseline" / f"{s}.json").is_file() for s in self.config.grid.targets)
 
     def source_config(self):
+        """The source model's training config: `base` on the source style's data, with `source.train` settings."""
         config = _unlocked_copy(self.config.base)
         config.data.update(kind="folder", path=str(self.dataset_path(SOURCE_STYLE)), train_cases=())
         config.data.val_cases = self.config.source.val_cases
@@ -259,10 +291,12 @@ class Sweep:
 
     # ------------------------------------------------ status
     def result(self, run: Run) -> dict | None:
+        """The run's result.json as a dict, or None while it is unfinished."""
         path = self.run_dir(run) / "result.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def pending(self, runs: Sequence[Run]) -> list[tuple[Run, int]]:
+        """(run, start step) of the unfinished `runs`; the start is the latest saved checkpoint's step, else 0."""
         out = []
         for run in runs:
             if self.result(run) is None:
@@ -271,7 +305,10 @@ class Sweep:
 
     # ------------------------------------------------ training
     def train(self, shard_index: int = 0, shard_count: int = 1) -> None:
-        """Train and evaluate this shard's unfinished runs, wave by wave."""
+        """Train and evaluate this shard's unfinished runs, wave by wave.
+
+        Raises FlaxdoseError when the folder is not prepared, or for a shard outside 0..count-1.
+        """
         if not self.is_prepared():
             raise FlaxdoseError(
                 f"{self.root} is not prepared (data, source model, baselines); run the sweep with --stage=prepare "
@@ -324,7 +361,7 @@ class Sweep:
         for run, folder, host in zip(runs, folders, unstack(state, len(runs))):
             model = Model.from_config(folder.config, host.params, name=run.run_id)
             result = {**run.fields(), "steps": base.train.steps, **self.score(model, run.style),
-                      "final_loss": folder.last.get("loss", float("nan")), "wave_size": len(runs),
+                      "final_loss": folder.last.get("loss", float("nan")), "wave": runs[0].run_id, "wave_size": len(runs),
                       "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
             atomic_write_text(self.run_dir(run) / "result.json", json.dumps(result, indent=1))
 
@@ -338,12 +375,17 @@ class Sweep:
 
     # ------------------------------------------------ evaluation and report
     def references(self, style: str) -> list:
+        """The style's "test" cases (reference doses), loaded once and cached."""
         if style not in self._references:
             self._references[style] = evaluation.load_references(Dataset.open(self.dataset_path(style)), "test")
         return self._references[style]
 
     def score(self, model, style: str) -> dict:
-        """Mean isodose Dice and DVH error of `model` on the style's test cases."""
+        """Mean isodose Dice and DVH error of `model` on the style's test cases.
+
+        Returns {"n_test", "dice_mean", "dice_sd" (over cases), "dvh_abs_err_pct" (mean absolute
+        DVH-metric error, % of the prescription)}.
+        """
         refs = self.references(style)
         rows = evaluation.evaluate_predictions({model.name: model.predict(refs)}, refs)
         summary = evaluation.summarize(rows)
@@ -358,6 +400,10 @@ class Sweep:
         return rows, baselines
 
     def report(self, title: str = "") -> Path:
+        """Write ``<root>/report/`` (results.csv, summary.md, learning_curve.png) from the finished runs.
+
+        Returns the path of summary.md.
+        """
         from flaxdose import sweep_report
 
         rows, baselines = self.collect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ ENOUGH_DICE_MARGIN = 0.01
 
 
 def curve_name(row: dict, several_rates: bool) -> str:
+    """A curve's label: the mode, plus the learning rate when its mode was run at several."""
     return f"{row['mode']} lr {row['learning_rate']:g}" if several_rates else row["mode"]
 
 
@@ -43,14 +45,36 @@ def _cell(values: Sequence[float]) -> str:
     return f"{np.nanmean(v):.3f}{sd} ({len(v)})"
 
 
-def plans_needed(by_n: dict[int, list[float]]) -> str:
-    means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
+def fewest_plans(by_n: dict[int, list[float]], margin: float = ENOUGH_DICE_MARGIN) -> tuple[int, float, float] | None:
+    """(fewest plans n whose mean Dice over seeds is within `margin` of the curve's best, its mean Dice, the best).
+
+    Plan counts whose runs have no Dice (NaN) are left out; None when none has one.
+    """
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of all-NaN values: NaN, left out below
+        means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
+    means = {n: m for n, m in means.items() if np.isfinite(m)}
+    if not means:
+        return None
     best = max(means.values())
-    enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
-    return f"{enough} (Dice {means[enough]:.3f}; best {best:.3f})"
+    enough = min(n for n, m in means.items() if m >= best - margin)
+    return enough, means[enough], best
+
+
+def plans_needed(by_n: dict[int, list[float]]) -> str:
+    """`fewest_plans` with ENOUGH_DICE_MARGIN as text; "n/a" when no plan count has a Dice."""
+    found = fewest_plans(by_n)
+    if found is None:
+        return "n/a"
+    enough, dice, best = found
+    return f"{enough} (Dice {dice:.3f}; best {best:.3f})"
 
 
 def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: str) -> list[str]:
+    """Markdown table lines: one row per plan count (row 0: the unadapted `baseline`), one column per curve.
+
+    Cells are mean ± SD over seeds (number of runs), "-" where a curve has no run.
+    """
     names = list(style_curves)
     ns = sorted({n for c in style_curves.values() for n in c})
     lines = [f"| plans | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
@@ -62,15 +86,21 @@ def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: 
 
 
 def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str) -> str:
+    """summary.md: provenance, then per style the Dice and DVH-error tables and the plans needed per curve.
+
+    rows: result.json dicts of finished runs; baselines: the unadapted source model per style;
+    n_total: runs in the grid; config: the sweep config (for the run settings shown).
+    """
     by_style = {b["style"]: b for b in baselines}
     dice, dvh = curves(rows, "dice_mean"), curves(rows, "dvh_abs_err_pct")
-    waves = {(r["wave_layout"], r["wave_wall_s"], r["mode"]) for r in rows}
+    # a wave's runs share its wall time: count it once per wave (named by its first run)
+    waves = {r.get("wave", (r["wave_layout"], r["wave_wall_s"], r["mode"])): r["wave_wall_s"] for r in rows}
     lines = [f"# {title or 'Fine-tuning sweep'}", "",
              f"{len(rows)} of {n_total} runs finished; written {time.strftime('%Y-%m-%d %H:%M')} by commit "
              f"`{provenance.commit() or 'unknown'}` on {provenance.machine()}. "
              f"Each run: {config.base.train.steps} steps, batch {config.base.train.batch_size}, patches "
              f"{tuple(config.base.data.patch_shape)}, UNet features {tuple(config.base.model.features)}; "
-             f"wave training time (packed runs share it) summed: {sum(w[1] for w in waves) / 60:.1f} min.", "",
+             f"wave training time (packed runs share it) summed: {sum(waves.values()) / 60:.1f} min.", "",
              "Cells: mean ± SD over seeds (number of runs), on the style's test cases. Row 0: the source model "
              "without adaptation. Modes: `paper` freezes encoder + bottleneck and re-initializes the head; `full`, "
              "`decoder`, `head`, `norm_head` train those parts; `scratch` trains from random initialization (control).",

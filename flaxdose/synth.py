@@ -31,6 +31,10 @@ def define_flags() -> None:
 
 
 def main(argv):
+    """absl main: write one style's dataset (`--out`), the whole study (`--study`), or print a report (`--report`).
+
+    Raises FlaxdoseError unless exactly one of the three is given (with --style and --n for --out).
+    """
     if len(argv) > 1:
         raise FlaxdoseError(f"unexpected arguments: {argv[1:]}")
     from flaxdose.synthetic import generator

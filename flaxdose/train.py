@@ -28,6 +28,10 @@ def define_flags() -> None:
 
 
 def main(argv):
+    """absl main: start the multi-process runtime if asked, then `trainer.train_and_evaluate(config, workdir)`.
+
+    Raises FlaxdoseError without --workdir, for a sweep config, or for bad multi-process flags.
+    """
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for checkpoints and logs")

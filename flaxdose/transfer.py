@@ -27,6 +27,9 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
+    """A transfer mode: which top-level subtrees train, whether the head is re-initialized, and
+    whether every GroupNorm scale/offset trains too; all other parameters are frozen."""
+
     trainable: tuple[str, ...]  # top-level subtrees that train
     reinit_head: bool = False
     norms: bool = False  # also train every GroupNorm scale/offset

@@ -67,9 +67,8 @@ class Stages:
     """Finished stages and their wall times, persisted in stages.json."""
 
     def __init__(self, workdir: Path, label: str = "paper_study"):
-        self.path = workdir / "stages.json"
+        self.path, self.label = workdir / "stages.json", label
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.label = label
 
     def run(self, name: str, fn):
         if name in self.done:

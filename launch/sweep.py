@@ -40,14 +40,21 @@ def shard() -> tuple[int, int]:
     if FLAGS.shard_count is not None:
         return FLAGS.shard_index, FLAGS.shard_count
     env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:  # an array 0-10:2 has tasks 0, 2, .., 10
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        return (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"])
     if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return 0, 1
 
 
 def main(argv):
+    """absl main: run the `--stage` of the sweep in `--workdir`, as shard `shard()` of the runs.
+
+    With `all`, a single process prepares, trains and reports; of several shards each trains and
+    shard 0 writes the report from the runs finished so far. Raises FlaxdoseError without
+    --workdir, for a training (not sweep) config, or for `prepare` run as several shards.
+    """
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the sweep folder")

@@ -3,7 +3,10 @@
 Every shape is analytic in patient (LPS) millimetres, so the true mask at any voxel centre
 and the true dose at any point are known. Geometry (HFS; other orientations show the same
 patient): CT 64 columns x 48 rows, pixels 2.0 mm (x) x 2.5 mm (y), 32 slices 2.5 mm apart;
-dose grid 3 mm in-plane on the CT slice planes.
+dose grid 3 mm in-plane on the CT slice planes. The RTPLAN delivers BEAMS (plus a setup beam
+without dose) in FRACTIONS fractions. Helpers below shape an export like those people report
+from planning systems and PACS/CD exports: other dose summation types, cropped dose grids,
+bare datasets without File Meta, a DICOMDIR, contours of other geometric types.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ DOSE_SHAPE_XYZ = (41, 39, 32)
 DOSE_SPACING = (3.0, 3.0, 2.5)
 DOSE_ORIGIN = (-60.0, -57.0, -38.75)
 PRESCRIPTION = 60.0
+FRACTIONS = 30
+BEAMS = (1, 2)  # treatment beam numbers of the RTPLAN; beam 99 is a setup beam (no dose)
 
 # ROI number, ROI name (renamed clinical-style), canonical structure, interpreted type
 ROIS = [
@@ -149,6 +154,7 @@ def _base(modality, sop_class, study, for_uid, patient_id):
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 1
     ds.Manufacturer = "factory"
+    ds.InstanceNumber = 1
     if for_uid:
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
@@ -173,7 +179,7 @@ def _native(origin, spacing, shape, orientation):
 
 
 def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slice=None, patient_id="PAT001",
-                 with_plan=True, with_dose=True, study=None, for_uid=None):
+                 with_plan=True, with_dose=True, with_ct=True, study=None, for_uid=None):
     """Write one patient's export into `folder`; returns dict of paths and UIDs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +190,7 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
     ct_uids = []
     X, Y = np.meshgrid(col_x, row_y, indexing="xy")  # (rows, cols)
     for k, z in enumerate(zs):
-        if drop_slice is not None and k == drop_slice:
+        if not with_ct or (drop_slice is not None and k == drop_slice):
             continue
         ds = _base("CT", "1.2.840.10008.5.1.4.1.1.2", study, for_uid, patient_id)
         ds.SeriesInstanceUID = series
@@ -268,9 +274,18 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
         pl.DoseReferenceSequence = Sequence(refs)
         fg = Dataset()
         fg.FractionGroupNumber = 1
-        fg.NumberOfFractionsPlanned = 30
-        fg.NumberOfBeams = 0
+        fg.NumberOfFractionsPlanned = FRACTIONS
+        fg.NumberOfBeams = len(BEAMS) + 1
         fg.NumberOfBrachyApplicationSetups = 0
+        fg.ReferencedBeamSequence = Sequence([_beam_ref(b, 0.0 if b == 99 else 250.0) for b in (*BEAMS, 99)])
+        beams = []
+        for number in (*BEAMS, 99):
+            beam = Dataset()
+            beam.BeamNumber = number
+            beam.BeamName = f"B{number}"
+            beam.TreatmentDeliveryType = "SETUP" if number == 99 else "TREATMENT"
+            beams.append(beam)
+        pl.BeamSequence = Sequence(beams)
         pl.FractionGroupSequence = Sequence([fg])
         rs = Dataset()
         rs.ReferencedSOPClassUID = st.SOPClassUID
@@ -281,31 +296,105 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
         plan_uid = pl.SOPInstanceUID
         out["plan"] = folder / "RP.dcm"
 
+    out.update(patient_id=patient_id, orientation=orientation, absolute_offsets=absolute_offsets, plan_uid=plan_uid)
     if with_dose:
-        r, c, n, col_x, row_y, dz = _native(DOSE_ORIGIN, DOSE_SPACING, DOSE_SHAPE_XYZ, orientation)
-        dz = dz if n[2] > 0 else dz[::-1]  # frames run along the normal
-        X, Y, Z = np.meshgrid(col_x, row_y, dz, indexing="xy")  # (rows, cols, frames)
-        dose = np.transpose(true_dose(X, Y, Z), (2, 0, 1))  # (frames, rows, cols)
-        scaling = 1e-5
-        rd = _base("RTDOSE", "1.2.840.10008.5.1.4.1.1.481.2", study, for_uid, patient_id)
-        rd.ImageOrientationPatient = [*r, *c]
-        rd.ImagePositionPatient = [col_x[0], row_y[0], dz[0]]
-        rd.PixelSpacing = [DOSE_SPACING[1], DOSE_SPACING[0]]
-        rd.SliceThickness = DOSE_SPACING[2]
-        rd.Rows, rd.Columns, rd.NumberOfFrames = len(row_y), len(col_x), len(dz)
-        rd.SamplesPerPixel, rd.PhotometricInterpretation = 1, "MONOCHROME2"
-        rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = 32, 32, 31, 0
-        rd.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
-        steps = np.abs(dz - dz[0])
-        rd.GridFrameOffsetVector = list(dz) if absolute_offsets else list(steps)
-        rd.DoseUnits, rd.DoseType, rd.DoseSummationType = "GY", "PHYSICAL", "PLAN"
-        rd.DoseGridScaling = scaling
-        if plan_uid:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
-            ref.ReferencedSOPInstanceUID = plan_uid
-            rd.ReferencedRTPlanSequence = Sequence([ref])
-        rd.PixelData = np.rint(dose / scaling).astype("<u4").tobytes()
-        pydicom.dcmwrite(folder / "RD.dcm", rd, enforce_file_format=True)
-        out["dose"] = folder / "RD.dcm"
+        out["dose"] = write_dose(out, "RD.dcm")
     return out
+
+
+def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_group=None, x_range=None, z_max=None,
+               shift=(0.0, 0.0, 0.0), plan_uid="export", dose_type="PHYSICAL"):
+    """Write `scale` x the true dose as an RTDOSE into the export's folder; returns its path.
+
+    summation: DoseSummationType; beams / fraction_group: the ReferencedBeamSequence /
+    ReferencedFractionGroupNumber under its ReferencedRTPlanSequence; x_range, z_max: crop the
+    dose grid to x_range[0] <= x <= x_range[1] and z <= z_max (mm); shift: move the grid (mm);
+    plan_uid: the RTPLAN referenced ("export": the export's plan; None: none).
+    """
+    xs, ys, zs = coords(np.add(DOSE_ORIGIN, shift), DOSE_SPACING, DOSE_SHAPE_XYZ)
+    xs = xs if x_range is None else xs[(xs >= x_range[0]) & (xs <= x_range[1])]
+    zs = zs if z_max is None else zs[zs <= z_max]
+    origin, shape = (xs[0], ys[0], zs[0]), (len(xs), len(ys), len(zs))
+    r, c, n, col_x, row_y, dz = _native(origin, DOSE_SPACING, shape, export["orientation"])
+    dz = dz if n[2] > 0 else dz[::-1]  # frames run along the normal
+    X, Y, Z = np.meshgrid(col_x, row_y, dz, indexing="xy")  # (rows, cols, frames)
+    dose = np.transpose(scale * true_dose(X, Y, Z), (2, 0, 1))  # (frames, rows, cols)
+    scaling = 1e-5
+    rd = _base("RTDOSE", "1.2.840.10008.5.1.4.1.1.481.2", export["study"], export["for"], export["patient_id"])
+    rd.ImageOrientationPatient = [*r, *c]
+    rd.ImagePositionPatient = [col_x[0], row_y[0], dz[0]]
+    rd.PixelSpacing = [DOSE_SPACING[1], DOSE_SPACING[0]]
+    rd.SliceThickness = DOSE_SPACING[2]
+    rd.Rows, rd.Columns, rd.NumberOfFrames = len(row_y), len(col_x), len(dz)
+    rd.SamplesPerPixel, rd.PhotometricInterpretation = 1, "MONOCHROME2"
+    rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = 32, 32, 31, 0
+    rd.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
+    steps = np.abs(dz - dz[0])
+    rd.GridFrameOffsetVector = list(dz) if export["absolute_offsets"] else list(steps)
+    rd.DoseUnits, rd.DoseType, rd.DoseSummationType = "GY", dose_type, summation
+    rd.DoseGridScaling = scaling
+    plan_uid = export["plan_uid"] if plan_uid == "export" else plan_uid
+    if plan_uid:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
+        ref.ReferencedSOPInstanceUID = plan_uid
+        if beams or fraction_group is not None:
+            group = Dataset()
+            group.ReferencedFractionGroupNumber = 1 if fraction_group is None else fraction_group
+            if beams:
+                group.ReferencedBeamSequence = Sequence([_beam_ref(b) for b in beams])
+            ref.ReferencedFractionGroupSequence = Sequence([group])
+        rd.ReferencedRTPlanSequence = Sequence([ref])
+    rd.PixelData = np.rint(dose / scaling).astype("<u4").tobytes()
+    path = Path(export["folder"]) / name
+    pydicom.dcmwrite(path, rd, enforce_file_format=True)
+    return path
+
+
+def _beam_ref(number, meterset=None):
+    item = Dataset()
+    item.ReferencedBeamNumber = number
+    if meterset is not None:
+        item.BeamMeterset = meterset
+    return item
+
+
+def strip_file_meta(path, out=None):
+    """Rewrite a file as a bare dataset, implicit VR little endian, without preamble or File Meta."""
+    ds = pydicom.dcmread(path)
+    ds.preamble = None
+    del ds.file_meta
+    pydicom.dcmwrite(out or path, ds, implicit_vr=True, little_endian=True)
+
+
+def write_dicomdir(folder, cd):
+    """Copy an export into the layout of a CD/USB export (PT000000/ST000000/...) with its DICOMDIR."""
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for path in sorted(Path(folder).glob("*.dcm")):
+        fileset.add(path)
+    fileset.write(cd)
+
+
+def edit_roi(path, roi_name, edit):
+    """Replace the contour items of ROI `roi_name` in the RTSTRUCT at `path` by `edit(items)`
+    (a list of contour Datasets; None deletes the ContourSequence)."""
+    ds = pydicom.dcmread(path)
+    number = next(int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName == roi_name)
+    item = next(rc for rc in ds.ROIContourSequence if int(rc.ReferencedROINumber) == number)
+    contours = edit(list(item.get("ContourSequence") or []))
+    if contours is None:
+        del item.ContourSequence
+    else:
+        item.ContourSequence = Sequence(contours)
+    pydicom.dcmwrite(path, ds)
+
+
+def contour_item(points, kind="CLOSED_PLANAR"):
+    """One ContourSequence item of (N, 3) points (mm)."""
+    item = Dataset()
+    item.ContourGeometricType = kind
+    item.NumberOfContourPoints = len(points)
+    item.ContourData = [f"{v:.6f}" for v in np.asarray(points, float).ravel()]
+    return item

@@ -13,7 +13,9 @@ import pydicom
 import pytest
 
 from flaxdose.data import Case, Dataset
-from flaxdose.data.dicom import (
+from flaxdose.dicom import (
+    AliasTable,
+    Roi,
     fill_polygon,
     import_dicom,
     read_dose,
@@ -21,7 +23,6 @@ from flaxdose.data.dicom import (
     read_rt,
     scan,
 )
-from flaxdose.data.structures import AliasTable, Roi
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dice, dvh_metrics
 
@@ -271,7 +272,7 @@ def test_import_cli_deidentifies_and_reports_bad_patients(tmp_path, capsys):
 def test_import_cli_entry_point(exports, tmp_path):
     aliases = tmp_path / "a.json"
     aliases.write_text(json.dumps({"Box": ["Box"]}))
-    cmd = [sys.executable, "-m", "flaxdose.data.dicom", "import", str(exports["HFS"]["folder"]),
+    cmd = [sys.executable, "-m", "flaxdose.import_dicom", str(exports["HFS"]["folder"]),
            "--out", str(tmp_path / "ds"), "--grid", "dose", "--aliases", str(aliases),
            "--structures", ",".join(F.STRUCTURES)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
@@ -279,7 +280,7 @@ def test_import_cli_entry_point(exports, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "imported 1 plan(s) from 1 patient(s)" in result.stdout
     assert Dataset.open(tmp_path / "ds").manifest["num_cases"] == 1
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "flaxdose: error:" in bad.stderr and "Traceback" not in bad.stderr
 

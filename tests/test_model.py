@@ -67,6 +67,10 @@ def test_norm_order_is_configurable_and_matters():
 
 
 def test_bad_specs_raise_flaxdose_error():
+    with pytest.raises(FlaxdoseError, match="groups must be >= 1"):
+        UNetSpec(groups=0)
+    with pytest.raises(FlaxdoseError, match=r"\['featurs'\] are not model settings"):
+        UNetSpec.from_config({"featurs": (8, 16), "groups": 4})
     with pytest.raises(FlaxdoseError, match="divisible"):
         UNetSpec(features=(6, 12), groups=4)
     with pytest.raises(FlaxdoseError, match="norm_order"):

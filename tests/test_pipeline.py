@@ -90,6 +90,13 @@ def test_left_right_flip_swaps_femoral_heads():
     assert left.sum() == 0 and right[:3].sum() == masks[3].sum()  # the head moved to the right side
 
 
-def test_patch_larger_than_volume_is_refused(dataset):
+def test_patch_larger_than_volume_is_refused(dataset, tmp_path):
     with pytest.raises(FlaxdoseError, match="does not fit"):
         make(dataset, patch=(64, 8, 4))
+    with pytest.raises(FlaxdoseError, match="three positive sizes"):
+        make(dataset, patch=(8, 0, 4))
+    # a later, smaller case is checked too (not only the first one)
+    mixed = phantom_cases(3, 2, shape=(24, 20, 12)) + [phantom_cases(4, 1, shape=(24, 20, 6))[0].replace(case_id="small")]
+    mixed_ds = write_dataset(tmp_path / "mixed", mixed, {"train": [c.case_id for c in mixed]})
+    with pytest.raises(FlaxdoseError, match="case 'small' of grid \\(24, 20, 6\\)"):
+        make(mixed_ds, patch=(8, 8, 8))

@@ -4,7 +4,7 @@ import pytest
 import dicom_factory as F
 from flaxdose import trainer
 from flaxdose.data.case import Dataset
-from flaxdose.data.dicom import Grid, read_dose, resample
+from flaxdose.dicom import Grid, read_dose, resample
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import Model, export_rtdose, predict_dataset, predict_dicom, sliding_window, window_starts
 

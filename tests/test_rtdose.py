@@ -8,8 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from flaxdose.data.dicom import Grid, read_dose, read_rt, resample
-from flaxdose.data.rtdose import dose_grid_scaling, write_rtdose
+from flaxdose.dicom import Grid, dose_grid_scaling, read_dose, read_rt, resample, write_rtdose
 from flaxdose.errors import FlaxdoseError
 
 
@@ -55,6 +54,21 @@ def test_round_trip_on_input_grid(model_case, export, tmp_path, bits):
     assert np.abs(dose - expected).max() <= step / 2 + 1e-5 * expected.max()
     assert dose.max() == pytest.approx(expected.max(), abs=step)  # the maximum does not clip
     assert [p.name for p in tmp_path.iterdir()] == ["rd.dcm"]  # no temporary file left behind
+
+
+def test_a_one_slice_dose_reads_back(model_case, export, tmp_path):
+    """A single-frame RTDOSE (with its one-value GridFrameOffsetVector) is read, spacing from SliceThickness."""
+    k = 12
+    z = model_case.origin_mm[2] + k * model_case.spacing_mm[2]
+    one = model_case.replace(masks=model_case.masks[..., k : k + 1], dose=model_case.dose[..., k : k + 1],
+                             origin_mm=(*model_case.origin_mm[:2], z))
+    path = write_rtdose(one, export["FFS"]["folder"], tmp_path / "rd.dcm", output_grid="input")
+    dose, grid = read_dose(path)
+    assert grid.shape == (40, 40, 1)
+    np.testing.assert_allclose(grid.origin_mm, one.origin_mm, atol=1e-6)
+    np.testing.assert_allclose(grid.spacing_mm, model_case.spacing_mm, atol=1e-9)
+    step = float(pydicom.dcmread(path, stop_before_pixels=True).DoseGridScaling)
+    assert np.abs(dose - np.clip(one.dose, 0, None)).max() <= step / 2 + 1e-5 * one.dose.max()
 
 
 def test_round_trip_on_ct_grid_with_plan(model_case, export, tmp_path):

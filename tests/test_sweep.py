@@ -199,3 +199,12 @@ def test_two_processes_split_a_sweep(smoke_sweep, tmp_path):
     assert len(list(workdir.glob("runs/*/result.json"))) == 8
     for run in smoke_sweep.runs:
         assert_same_params(final_params(workdir / "runs" / run.run_id), final_params(smoke_sweep.run_dir(run)))
+
+
+def test_plans_needed_skips_plan_counts_without_dice():
+    from flaxdose.sweep_report import plans_needed
+
+    nan = float("nan")
+    # means: n=5 -> 0.81, n=10 -> 0.82 (best); 0.81 is within the 0.01 margin, so 5 plans are enough
+    assert plans_needed({2: [nan, nan], 5: [0.80, 0.82], 10: [0.815, 0.825]}) == "5 (Dice 0.810; best 0.820)"
+    assert plans_needed({2: [nan], 5: [nan]}) == "n/a"

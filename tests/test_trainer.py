@@ -64,6 +64,11 @@ def test_interrupted_run_resumes_to_the_same_result_on_another_device_count(tmp_
     a, _ = checkpoint.restore_params(tmp_path / "a", which="latest")
     b, _ = checkpoint.restore_params(tmp_path / "b", which="latest")
     assert_trees_close(a, b, rtol=1e-4, atol=1e-6)
+    # a finished run is not reopened for writing: no file of the workdir changes or appears
+    files = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    before = files()
+    again = trainer.train_and_evaluate(make_config(), tmp_path / "a", devices=devices)
+    assert again["step"] == 6 and files() == before
 
 
 def test_incompatible_workdir_is_refused_untouched(tmp_path, make_config):

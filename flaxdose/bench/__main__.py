@@ -59,6 +59,10 @@ def _ints(values, flag: str) -> tuple[int, ...] | None:
 
 
 def main(argv) -> int:
+    """absl main: `--merge` combines result files, else runs `bench()`; exit status 0, or 1 if some measurements failed.
+
+    Raises FlaxdoseError for positional arguments and for bad flag values.
+    """
     if len(argv) > 1:
         raise FlaxdoseError(f"unexpected arguments {argv[1:]}; flags are written --name=value")
     if FLAGS.merge:

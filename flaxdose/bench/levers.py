@@ -80,7 +80,7 @@ def _stats(x, groups):
 
 
 def _per_channel(v, c):
-    """(n, groups) -> (n, 1, ..., 1, c) broadcastable against x."""
+    """(n, groups) -> (n, c): each group's value repeated for its c // groups channels."""
     n, g = v.shape
     return jnp.repeat(v, c // g, axis=1)
 

@@ -47,6 +47,14 @@ PRESET_SHAPES = {
 
 @dataclasses.dataclass
 class BenchOptions:
+    """What to measure; the fields mirror the `python -m flaxdose.bench` flags.
+
+    `batches`, `patch` and `volume` (X, Y, Z voxels) default to the preset's `PRESET_SHAPES`;
+    `dtypes` accepts the aliases of `DTYPES` and is stored as "float32"/"bfloat16". Raises
+    FlaxdoseError for an unknown preset or choice, a batch/steps < 1, warmup < 0, or a patch that
+    does not fit in the volume.
+    """
+
     preset: str = "tiny"
     batches: tuple[int, ...] | None = None  # None: the preset's default
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -111,12 +119,18 @@ def _check_choice(allowed, value, flag, result=None):
 
 # ---------------------------------------------------------------- timing helpers
 def summarize(times_s: Sequence[float]) -> dict:
+    """Step times (s) -> {"ms_per_step" (median), "ms_p10", "ms_p90" (nearest rank), "steps"}, in ms."""
     ms = sorted(t * 1e3 for t in times_s)
     q = lambda f: ms[min(len(ms) - 1, int(round(f * (len(ms) - 1))))]  # noqa: E731
     return {"ms_per_step": statistics.median(ms), "ms_p10": q(0.1), "ms_p90": q(0.9), "steps": len(ms)}
 
 
 def make_row(framework, variant, task, dtype, batch, shape, timing, **extra) -> dict:
+    """One result row: the identifying fields, `timing` (from `summarize`), throughput and `extra`.
+
+    shape: (X, Y, Z) voxels of one patch or volume; patches_per_s = batch / step time,
+    voxels_per_s = batch x X x Y x Z / step time.
+    """
     voxels = batch * math.prod(shape)
     ms = timing["ms_per_step"]
     return {
@@ -135,6 +149,7 @@ def make_row(framework, variant, task, dtype, batch, shape, timing, **extra) -> 
 
 # ---------------------------------------------------------------- flax
 def flax_device_info() -> dict:
+    """{"platform", "device_kind", "device_count"} of JAX's first device (the one measured)."""
     import jax
 
     dev = jax.devices()[0]
@@ -186,6 +201,13 @@ def _timed_loop(run, state, batches, warmup, steps, block):
 
 
 def bench_flax(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
+    """Measure flaxdose on one device: `emit` one row per (dtype, batch, step kind) and task.
+
+    train: the trainer's step on random (N, X, Y, Z, C) uint8 masks and (N, X, Y, Z) float32
+    targets at `opts.patch`; infer: the jitted forward pass on one (1, *opts.volume, C) volume;
+    e2e: the same train step fed by the grain pipeline from phantom cases written to a
+    temporary folder (removed afterwards).
+    """
     tmp_root = Path(tempfile.mkdtemp(prefix="flaxdose_bench_"))
     try:
         _bench_flax(opts, emit, tmp_root)
@@ -324,6 +346,10 @@ def _flax_e2e(opts, spec, compiled, state, put, batch, root: Path) -> float:
 
 # ---------------------------------------------------------------- torch
 def torch_device_info() -> dict:
+    """{"device" ("cuda" or "cpu"), "device_kind", "threads"} of the device PyTorch runs on.
+
+    Raises FlaxdoseError when torch is not installed.
+    """
     from flaxdose.bench.torch_unet import require_torch
 
     torch = require_torch()
@@ -333,6 +359,13 @@ def torch_device_info() -> dict:
 
 
 def bench_torch(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
+    """Measure the PyTorch baseline (`TorchUNet3D`, same initial weights as flaxdose): one row per variant and task.
+
+    Variants: eager fp32, eager bf16 autocast, the same channels-last, and torch.compile bf16
+    channels-last; a variant whose dtype is not in `opts.dtypes` is skipped. train: Adam + MSE
+    on random (N, C, X, Y, Z) inputs at `opts.patch`; infer: one (1, C, *opts.volume) volume.
+    Raises FlaxdoseError when torch is not installed.
+    """
     import jax
 
     from flaxdose.bench.torch_unet import count_torch_params, require_torch, torch_model_from_flax
@@ -428,6 +461,7 @@ def bench_torch(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
 
 # ---------------------------------------------------------------- report
 def environment() -> dict:
+    """Where the numbers come from: UTC date, git commit, host CPUs, machine, package versions, XLA_FLAGS."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
@@ -477,6 +511,8 @@ def _fmt(v, scale=1.0, digits=1):
 
 
 def markdown(result: dict) -> str:
+    """The result (from `run_benchmark` or `merge`) as Markdown: a header line, the rows table, the ratios table
+    and one sentence per end-to-end row."""
     env = result["env"]
     lines = [
         f"Benchmark: preset `{result['options']['preset']}`, device {result.get('device', {}).get('flax', {}).get('device_kind') or result.get('device', {}).get('torch', {}).get('device_kind')}, "
@@ -513,6 +549,7 @@ def markdown(result: dict) -> str:
 
 
 def print_ratios(result: dict, file=sys.stdout) -> None:
+    """One line per flaxdose/PyTorch throughput ratio, then each end-to-end row's share of the resident rate."""
     for q in result.get("ratios", []):
         print(
             f"flaxdose/PyTorch {q['task']:5s} batch {q['batch']} [{q['compare']}]: {q['ratio']:.2f}x "
@@ -545,7 +582,12 @@ def keep_host_memory() -> bool:
 
 
 def run_benchmark(opts: BenchOptions, out: str | os.PathLike | None = None, log=print) -> dict:
-    """Run every requested measurement; write JSON (after each row) and Markdown beside it."""
+    """Run every requested measurement; write JSON (after each row) and Markdown beside it.
+
+    Returns {"options", "env", "device", "rows", "errors", "ratios"}. A framework that fails
+    (other than with FlaxdoseError, which propagates) is recorded in "errors" and the other
+    framework's rows are kept. Raises FlaxdoseError up front when torch is requested but missing.
+    """
     malloc_tuned = keep_host_memory()
     result = {"options": _jsonable(dataclasses.asdict(opts)), "env": environment(), "device": {}, "rows": [], "errors": []}
     result["env"]["host_malloc_kept"] = malloc_tuned
@@ -588,7 +630,11 @@ def run_benchmark(opts: BenchOptions, out: str | os.PathLike | None = None, log=
 
 
 def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> dict:
-    """Combine result files (e.g. one process per framework or lever) into one table and ratios."""
+    """Combine result files (e.g. one process per framework or lever) into one table and ratios.
+
+    Options and environment are the first file's. Writes `out` (JSON) and its `.md` when given.
+    Raises FlaxdoseError for an unreadable file or an empty list.
+    """
     results = []
     for p in paths:
         try:

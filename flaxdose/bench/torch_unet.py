@@ -65,6 +65,8 @@ if torch is not None:
             return x
 
     class Encoder(nn.Module):
+        """Per level a `ConvBlock` then 2x2x2 max-pool; returns (pooled, skips before pooling)."""
+
         def __init__(self, spec: UNetSpec):
             super().__init__()
             self.levels = len(spec.features) - 1
@@ -82,6 +84,8 @@ if torch is not None:
             return x, skips
 
     class Decoder(nn.Module):
+        """Per level, deepest first: 2x up-sampling, concatenation with the skip, a `ConvBlock`."""
+
         def __init__(self, spec: UNetSpec):
             super().__init__()
             self.levels = len(spec.features) - 1
@@ -196,4 +200,5 @@ def torch_model_from_flax(spec: UNetSpec, params):
 
 
 def count_torch_params(model) -> int:
+    """Number of trainable parameters (elements of tensors with requires_grad) of a torch module."""
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))

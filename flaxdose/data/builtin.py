@@ -15,6 +15,12 @@ KINDS = ("synthetic", "phantom", "folder")
 
 
 def resolve_dataset(data_cfg, workdir: str | Path) -> Dataset:
+    """The dataset `config.data` names: `kind` "folder" opens `data.path`; "synthetic" and
+    "phantom" generate the built-in data once under `data.cache_dir` (default `<workdir>/data`).
+
+    Raises FlaxdoseError for an unknown `kind`, a "folder" without `path`, or a folder that is
+    not a flaxdose dataset.
+    """
     kind = data_cfg.kind
     if kind == "folder":
         if not data_cfg.path:

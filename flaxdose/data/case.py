@@ -46,7 +46,13 @@ def target_names(structures: Sequence[str]) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Case:
-    """One patient plan on one voxel grid; see the module docstring for the axis order."""
+    """One patient plan on one voxel grid; see the module docstring for the axis order.
+
+    spacing_mm: voxel size (x, y, z) in mm; origin_mm: LPS position (mm) of the centre of
+    voxel [0, 0, 0]; prescription_gy: the prescription in Gy (0.0: unknown). Arrays are
+    converted on construction (masks bool, dose and ct float32) and checked by `validate`,
+    which raises FlaxdoseError.
+    """
 
     case_id: str
     structures: tuple[str, ...]
@@ -78,9 +84,11 @@ class Case:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The grid shape (X, Y, Z) in voxels."""
         return tuple(self.masks.shape[1:])
 
     def mask(self, structure: str) -> np.ndarray:
+        """bool (X, Y, Z) mask of `structure` (by name); FlaxdoseError if the case lacks it."""
         try:
             return self.masks[self.structures.index(structure)]
         except ValueError:
@@ -104,9 +112,16 @@ class Case:
         return self.mask(BODY) if BODY in self.structures else None
 
     def replace(self, **changes) -> Case:
+        """A copy with the given fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
+        """Raise FlaxdoseError unless the case is consistent.
+
+        Checks: case_id non-empty without path separators; masks (S, X, Y, Z) with one
+        structure name each, names unique; dose, ct and possible_dose_mask on the masks' grid;
+        dose finite; spacing positive; prescription finite and >= 0.
+        """
         where = f"case {self.case_id!r}"
         if not self.case_id or "/" in self.case_id or "\\" in self.case_id:
             raise FlaxdoseError(f"{where}: case_id must be a non-empty name without path separators")
@@ -141,7 +156,10 @@ class Case:
 
     # ---------------------------------------------------------------- storage
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an uncompressed-pickle-free `.npz` atomically (temp file + rename)."""
+        """Write the case as a compressed, pickle-free `.npz` atomically (temp file + rename); returns `path`.
+
+        Masks are bit-packed on disk; the same case always gives the same bytes.
+        """
         path = Path(path)
         arrays = {
             "format": np.array(_CASE_FORMAT),
@@ -173,6 +191,11 @@ class Case:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Case:
+        """Read a case written by `save`.
+
+        Raises FlaxdoseError for a missing, damaged or non-flaxdose file, or content that fails
+        `validate`.
+        """
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -231,6 +254,7 @@ class Dataset:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Dataset:
+        """Open a dataset folder; FlaxdoseError when it is missing or has no valid manifest.json."""
         root = Path(root)
         manifest_path = root / MANIFEST
         if not root.is_dir():
@@ -250,23 +274,37 @@ class Dataset:
 
     @property
     def structures(self) -> tuple[str, ...]:
+        """The cases' structure names in mask (channel) order; () if the manifest does not say."""
         return tuple(self.manifest.get("structures", ()))
 
     @property
     def splits(self) -> dict[str, list[str]]:
+        """Split name -> case ids (a copy of the manifest's)."""
         return {k: list(v) for k, v in self.manifest["splits"].items()}
 
     def split(self, name: str) -> list[str]:
+        """The case ids of split `name`; FlaxdoseError if the dataset has no such split."""
         splits = self.splits
         if name not in splits:
             raise FlaxdoseError(f"dataset {self.root} has no split {name!r}; it has {sorted(splits)}")
         return splits[name]
 
     def case_path(self, case_id: str) -> Path:
+        """Where case `case_id` is stored (``<root>/cases/<case_id>.npz``); not checked to exist."""
         return self.root / CASES_DIR / f"{case_id}.npz"
 
     def load(self, case_id: str) -> Case:
+        """Load one case (`Case.load`); FlaxdoseError if it is missing or damaged."""
         return Case.load(self.case_path(case_id))
+
+    def case_shape(self, case_id: str) -> tuple[int, int, int]:
+        """A case's grid (X, Y, Z) voxels, read without loading its volumes; FlaxdoseError if unreadable."""
+        path = self.case_path(case_id)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return tuple(int(v) for v in z["shape"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
 
 
 def write_dataset(
@@ -281,6 +319,8 @@ def write_dataset(
 
     Nothing half-written is ever left at `root`: an interrupted write leaves only a hidden
     temporary folder next to it. An existing non-empty `root` is refused unless `overwrite`.
+    Raises FlaxdoseError for that, for cases whose structures differ from the first case's,
+    repeated case ids, or splits naming cases that were not written. Returns the opened `Dataset`.
     """
     with atomic_folder(root, overwrite) as tmp:
         ids, structures = [], None

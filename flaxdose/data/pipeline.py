@@ -23,7 +23,12 @@ LR_PAIRS = (("Femur_Head_L", "Femur_Head_R"), ("LeftParotid", "RightParotid"))
 
 
 def case_to_example(case: Case) -> dict[str, np.ndarray]:
-    """Model input (uint8 channels-last masks) and target (dose in units of the prescription)."""
+    """One case as a training example: {"inputs", "target", "centroid"}.
+
+    inputs: uint8 (X, Y, Z, S) channels-last masks; target: float32 (X, Y, Z) dose /
+    prescription_gy (1.0 = the prescription); centroid: see `target_centroid`. Raises
+    FlaxdoseError for a case without dose or without a positive prescription.
+    """
     if case.dose is None:
         raise FlaxdoseError(f"case {case.case_id!r} has no dose; training and evaluation need one")
     if not case.prescription_gy > 0:
@@ -36,14 +41,19 @@ def case_to_example(case: Case) -> dict[str, np.ndarray]:
 
 
 def target_centroid(case: Case) -> np.ndarray:
-    """Voxel centroid of all targets (structures named PTV...), else the volume centre."""
+    """float32 (3,): voxel-index (x, y, z) centroid of all targets (structures named PTV...), else the volume centre."""
     targets = [case.mask(name) for name in case.targets]
     union = np.any(targets, axis=0) if targets else np.zeros(case.shape, bool)
     return (np.argwhere(union).mean(axis=0) if union.any() else np.array(case.shape) / 2).astype(np.float32)
 
 
 class CaseSource(grain.sources.RandomAccessDataSource):
-    """Random access over the cases of a dataset split, each checked against the model's structures."""
+    """Random access over the cases of a dataset split, each checked against the model's structures.
+
+    Items are `case_to_example` dicts, cached in memory after the first read unless
+    `cache=False`. Raises FlaxdoseError for an empty `case_ids`; reading a case raises it for a
+    missing or damaged file, other structures than `structures`, or no dose / prescription.
+    """
 
     def __init__(self, dataset: Dataset, case_ids: Sequence[str], structures: Sequence[str], cache: bool = True):
         if not case_ids:
@@ -64,6 +74,10 @@ class CaseSource(grain.sources.RandomAccessDataSource):
             self._cache[index] = example
         return example
 
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """case id -> grid (X, Y, Z) voxels of every case, read without loading the volumes."""
+        return {case_id: self._dataset.case_shape(case_id) for case_id in self._ids}
+
     def __repr__(self) -> str:  # grain logs this; keep it short
         return f"CaseSource({self._dataset.root}, {len(self)} cases)"
 
@@ -72,8 +86,10 @@ class CaseSource(grain.sources.RandomAccessDataSource):
 class PatchSampler(grain.transforms.RandomMap):
     """Crop a patch whose centre is drawn from a Gaussian around the PTV centroid.
 
-    `sigma` is per axis in voxels; centres are clipped so the patch lies inside the volume.
-    With `flip_lr`, half of the patches are mirrored along x with the L/R channels swapped.
+    `patch_shape` (X, Y, Z) and `sigma` are per axis in voxels; centres are clipped so the
+    patch lies inside the volume. With `flip_lr`, half of the patches are mirrored along x
+    (the patient's left-right axis) with the channels permuted by `swap_channels` (see
+    `lr_swap_permutation`; required with `flip_lr`).
     """
 
     patch_shape: tuple[int, int, int]
@@ -82,6 +98,7 @@ class PatchSampler(grain.transforms.RandomMap):
     swap_channels: tuple[int, ...] | None = None  # channel permutation applied on a flip
 
     def random_map(self, element, rng: np.random.Generator):
+        """`case_to_example` dict -> {"inputs": uint8 (*patch_shape, S), "target": float32 patch_shape}."""
         shape = element["target"].shape
         centre = rng.normal(element["centroid"], self.sigma)
         start = [
@@ -95,6 +112,7 @@ class PatchSampler(grain.transforms.RandomMap):
 
 
 def lr_swap_permutation(structures: Sequence[str]) -> tuple[int, ...]:
+    """Channel permutation for a left-right flip: the identity with each `LR_PAIRS` pair present swapped."""
     perm = list(range(len(structures)))
     for left, right in LR_PAIRS:
         if left in structures and right in structures:
@@ -103,11 +121,12 @@ def lr_swap_permutation(structures: Sequence[str]) -> tuple[int, ...]:
     return tuple(perm)
 
 
-def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int]) -> None:
-    if any(p > n for p, n in zip(patch_shape, volume_shape)) or len(patch_shape) != 3:
+def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int], where: str = "the volumes") -> None:
+    """Raise FlaxdoseError unless `patch_shape` has 3 positive sizes, each at most `volume_shape`'s (X, Y, Z voxels)."""
+    if len(patch_shape) != 3 or any(p < 1 for p in patch_shape) or any(p > n for p, n in zip(patch_shape, volume_shape)):
         raise FlaxdoseError(
-            f"patch shape {tuple(patch_shape)} does not fit the volumes {tuple(volume_shape)}; "
-            "set data.patch_shape to at most the grid size"
+            f"patch shape {tuple(patch_shape)} does not fit {where} {tuple(volume_shape)}; "
+            "set data.patch_shape to three positive sizes, at most the grid size"
         )
 
 
@@ -121,8 +140,14 @@ def patch_dataset(
     structures: Sequence[str],
     flip_lr: bool = True,
 ) -> grain.MapDataset:
-    """An endless, shuffled, batched MapDataset of training patches."""
-    check_patch_fits(patch_shape, source[0]["target"].shape)
+    """An endless, shuffled, batched MapDataset of training patches.
+
+    Batches: {"inputs": uint8 (batch_size, X, Y, Z, S), "target": float32 (batch_size, X, Y, Z)}
+    with (X, Y, Z) = `patch_shape`; `sigma` in voxels (see `PatchSampler`). The same `seed`
+    gives the same batches. Raises FlaxdoseError when the patch does not fit every case's grid.
+    """
+    for case_id, shape in source.shapes().items():
+        check_patch_fits(patch_shape, shape, f"case {case_id!r} of grid")
     sampler = PatchSampler(
         tuple(int(p) for p in patch_shape),
         tuple(float(s) for s in sigma),
@@ -140,7 +165,8 @@ def patch_dataset(
 
 
 def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch: int = 2):
-    """A checkpointable iterator; `workers` > 0 reads in that many worker processes."""
+    """A checkpointable iterator (`get_state`/`set_state`) over `ds`; `workers` > 0 reads in that many
+    worker processes, and `prefetch` is the read threads and buffered elements."""
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags

@@ -15,12 +15,9 @@ import math
 import numpy as np
 
 from flaxdose.data.case import PROSTATE_STRUCTURES
+from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM, Grid
 from flaxdose.errors import FlaxdoseError
 
-# The paper's grid and our choice of its voxel size: 480 x 480 x 192 mm holds a large male
-# pelvis with the whole femoral heads and 6-10 cm of tissue above and below the PTV.
-FULL_SHAPE = (120, 120, 64)
-FULL_SPACING_MM = (4.0, 4.0, 3.0)
 # x, y sizes must be multiples of 4 and z of 8 (UNet down-sampling / patch shapes); with the
 # full grid above this allows scales 0.5, 1.0, 1.5, 2.0.
 GRID_MULTIPLE = (4, 4, 8)
@@ -42,29 +39,15 @@ FEMUR_RADIUS = (22.0, 26.0)
 FEMUR_NECK_DEG = 40.0  # femoral neck runs lateral and inferior at this angle
 
 
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    shape: tuple[int, int, int]
-    spacing_mm: tuple[float, float, float]
-
-    @property
-    def origin_mm(self) -> tuple[float, float, float]:
-        """Patient coordinate of voxel [0, 0, 0]: the grid is centred on (0, 0, 0)."""
-        return tuple(-(n - 1) / 2 * d for n, d in zip(self.shape, self.spacing_mm))
-
-    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(
-            (o + d * np.arange(n)).astype(np.float32) for o, d, n in zip(self.origin_mm, self.spacing_mm, self.shape)
-        )
-
-
 def grid_for_scale(scale: float) -> Grid:
-    """The synthetic grid at `scale` (1.0 = 120 x 120 x 64); the field of view never changes."""
+    """The synthetic grid at `scale`: 1.0 is the model grid (`flaxdose.data.grid.MODEL_SHAPE`, 120 x 120 x 64
+    voxels of 4 x 4 x 3 mm), centred on (0, 0, 0); the field of view never changes. Raises
+    FlaxdoseError for a scale that gives fractional sizes or sizes the UNet cannot take."""
     try:
         scale = float(scale)
     except (TypeError, ValueError):
         raise FlaxdoseError(f"scale must be a number, got {scale!r}") from None
-    sizes = [n * scale for n in FULL_SHAPE]
+    sizes = [n * scale for n in MODEL_SHAPE]
     ok = (
         0 < scale <= MAX_SCALE
         and all(abs(s - round(s)) < 1e-9 for s in sizes)
@@ -77,7 +60,7 @@ def grid_for_scale(scale: float) -> Grid:
             "1.0 (120x120x64, the paper's grid), 1.5 or 2.0"
         )
     shape = tuple(int(round(s)) for s in sizes)
-    return Grid(shape, tuple(d / scale for d in FULL_SPACING_MM))
+    return Grid.centred(shape, tuple(d / scale for d in MODEL_SPACING_MM))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +87,7 @@ class Anatomy:
     def body_ellipse(self, z: np.ndarray) -> np.ndarray:
         """(len(z), 4) rows (cx, cy, a, b): the body's elliptic cross-section at each z."""
         z = np.asarray(z, np.float32)
-        zeta = z / (FULL_SHAPE[2] * FULL_SPACING_MM[2] / 2)
+        zeta = z / (MODEL_SHAPE[2] * MODEL_SPACING_MM[2] / 2)
         a = self.body_axes[0] * (1 + self.body_taper[0] * zeta)
         b = self.body_axes[1] * (1 + self.body_taper[1] * zeta)
         return np.stack([np.zeros_like(z), np.full_like(z, self.body_centre_y), a, b], axis=1).astype(np.float32)
@@ -174,7 +157,11 @@ def _capsule(x, y, z, p0, p1, radius):
 
 
 def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
-    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order; organs are clipped to the body."""
+    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order on `grid`; organs are clipped to the body.
+
+    Shapes are evaluated at the voxel centres (mm), so the same anatomy gives consistent masks
+    at every grid scale.
+    """
     ax, ay, az = grid.axes()
     x, y, z = ax[:, None, None], ay[None, :, None], az[None, None, :]
     ell = anatomy.body_ellipse(az)

@@ -24,7 +24,13 @@ def phantom_case(
     prescription_gy: float = 70.0,
     falloff_mm: float = 15.0,
 ) -> Case:
-    """One phantom patient; depends only on (seed, index). Geometry scales with `shape`."""
+    """One phantom patient; depends only on (seed, index). Geometry scales with `shape`.
+
+    shape: (X, Y, Z) voxels; spacing_mm: (x, y, z) mm; origin (0, 0, 0). Structures are
+    `PROSTATE_STRUCTURES`, laid out in LPS (bladder anterior-superior, rectum posterior,
+    Femur_Head_L at +x). Dose (Gy) is `prescription_gy` inside the PTV and falls off as
+    exp(-distance / `falloff_mm`) outside it, zero outside the body.
+    """
     rng = np.random.default_rng([seed, index])
     shape = tuple(int(n) for n in shape)
     grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
@@ -51,4 +57,5 @@ def phantom_case(
 
 
 def phantom_cases(seed: int, n: int, **kwargs) -> list[Case]:
+    """Phantom patients 0..n-1 of `seed`; `kwargs` go to `phantom_case`."""
     return [phantom_case(seed, i, **kwargs) for i in range(n)]

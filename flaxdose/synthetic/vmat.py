@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from scipy import ndimage
 
+from flaxdose.data.grid import Grid
 from flaxdose.synthetic import anatomy as anat
 
 # Beam physics (10 MV-like, a common prostate energy).
@@ -267,7 +268,7 @@ def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray) -> dict:
     }
 
 
-def aperture_mask(ptv: np.ndarray, grid: anat.Grid, iso: np.ndarray, angles: np.ndarray) -> np.ndarray:
+def aperture_mask(ptv: np.ndarray, grid: Grid, iso: np.ndarray, angles: np.ndarray) -> np.ndarray:
     """(B, BEAMLETS_U, BEAMLETS_Z) float: beamlets that see the PTV, plus a margin (the MLC opening)."""
     ax, ay, az = grid.axes()
     pts = np.argwhere(ptv)

@@ -20,17 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.data.case import Case
-from flaxdose.data.dicom import (
-    CT_STORAGE,
-    RTDOSE_STORAGE,
-    Grid,
-    _direction,
-    _lps_layout,
-    _read_header_ds,
-    read_ct,
-    resample,
-    scan,
-)
+from flaxdose.data.grid import Grid
+from flaxdose.dicom.files import CT_STORAGE, RTDOSE_STORAGE, read_header, scan
+from flaxdose.dicom.geometry import axial_directions, lps_layout, resample
+from flaxdose.dicom.readers import read_ct
 from flaxdose.errors import FlaxdoseError
 
 _MAX_STORED = {32: 2**32 - 1, 16: 2**16 - 1}
@@ -100,7 +93,12 @@ def write_rtdose(
         the extent of the input grid, in the CT's orientation; "input" writes the input grid
         unchanged (axis-aligned, ImageOrientationPatient 1\\0\\0\\0\\1\\0).
     bits: 32 (default) or 16 bits per stored dose value.
-    Returns the path written.
+    Returns the path written. Patient and study attributes are copied from the CT, so the
+    file carries the patient's identity like the CT it belongs to.
+    Raises FlaxdoseError for a case without dose, an array without geometry, non-finite dose,
+    bad `bits` / `output_grid`, no (or several, without `ct_series_uid`) CT series in
+    `reference_ct`, a dose grid that does not overlap the CT, an RTPLAN on another frame of
+    reference, or a dataset pydicom refuses to write.
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -127,8 +125,8 @@ def write_rtdose(
 
     cts = _reference_ct(reference_ct, ct_series_uid)
     ct = read_ct(cts, load_pixels=False)
-    ct_ds = _read_header_ds(cts[0].path)
-    r, c, n = _direction([float(v) for v in ct_ds.ImageOrientationPatient], f"CT {cts[0].path}")
+    ct_ds = read_header(cts[0].path)
+    r, c, n = axial_directions([float(v) for v in ct_ds.ImageOrientationPatient], f"CT {cts[0].path}")
 
     if output_grid == "input":
         out_grid = src
@@ -154,7 +152,7 @@ def write_rtdose(
     # [x, y, z] -> the file's [frame, row, column] in orientation (r, c, n)
     d_col, d_row, d_frame = (out_grid.spacing_mm[int(np.argmax(np.abs(v)))] for v in (r, c, n))
     native_shape = tuple(out_grid.shape[int(np.argmax(np.abs(v)))] for v in (n, c, r))
-    perm, flips, _ = _lps_layout(native_shape, np.zeros(3), r, c, n, d_col, d_row, d_frame)
+    perm, flips, _ = lps_layout(native_shape, np.zeros(3), r, c, n, d_col, d_row, d_frame)
     native = np.transpose(values, np.argsort(perm))
     if flips:
         native = np.flip(native, axis=tuple(flips))
@@ -172,7 +170,7 @@ def write_rtdose(
 
     plan = None
     if plan_path is not None:
-        plan = _read_header_ds(Path(plan_path))
+        plan = read_header(Path(plan_path))
         if str(plan.get("Modality", "")).upper() != "RTPLAN":
             raise FlaxdoseError(f"{plan_path} is not an RTPLAN (Modality {plan.get('Modality')!r}); pass the plan file")
         plan_for = str(plan.get("FrameOfReferenceUID", "") or "")

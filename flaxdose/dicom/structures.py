@@ -62,11 +62,19 @@ INTERPRETED_TYPES: dict[str, str] = {"Body": "EXTERNAL"}
 
 @dataclass(frozen=True)
 class Roi:
-    """One ROI of a structure set: its number, name and RTROIInterpretedType (may be '')."""
+    """One ROI of a structure set: its number, name, RTROIInterpretedType and the frame of
+    reference its contours are on (ReferencedFrameOfReferenceUID); the last two may be ''."""
 
     number: int
     name: str
     interpreted_type: str = ""
+    for_uid: str = ""
+
+
+def is_body(structure: str, roi: Roi | None = None) -> bool:
+    """Whether `structure` is the patient's outline: a built-in body name, or an ROI of type EXTERNAL."""
+    names = {normalize(n) for n in ("Body", *BUILTIN_ALIASES["Body"])}
+    return normalize(structure) in names or (roi is not None and roi.interpreted_type.upper() == "EXTERNAL")
 
 
 class AliasTable:

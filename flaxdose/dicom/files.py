@@ -1,0 +1,529 @@
+"""Reading DICOM files: pydicom access that turns damage into FlaxdoseError, headers, scanning, grouping.
+
+`scan` reads the header of every file under some folders (files that are not DICOM are
+ignored, damaged DICOM is listed); `group_plans` ties the files of each patient into plans
+(CT series, RTSTRUCT, RTDOSE, RTPLAN) by what they are (SOP class) and by the Type 1/2
+references between them, never by optional (Type 3) attributes alone:
+
+- a file's kind is its SOP Class UID (Modality only where the class is missing); media
+  directories (DICOMDIR) and other SOP classes are set aside and listed;
+- copies of one instance (same SOP Instance UID, same content) count once; differing files
+  that share a SOP Instance UID stop the plans that use that UID;
+- an RTSTRUCT's frame of reference is the one its ROIs name (ReferencedFrameOfReferenceUID,
+  Type 1 in the StructureSetROISequence), else its ReferencedFrameOfReferenceSequence; an
+  RTPLAN without one (the module is optional there) takes its structure set's or dose's;
+- an RTDOSE belongs to the RTPLAN its ReferencedRTPlanSequence names (else the frame of
+  reference's only RTPLAN); an RTPLAN to the structure set its ReferencedStructureSetSequence
+  names (else the frame of reference's only RTSTRUCT);
+- per RTPLAN the dose is its PLAN dose; else its FRACTION dose; else all its BEAM doses
+  (the reader sums them after checking that every beam has its dose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import filecmp
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.errors import FlaxdoseError
+
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+RTDOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RTPLAN_STORAGES = ("1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.481.8")  # RT Plan, RT Ion Plan
+MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # the DICOMDIR of CD/USB exports
+KINDS = {CT_STORAGE: "CT", RTDOSE_STORAGE: "RTDOSE", RTSTRUCT_STORAGE: "RTSTRUCT",
+         **{uid: "RTPLAN" for uid in RTPLAN_STORAGES}, MEDIA_DIRECTORY_STORAGE: "MEDIA"}
+# DoseSummationType values by what the reader does with them (PS3.3 C.8.8.3.4)
+PLAN_DOSE, FRACTION_DOSES, BEAM_DOSE = "PLAN", ("FRACTION", "FRACTION_SESSION"), "BEAM"
+
+MAX_VOXELS = 600_000_000  # refuse pixel data larger than this (a damaged header)
+
+
+@contextlib.contextmanager
+def reading(path, what: str):
+    """Context: anything pydicom or a damaged file raises becomes a FlaxdoseError naming `path` and `what`."""
+    try:
+        yield
+    except FlaxdoseError:
+        raise
+    except MemoryError:
+        raise FlaxdoseError(f"{path}: {what}: the file asks for more memory than available; it is damaged") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file can raise anything inside pydicom
+        raise FlaxdoseError(
+            f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:200]}); the file is damaged or "
+            "not a valid DICOM-RT object: re-export it from the planning system"
+        ) from None
+
+
+def attr(ds, keyword: str, path, required: bool = True):
+    """`ds.keyword`, or None when absent or empty; a missing required one raises FlaxdoseError naming `path`."""
+    value = ds.get(keyword) if hasattr(ds, "get") else None
+    if value is None or (not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 0):
+        if required:
+            raise FlaxdoseError(
+                f"{path}: required attribute {keyword} is missing; re-export the file from the planning system"
+            )
+        return None
+    return value
+
+
+def floats(ds, keyword: str, path, n: int | None = None, required: bool = True) -> np.ndarray | None:
+    """A numeric attribute as float64 (n,) (n values when given, all finite); None when absent and not required."""
+    value = attr(ds, keyword, path, required)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            value = [value]
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise FlaxdoseError(f"{path}: {keyword} = {str(value)[:80]!r} is not numeric") from None
+    out = np.asarray(values, np.float64)
+    if (n is not None and out.size != n) or not np.isfinite(out).all():
+        raise FlaxdoseError(f"{path}: {keyword} must be {n or 'some'} finite numbers, got {str(value)[:80]!r}")
+    return out
+
+
+def integer(ds, keyword: str, path, lo: int = 1, hi: int = 1 << 20, default=None) -> int:
+    """An integer attribute within [lo, hi] (else FlaxdoseError); `default` when absent (None: required)."""
+    value = ds.get(keyword, default) if hasattr(ds, "get") else default
+    if value is None:
+        raise FlaxdoseError(f"{path}: required attribute {keyword} is missing; re-export the file")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise FlaxdoseError(f"{path}: {keyword} = {value!r} is not an integer") from None
+    if not lo <= out <= hi:
+        raise FlaxdoseError(f"{path}: {keyword} = {out} is out of range [{lo}, {hi}]; the file is damaged")
+    return out
+
+
+def text(ds, keyword: str) -> str:
+    """A string attribute, stripped; '' when absent or unreadable (never raises)."""
+    try:
+        value = ds.get(keyword, "")
+        return "" if value is None else str(value).strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+@dataclasses.dataclass
+class DicomFile:
+    """Header facts of one DICOM file, enough to group files into plans.
+
+    `kind` (from the SOP class) is what the file is: "CT", "RTSTRUCT", "RTDOSE", "RTPLAN",
+    "MEDIA" (a DICOMDIR) or "" (anything else). `copies` lists identical copies of this
+    instance that were set aside; `conflicts` lists differing files with the same SOP
+    Instance UID (a plan that uses this file is refused).
+    """
+
+    path: Path
+    modality: str
+    sop_class: str
+    sop_uid: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    for_uid: str
+    ref_plan_uid: str = ""  # RTDOSE: ReferencedRTPlanSequence
+    ref_struct_uid: str = ""  # RTPLAN: ReferencedStructureSetSequence
+    ref_series_uid: str = ""  # RTSTRUCT: the image series of RTReferencedSeriesSequence
+    dose_summation: str = ""  # RTDOSE: DoseSummationType
+    ref_fraction_group: int | None = None  # RTDOSE: ReferencedFractionGroupNumber
+    ref_beams: tuple[int, ...] = ()  # RTDOSE: ReferencedBeamNumber of its ReferencedBeamSequence
+    copies: list[Path] = dataclasses.field(default_factory=list)
+    conflicts: list[Path] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """"CT", "RTSTRUCT", "RTDOSE", "RTPLAN", "MEDIA" or "": by SOP Class UID, by Modality only without one."""
+        if self.sop_class:
+            return KINDS.get(self.sop_class, "")
+        return self.modality if self.modality in ("CT", "RTSTRUCT", "RTDOSE", "RTPLAN") else ""
+
+
+def _default_transfer_syntax(ds) -> None:
+    """Give a dataset read without File Meta the transfer syntax pydicom detected (PS3.5 default: implicit VR LE)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is None or implicit:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def read_dataset(path, stop_before_pixels: bool):
+    """pydicom.dcmread; files without preamble and File Meta (bare datasets) are read with force=True.
+
+    A bare dataset gets the transfer syntax pydicom detected (implicit VR little endian, the
+    DICOM default, for most), so its pixel data decodes. Raises pydicom's InvalidDicomError
+    when the file is not DICOM at all.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            raise
+    _default_transfer_syntax(ds)
+    return ds
+
+
+def read_full(f: DicomFile):
+    """The whole dataset of `f` (pixels included); damage raises FlaxdoseError naming the file."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with reading(f.path, f.kind or f.modality or "the file"):
+            return read_dataset(f.path, stop_before_pixels=False)
+
+
+def read_header(path):
+    """The dataset of `path` without pixel data; damage raises FlaxdoseError naming the file."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with reading(path, "the header"):
+            return read_dataset(path, stop_before_pixels=True)
+
+
+def pixel_frames(ds, path, frames: int) -> np.ndarray:
+    """The stored pixel values as (frames, rows, columns); a size that disagrees with the header raises."""
+    rows, cols = integer(ds, "Rows", path, 1, 16384), integer(ds, "Columns", path, 1, 16384)
+    if rows * cols * frames > MAX_VOXELS:
+        raise FlaxdoseError(f"{path}: {rows}x{cols}x{frames} voxels is implausibly large; the header is damaged")
+    with reading(path, "the pixel data"):
+        arr = np.asarray(ds.pixel_array)
+    if frames == 1 and arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape != (frames, rows, cols):
+        raise FlaxdoseError(
+            f"{path}: pixel data has shape {arr.shape}, expected {(frames, rows, cols)} from the header; "
+            "the file is damaged"
+        )
+    return arr
+
+
+def _int_or_none(ds, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _structure_set_for(ds) -> str:
+    """An RTSTRUCT's frame of reference: the one its ROIs name (Type 1), else the Type 3 sequence's."""
+    named = [text(item, "ReferencedFrameOfReferenceUID") for item in ds.get("StructureSetROISequence") or []]
+    named = [uid for uid in named if uid]
+    if named:
+        return max(dict.fromkeys(named), key=named.count)  # the most common; ties: the first
+    refs = ds.get("ReferencedFrameOfReferenceSequence") or []
+    return text(refs[0], "FrameOfReferenceUID") if refs else text(ds, "FrameOfReferenceUID")
+
+
+def _dose_references(f: DicomFile, ds) -> None:
+    plans = ds.get("ReferencedRTPlanSequence") or []
+    if not plans:
+        return
+    f.ref_plan_uid = text(plans[0], "ReferencedSOPInstanceUID")
+    groups = plans[0].get("ReferencedFractionGroupSequence") or []
+    if groups:
+        f.ref_fraction_group = _int_or_none(groups[0], "ReferencedFractionGroupNumber")
+        beams = [_int_or_none(b, "ReferencedBeamNumber") for b in groups[0].get("ReferencedBeamSequence") or []]
+        f.ref_beams = tuple(b for b in beams if b is not None)
+
+
+def file_header(path: Path) -> DicomFile | None:
+    """Header facts, or None for a file that is not DICOM. Damaged DICOM -> FlaxdoseError."""
+    import warnings
+
+    from pydicom.errors import InvalidDicomError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            return None
+        except FlaxdoseError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise FlaxdoseError(f"{path}: unreadable DICOM file ({type(e).__name__}: {str(e)[:120]})") from None
+        with reading(path, "the DICOM header"):
+            sop_class = text(ds, "SOPClassUID") or text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID")
+            modality = text(ds, "Modality").upper()
+            f = DicomFile(
+                path=Path(path), modality=modality, sop_class=sop_class, sop_uid=text(ds, "SOPInstanceUID"),
+                patient_id=text(ds, "PatientID"), study_uid=text(ds, "StudyInstanceUID"),
+                series_uid=text(ds, "SeriesInstanceUID"), for_uid=text(ds, "FrameOfReferenceUID"),
+            )
+            f.modality = modality or (f.kind if f.kind != "MEDIA" else "")
+            if f.kind == "RTSTRUCT":
+                f.for_uid = _structure_set_for(ds)
+                for ref in ds.get("ReferencedFrameOfReferenceSequence") or []:
+                    for study in ref.get("RTReferencedStudySequence") or []:
+                        for series in study.get("RTReferencedSeriesSequence") or []:
+                            f.ref_series_uid = f.ref_series_uid or text(series, "SeriesInstanceUID")
+            elif f.kind == "RTDOSE":
+                f.dose_summation = text(ds, "DoseSummationType").upper()
+                _dose_references(f, ds)
+            elif f.kind == "RTPLAN":
+                sets = ds.get("ReferencedStructureSetSequence") or []
+                f.ref_struct_uid = text(sets[0], "ReferencedSOPInstanceUID") if sets else ""
+        return f
+
+
+def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: bool = False):
+    """Headers of every DICOM file under `paths` (files or folders, searched recursively).
+
+    Returns (files, problems): `files` the `DicomFile` of each readable DICOM file, `problems`
+    (path, message) of damaged DICOM files; files that are not DICOM at all and hidden files
+    are ignored. Raises FlaxdoseError for a path that does not exist.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    candidates = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            candidates += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+        elif p.is_file():
+            candidates.append(p)
+        else:
+            raise FlaxdoseError(f"{p} does not exist; pass DICOM files or folders that hold them")
+    files, problems = [], []
+    iterator = candidates
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(candidates, desc="scanning", unit="file", file=sys.stderr)
+    for path in iterator:
+        try:
+            f = file_header(path)
+        except FlaxdoseError as e:
+            problems.append((str(path), str(e)))
+            continue
+        if f is not None:
+            files.append(f)
+    return files, problems
+
+
+def same_instance(a: Path, b: Path) -> bool:
+    """Whether two files hold the same DICOM instance: equal bytes, or equal datasets (any encoding)."""
+    if filecmp.cmp(a, b, shallow=False):
+        return True
+    try:
+        return read_full(DicomFile(a, "", "", "", "", "", "", "")) == read_full(DicomFile(b, "", "", "", "", "", "", ""))
+    except FlaxdoseError:
+        return False
+
+
+def unique_instances(files: Sequence[DicomFile]) -> tuple[list[DicomFile], list[tuple[Path, Path]]]:
+    """One file per SOP Instance UID: (files, [(kept, identical copy set aside)]).
+
+    A differing file with the UID of a kept one is recorded in the kept file's `conflicts`.
+    """
+    kept: dict[str, DicomFile] = {}
+    out, copies = [], []
+    for f in files:
+        first = kept.get(f.sop_uid) if f.sop_uid else None
+        if first is None:
+            kept[f.sop_uid] = f
+            out.append(f)
+        elif same_instance(first.path, f.path):
+            first.copies.append(f.path)
+            copies.append((first.path, f.path))
+        else:
+            first.conflicts.append(f.path)
+    return out, copies
+
+
+@dataclasses.dataclass
+class PlanFiles:
+    """The files of one plan: CT series, structure set, dose(s), plan (some may be absent).
+
+    `doses` holds the one PLAN or FRACTION dose, or the BEAM doses to sum (`dose_kind`
+    says which; "" without dose). `problems` stop the plan when it is read; `notes` say
+    what was set aside (they go into the case metadata).
+    """
+
+    patient_id: str
+    for_uid: str
+    study_uid: str
+    struct: DicomFile | None
+    ct: list[DicomFile]
+    doses: list[DicomFile]
+    plan: DicomFile | None
+    dose_kind: str = ""
+    problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def dose(self) -> DicomFile | None:
+        """The first dose file (the only one unless BEAM doses are summed)."""
+        return self.doses[0] if self.doses else None
+
+    @property
+    def label(self) -> str:
+        """Where the plan lives on disk (for console messages only, never stored)."""
+        f = self.struct or self.dose or (self.ct[0] if self.ct else None)
+        return str(f.path.parent) if f else "?"
+
+
+@dataclasses.dataclass
+class Grouping:
+    """What `group_plans` found: plans per patient (or why none), copies set aside, files ignored."""
+
+    patients: dict[str, list[PlanFiles] | str]
+    copies: list[tuple[Path, Path]]  # (kept, identical copy set aside)
+    ignored: list[tuple[Path, str]]  # (file, why): media directories, SOP classes flaxdose does not use
+
+    @property
+    def plans(self) -> list[PlanFiles]:
+        """Every plan found, over all patients (patients without a plan left out)."""
+        return [p for v in self.patients.values() if isinstance(v, list) for p in v]
+
+
+def group_plans(files: Sequence[DicomFile]) -> Grouping:
+    """Group files by patient and frame of reference into plans (see the module docstring).
+
+    Identical copies of an instance count once; media directories and SOP classes other
+    than CT, RTSTRUCT, RTDOSE and RTPLAN are set aside. A frame of reference gives one plan
+    per RTPLAN with doses (and one per PLAN dose that names no RTPLAN).
+    """
+    files, copies = unique_instances(files)
+    used, ignored = [], []
+    for f in files:
+        if f.kind == "MEDIA":
+            ignored.append((f.path, "media directory (DICOMDIR)"))
+        elif not f.kind:
+            ignored.append((f.path, f"{f.modality or 'unknown'} object (SOP class {f.sop_class or 'missing'})"))
+        else:
+            used.append(f)
+    by_patient: dict[str, list[DicomFile]] = defaultdict(list)
+    for f in used:
+        by_patient[f.patient_id].append(f)
+    return Grouping({pid: _patient_plans(pid, pfiles) for pid, pfiles in by_patient.items()}, copies, ignored)
+
+
+def _patient_plans(pid: str, files: list[DicomFile]) -> list[PlanFiles] | str:
+    by_uid = {f.sop_uid: f for f in files if f.sop_uid}
+    for plan in (f for f in files if f.kind == "RTPLAN" and not f.for_uid):
+        # the Frame of Reference module is optional in an RTPLAN: take its structure set's or dose's
+        struct = by_uid.get(plan.ref_struct_uid)
+        doses = [d.for_uid for d in files if d.kind == "RTDOSE" and d.ref_plan_uid == plan.sop_uid and d.for_uid]
+        plan.for_uid = (struct.for_uid if struct is not None else "") or (doses[0] if doses else "")
+    frames = {f.for_uid for f in files if f.for_uid and f.kind in ("CT", "RTDOSE")}
+    for struct in (f for f in files if f.kind == "RTSTRUCT" and not f.for_uid):
+        # a damaged structure set naming no frame of reference: its plan's, else the patient's only one
+        plans = [p.for_uid for p in files if p.kind == "RTPLAN" and p.ref_struct_uid == struct.sop_uid and p.for_uid]
+        struct.for_uid = plans[0] if plans else next(iter(frames)) if len(frames) == 1 else ""
+    by_for: dict[str, list[DicomFile]] = defaultdict(list)
+    for f in files:
+        by_for[f.for_uid].append(f)
+    plans, reasons = [], []
+    for for_uid, group in by_for.items():
+        kinds = defaultdict(list)
+        for f in group:
+            kinds[f.kind].append(f)
+        structs = kinds["RTSTRUCT"]
+        if not structs:
+            if kinds["RTDOSE"] or kinds["CT"]:
+                reasons.append(
+                    f"frame of reference with {len(kinds['CT'])} CT slices and {len(kinds['RTDOSE'])} RTDOSE "
+                    "but no RTSTRUCT; export the structure set too"
+                )
+            continue
+        for plan, dose_kind, doses, problems, notes in _dose_units(kinds["RTDOSE"], kinds["RTPLAN"], by_uid):
+            struct, struct_problems = _structure_set(structs, plan)
+            cts, ct_problems = _ct_series(kinds["CT"], struct)
+            problems = problems + struct_problems + ct_problems + _conflicts([struct, plan, *doses, *cts])
+            plans.append(PlanFiles(pid, for_uid, struct.study_uid, struct, cts, doses, plan, dose_kind, problems, notes))
+    return plans if plans else ("; ".join(reasons) or "no RTSTRUCT found")
+
+
+def _dose_units(doses: list[DicomFile], rtplans: list[DicomFile], by_uid: dict[str, DicomFile]):
+    """(RTPLAN or None, dose kind, doses, problems, notes) per plan: PLAN, else FRACTION, else the BEAM doses."""
+    sole_plan = rtplans[0] if len(rtplans) == 1 else None
+    by_ref: dict[str, list[DicomFile]] = defaultdict(list)
+    for d in doses:
+        by_ref[d.ref_plan_uid].append(d)
+    units = []
+    for ref, group in by_ref.items():
+        plan = by_uid.get(ref) if ref else sole_plan
+        plan = plan if plan is not None and plan.kind == "RTPLAN" else None
+        by_type: dict[str, list[DicomFile]] = defaultdict(list)
+        for d in group:
+            by_type[d.dose_summation or PLAN_DOSE].append(d)  # Type 1; a missing one reads as PLAN (noted)
+        fractions = [d for t in FRACTION_DOSES for d in by_type.get(t, [])]
+        if PLAN_DOSE in by_type:
+            chosen, kind = by_type[PLAN_DOSE], PLAN_DOSE
+        elif fractions:
+            chosen, kind = fractions, "FRACTION"
+        elif BEAM_DOSE in by_type:
+            chosen, kind = sorted(by_type[BEAM_DOSE], key=lambda d: d.ref_beams), BEAM_DOSE
+        else:
+            chosen, kind = group, "/".join(sorted(by_type))
+        notes = [f"set aside {len(v)} {t} dose(s): the plan has a {kind} dose"
+                 for t, v in sorted(by_type.items()) if v[0] not in chosen]
+        if ref and plan is None:
+            notes.append("the dose names an RTPLAN that is not in the export: no prescription, fractions or beams")
+        notes += ["DoseSummationType missing: read as PLAN" for d in chosen if not d.dose_summation]
+        if kind == PLAN_DOSE and not ref:  # doses that name no RTPLAN: one plan each
+            units += [(plan, kind, [d], [], notes) for d in chosen]
+        elif kind in (PLAN_DOSE, "FRACTION") and len(chosen) > 1:
+            names = [d.path.name for d in chosen]
+            units.append((plan, kind, chosen, [f"{len(chosen)} {kind} doses {names} belong to one RTPLAN; "
+                                                "export only the plan's final dose"], notes))
+        else:
+            units.append((plan, kind, chosen, [], notes))
+    return units or [(sole_plan, "", [], [], [])]
+
+
+def _structure_set(structs: list[DicomFile], plan: DicomFile | None) -> tuple[DicomFile, list[str]]:
+    if plan is not None and plan.ref_struct_uid:
+        named = [s for s in structs if s.sop_uid == plan.ref_struct_uid]
+        if named:
+            return named[0], []
+    if len(structs) == 1:
+        return structs[0], []
+    return structs[0], [
+        f"{len(structs)} structure sets share one frame of reference ({[s.path.name for s in structs]}) and no "
+        "RTPLAN says which one belongs to the dose; export one structure set per plan"
+    ]
+
+
+def _ct_series(cts: list[DicomFile], struct: DicomFile) -> tuple[list[DicomFile], list[str]]:
+    series = sorted({c.series_uid for c in cts})
+    if len(series) <= 1:
+        return cts, []
+    if struct.ref_series_uid in series:
+        return [c for c in cts if c.series_uid == struct.ref_series_uid], []
+    return cts, [f"{len(series)} CT series share the frame of reference and the structure set names none of "
+                 "them; export only the planning CT"]
+
+
+def _conflicts(files: Sequence[DicomFile | None]) -> list[str]:
+    out = [f"{f.path} and {[str(p) for p in f.conflicts]} share SOPInstanceUID {f.sop_uid} but differ; remove the "
+           "wrong file (one instance, one content)" for f in files if f is not None and f.conflicts]
+    return out[:3]

@@ -1,0 +1,245 @@
+"""Import every plan of a folder of DICOM-RT exports into a flaxdose dataset, with a report to check.
+
+A plan that cannot be read is listed (console only: messages name files) and skipped; the
+others are imported. The dataset folder appears complete or not at all: cases are staged in
+a hidden folder and the dataset (cases, manifest.json, import_report.csv) is renamed into
+place at the end. All plans of one patient land in one split (see `patient_splits`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import secrets
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
+from flaxdose.dicom.files import group_plans, scan
+from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
+from flaxdose.dicom.structures import AliasTable
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder, atomic_write_text, check_writable
+
+REPORT_CSV = "import_report.csv"
+STRUCTURE_COLUMNS = ("roi", "contours", "planes", "planes_used", "voxels", "cc", "contoured_cc", "coverage")
+REPORT_COLUMNS = ("case_id", "split", "structure", *STRUCTURE_COLUMNS, "dose_source", "dose_type", "dose_max_gy",
+                  "prescription_gy", "prescription_source", "grid", "grid_shape", "grid_spacing_mm")
+
+
+def report_rows(case: Case, split: str) -> list[dict]:
+    """The import report of one case: one row per structure (REPORT_COLUMNS; no patient data)."""
+    meta = case.meta
+    geometry = meta.get("grid_geometry") or {}
+    common = {
+        "case_id": case.case_id, "split": split, "dose_source": meta.get("dose_source", ""),
+        "dose_type": meta.get("dose_type", ""), "dose_max_gy": meta.get("dose_max_gy"),
+        "prescription_gy": case.prescription_gy, "prescription_source": meta.get("prescription_source", ""),
+        "grid": meta.get("grid", ""), "grid_shape": "x".join(str(v) for v in geometry.get("shape", ())),
+        "grid_spacing_mm": "x".join(f"{v:g}" for v in geometry.get("spacing_mm", ())),
+    }
+    facts: Mapping[str, Mapping] = meta.get("structures", {})
+    return [{**common, "structure": s, **{k: facts.get(s, {}).get(k) for k in STRUCTURE_COLUMNS}}
+            for s in case.structures]
+
+
+def _csv(rows: Sequence[dict]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, REPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+@dataclasses.dataclass
+class ImportSummary:
+    """What an import did. `failures`, `damaged_files` and `set_aside` name files: console only."""
+
+    dataset: Path
+    case_ids: list[str]
+    failures: list[tuple[str, str]]  # (where, why)
+    damaged_files: list[tuple[str, str]]  # (path, why)
+    num_patients: int
+    rows: list[dict] = dataclasses.field(default_factory=list)  # the import report (REPORT_COLUMNS)
+    warnings: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # case id -> coverage warnings
+    notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # case id -> doses/contours set aside
+    copies: int = 0  # identical copies of instances set aside
+    set_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why): DICOMDIR, ...
+
+    def table(self) -> str:
+        """Per plan: dose, prescription, grid, and per structure its ROI, contours, planes, cc, coverage."""
+        lines = []
+        for case_id in self.case_ids:
+            rows = [r for r in self.rows if r["case_id"] == case_id]
+            if not rows:
+                continue
+            r = rows[0]
+            lines.append(
+                f"{case_id} [{r['split']}]: dose {r['dose_source']} {r['dose_type']} (max {r['dose_max_gy']} Gy), "
+                f"prescription {r['prescription_gy']:.2f} Gy ({r['prescription_source']}), "
+                f"grid {r['grid']} {r['grid_shape']} x {r['grid_spacing_mm']} mm"
+            )
+            lines.append(f"    {'structure':<14}{'ROI':<20}{'contours':>9}{'planes':>10}{'cc':>10}{'coverage':>10}")
+            for s in rows:
+                lines.append(
+                    f"    {s['structure']:<14}{str(s['roi'])[:19]:<20}{s['contours']:>9}"
+                    f"{str(s['planes_used']) + '/' + str(s['planes']):>10}{s['cc']:>10.1f}{100 * s['coverage']:>9.1f}%"
+                )
+            lines += [f"    ! {w}" for w in self.warnings.get(case_id, [])]
+            lines += [f"    note: {n}" for n in self.notes.get(case_id, [])]
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        """The table, then the counts and every failure (what a physicist checks after an import)."""
+        lines = [self.table()] if self.rows else []
+        lines.append(f"imported {len(self.case_ids)} plan(s) from {self.num_patients} patient(s) into {self.dataset}"
+                     f" (report: {REPORT_CSV})")
+        if self.copies:
+            lines.append(f"{self.copies} identical copy(ies) of DICOM instances counted once")
+        if self.set_aside:
+            lines.append(f"{len(self.set_aside)} file(s) set aside: " + "; ".join(
+                f"{Path(p).name}: {why}" for p, why in self.set_aside[:5]))
+        if self.failures:
+            lines.append(f"{len(self.failures)} patient(s)/plan(s) FAILED and were skipped:")
+            lines += [f"  - {where}: {why}" for where, why in self.failures]
+        if self.damaged_files:
+            lines.append(f"{len(self.damaged_files)} damaged DICOM file(s) ignored:")
+            lines += [f"  - {why}" for _, why in self.damaged_files[:20]]
+        return "\n".join(lines)
+
+
+def patient_splits(case_keys: Mapping[str, Sequence[str]], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Train/test split of case ids that never separates cases of one patient.
+
+    case_keys: case id -> identifiers of its patient (PatientID, StudyInstanceUID,
+    FrameOfReferenceUID; empty ones ignored); cases sharing any identifier form one group,
+    so a patient exported twice under two PatientIDs still stays together. Groups are
+    shuffled (numpy Generator of `seed`) and go to "test" until it holds
+    round(test_fraction x cases) cases.
+    """
+    parent = {cid: cid for cid in case_keys}
+
+    def root(node):
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    owner: dict[str, str] = {}
+    for cid, keys in case_keys.items():
+        for key in (k for k in keys if k):
+            parent[root(cid)] = root(owner.setdefault(key, cid))
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for cid in case_keys:
+        by_group[root(cid)].append(cid)
+    groups = sorted(sorted(ids) for ids in by_group.values())  # an order that names no patient
+    n_test = int(round(test_fraction * len(case_keys)))
+    test: list[str] = []
+    for i in np.random.default_rng(seed).permutation(len(groups)):
+        if len(test) >= n_test:
+            break
+        test += groups[i]
+    splits = {"train": sorted(set(case_keys) - set(test))}
+    if test:
+        splits["test"] = sorted(test)
+    return splits
+
+
+def import_dicom(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    structures: Sequence[str] = PROSTATE_STRUCTURES,
+    grid: str = "model",
+    *,
+    aliases: AliasTable | None = None,
+    keep_ids: bool = False,
+    salt: str | None = None,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    require_dose: bool = True,
+    min_coverage: float = MIN_COVERAGE,
+    **read_kwargs,
+) -> ImportSummary:
+    """Import every plan under `src` into a dataset at `out`, with `import_report.csv` beside the manifest.
+
+    A plan whose files cannot be read, or that `read_plan` refuses, is reported in the summary
+    and skipped; so is a plan without RTDOSE unless `require_dose=False`. Case ids are salted
+    hashes (the salt is random unless given) unless `keep_ids`. All plans of one patient go to
+    one split. `min_coverage` and `read_kwargs` go to `read_plan`. Raises FlaxdoseError when no
+    plan could be imported (nothing is written then).
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise FlaxdoseError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    check_writable(out, overwrite)  # before the long work
+    files, damaged = scan(src, progress=progress)
+    found = group_plans(files)
+    salt = salt if salt is not None else secrets.token_hex(16)
+    failures: list[tuple[str, str]] = []
+    todo = []
+    for pid, plans in found.patients.items():
+        if isinstance(plans, str):
+            where = next((str(f.path.parent) for f in files if f.patient_id == pid), "?")
+            failures.append((where, plans))
+            continue
+        todo += [(i, len(plans), p) for i, p in enumerate(plans)]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, tuple[Path, tuple[str, ...]]] = {}  # case id -> (staged file, patient identifiers)
+    warnings: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.staging.") as stage:
+        iterator = todo
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(todo, desc="importing", unit="plan", file=sys.stderr)
+        for index, count, plan in iterator:
+            try:
+                if require_dose and not plan.doses:
+                    raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
+                cid = plan_case_id(plan, keep_ids, salt)
+                if count > 1:
+                    cid = f"{cid}_{index + 1}"
+                if cid in staged:
+                    raise FlaxdoseError(f"case id {cid} repeats (two patients share an ID); import them separately")
+                case = read_plan(plan, structures, grid, aliases=aliases, case_id=cid, keep_ids=keep_ids,
+                                 min_coverage=min_coverage, **read_kwargs)
+                keys = tuple(f"{kind}:{uid}" if uid else "" for kind, uid in
+                             (("patient", plan.patient_id), ("study", plan.study_uid), ("frame", plan.for_uid)))
+                staged[cid] = (case.save(Path(stage) / f"{cid}.npz"), keys)
+                warnings[cid], notes[cid] = list(case.meta["warnings"]), list(case.meta["notes"])
+            except FlaxdoseError as e:
+                failures.append((plan.label, str(e)))
+            except Exception as e:  # noqa: BLE001 - one bad patient must not stop the import
+                failures.append((plan.label, f"unexpected {type(e).__name__}: {e} (please report this)"))
+        if not staged:
+            raise FlaxdoseError(
+                "no plan could be imported from "
+                f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in failures[:5]) or "no DICOM-RT files found")
+            )
+        splits = patient_splits({cid: keys for cid, (_, keys) in staged.items()}, test_fraction, seed)
+        split_of = {cid: name for name, ids in splits.items() for cid in ids}
+        ids = sorted(staged)
+        rows = [row for cid in ids for row in report_rows(Case.load(staged[cid][0]), split_of[cid])]
+        extra = {
+            "source": "dicom",
+            "grid": grid,
+            "deidentified": not keep_ids,
+            "import": {"num_patients": len(found.patients), "num_plans": len(ids), "num_failed": len(failures),
+                       "copies_counted_once": len(found.copies), "files_set_aside": len(found.ignored),
+                       "min_coverage": min_coverage, "report": REPORT_CSV},
+        }
+        with atomic_folder(out, overwrite) as folder:
+            write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
+            atomic_write_text(folder / REPORT_CSV, _csv(rows))
+    return ImportSummary(out, ids, failures, damaged, len(found.patients), rows, warnings, notes, len(found.copies),
+                         [(str(p), why) for p, why in found.ignored])

@@ -1,0 +1,491 @@
+"""DICOM-RT objects to flaxdose: CT series, RTSTRUCT, and whole plans (`read_plan`, `read_rt`).
+
+Conventions (see docs/dicom.md):
+- Volumes come out on an axis-aligned grid in the DICOM patient system (LPS), indexed
+  [x, y, z] as everywhere in flaxdose. HFS, FFS, HFP, FFP (and decubitus) series are
+  flipped/transposed into that order; oblique orientations are rejected.
+- Contours are rasterized at voxel centres (`flaxdose.dicom.contours`); CLOSED_PLANAR,
+  INTERPOLATED_PLANAR and untyped contours are closed polygons, POINT and OPEN_* contours
+  enclose nothing and are set aside (noted); any other type is refused. A structure the
+  model needs must have contours, and must not lose any to the grid: its contour, plane,
+  voxel counts, volume and dose coverage go into the case metadata.
+- The dose is the plan dose of `flaxdose.dicom.dose` (PLAN, FRACTION x fractions, or the
+  sum of all BEAM doses), resampled trilinearly onto the case grid.
+- ROIs are found by ReferencedROINumber, never by list position; names map onto the
+  model's structures through `flaxdose.dicom.structures`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flaxdose.data.case import PROSTATE_STRUCTURES, Case
+from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM, Grid
+from flaxdose.dicom.contours import PLANE_TOL_MM, RoiContours, contour_planes, rasterize, rasterize_roi, roi_window
+from flaxdose.dicom.dose import PlanDose, check_dose_fits_prescription, plan_dose, read_rtplan
+from flaxdose.dicom.files import (
+    DicomFile,
+    PlanFiles,
+    floats,
+    group_plans,
+    integer,
+    pixel_frames,
+    read_full,
+    read_header,
+    reading,
+    scan,
+    text,
+)
+from flaxdose.dicom.geometry import axial_directions, lps_layout, resample, to_lps
+from flaxdose.dicom.structures import AliasTable, Roi, is_body
+from flaxdose.errors import FlaxdoseError
+
+log = logging.getLogger(__name__)
+
+CLOSED_CONTOURS = ("CLOSED_PLANAR", "INTERPOLATED_PLANAR", "CLOSEDPLANAR_XOR", "")  # "": type left empty
+SET_ASIDE_CONTOURS = ("POINT", "OPEN_PLANAR", "OPEN_NONPLANAR")  # they enclose no volume
+# The share of a target's or OAR's contoured volume that must have dose (the body: recorded only).
+MIN_COVERAGE = 0.99
+
+
+@dataclasses.dataclass
+class CtSeries:
+    """One CT series on its LPS grid; `hu` is None when read without pixels."""
+
+    grid: Grid
+    slices_z: np.ndarray  # sorted slice positions (patient z)
+    slice_spacing: float
+    hu: np.ndarray | None  # [x, y, z] HU when loaded
+    patient_position: str
+
+
+def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
+    """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing.
+
+    `hu` (float32 [x, y, z], stored value x RescaleSlope + RescaleIntercept) is read only with
+    `load_pixels`. Raises FlaxdoseError for no files, slices of mixed orientation / spacing /
+    size, an oblique or tilted series, duplicate or missing slices, non-uniform spacing, and
+    damaged files.
+    """
+    if not files:
+        raise FlaxdoseError("no CT slices found; export the planning CT with the plan")
+    items = []
+    for f in files:
+        ds = read_full(f) if load_pixels else None
+        if ds is None:
+            ds = read_header(f.path)
+        with reading(f.path, "the CT slice geometry"):
+            iop = floats(ds, "ImageOrientationPatient", f.path, 6)
+            ipp = floats(ds, "ImagePositionPatient", f.path, 3)
+            ps = floats(ds, "PixelSpacing", f.path, 2)
+            rows, cols = integer(ds, "Rows", f.path, 1, 16384), integer(ds, "Columns", f.path, 1, 16384)
+            if (ps <= 0).any():
+                raise FlaxdoseError(f"{f.path}: PixelSpacing {list(ps)} must be positive")
+            items.append((f, ds, iop, ipp, ps, rows, cols))
+    f0, _, iop0, _, ps0, rows0, cols0 = items[0]
+    r, c, n = axial_directions(iop0, f"CT {f0.path}")
+    for f, _, iop, _, ps, rows, cols in items[1:]:
+        if np.abs(iop - iop0).max() > 1e-4 or np.abs(ps - ps0).max() > 1e-4 or (rows, cols) != (rows0, cols0):
+            raise FlaxdoseError(
+                f"CT slice {f.path} differs from {f0.path} in orientation, pixel spacing or size; "
+                "the folder mixes CT series: export only the planning CT"
+            )
+    s = np.array([np.dot(it[3], n) for it in items])
+    order = np.argsort(s, kind="stable")
+    items = [items[i] for i in order]
+    s = s[order]
+    inplane = np.array([it[3] - np.dot(it[3], n) * n for it in items])
+    if np.abs(inplane - inplane[0]).max() > 0.01 * min(ps0) + 1e-3:
+        raise FlaxdoseError(
+            f"CT slices of {f0.path.parent} are not stacked along the slice normal (tilted gantry or mixed "
+            "series); re-export the series reconstructed axially without tilt"
+        )
+    if len(items) > 1:
+        diffs = np.diff(s)
+        if diffs.min() < 1e-3:
+            i = int(diffs.argmin())
+            raise FlaxdoseError(
+                f"CT slices {items[i][0].path.name} and {items[i + 1][0].path.name} lie at the same position "
+                f"({s[i]:.2f} mm); the folder holds a duplicate slice or two series: export one series once"
+            )
+        spacing = float(np.median(diffs))
+        bad = np.abs(diffs - spacing) > max(0.01, 0.01 * spacing)
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            gap = diffs[i] / spacing
+            if abs(gap - round(gap)) < 0.05 and round(gap) >= 2:
+                raise FlaxdoseError(
+                    f"the CT series in {f0.path.parent} has {int(round(gap)) - 1} missing slice(s) between "
+                    f"{s[i]:.2f} and {s[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); re-export the complete "
+                    "series, flaxdose never imports a CT with shifted slices"
+                )
+            raise FlaxdoseError(
+                f"the CT series in {f0.path.parent} has non-uniform slice spacing ({diffs.min():.2f}.."
+                f"{diffs.max():.2f} mm); re-export it with uniform spacing"
+            )
+    else:
+        thickness = floats(items[0][1], "SliceThickness", f0.path, 1, required=False)
+        spacing = float(thickness[0]) if thickness is not None and thickness[0] > 0 else float(ps0[0])
+    ipp0 = items[0][3]
+    perm, flips, grid = lps_layout((len(items), rows0, cols0), ipp0, r, c, n, ps0[1], ps0[0], spacing)
+    hu = None
+    if load_pixels:
+        stack = np.empty((len(items), rows0, cols0), np.float32)
+        for k, (f, ds, *_rest) in enumerate(items):
+            with reading(f.path, "the CT rescale"):
+                slope = float(ds.get("RescaleSlope", 1) or 1)
+                intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            stack[k] = pixel_frames(ds, f.path, 1)[0].astype(np.float32) * slope + intercept
+        hu = to_lps(stack, perm, flips)
+    position = text(items[0][1], "PatientPosition") if items[0][1] is not None else ""
+    return CtSeries(grid, np.sort(ipp0[2] + (s - s[0]) * n[2]), spacing, hu, position)
+
+
+@dataclasses.dataclass
+class RoiContourList:
+    """The contours an RTSTRUCT gives one ROI.
+
+    polygons: the closed contours as (z mm, (K, 2) x/y mm); set_aside: POINT and OPEN_*
+    contours by type (they enclose no volume); untyped: closed contours whose
+    ContourGeometricType is empty; degenerate: closed contours of one or two points.
+    """
+
+    polygons: list[tuple[float, np.ndarray]]
+    set_aside: dict[str, int]
+    untyped: int = 0
+    degenerate: int = 0
+
+    def notes(self, roi: str) -> list[str]:
+        """What a physicist should know about these contours (no patient data)."""
+        out = [f"{roi}: {n} {kind} contour(s) set aside (they enclose no volume)" for kind, n in self.set_aside.items()]
+        if self.untyped:
+            out.append(f"{roi}: {self.untyped} contour(s) without ContourGeometricType read as CLOSED_PLANAR")
+        if self.degenerate:
+            out.append(f"{roi}: {self.degenerate} closed contour(s) of 1-2 points keep only the voxels they touch")
+        return out
+
+
+@dataclasses.dataclass
+class StructureSet:
+    """An RTSTRUCT's ROIs (numbers, names, interpreted types, frames of reference) and its dataset."""
+
+    rois: list[Roi]
+    path: Path
+    _ds: object
+
+    def contours(self, roi: Roi) -> RoiContourList:
+        """The contours of `roi` (found by ReferencedROINumber), sorted by geometric type.
+
+        Raises FlaxdoseError for damaged contour data, non-axial closed contours and
+        geometric types that DICOM does not define.
+        """
+        out = RoiContourList([], {})
+        with reading(self.path, f"the contours of ROI {roi.name!r}"):
+            items = [
+                item for item in self._ds.get("ROIContourSequence") or []
+                if item.get("ReferencedROINumber") is not None and int(item.ReferencedROINumber) == roi.number
+            ]
+            if len(items) > 1:
+                raise FlaxdoseError(f"{self.path}: ROI number {roi.number} has {len(items)} contour items; the file is damaged")
+            for contour in (items[0].get("ContourSequence") or []) if items else []:
+                kind = text(contour, "ContourGeometricType").upper()
+                if kind in SET_ASIDE_CONTOURS:
+                    out.set_aside[kind] = out.set_aside.get(kind, 0) + 1
+                    continue
+                if kind not in CLOSED_CONTOURS:
+                    raise FlaxdoseError(
+                        f"{self.path}: a contour of ROI {roi.name!r} has ContourGeometricType {kind!r}, which DICOM "
+                        f"does not define ({', '.join(CLOSED_CONTOURS[:2] + SET_ASIDE_CONTOURS)}); re-export the "
+                        "structure set"
+                    )
+                data = floats(contour, "ContourData", self.path)
+                if data.size % 3:
+                    raise FlaxdoseError(
+                        f"{self.path}: a contour of ROI {roi.name!r} has {data.size} coordinates, not a multiple "
+                        "of 3; the file is damaged"
+                    )
+                pts = data.reshape(-1, 3)
+                if np.ptp(pts[:, 2]) > PLANE_TOL_MM:
+                    raise FlaxdoseError(
+                        f"{self.path}: a contour of ROI {roi.name!r} is not in an axial plane (z from "
+                        f"{pts[:, 2].min():.2f} to {pts[:, 2].max():.2f} mm); flaxdose reads axial contours only"
+                    )
+                out.untyped += kind == ""
+                out.degenerate += len(pts) < 3
+                out.polygons.append((float(pts[:, 2].mean()), pts[:, :2]))
+        return out
+
+
+def read_structure_set(f: DicomFile | str | os.PathLike) -> StructureSet:
+    """The ROI list of an RTSTRUCT; FlaxdoseError when it holds none or ROI numbers repeat."""
+    if not isinstance(f, DicomFile):
+        f = DicomFile(Path(f), "RTSTRUCT", "", "", "", "", "", "")
+    ds = read_full(f)
+    with reading(f.path, "the RTSTRUCT ROI list"):
+        types = {}
+        for obs in ds.get("RTROIObservationsSequence") or []:
+            if obs.get("ReferencedROINumber") is not None:
+                types[int(obs.ReferencedROINumber)] = text(obs, "RTROIInterpretedType")
+        rois = []
+        for item in ds.get("StructureSetROISequence") or []:
+            number = integer(item, "ROINumber", f.path, -(1 << 31), 1 << 31)
+            rois.append(Roi(number, text(item, "ROIName"), types.get(number, ""),
+                            text(item, "ReferencedFrameOfReferenceUID")))
+    if not rois:
+        raise FlaxdoseError(f"{f.path}: the structure set holds no ROIs; export the contoured structure set")
+    if len({r.number for r in rois}) != len(rois):
+        raise FlaxdoseError(f"{f.path}: ROI numbers repeat in StructureSetROISequence; the file is damaged")
+    return StructureSet(rois, f.path, ds)
+
+
+def plan_case_id(plan: PlanFiles, keep_ids: bool, salt: str) -> str:
+    """The case id of a plan: the PatientID made file-safe (`keep_ids`), else a salted hash of its UIDs."""
+    if keep_ids:
+        cid = re.sub(r"[^A-Za-z0-9._-]+", "_", plan.patient_id).strip("._") or "patient"
+        return cid
+    key = "|".join([salt, plan.patient_id, plan.study_uid, plan.for_uid, *(d.sop_uid for d in plan.doses)])
+    return "case_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _structure_contours(plan: PlanFiles, structures: Sequence[str], aliases: AliasTable):
+    """The matched ROI and contours of every structure; refuses ROIs without contours or on another frame."""
+    sset = read_structure_set(plan.struct)
+    matched = aliases.match(list(structures), sset.rois)
+    listed = {}
+    for name in structures:
+        roi = matched[name]
+        if roi.for_uid and plan.for_uid and roi.for_uid != plan.for_uid:
+            raise FlaxdoseError(
+                f"{plan.struct.path}: ROI {roi.name!r} ({name}) is contoured on another frame of reference than the "
+                "plan's CT and dose; contour it on the planning CT, or map another ROI with --aliases"
+            )
+        listed[name] = sset.contours(roi)
+        if not listed[name].polygons:
+            aside = listed[name].set_aside
+            why = f" (only {sum(aside.values())} {'/'.join(aside)} contour(s), which enclose no volume)" if aside else ""
+            raise FlaxdoseError(
+                f"{plan.struct.path}: ROI {roi.name!r} ({name}) has no contours{why}; contour it in the planning "
+                f"system and re-export the structure set, or map {name} to another ROI with --aliases"
+            )
+    return matched, listed
+
+
+def _model_grid(centre_roi: RoiContours, reference: Grid, shape, spacing) -> Grid:
+    """`shape` x `spacing` centred on the centroid of the whole ROI (rasterized on `reference`'s lattice)."""
+    lo, hi = roi_window(centre_roi, reference)
+    whole = rasterize(centre_roi, reference, lo, hi)
+    if not whole.any():
+        raise FlaxdoseError("the structure to centre the model grid on holds no voxel; cannot centre the grid on it")
+    coords = [reference.origin_mm[a] + reference.spacing_mm[a] * np.arange(lo[a], hi[a], dtype=np.float64)
+              for a in range(3)]
+    centre = [float(np.average(coords[a], weights=whole.sum(axis=tuple(b for b in range(3) if b != a))))
+              for a in range(3)]
+    return Grid.centred([int(v) for v in shape], [float(v) for v in spacing], centre)
+
+
+def _extent(grid: Grid) -> str:
+    ends = [(grid.coords(a)[0], grid.coords(a)[-1]) for a in range(3)]
+    return ", ".join(f"{n} {lo:.1f}..{hi:.1f}" for n, (lo, hi) in zip("xyz", ends)) + " mm"
+
+
+def _structure_facts(name: str, roi: Roi, rc: RoiContours, placed, grid: Grid, dose: PlanDose | None,
+                     min_coverage: float, label: str) -> tuple[dict, list[str]]:
+    """The metadata of one structure, and warnings; refuses one that the grid loses or the dose does not cover."""
+    cc = float(np.prod(grid.spacing_mm)) / 1000.0
+    if placed.whole_voxels == 0:
+        raise FlaxdoseError(
+            f"{name} (ROI {roi.name!r}) has {rc.contour_count} contour(s) on {rc.planes_z.size} plane(s) but they "
+            f"hold no voxel centre of the case grid (spacing {grid.spacing_mm} mm): the structure is smaller than "
+            "a voxel; use a finer grid (--grid dose or ct)"
+        )
+    facts = {
+        "roi": roi.name, "contours": rc.contour_count, "planes": int(rc.planes_z.size),
+        "planes_used": placed.planes_used, "slab_mm": None if rc.slab_mm is None else round(rc.slab_mm, 4),
+        "voxels": int(placed.mask.sum()), "cc": round(int(placed.mask.sum()) * cc, 3),
+        "contoured_cc": round(placed.whole_voxels * cc, 3), "in_grid": round(placed.in_grid, 4),
+        "coverage": round(placed.coverage, 4),
+    }
+    warnings = []
+    body = is_body(name, roi)
+    where = "has dose" if dose is not None else "lies inside the case grid"
+    if placed.coverage < 1.0 and not body:
+        warnings.append(f"{name}: {100 * placed.coverage:.1f} % of its contoured volume {where}")
+    if not body and placed.coverage < min_coverage:
+        grids = f"case grid {_extent(grid)}" + (f", dose grid {_extent(dose.grid)}" if dose is not None else "")
+        raise FlaxdoseError(
+            f"{name} (ROI {roi.name!r}): only {100 * placed.coverage:.1f} % of its contoured volume {where} "
+            f"({100 * placed.in_grid:.1f} % lies inside the case grid; {grids}) in the plan in {label}; the "
+            f"minimum is {100 * min_coverage:.1f} %. Export the dose calculated over every structure (or a larger "
+            "model grid), or lower --min_coverage"
+        )
+    if body and placed.mask.sum() == 0:
+        raise FlaxdoseError(f"{name} (ROI {roi.name!r}) lies outside the case grid ({_extent(grid)}) in {label}")
+    return facts, warnings
+
+
+def read_plan(
+    plan: PlanFiles,
+    structures: Sequence[str] = PROSTATE_STRUCTURES,
+    grid: str = "dose",
+    *,
+    aliases: AliasTable | None = None,
+    prescription_gy: float | None = None,
+    include_ct: bool = False,
+    model_shape: Sequence[int] = MODEL_SHAPE,
+    model_spacing_mm: Sequence[float] = MODEL_SPACING_MM,
+    centre_on: str | None = None,
+    case_id: str | None = None,
+    keep_ids: bool = False,
+    salt: str | None = None,
+    style: str = "",
+    min_coverage: float = MIN_COVERAGE,
+    read_dose: bool = True,
+) -> Case:
+    """Build a `Case` from one plan's files (see `read_rt` for the arguments).
+
+    `read_dose=False` ignores the export's RTDOSE files (the case gets no dose): what a
+    prediction needs, which must not fail on a dose it does not use.
+
+    Refuses (FlaxdoseError) a plan whose structures lack contours, whose grid loses a
+    structure, whose dose is not one plan's planned dose or does not fit the prescription,
+    or whose dose covers less than `min_coverage` of a target's or OAR's contoured volume
+    (the body's coverage is recorded only: the body is usually longer than the dose grid).
+    """
+    if grid not in ("dose", "model", "ct"):
+        raise FlaxdoseError(f"grid must be 'dose', 'model' or 'ct', got {grid!r}")
+    if not 0.0 <= min_coverage <= 1.0:
+        raise FlaxdoseError(f"min_coverage must be in [0, 1], got {min_coverage}")
+    if plan.problems:
+        raise FlaxdoseError(f"plan in {plan.label}: " + "; ".join(plan.problems))
+    if plan.struct is None:
+        raise FlaxdoseError(f"no RTSTRUCT for the plan in {plan.label}; export the structure set with the plan")
+    matched, listed = _structure_contours(plan, structures, aliases or AliasTable())
+    need_ct = include_ct or grid == "ct" or bool(plan.ct)
+    ct = read_ct(plan.ct, load_pixels=include_ct) if (need_ct and plan.ct) else None
+    if (include_ct or grid == "ct") and ct is None:
+        raise FlaxdoseError(f"no CT series for the plan in {plan.label}; export the planning CT with the plan")
+    needs_plan = prescription_gy is None or (read_dose and plan.dose_kind in ("FRACTION", "BEAM"))
+    rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
+    dose = plan_dose(plan, rtplan) if plan.doses and read_dose else None
+    if dose is None and grid == "dose":
+        raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}" + ("" if read_dose else " (read_dose=False)")
+                            + ": grid='dose' needs the plan dose; export it, or use grid='model' or 'ct'")
+    rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
+                          ct.slice_spacing if ct is not None else None, plan.struct.path)
+
+    if grid == "dose":
+        target = dose.grid
+    elif grid == "ct":
+        target = ct.grid
+    else:
+        centre_name = centre_on or next((s for s in structures if s.upper().startswith("PTV")), structures[0])
+        if centre_name not in rois:
+            raise FlaxdoseError(f"cannot centre the model grid on {centre_name!r}: it is not among {list(structures)}")
+        reference = ct.grid if ct is not None else dose.grid if dose is not None else None
+        if reference is None:
+            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid on")
+        target = _model_grid(rois[centre_name], reference, model_shape, model_spacing_mm)
+
+    facts, warnings, notes = {}, [], list(plan.notes)
+    masks = []
+    for s in structures:
+        placed = rasterize_roi(rois[s], target, dose.grid if dose is not None else None, s)
+        facts[s], found = _structure_facts(s, matched[s], rois[s], placed, target, dose, min_coverage, plan.label)
+        warnings += found
+        notes += listed[s].notes(s)
+        masks.append(placed.mask)
+    for line in warnings:
+        log.warning("%s: %s", plan.label, line)
+    for line in notes:
+        log.info("%s: %s", plan.label, line)
+
+    dose_out = None
+    if dose is not None:
+        dose_out = dose.dose if target == dose.grid else resample(dose.dose, dose.grid, target, order=1, cval=0.0)
+    ct_out = None
+    if include_ct:
+        ct_out = ct.hu if target == ct.grid else resample(ct.hu, ct.grid, target, order=1, cval=-1000.0)
+
+    source = "argument"
+    if prescription_gy is None:
+        prescription_gy, source = (rtplan.prescription_gy, rtplan.prescription_source) if rtplan else (None, "none")
+        prescription_gy = prescription_gy or 0.0
+    if dose is not None:
+        check_dose_fits_prescription(float(dose.dose.max()), float(prescription_gy), dose.source, source)
+    meta = {
+        "source": "dicom",
+        "grid": grid,
+        "grid_geometry": target.as_dict(),
+        "native_dose_grid": dose.grid.as_dict() if dose is not None else None,
+        "patient_position": ct.patient_position if ct is not None else "",
+        "structure_rois": {s: matched[s].name for s in structures},
+        "structures": facts,
+        "prescription_source": source,
+        "dose_summation_type": "/".join(sorted({d.dose_summation or "missing" for d in plan.doses})),
+        "dose_source": dose.source if dose is not None else "none",
+        "dose_type": dose.dose_type if dose is not None else "",
+        "dose_max_gy": round(float(dose.dose.max()), 4) if dose is not None else None,
+        "min_coverage": min_coverage,
+        "warnings": warnings,
+        "notes": notes,
+        "deidentified": not keep_ids,
+    }
+    return Case(
+        case_id=case_id or plan_case_id(plan, keep_ids, salt if salt is not None else secrets.token_hex(16)),
+        structures=tuple(structures),
+        masks=np.stack(masks),
+        dose=dose_out,
+        spacing_mm=target.spacing_mm,
+        origin_mm=target.origin_mm,
+        prescription_gy=float(prescription_gy),
+        style=style,
+        ct=ct_out,
+        meta=meta,
+    )
+
+
+def read_rt(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    structures: Sequence[str] = PROSTATE_STRUCTURES,
+    grid: str = "dose",
+    **kwargs,
+) -> Case:
+    """Read one patient's DICOM-RT export (CT, RTSTRUCT, RTDOSE, RTPLAN) into a `Case`.
+
+    `paths`: files and/or folders (searched recursively) holding exactly one plan.
+    `grid`: "dose" keeps the RTDOSE grid; "model" resamples onto `model_shape` x
+    `model_spacing_mm` centred on the PTV (dose trilinear, masks rasterized directly at the
+    model voxel centres); "ct" uses the CT grid. A plan without RTDOSE gives `dose=None`
+    (grids "model" and "ct" only). Keyword arguments: `aliases` (AliasTable),
+    `prescription_gy` (overrides the RTPLAN), `include_ct`, `model_shape`, `model_spacing_mm`,
+    `centre_on`, `case_id`, `keep_ids`, `salt`, `style`, `min_coverage`, `read_dose` (see `read_plan`).
+    """
+    files, problems = scan(paths)
+    found = group_plans(files)
+    plans = found.plans
+    note = f" ({len(problems)} damaged file(s): {problems[0][1]})" if problems else ""
+    if not plans:
+        reasons = [v for v in found.patients.values() if isinstance(v, str)]
+        raise FlaxdoseError(
+            f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
+            + (f": {reasons[0]}" if reasons else "") + note
+        )
+    if len(plans) > 1:
+        raise FlaxdoseError(
+            f"{len(plans)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "
+            "one plan's files, or import them all with `python -m flaxdose.import_dicom`"
+        )
+    plan = plans[0]
+    if problems:
+        damaged_here = [m for p, m in problems]
+        plan.problems = plan.problems + [f"damaged file(s) next to the plan: {damaged_here[0]}"]
+    return read_plan(plan, structures, grid, **kwargs)
