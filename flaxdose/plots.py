@@ -99,8 +99,9 @@ def dvh_error_violins(
     target_metrics: Sequence[str],
     oar_metrics: Sequence[str],
     path: str | Path,
+    unit: str = "% of prescription",
 ) -> Path:
-    """Violins of DVH-metric errors (% of prescription), `errors_by_model[model][metric]` per case.
+    """Violins of DVH-metric errors (in `unit`), `errors_by_model[model][metric]` per case.
 
     Targets and OARs in two panels (an empty metric list drops its panel); NaN values are
     skipped. Writes a PNG at `path` and returns it.
@@ -112,7 +113,7 @@ def dvh_error_violins(
     for ax, (title, metrics) in zip(axes, panels):
         _violins(ax, errors_by_model, metrics)
         ax.set_title(f"{title} DVH metrics")
-    axes[0].set_ylabel("Prediction − reference (% of prescription)")
+    axes[0].set_ylabel(f"Prediction − reference ({unit})")
     handles = [Patch(color=MODEL_COLORS[j % len(MODEL_COLORS)], alpha=0.6, label=name)
                for j, name in enumerate(errors_by_model)]
     axes[-1].legend(handles=handles, loc="best", fontsize="small")

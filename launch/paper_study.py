@@ -163,12 +163,17 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
             shutil.copy(png, target)
             lines.append(f"![{style} {png.stem}]({figures.name}/{target.name})")
         lines.append("")
-    lines += ["## Wall time", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()]
-    lines += ["", f"Total: {sum(times.values()) / 60:.1f} minutes.", "", "## Settings", "", "```json",
-              json.dumps(settings, indent=1, default=list), "```", ""]
+    lines += timing_and_settings(times, settings)
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def timing_and_settings(times: dict, settings: dict) -> list[str]:
+    """A study report's closing sections: wall time per stage (seconds) and the scale's settings."""
+    return ["## Wall time", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in times.items()],
+            "", f"Total: {sum(times.values()) / 60:.1f} minutes.", "", "## Settings", "", "```json",
+            json.dumps(settings, indent=1, default=list), "```", ""]
 
 
 def define_flags() -> None:
