@@ -1,28 +1,45 @@
-"""Train on an OpenKBP dataset (head-and-neck IMRT, the public benchmark).
+"""Train on OpenKBP (head-and-neck IMRT, the public benchmark): ``--config=openkbp[:SCALE]``.
 
-Convert the challenge data first:
-    python -m flaxdose.data.openkbp convert open-kbp/provided-data --out data/openkbp
+Convert the challenge data first (its `provided-data` folder; see docs/openkbp.md):
+    python -m flaxdose.convert_openkbp provided-data --out workdirs/openkbp64 --noinclude_ct --downsample 2
 then
-    python -m flaxdose.train --config=openkbp --config.data.path=data/openkbp --workdir runs/openkbp
-Volumes are 128^3 on each patient's own voxel size; the ten structure masks are the inputs
-(the CT channel of the dataset is not used by the model). Score predictions with
-`flaxdose.metrics.openkbp_scores`.
+    python -m flaxdose.train --config=openkbp:openkbp_cpu --config.data.path=workdirs/openkbp64 --workdir workdirs/openkbp-run
+The inputs are the ten structure masks in the challenge's order (OARs, then PTV56, PTV63,
+PTV70; the CT is not used). `train-pats` trains, `validation-pats` (the dataset's "val"
+split) gives the validation loss that picks the best checkpoint.
+
+Without SCALE: the paper's UNet on the challenge's own 128^3 grid, 96^3 patches (a GPU
+run). With SCALE, a name in configs/openkbp_study.py (`openkbp_cpu`, `openkbp_gpu`,
+`smoke`): that scale's grid, model and training settings (its first phase). `data.downsample`
+is the grid factor of the dataset in `data.path` (2: a `--downsample 2` dataset, 64^3);
+scoring uses it to bring predictions back to the challenge's grid (`python -m
+flaxdose.evaluate --openkbp`), and refuses a run whose dataset says otherwise.
 """
 
 from flaxdose.configs import source
-from flaxdose.data.openkbp import OPENKBP_STRUCTURES
+from flaxdose.configs.openkbp_study import SCALES
+from flaxdose.errors import FlaxdoseError
+from flaxdose.openkbp import OPENKBP_STRUCTURES
 
 
-def get_config():
+def get_config(scale: str = ""):
     c = source.get_config()
     c.model.in_channels = len(OPENKBP_STRUCTURES)
     c.data.update(
         kind="folder",
-        path="",  # the folder written by `python -m flaxdose.data.openkbp convert`
+        path="",  # the folder written by `python -m flaxdose.convert_openkbp`
         structures=OPENKBP_STRUCTURES,
         patch_shape=(96, 96, 96),
         patch_sigma=(10.0, 10.0, 10.0),
-        val_cases=0,
+        val_cases=0,  # the dataset's own "val" split (validation-pats) validates
     )
+    c.data.downsample = 1
     c.data.flip_lr = True  # the parotids swap channels, like the femoral heads
+    if scale:
+        if scale not in SCALES:
+            raise FlaxdoseError(f"unknown OpenKBP scale {scale!r}; choose one of {sorted(SCALES)}")
+        settings = SCALES[scale]
+        c.data.update(settings["data"], downsample=settings["downsample"])
+        c.model.update(settings["model"])
+        c.train.update(settings["train"])
     return c

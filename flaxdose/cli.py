@@ -8,7 +8,9 @@ A command is a module with absl flags and a ``main(argv)``; `run(main)` runs it:
 
 Exit status, the same for every command: 0 done; 1 done, but some items failed (the command
 lists them, e.g. patients an import skipped); 2 bad input or usage, reported as one line
-``flaxdose: error: <what was wrong and how to fix it>`` (a `FlaxdoseError` or a flag error).
+``flaxdose: error: <what was wrong and how to fix it>`` (a `FlaxdoseError` or a flag error);
+3 done, and the check found something (`flaxdose.qa`: at least one plan flagged; every plan
+checked), so scripts can tell "flagged" from "failed".
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flaxdose.errors import FlaxdoseError
 
 USAGE_ERROR = 2
 PARTIAL_FAILURE = 1
+FLAGGED = 3
 
 
 def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):

@@ -3,6 +3,12 @@
 ``python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] --split test --out REPORT``
 predicts every case of the split with each model (best checkpoint) and writes the report
 folder described in `flaxdose.evaluation` (cases.csv, summary.json, report.md, figures).
+
+``python -m flaxdose.evaluate --openkbp --workdir W --data DIR --split val --out REPORT
+[--baseline reference.json]`` scores like the OpenKBP challenge instead (dose and DVH score
+per patient and overall, submission CSVs, figures; `flaxdose.openkbp_eval`): `--data` is a
+dataset on the challenge's 128^3 grid, and a model trained on a coarser grid
+(``data.downsample``) is scored there after its dose is brought back.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from pathlib import Path
 
 from absl import flags
 
-from flaxdose import cli, evaluation, inference
+from flaxdose import cli, evaluation, inference, openkbp, openkbp_eval
+from flaxdose import config as config_lib
+from flaxdose.baseline import DistanceBaseline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
@@ -42,6 +50,33 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     return evaluation.write_report(rows, out, references, predictions, overwrite=overwrite, example_case=example_case, note=note)
 
 
+def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, out: str | Path, *,
+                             baseline: str | Path | None = None, which: str = "best", overwrite: bool = False,
+                             example_case: str | None = None, mirror: bool = False) -> dict:
+    """Score the model of `workdir` (and the reference model in `baseline`) like the OpenKBP challenge; the summary.
+
+    Raises FlaxdoseError before any long work for an `out` that holds files (unless
+    `overwrite`), a `data` not on the challenge's grid, a workdir without config.json, or a
+    run whose grid factor disagrees with its training dataset.
+    """
+    check_writable(out, overwrite)
+    dataset = Dataset.open(data)
+    if openkbp.dataset_downsample(dataset) != 1:
+        raise FlaxdoseError(f"{dataset.root} is downsampled; score against the challenge-grid dataset "
+                            "(python -m flaxdose.convert_openkbp without --downsample)")
+    config_file = Path(workdir) / "config.json"
+    if not config_file.is_file():
+        raise FlaxdoseError(f"{workdir} has no config.json; pass the training workdir")
+    factor = openkbp.training_downsample(config_lib.load_config_json(config_file).data)
+    references = evaluation.load_references(dataset, split)
+    models = {openkbp_eval.NETWORK: inference.Model.load(workdir, which, mirror=mirror)}
+    if baseline:
+        models[openkbp_eval.DISTANCE_REFERENCE] = DistanceBaseline.load(baseline)
+    note = f"Split {split!r} of {dataset.root.resolve()} ({len(references)} patients); network {Path(workdir).resolve()}"
+    return openkbp_eval.evaluate_openkbp(models, references, out, factor, overwrite=overwrite,
+                                         example_case=example_case, note=note)
+
+
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_string("workdir", None, "training workdir of the model to evaluate")
@@ -55,17 +90,31 @@ def define_flags() -> None:
     flags.DEFINE_string("case", None, "case id for the dose-slice/DVH figure (default: the median-Dice case)")
     flags.DEFINE_integer("batch_size", 1, "volumes per forward pass")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
+    flags.DEFINE_bool("openkbp", False, "score like the OpenKBP challenge (dose and DVH score, submission CSVs)")
+    flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.baseline) to score too")
+    flags.DEFINE_bool("mirror", False, "with --openkbp: average each prediction with that of the left-right mirrored case")
 
 
 def main(argv):
     """absl main: evaluate `--workdir` (and `--compare`) on `--data`/`--split`, write `--out`, print the mean Dice.
 
-    Raises FlaxdoseError when --workdir, --data or --out is missing (and see `evaluate_workdirs`).
+    Raises FlaxdoseError when --workdir or --out is missing, or --data with --openkbp (and see
+    `evaluate_workdirs`).
     """
     del argv
     if not FLAGS.workdir or not FLAGS.out:
         raise FlaxdoseError("usage: python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] "
                             "[--split test] --out REPORT")
+    if FLAGS.openkbp:
+        if FLAGS.compare or FLAGS.names:
+            raise FlaxdoseError("--openkbp scores one network (and --baseline); drop --compare and --names")
+        if not FLAGS.data:  # the run's own dataset may be downsampled; the challenge scores on its 128^3 grid
+            raise FlaxdoseError("--openkbp needs --data: the challenge-grid dataset (convert_openkbp without --downsample)")
+        summary = evaluate_openkbp_workdir(FLAGS.workdir, FLAGS.data, FLAGS.split, FLAGS.out, baseline=FLAGS.baseline,
+                                           which=FLAGS.which, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
+                                           mirror=FLAGS.mirror)
+        print(json.dumps({"out": str(Path(FLAGS.out).resolve()), **summary["scores"]}))
+        return
     workdirs = [FLAGS.workdir] + ([FLAGS.compare] if FLAGS.compare else [])
     data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
     summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,

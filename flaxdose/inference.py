@@ -25,6 +25,7 @@ from tqdm import tqdm
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint, restore_params
 from flaxdose.data.case import Case, Dataset, write_dataset
+from flaxdose.data.pipeline import lr_swap_permutation
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
@@ -112,24 +113,27 @@ class Model:
     `predict` runs sliding windows of the training patch size (50 % overlap, Gaussian
     blending): every window is exactly the input the model was trained on, including its
     GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
-    (zero-padded to the down-sampling factor and cropped back).
+    (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
+    the left-right mirrored case (paired structures swapped, as the training flips do) and
+    averages the two (test-time augmentation; twice the work).
     """
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
-                 window: Sequence[int] | None = None, overlap: float = 0.5):
+                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False):
         self.spec, self.structures, self.name = spec, tuple(structures), name
-        self.window, self.overlap = (tuple(window) if window else None), overlap
+        self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
         self.params = jax.device_put(params)
         self._predict = make_predict_fn(spec)
 
     @classmethod
-    def from_config(cls, config, params, name: str = "model", full_volume: bool = False) -> Model:
+    def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False) -> Model:
         """The model a run config trains (`config.model`, `config.data.structures`, its patch size), with `params`."""
         window = None if full_volume else tuple(config.data.patch_shape)
-        return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window)
+        return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
+                   mirror=mirror)
 
     @classmethod
-    def load(cls, path: str | Path, which: str = "best", full_volume: bool = False) -> Model:
+    def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
         """From a training workdir, or a checkpoint path inside one (config.json is found above it).
 
         `which`: "best" (lowest validation loss, else the latest) or "latest". Raises
@@ -141,14 +145,17 @@ class Model:
         spec = UNetSpec.from_config(config.model)
         template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
         params, _ = restore_params(path, template, which)
-        return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume)
+        return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume, mirror=mirror)
 
     def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
         """(X, Y, Z, C) uint8 masks -> (X, Y, Z) dose in units of the prescription."""
         run = lambda x: self._predict(self.params, x)
-        if self.window is None:
-            return np.asarray(run(inputs[None]))[0]
-        return sliding_window(run, inputs, self.window, self.overlap, batch_size)
+        one = lambda v: (np.asarray(run(v[None]))[0] if self.window is None
+                         else sliding_window(run, v, self.window, self.overlap, batch_size))
+        if not self.mirror:
+            return one(inputs)
+        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures))]  # x runs right -> left
+        return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
         """Predicted dose for each case, as copies of the cases with `dose` replaced.

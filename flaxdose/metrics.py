@@ -149,6 +149,9 @@ def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, dose_gy: Sequence[float] 
 # not the Dx convention of the module docstring:
 # - OARs: D_0.1_cc = np.percentile(doses, 100 - v / n * 100) with v = max(1, round(100 / voxel
 #   volume in mm^3)) voxels in 0.1 cc and n the ROI's voxel count; mean = mean voxel dose.
+#   An OAR of fewer than v voxels (under 0.1 cc) makes that percentile negative, which the
+#   challenge code cannot evaluate (np.percentile raises); its maximum dose is used instead,
+#   the dose that its hottest 0.1 cc (all of it) reaches.
 # - Targets: D_99 = np.percentile(doses, 1), D_95 = np.percentile(doses, 5),
 #   D_1 = np.percentile(doses, 99).
 # - Only ROIs with at least one voxel are evaluated.
@@ -157,6 +160,8 @@ def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, dose_gy: Sequence[float] 
 #   code saves it masked); the dataset's dose score is the mean over patients.
 # - DVH score: the mean absolute difference over every (patient, ROI, metric) pooled together
 #   (np.nanmean over the whole table), not a mean of per-patient means.
+OPENKBP_OAR_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
+OPENKBP_TARGET_NAMES = ("PTV56", "PTV63", "PTV70")
 OPENKBP_OAR_METRICS = ("D_0.1_cc", "mean")
 OPENKBP_TARGET_METRICS = ("D_99", "D_95", "D_1")
 _OPENKBP_TARGET_PERCENTILES = {"D_99": 1.0, "D_95": 5.0, "D_1": 99.0}
@@ -170,11 +175,11 @@ def openkbp_dvh_metrics(
     oars: Sequence[str],
     targets: Sequence[str],
 ) -> dict[str, float]:
-    """OpenKBP DVH metrics, keys ``"<ROI> <metric>"`` (e.g. ``"PTV70 D_99"``).
+    """OpenKBP DVH metrics (Gy), keys ``"<ROI> <metric>"`` (e.g. ``"PTV70 D_99"``).
 
-    `masks` is (S, X, Y, Z) in `structures` order. ROIs not in `oars` or `targets`, and empty
-    ROIs, are skipped. An OAR smaller than 0.1 cc (where the challenge code would fail) gets
-    its maximum dose as D_0.1_cc.
+    `dose` is (X, Y, Z) in Gy, `masks` (S, X, Y, Z) in `structures` order, any common axis
+    order. ROIs not in `oars` or `targets`, and empty ROIs, are skipped. An OAR smaller than
+    0.1 cc (where the challenge code would fail) gets its maximum dose as D_0.1_cc.
     """
     dose, masks = np.asarray(dose, np.float64), np.asarray(masks, bool)
     if masks.ndim != 4 or masks.shape[0] != len(structures):
@@ -193,7 +198,8 @@ def openkbp_dvh_metrics(
             continue
         if name in oars:
             fraction = 100.0 - voxels_in_tenth_cc / roi_dose.size * 100.0
-            out[f"{name} D_0.1_cc"] = float(np.percentile(roi_dose, max(fraction, 0.0)))
+            hottest = roi_dose.max() if fraction < 0 else np.percentile(roi_dose, fraction)
+            out[f"{name} D_0.1_cc"] = float(hottest)
             out[f"{name} mean"] = float(roi_dose.mean())
         else:
             for metric in OPENKBP_TARGET_METRICS:
@@ -213,16 +219,39 @@ def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np
     return float(np.sum(np.abs(ref - pred * mask)) / count)
 
 
+def openkbp_case_scores(
+    pred: np.ndarray,
+    ref,
+    oars: Sequence[str] = OPENKBP_OAR_NAMES,
+    targets: Sequence[str] = OPENKBP_TARGET_NAMES,
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(dose score, reference DVH metrics, predicted DVH metrics) of one patient.
+
+    `pred` is the predicted dose (X, Y, Z) in Gy on the reference's grid; `ref` is Case-like
+    (``dose``, ``masks``, ``structures``, ``spacing_mm``, ``possible_dose_mask``). The
+    prediction is masked by the possible-dose mask before its DVH metrics are taken.
+    """
+    if ref.dose is None or ref.possible_dose_mask is None:
+        raise FlaxdoseError(
+            f"reference case {getattr(ref, 'case_id', '?')!r} needs a dose and a possible-dose mask "
+            "(OpenKBP cases from flaxdose.openkbp have both)"
+        )
+    dose_score = openkbp_dose_score(pred, ref.dose, ref.possible_dose_mask)
+    masked = np.asarray(pred, np.float64) * np.asarray(ref.possible_dose_mask, bool)
+    ref_m = openkbp_dvh_metrics(ref.dose, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
+    new_m = openkbp_dvh_metrics(masked, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
+    return dose_score, ref_m, new_m
+
+
 def openkbp_scores(
     predictions: Sequence[np.ndarray],
     references: Sequence,
-    oars: Sequence[str] = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"),
-    targets: Sequence[str] = ("PTV56", "PTV63", "PTV70"),
+    oars: Sequence[str] = OPENKBP_OAR_NAMES,
+    targets: Sequence[str] = OPENKBP_TARGET_NAMES,
 ) -> dict[str, float]:
     """The challenge's dose score and DVH score of predicted doses against reference cases.
 
-    `references` are Case-like (``dose``, ``masks``, ``structures``, ``spacing_mm``,
-    ``possible_dose_mask``), one per prediction. Returns
+    `references` are Case-like (see `openkbp_case_scores`), one per prediction. Returns
     ``{"dose_score": ..., "dvh_score": ..., "num_cases": ...}``.
     """
     predictions, references = list(predictions), list(references)
@@ -232,15 +261,8 @@ def openkbp_scores(
         )
     dose_scores, differences = [], []
     for pred, ref in zip(predictions, references):
-        if ref.dose is None or ref.possible_dose_mask is None:
-            raise FlaxdoseError(
-                f"reference case {getattr(ref, 'case_id', '?')!r} needs a dose and a possible-dose mask "
-                "(OpenKBP cases from flaxdose.data.openkbp have both)"
-            )
-        dose_scores.append(openkbp_dose_score(pred, ref.dose, ref.possible_dose_mask))
-        masked = np.asarray(pred, np.float64) * np.asarray(ref.possible_dose_mask, bool)
-        ref_m = openkbp_dvh_metrics(ref.dose, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
-        new_m = openkbp_dvh_metrics(masked, ref.masks, ref.structures, ref.spacing_mm, oars, targets)
+        dose_score, ref_m, new_m = openkbp_case_scores(pred, ref, oars, targets)
+        dose_scores.append(dose_score)
         differences += [abs(new_m[k] - ref_m[k]) for k in ref_m]
     return {
         "dose_score": float(np.mean(dose_scores)),

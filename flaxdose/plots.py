@@ -99,8 +99,9 @@ def dvh_error_violins(
     target_metrics: Sequence[str],
     oar_metrics: Sequence[str],
     path: str | Path,
+    unit: str = "% of prescription",
 ) -> Path:
-    """Violins of DVH-metric errors (% of prescription), `errors_by_model[model][metric]` per case.
+    """Violins of DVH-metric errors (in `unit`), `errors_by_model[model][metric]` per case.
 
     Targets and OARs in two panels (an empty metric list drops its panel); NaN values are
     skipped. Writes a PNG at `path` and returns it.
@@ -112,7 +113,7 @@ def dvh_error_violins(
     for ax, (title, metrics) in zip(axes, panels):
         _violins(ax, errors_by_model, metrics)
         ax.set_title(f"{title} DVH metrics")
-    axes[0].set_ylabel("Prediction − reference (% of prescription)")
+    axes[0].set_ylabel(f"Prediction − reference ({unit})")
     handles = [Patch(color=MODEL_COLORS[j % len(MODEL_COLORS)], alpha=0.6, label=name)
                for j, name in enumerate(errors_by_model)]
     axes[-1].legend(handles=handles, loc="best", fontsize="small")
@@ -249,4 +250,58 @@ def learning_curves(
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                title="mode (line: mean, band: range over seeds)", title_fontsize=8)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+DVH_POINT_VOLUME_PCT = {"D2": 2.0, "D95": 95.0, "D98": 98.0}  # where a Dx metric sits on a cumulative DVH
+
+
+def plan_bands(plan, member_doses: np.ndarray, rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Plan QA figure: the plan's DVHs over the predicted range, and every DVH metric against its band.
+
+    Left: the plan's cumulative DVH per structure (solid), the range of the ensemble members'
+    DVHs (shaded: model spread only, uncalibrated) and the calibrated bands of D2/D95/D98 as
+    horizontal bars at their volumes. Right: each metric's band (bar, tick at the centre) and
+    the plan's value (dot; red when flagged). `member_doses`: (M, X, Y, Z) Gy; `rows`: the plan's
+    rows of `flaxdose.planqa.check_plan`.
+    """
+    structures = [n for n in plan.structures if n != BODY]
+    colors = _structure_colors(structures)
+    vmax = 1.1 * max(float(np.max(plan.dose)), float(np.max(member_doses)), plan.prescription_gy)
+    grid = np.linspace(0.0, vmax, 300)
+    fig = _new_figure(12.5, 5.2)
+    dvh_ax, band_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1.0], "wspace": 0.45})
+    for structure in structures:
+        mask = plan.mask(structure)
+        if not mask.any():
+            continue
+        members = np.stack([cumulative_dvh(d, mask, grid) for d in member_doses])
+        dvh_ax.fill_between(grid, members.min(axis=0), members.max(axis=0), color=colors[structure], alpha=0.2, lw=0)
+        dvh_ax.plot(grid, cumulative_dvh(plan.dose, mask, grid), color=colors[structure], lw=1.6, label=structure)
+    banded = [r for r in rows if r.get("position", "n/a") != "n/a"]
+    for r in banded:
+        volume = DVH_POINT_VOLUME_PCT.get(r["metric"])
+        if volume is not None:
+            dvh_ax.plot([r["lower_gy"], r["upper_gy"]], [volume, volume], color=colors[r["structure"]], lw=4, alpha=0.6,
+                        solid_capstyle="butt")
+            if r["flagged"]:
+                dvh_ax.plot(r["plan_gy"], volume, "x", color="red", ms=9, mew=2)
+    if plan.prescription_gy > 0:
+        dvh_ax.axvline(plan.prescription_gy, color="0.5", lw=0.8, linestyle="--")
+    dvh_ax.set(xlim=(0, vmax), ylim=(0, 102), xlabel="Dose (Gy)", ylabel="Volume (%)")
+    dvh_ax.set_title("Plan DVH (line), members' range (shaded), metric bands (bars)", fontsize="small")
+    dvh_ax.legend(loc="upper right", fontsize="x-small")
+    dvh_ax.grid(alpha=0.3)
+    for y, r in enumerate(banded):
+        color = colors[r["structure"]]
+        band_ax.plot([r["lower_gy"], r["upper_gy"]], [y, y], color=color, lw=5, alpha=0.5, solid_capstyle="butt")
+        band_ax.plot(r["predicted_gy"], y, "|", color=color, ms=12, mew=2)
+        band_ax.plot(r["plan_gy"], y, "o", color="red" if r["flagged"] else "black", ms=6)
+    band_ax.set_yticks(range(len(banded)), [f"{r['structure']} {r['metric']}" for r in banded], fontsize="x-small")
+    band_ax.invert_yaxis()
+    band_ax.set_xlabel("Dose (Gy)")
+    band_ax.set_title("Band (bar, centre tick) and plan (dot; red = flagged)", fontsize="small")
+    band_ax.grid(alpha=0.3, axis="x")
+    flagged = sum(bool(r["flagged"]) for r in rows)
+    fig.suptitle(f"Plan {plan.case_id}: {flagged} metric(s) flagged")
     return _save(fig, path)

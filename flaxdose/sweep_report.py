@@ -45,20 +45,29 @@ def _cell(values: Sequence[float]) -> str:
     return f"{np.nanmean(v):.3f}{sd} ({len(v)})"
 
 
-def plans_needed(by_n: dict[int, list[float]]) -> str:
-    """The fewest plans n whose mean Dice over seeds is within ENOUGH_DICE_MARGIN of the curve's best, as text.
+def fewest_plans(by_n: dict[int, list[float]], margin: float = ENOUGH_DICE_MARGIN) -> tuple[int, float, float] | None:
+    """(fewest plans n whose mean Dice over seeds is within `margin` of the curve's best, its mean Dice, the best).
 
-    Plan counts whose runs have no Dice (NaN) are left out; "n/a" when none has one.
+    Plan counts whose runs have no Dice (NaN) are left out; None when none has one.
     """
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of all-NaN values: NaN, left out below
         means = {n: float(np.nanmean(v)) for n, v in by_n.items()}
     means = {n: m for n, m in means.items() if np.isfinite(m)}
     if not means:
-        return "n/a"
+        return None
     best = max(means.values())
-    enough = min(n for n, m in means.items() if m >= best - ENOUGH_DICE_MARGIN)
-    return f"{enough} (Dice {means[enough]:.3f}; best {best:.3f})"
+    enough = min(n for n, m in means.items() if m >= best - margin)
+    return enough, means[enough], best
+
+
+def plans_needed(by_n: dict[int, list[float]]) -> str:
+    """`fewest_plans` with ENOUGH_DICE_MARGIN as text; "n/a" when no plan count has a Dice."""
+    found = fewest_plans(by_n)
+    if found is None:
+        return "n/a"
+    enough, dice, best = found
+    return f"{enough} (Dice {dice:.3f}; best {best:.3f})"
 
 
 def metric_table(style: str, style_curves: dict, baseline: dict | None, metric: str) -> list[str]:

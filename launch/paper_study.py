@@ -88,15 +88,15 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
 class Stages:
     """Finished stages and their wall times, persisted in stages.json."""
 
-    def __init__(self, workdir: Path):
-        self.path = workdir / "stages.json"
+    def __init__(self, workdir: Path, label: str = "paper_study"):
+        self.path, self.label = workdir / "stages.json", label
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def run(self, name: str, fn):
         if name in self.done:
-            print(f"[paper_study] {name}: done earlier, skipped")
+            print(f"[{self.label}] {name}: done earlier, skipped")
             return
-        print(f"[paper_study] {name} ...", flush=True)
+        print(f"[{self.label}] {name} ...", flush=True)
         start = time.perf_counter()
         fn()
         self.done[name] = round(time.perf_counter() - start, 1)
@@ -318,12 +318,17 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     ablation = results / f"paper_study_{scale}_ablation.md"  # hand-kept: trials outside this run
     if ablation.is_file():
         lines += [f"## Ablation (separate trial runs, from {ablation.name})", "", ablation.read_text().strip(), ""]
-    lines += ["## Wall time", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()]
-    lines += ["", f"Total: {sum(times.values()) / 60:.1f} minutes.", "", "## Settings", "", "```json",
-              json.dumps(settings, indent=1, default=list), "```", ""]
+    lines += timing_and_settings(times, settings)
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def timing_and_settings(times: dict, settings: dict) -> list[str]:
+    """A study report's closing sections: wall time per stage (seconds) and the scale's settings."""
+    return ["## Wall time", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in times.items()],
+            "", f"Total: {sum(times.values()) / 60:.1f} minutes.", "", "## Settings", "", "```json",
+            json.dumps(settings, indent=1, default=list), "```", ""]
 
 
 def define_flags() -> None:

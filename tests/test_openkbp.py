@@ -1,4 +1,4 @@
-"""OpenKBP: the four sample patients, the converter, the CSV export and the challenge scores."""
+"""OpenKBP: the four sample patients, the converter, coarser grids, the CSV export and the challenge scores."""
 
 import subprocess
 import sys
@@ -8,18 +8,23 @@ import numpy as np
 import pytest
 
 from flaxdose.data import Case, Dataset
-from flaxdose.data.openkbp import (
+from flaxdose.openkbp import (
     OPENKBP_OARS,
     OPENKBP_SHAPE,
     OPENKBP_STRUCTURES,
     OPENKBP_TARGETS,
     convert_openkbp,
+    crop_box,
+    downsample_case,
     find_patients,
     from_openkbp,
     read_openkbp_patient,
     read_sparse_csv,
+    score_predictions,
     to_openkbp,
+    upsample_dose,
     write_openkbp_dose,
+    write_submission,
 )
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import openkbp_dose_score, openkbp_dvh_metrics, openkbp_scores
@@ -109,7 +114,7 @@ def test_dvh_score_by_hand():
 @needs_sample
 def test_converter_and_submission_csv(cases, tmp_path):
     ds = convert_openkbp(SAMPLE, tmp_path / "okbp", progress=False)
-    assert ds.splits == {"train": ["pt_1", "pt_2", "pt_3"], "validation": ["pt_201"]}
+    assert ds.splits == {"train": ["pt_1", "pt_2", "pt_3"], "val": ["pt_201"]}
     assert ds.structures == OPENKBP_STRUCTURES and ds.manifest["targets"] == list(OPENKBP_TARGETS)
     loaded = Dataset.open(tmp_path / "okbp").load("pt_2")
     assert isinstance(loaded, Case) and np.array_equal(loaded.masks, cases[1].masks)
@@ -126,12 +131,17 @@ def test_converter_and_submission_csv(cases, tmp_path):
 
 @needs_sample
 def test_converter_cli(tmp_path):
-    cmd = [sys.executable, "-m", "flaxdose.data.openkbp", "convert", str(SAMPLE / "validation-pats"),
-           "--out", str(tmp_path / "v"), "--noinclude_ct"]
+    cmd = [sys.executable, "-m", "flaxdose.convert_openkbp", str(SAMPLE / "validation-pats"),
+           "--out", str(tmp_path / "v"), "--noinclude_ct", "--downsample", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "validation 1" in result.stdout
-    assert Dataset.open(tmp_path / "v").load("pt_201").ct is None
+    assert "val 1" in result.stdout
+    ds = Dataset.open(tmp_path / "v")
+    assert ds.manifest["grid"] == {"shape": [64, 64, 64], "downsample": 2}
+    case = ds.load("pt_201")
+    assert case.ct is None and case.shape == (64, 64, 64) and case.spacing_mm == pytest.approx((10.844, 10.844, 6.0))
+    bad = subprocess.run([*cmd[:-1], "3", "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "whole divisor of 128" in bad.stderr
 
 
 def test_bad_inputs(tmp_path):
@@ -157,3 +167,114 @@ def test_bad_inputs(tmp_path):
         openkbp_dose_score(case.dose, case.dose, np.zeros(case.shape, bool))
     with pytest.raises(FlaxdoseError, match="no OpenKBP patient"):
         find_patients((tmp_path / "empty").mkdir() or tmp_path / "empty")
+
+
+def test_d01cc_of_an_oar_smaller_than_a_tenth_of_a_cc_is_its_maximum():
+    """Voxels of 2 x 2 x 2.5 mm = 0.01 cc: 0.1 cc is 10 voxels."""
+    shape = (8, 4, 2)
+    dose = np.zeros(shape)
+    small, larger = np.zeros(shape, bool), np.zeros(shape, bool)
+    small[0, :, 0] = True  # 4 voxels = 0.04 cc, doses 3, 7, 1, 5
+    dose[0, :, 0] = [3, 7, 1, 5]
+    larger[4:8, :, 0] = True  # 20 voxels, doses 0..19
+    larger[4, :, 1] = True
+    dose[4:8, :, 0] = np.arange(16).reshape(4, 4)
+    dose[4, :, 1] = np.arange(16, 20)
+    structures = ("Larynx", "Mandible")
+    metrics = openkbp_dvh_metrics(dose, np.stack([small, larger]), structures, (2, 2, 2.5), OPENKBP_OARS, ())
+    assert metrics["Larynx D_0.1_cc"] == 7.0  # the maximum, not the minimum (1)
+    assert metrics["Larynx mean"] == 4.0
+    # 0..19: the 100 - 10/20*100 = 50th percentile = 9.5
+    assert metrics["Mandible D_0.1_cc"] == pytest.approx(9.5)
+
+
+def test_downsample_case_by_hand():
+    masks = np.zeros((2, 4, 4, 4), bool)
+    masks[0, 0, 0, 0] = True  # one fine voxel -> its whole coarse voxel
+    masks[1, 2:, 2:, 2:] = True
+    possible = np.zeros((4, 4, 4), bool)
+    possible[:2, :2, :2] = True
+    possible[2, 2, 2] = True
+    dose = np.zeros((4, 4, 4), np.float32)
+    dose[:2, :2, :2] = np.arange(8).reshape(2, 2, 2)
+    dose[2, 2, 2] = 30.0
+    case = Case("pt_x", ("SpinalCord", "PTV70"), masks, dose, (2.0, 3.0, 4.0), origin_mm=(10.0, 20.0, 30.0),
+                prescription_gy=70.0, possible_dose_mask=possible)
+    coarse = downsample_case(case, 2)
+    assert coarse.shape == (2, 2, 2) and coarse.spacing_mm == (4.0, 6.0, 8.0)
+    assert coarse.origin_mm == (11.0, 21.5, 32.0)  # the centre of the first 2x2x2 block
+    assert coarse.masks[0].sum() == 1 and coarse.masks[0, 0, 0, 0] and coarse.masks[1].sum() == 1
+    assert coarse.possible_dose_mask.sum() == 2 and coarse.possible_dose_mask[1, 1, 1]
+    # mean over the block's possible-dose voxels: (0 + ... + 7) / 8 and 30 / 1 (not 30 / 8)
+    assert coarse.dose[0, 0, 0] == pytest.approx(3.5) and coarse.dose[1, 1, 1] == pytest.approx(30.0)
+    assert downsample_case(case, 1) is case
+    with pytest.raises(FlaxdoseError, match="not divisible"):
+        downsample_case(case, 3)
+
+
+def test_upsample_dose_by_hand():
+    possible = np.ones((4, 2, 2), bool)
+    coarse = np.zeros((2, 1, 1))
+    coarse[:, 0, 0] = [0.0, 2.0]
+    # linear, coarse centres at fine x = 0.5 and 2.5: fine x = 0..3 -> 0, 0.5, 1.5, 2 (clamped at the ends)
+    fine = upsample_dose(coarse, 2, possible, order=1)
+    np.testing.assert_allclose(fine[:, 0, 0], [0.0, 0.5, 1.5, 2.0])
+    np.testing.assert_allclose(fine[:, 1, 1], [0.0, 0.5, 1.5, 2.0])
+    # a constant dose stays constant up to the edge of the possible-dose mask, zero outside it
+    edge = np.zeros((8, 8, 8), bool)
+    edge[:3] = True
+    up = upsample_dose(np.full((4, 4, 4), 5.0), 2, edge)
+    np.testing.assert_allclose(up[:3], 5.0, rtol=1e-6)
+    assert (up[3:] == 0).all()
+
+
+@needs_sample
+def test_round_trip_scores_and_submission(cases, tmp_path):
+    case = cases[3]
+    coarse = downsample_case(case, 2)
+    back = case.replace(dose=upsample_dose(coarse.dose, 2, case.possible_dose_mask))
+    scores = score_predictions([back], [case])
+    assert 0 < scores.summary["dose_score"] < 1.5  # the 64^3 grid loses little of the dose
+    assert scores.patients[0]["case_id"] == "pt_201" and scores.patients[0]["dose_score"] == scores.summary["dose_score"]
+    assert scores.summary == pytest.approx({**openkbp_scores([back.dose], [case]), "num_cases": 1})
+    row = next(r for r in scores.metrics if (r["roi"], r["metric"]) == ("PTV70", "D_95"))
+    assert row["reference_gy"] == pytest.approx(np.percentile(case.dose[case.mask("PTV70")], 5))
+    assert row["error_gy"] == pytest.approx(row["predicted_gy"] - row["reference_gy"])
+    folder = write_submission([back], tmp_path / "sub")
+    assert [p.name for p in folder.iterdir()] == ["pt_201.csv"]
+    idx, values = read_sparse_csv(folder / "pt_201.csv")
+    expected = to_openkbp(back.dose * case.possible_dose_mask).ravel()
+    assert np.array_equal(idx, np.flatnonzero(expected > 0))
+    np.testing.assert_allclose(values, expected[idx], rtol=1e-5)
+
+
+def test_crop_box_covers_every_structure_and_the_window():
+    masks = np.zeros((1, 10, 10, 10), bool)
+    masks[0, 2:4, 5, 9] = True
+    possible = np.zeros((10, 10, 10), bool)
+    possible[3, 1, 8] = True
+    case = Case("pt_c", ("PTV70",), masks, None, (1.0, 1.0, 1.0), possible_dose_mask=possible)
+    assert crop_box(case) == (slice(2, 4), slice(1, 6), slice(8, 10))
+    # grown to a 4 x 4 x 4 window: centred where possible, shifted to stay inside the grid
+    assert crop_box(case, (4, 4, 4)) == (slice(1, 5), slice(1, 6), slice(6, 10))
+    assert crop_box(case, (16, 16, 16)) == (slice(0, 10),) * 3
+
+
+def test_mirror_averaged_prediction_is_left_right_symmetric():
+    """Model(mirror=True) averages the prediction with that of the mirrored case (parotids swapped)."""
+    import jax
+
+    from flaxdose.inference import Model
+    from flaxdose.model import UNetSpec, init_params
+
+    spec = UNetSpec(features=(4, 8), convs_per_level=1, groups=2, in_channels=3)
+    structures = ("LeftParotid", "RightParotid", "PTV70")
+    params = init_params(spec, jax.random.key(3), (8, 8, 8))
+    inputs = (np.random.default_rng(0).random((8, 8, 8, 3)) > 0.7).astype(np.uint8)
+    mirrored = np.ascontiguousarray(inputs[::-1][..., [1, 0, 2]])
+    plain = Model(spec, params, structures, window=(8, 8, 8))
+    both = Model(spec, params, structures, window=(8, 8, 8), mirror=True)
+    expected = (plain.predict_relative(inputs) + plain.predict_relative(mirrored)[::-1]) / 2
+    np.testing.assert_allclose(both.predict_relative(inputs), expected, rtol=1e-6)
+    np.testing.assert_allclose(both.predict_relative(mirrored), expected[::-1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain.predict_relative(mirrored), plain.predict_relative(inputs)[::-1])

@@ -377,8 +377,8 @@ def read_plan(
     rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
     dose = plan_dose(plan, rtplan) if plan.doses and read_dose else None
     if dose is None and grid == "dose":
-        raise FlaxdoseError(f"grid='dose' needs the plan's RTDOSE (plan in {plan.label}): export the plan dose, "
-                            "or use grid='model' or 'ct'" + ("" if read_dose else " (read_dose=False ignores the dose)"))
+        raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}" + ("" if read_dose else " (read_dose=False)")
+                            + ": grid='dose' needs the plan dose; export it, or use grid='model' or 'ct'")
     rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
                           ct.slice_spacing if ct is not None else None, plan.struct.path)
 

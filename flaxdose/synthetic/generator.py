@@ -27,7 +27,7 @@ from tqdm import tqdm
 from flaxdose.synthetic import anatomy as anat
 from flaxdose.synthetic import vmat
 from flaxdose.data.case import MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
-from flaxdose.synthetic.styles import FRACTIONS, PAPER_SPLITS, PRESCRIPTION_GY, STYLE_TABLE, STYLES
+from flaxdose.synthetic.styles import FRACTIONS, PAPER_SPLITS, PRESCRIPTION_GY, STYLE_TABLE, STYLES, Style
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dvh_metrics, isodose_dice
 
@@ -71,12 +71,14 @@ def case_id(style: str, seed: int, index: int) -> str:
 
 
 # ------------------------------------------------------------------ generation
-def generate_case(style: str, seed: int, index: int, scale: float = 1.0) -> Case:
-    """The plan of anatomy (seed, index) in `style` on the grid of `scale`."""
-    _check_style(style)
+def generate_case(style: str | Style, seed: int, index: int, scale: float = 1.0) -> Case:
+    """The plan of anatomy (seed, index) in `style` (a name, or a `Style` such as a table
+    style with one weight changed by `dataclasses.replace`) on the grid of `scale`."""
+    if not isinstance(style, Style):
+        _check_style(style)
+    st = style if isinstance(style, Style) else STYLE_TABLE[style]
     grid = anat.grid_for_scale(scale)
     patient = anat.sample_anatomy(seed, index)
-    st = STYLE_TABLE[style]
     angles = np.deg2rad(np.asarray(st.gantry_deg, np.float32))
     data = vmat.optimization_data(patient, angles, st.beam_profile)
     weights = {k: np.float32(v) for k, v in st.weights().items()}
@@ -94,14 +96,14 @@ def generate_case(style: str, seed: int, index: int, scale: float = 1.0) -> Case
     d95 = dvh_metrics(dose, masks[0], grid.spacing_mm)["D95"]
     dose = (dose * np.float32(PRESCRIPTION_GY / d95)).astype(np.float32)
     return Case(
-        case_id=case_id(style, seed, index),
+        case_id=case_id(st.name, seed, index),
         structures=PROSTATE_STRUCTURES,
         masks=masks,
         dose=dose,
         spacing_mm=grid.spacing_mm,
         origin_mm=grid.origin_mm,
         prescription_gy=PRESCRIPTION_GY,
-        style=style,
+        style=st.name,
         meta={
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,

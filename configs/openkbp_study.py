@@ -1,0 +1,44 @@
+"""Scales of the OpenKBP study (`python -m launch.openkbp_study --scale NAME`).
+
+Each scale overrides `configs/openkbp.py`. `downsample` is the training grid: the challenge's
+128^3 grid divided by it along every axis (`flaxdose.openkbp.downsample_case`); scores are
+always computed on the challenge's own grid against the original doses. `anneal` (optional)
+continues training from the best checkpoint at a lower learning rate (a step decay);
+`mirror` averages every prediction with that of the left-right mirrored case.
+"""
+
+SCALES = {
+    # Seconds: a test runs the whole path on the four sample patients (3 train, 1 validation).
+    "smoke": dict(
+        downsample=4,
+        mirror=True,
+        data={"patch_shape": (32, 32, 32), "patch_sigma": (1.0, 1.0, 1.0), "workers": 0},
+        model={"features": (4, 8), "convs_per_level": 1, "groups": 2},
+        train={"steps": 2, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "eval_every": 2,
+               "checkpoint_every": 2},
+        anneal={"steps": 2, "learning_rate": 2e-4},
+    ),
+    # Within 40 minutes on the 2-core dev machine: 64^3 grid (twice the voxel size), 32^3
+    # patches around the targets, a small UNet, 500 steps at 2e-3 then 150 at 4e-4.
+    "openkbp_cpu": dict(
+        downsample=2,
+        mirror=True,
+        data={"patch_shape": (32, 32, 32), "patch_sigma": (6.0, 4.0, 6.0), "workers": 0},
+        model={"features": (8, 16, 32, 64), "convs_per_level": 2, "groups": 4},
+        train={"steps": 500, "batch_size": 2, "learning_rate": 2e-3, "log_every": 20, "eval_every": 250,
+               "checkpoint_every": 250},
+        anneal={"steps": 150, "learning_rate": 4e-4, "eval_every": 75, "checkpoint_every": 75},
+    ),
+    # One <= 9-minute call on one H200 (bf16), the data converted beforehand (--data_only, see
+    # docs/openkbp.md): 64^3 grid (twice the voxel size), whole volumes, the paper's UNet
+    # preset. Not run yet: the step count is an estimate.
+    "openkbp_gpu": dict(
+        downsample=2,
+        mirror=True,
+        data={"patch_shape": (64, 64, 64), "patch_sigma": (2.0, 2.0, 2.0), "workers": 4},
+        model={"dtype": "bfloat16"},
+        train={"steps": 2000, "batch_size": 8, "learning_rate": 5e-4, "log_every": 50, "eval_every": 250,
+               "checkpoint_every": 250},
+        anneal={"steps": 500, "learning_rate": 1e-4},
+    ),
+}

@@ -1,0 +1,111 @@
+"""Plan QA against predicted DVH bands (``flaxdose-qa``); the library is `flaxdose.planqa`.
+
+    python -m flaxdose.qa --workdirs W1,W2,W3 --calibration_data SRC --calibration_split calibration --out CAL
+    python -m flaxdose.qa --workdirs W1,W2,W3 --calibration CAL/calibration.json --data DIR [--split all] --out QA
+    python -m flaxdose.qa --workdirs 'SWEEP/runs/internal_a_n010_full_seed*' --calibration C.json --dicom PATIENT --out QA
+
+An ensemble of trained models (workdirs, or glob patterns such as a sweep's runs of one
+setting) predicts each plan's DVH metrics; held-out plans of the models' style calibrate the
+bands (``--calibration_data``, written to OUT/calibration.json for reuse with ``--calibration``).
+Every plan of ``--data`` (a dataset, e.g. one written by ``flaxdose-import``) or the one plan of
+``--dicom`` (a patient's CT + RTSTRUCT + RTDOSE [+ RTPLAN] export) is checked: OAR Dmean/D2 above
+the band or PTV D95/D98 below it by more than ``--tolerance_gy`` is flagged. OUT gets qa.csv,
+summary.json, report.md and one figure per flagged plan (see flaxdose/planqa.py).
+
+Exit status: 0 every plan checked, none flagged; 3 every plan checked, at least one flagged
+(``cli.FLAGGED``; the ranked list is printed and in report.md); 1 some plans of the dataset
+have no dose and were not checked (listed), whatever the others gave; 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import flags
+
+from flaxdose import cli, planqa
+from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder, check_writable
+
+FLAGS = flags.FLAGS
+USAGE = ("usage: python -m flaxdose.qa --workdirs W1,W2 (--calibration FILE | --calibration_data DIR) "
+         "[--data DIR [--split all] | --dicom PATIENT_DIR] --out OUT")
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a program, so tests can import the module)."""
+    flags.DEFINE_list("workdirs", None, "the ensemble: training workdirs or glob patterns, comma-separated")
+    flags.DEFINE_string("which", "best", "checkpoint of each member: best or latest")
+    flags.DEFINE_string("calibration", None, "a calibration.json written earlier for these members")
+    flags.DEFINE_string("calibration_data", None, "dataset of held-out plans of the models' style to calibrate on")
+    flags.DEFINE_string("calibration_split", "calibration", "split of --calibration_data (not the models' training plans)")
+    flags.DEFINE_string("data", None, "dataset whose plans are checked")
+    flags.DEFINE_string("split", planqa.ALL_SPLITS, "split of --data to check ('all': every split)")
+    flags.DEFINE_string("dicom", None, "check one patient's DICOM-RT export (with its RTDOSE) instead of --data")
+    flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
+    flags.DEFINE_list("model_shape", [str(v) for v in MODEL_SHAPE], "--dicom: model grid shape (x,y,z)")
+    flags.DEFINE_list("model_spacing_mm", [str(v) for v in MODEL_SPACING_MM], "--dicom: model grid spacing (x,y,z) mm")
+    flags.DEFINE_float("level", planqa.DEFAULT_LEVEL, "band level, two-sided (0.95: 95 % of good plans inside)")
+    flags.DEFINE_float("tolerance_gy", planqa.DEFAULT_TOLERANCE_GY, "flag only beyond the band by more than this")
+    flags.DEFINE_string("out", None, "report folder")
+    flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
+    flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
+
+
+def calibration_for(ensemble: planqa.Ensemble) -> planqa.Calibration:
+    if FLAGS.calibration:
+        calibration = planqa.Calibration.load(FLAGS.calibration)
+        calibration.check_members(ensemble)
+        return calibration
+    references, _ = planqa.load_plans(FLAGS.calibration_data, FLAGS.calibration_split)
+    note = f"split {FLAGS.calibration_split!r} of {Path(FLAGS.calibration_data).resolve()}"
+    return planqa.calibrate(ensemble, references, note, FLAGS.batch_size, progress=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise FlaxdoseError(f"unexpected arguments {argv[1:]}; {USAGE}")
+    if not FLAGS.workdirs or not FLAGS.out or bool(FLAGS.calibration) == bool(FLAGS.calibration_data):
+        raise FlaxdoseError(USAGE)
+    if FLAGS.data and FLAGS.dicom:
+        raise FlaxdoseError("check either a dataset (--data) or one DICOM export (--dicom), not both")
+    if not (FLAGS.data or FLAGS.dicom or FLAGS.calibration_data):
+        raise FlaxdoseError(f"nothing to do: give --data or --dicom (or --calibration_data alone to calibrate); {USAGE}")
+    planqa.check_level(FLAGS.level)
+    check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
+    ensemble = planqa.Ensemble.load(planqa.expand_workdirs(FLAGS.workdirs), FLAGS.which)
+    calibration = calibration_for(ensemble)
+    if not (FLAGS.data or FLAGS.dicom):  # calibrate only
+        with atomic_folder(FLAGS.out, FLAGS.overwrite) as tmp:
+            calibration.save(tmp / "calibration.json")
+        path = Path(FLAGS.out).resolve() / "calibration.json"
+        print(json.dumps({"calibration": str(path), "cases": len(calibration.cases)}))
+        return 0
+    if FLAGS.dicom:
+        plans = [planqa.read_dicom_plan(FLAGS.dicom, ensemble.structures, FLAGS.prescription_gy,
+                                        [int(v) for v in FLAGS.model_shape], [float(v) for v in FLAGS.model_spacing_mm])]
+        skipped, note = [], f"DICOM export {Path(FLAGS.dicom).resolve()}"
+    else:
+        plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)
+        note = f"Split {FLAGS.split!r} of {Path(FLAGS.data).resolve()}: {len(plans)} plans"
+    result = planqa.run_qa(ensemble, calibration, plans, FLAGS.level, FLAGS.tolerance_gy, batch_size=FLAGS.batch_size,
+                           progress=True)
+    info = planqa.write_report(result, calibration, FLAGS.out, skipped=skipped, note=note, overwrite=FLAGS.overwrite)
+    flagged = [{"case_id": p["case_id"], "score_gy": round(p["score_gy"], 2), "flags": p["flags"]}
+               for p in result.plans if p["flagged"]]
+    print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "plans": info["num_plans"], "flagged": flagged,
+                      "not_checked": skipped}))
+    if skipped:
+        return cli.PARTIAL_FAILURE
+    return cli.FLAGGED if flagged else 0
+
+
+def run():
+    """Console script ``flaxdose-qa``."""
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    run()

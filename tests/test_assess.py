@@ -1,0 +1,75 @@
+"""Style check (flaxdose.assess): distance and Welch test by hand, learning-curve recommendation by hand."""
+
+import csv
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from flaxdose import assess
+from flaxdose.errors import FlaxdoseError
+
+
+def rows(dice, femur_err_pct, rectum_err_pct):
+    return [{"case_id": f"c{i}", "dice_mean": d, "Femur_Head_L Dmean err_pct": f, "Femur_Head_L Dmean abs_err_pct": abs(f),
+             "Rectum Dmean err_pct": r, "Rectum Dmean abs_err_pct": abs(r)}
+            for i, (d, f, r) in enumerate(zip(dice, femur_err_pct, rectum_err_pct))]
+
+
+def test_style_distance_by_hand():
+    own = rows([0.80, 0.85, 0.90], [1.0, -1.0, 0.0], [2.0, 0.0, -2.0])
+    clinic = rows([0.70, 0.72, 0.74], [-8.0, -10.0, -12.0], [2.0, 4.0, 6.0])
+    distance = assess.style_distance(own, clinic)
+    dice = distance["dice_mean"]
+    assert dice["own"]["mean"] == pytest.approx(0.85) and dice["clinic"]["mean"] == pytest.approx(0.72)
+    assert dice["difference"] == pytest.approx(-0.13)
+    # Welch: variances 0.0025 and 0.0004, n = 3 each; t = -0.13 / sqrt(0.0029 / 3); Welch-Satterthwaite df
+    se2 = (0.0025 + 0.0004) / 3
+    df = se2**2 / ((0.0025 / 3) ** 2 / 2 + (0.0004 / 3) ** 2 / 2)
+    assert df == pytest.approx(2.6240, abs=1e-3)
+    assert dice["p"] == pytest.approx(2 * stats.t.sf(0.13 / np.sqrt(se2), df), rel=1e-6)
+    # per-case mean |DVH error|: own (1.5, 0.5, 1.0) -> 1.0; clinic (5, 7, 9) -> 7
+    assert distance["dvh_abs_err_pct"]["own"]["mean"] == pytest.approx(1.0)
+    assert distance["dvh_abs_err_pct"]["difference"] == pytest.approx(6.0)
+    # the clinic's femoral heads get 10 % of Rx more than predicted (shift -10), its rectum 4 % less
+    assert distance["metrics"]["Femur_Head_L Dmean"] == pytest.approx({"own": 0.0, "clinic": -10.0, "shift": -10.0})
+    assert distance["metrics"]["Rectum Dmean"]["shift"] == pytest.approx(4.0)
+
+
+def curve(**kwargs):
+    return assess.LearningCurve("sweep", "internal_c", "full", {2: [0.80, 0.82], 5: [0.85, 0.85], 10: [0.855]},
+                                {2: [9.0, 8.0], 5: [7.0, 7.5], 10: [7.0]}, **kwargs)
+
+
+def test_recommendation_by_hand():
+    far = assess.style_distance(rows([0.80, 0.85, 0.90], [1, -1, 0], [2, 0, -2]), rows([0.70, 0.72, 0.74], [-8, -10, -12], [2, 4, 6]))
+    rec = assess.recommend(far, curve(baseline_dice=0.75, baseline_dvh=9.5))
+    # best 0.855 at 10 plans; 5 plans give 0.85 >= 0.855 - 0.01: the fewest within the margin
+    assert rec["adapt"] and rec["plans_needed"] == 5 and rec["runs_at_n"] == 2
+    assert rec["expected_dice"] == pytest.approx(0.85) and rec["expected_gain_dice"] == pytest.approx(0.10)
+    assert rec["expected_dvh_abs_err_pct"] == pytest.approx(7.25) and "5 plans" in rec["advice"]
+    # without a sweep baseline the gain is counted from the clinic's measured Dice (0.72)
+    rec = assess.recommend(far, curve())
+    assert rec["expected_gain_dice"] == pytest.approx(0.13) and "clinic" in rec["baseline_from"]
+    near = assess.style_distance(rows([0.80, 0.85, 0.90], [1, -1, 0], [2, 0, -2]), rows([0.81, 0.86, 0.88], [1, 0, -1], [1, 0, -2]))
+    assert not assess.recommend(near, curve(baseline_dice=0.75))["adapt"]
+    assert not assess.recommend(far, curve(baseline_dice=0.9))["adapt"]  # adapting would not help on this curve
+    rising = assess.LearningCurve("sweep", "internal_c", "full", {2: [0.8], 8: [0.9]}, {2: [9.0], 8: [7.0]}, 0.75)
+    assert assess.recommend(far, rising)["plans_needed"] == 8 and "largest point" in assess.recommend(far, rising)["advice"]
+
+
+def test_learning_curve_from_a_results_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    runs = [("internal_c", 2, "full", 0.80), ("internal_c", 2, "full", 0.82), ("internal_c", 8, "full", 0.86),
+            ("internal_c", 2, "paper", 0.70), ("internal_c", 8, "paper", 0.75), ("external", 2, "full", 0.6)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_id", "style", "n_train", "mode", "seed", "learning_rate", "dice_mean", "dvh_abs_err_pct"])
+        writer.writerows([f"r{i}", s, n, m, i, "0.0003", d, "5.0"] for i, (s, n, m, d) in enumerate(runs))
+    found = assess.learning_curve(path, "internal_c")  # the best curve: full
+    assert found.name == "full" and found.dice == {2: [0.80, 0.82], 8: [0.86]} and found.baseline_dice is None
+    assert assess.learning_curve(tmp_path, "internal_c", "paper").dice == {2: [0.70], 8: [0.75]}
+    with pytest.raises(FlaxdoseError, match="no finished run of style"):
+        assess.learning_curve(path, "internal_a")
+    with pytest.raises(FlaxdoseError, match="no curve"):
+        assess.learning_curve(path, "internal_c", "scratch")
