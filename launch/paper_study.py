@@ -282,6 +282,7 @@ def _copy_figures(folder: Path, figures: Path, style: str) -> list[str]:
 
 def write_report(scale: str, settings: dict, workdir: Path, results: Path, summaries: dict, times: dict,
                  loads: dict) -> Path:
+    commit = provenance.commit() or "unknown"  # before the report's own (tracked) figures are replaced
     figures = results / f"paper_study_{scale}"
     if figures.exists():
         shutil.rmtree(figures)
@@ -289,7 +290,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     femoral = femoral_sd_ratio(workdir)
     lines = [f"# Paper study, scale `{scale}`", "",
              f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
-             f"commit `{provenance.commit() or 'unknown'}`, machine: {provenance.machine()}; load average "
+             f"commit `{commit}`, machine: {provenance.machine()}; load average "
              f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
              "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
