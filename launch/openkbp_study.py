@@ -219,11 +219,13 @@ def write_report(scale: str, settings: dict, configs: list, network: Path, workd
         (workdir / "eval" / "report.md").read_text().split("Mean absolute error of each DVH metric (Gy):", 1)[1].strip(),
         "",
     ]
-    for png in summary["figures"]:
+    # Only aggregate figures leave the run folder: a patient's dose slice is challenge data.
+    for png in (p for p in summary["figures"] if not p.startswith("case_")):
         shutil.copy(workdir / "eval" / png, figures / png)
         lines.append(f"![{Path(png).stem}]({figures.name}/{png})")
-    lines += ["", "Submission CSVs of both models (the challenge's format, one `pt_N.csv` per patient) are in "
-              "`<workdir>/eval/submission/` of the run (not committed: they hold challenge data).", "",
+    lines += ["", "The dose slice and DVHs of one validation patient (`case_<id>.png` in `<workdir>/eval/`) and the "
+              "submission CSVs of both models (the challenge's format, one `pt_N.csv` per patient, in "
+              "`<workdir>/eval/submission/`) stay in the run folder (not committed: they hold challenge data).", "",
               "## Training", "",
               f"UNet features {tuple(config.model.features)}, {config.model.convs_per_level} convs per level, "
               f"{config.model.dtype}, patches {'x'.join(map(str, config.data.patch_shape))} around the targets "

@@ -32,7 +32,7 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["case_id"]) for r in rows] == [("network", "pt_201"), ("distance-to-target", "pt_201")]
     assert float(rows[1]["dose_score"]) == pytest.approx(summary["scores"]["distance-to-target"]["dose_score"])
-    assert sorted(p.name for p in (tmp_path / "results" / "openkbp_smoke").iterdir()) == ["case_pt_201.png", "dvh_errors.png"]
+    assert sorted(p.name for p in (tmp_path / "results" / "openkbp_smoke").iterdir()) == ["dvh_errors.png"]  # no patient figure leaves the run
     stages = json.loads((tmp_path / "study" / "stages.json").read_text())
     assert list(stages) == ["convert validation-pats", "convert at 32^3", "distance-to-target", "train", "anneal", "evaluate", "grid floor"]
     capsys.readouterr()
