@@ -85,3 +85,21 @@ def test_dicom_in_rtdose_out(tmp_path, workdir):
     expected = resample(predicted.dose, Grid(predicted.origin_mm, predicted.spacing_mm, predicted.shape), grid)
     assert dose.shape == grid.shape and dose.max() > 0
     np.testing.assert_allclose(dose, expected, atol=1e-3 * expected.max())  # the prediction, on the CT grid
+
+
+def test_predict_cli_defaults_data_to_the_runs_dataset(tmp_path, workdir):
+    """No --data: the split is read from the dataset the run trained on (issue 12)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pred"
+    result = subprocess.run([sys.executable, "-m", "flaxdose.predict", f"--workdir={workdir}", f"--out={out}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["predicted"] == len(Dataset.open(data_dir(workdir)).split("test"))
+    assert Dataset.open(out).split("test") == Dataset.open(data_dir(workdir)).split("test")
+    refused = subprocess.run([sys.executable, "-m", "flaxdose.evaluate", "--openkbp", f"--workdir={workdir}",
+                              f"--out={tmp_path / 'okbp'}"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--openkbp needs --data" in refused.stderr
+    assert not (tmp_path / "okbp").exists()
