@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
             steps=20000,
             batch_size=8,  # global; split over local devices
             learning_rate=1e-4,
+            schedule="constant",  # or "warmup_cosine": linear warmup, cosine decay to end_lr_fraction
+            warmup_steps=0,
+            end_lr_fraction=0.01,
             log_every=50,
             eval_every=500,
             checkpoint_every=500,

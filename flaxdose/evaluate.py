@@ -1,6 +1,6 @@
 """Evaluate trained models against reference doses (``flaxdose-evaluate``); the library is `flaxdose.evaluation`.
 
-``python -m flaxdose.evaluate --workdir W [--compare W2] --data DIR --split test --out REPORT``
+``python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] --split test --out REPORT``
 predicts every case of the split with each model (best checkpoint) and writes the report
 folder described in `flaxdose.evaluation` (cases.csv, summary.json, report.md, figures).
 
@@ -83,7 +83,8 @@ def define_flags() -> None:
     flags.DEFINE_string("compare", None, "a second workdir: evaluated too, with paired t-tests against --workdir")
     flags.DEFINE_list("names", None, "display names of the models, comma-separated (default: workdir names)")
     flags.DEFINE_string("which", "best", "checkpoint to load: best or latest")
-    flags.DEFINE_string("data", None, "dataset folder (with manifest.json) holding the reference doses")
+    flags.DEFINE_string("data", None, "dataset folder (with manifest.json) holding the reference doses; "
+                        "default: the dataset the --workdir run trained on")
     flags.DEFINE_string("split", "test", "which split to evaluate")
     flags.DEFINE_string("out", None, "report folder (CSV, summary.json, report.md, figures)")
     flags.DEFINE_string("case", None, "case id for the dose-slice/DVH figure (default: the median-Dice case)")
@@ -97,22 +98,26 @@ def define_flags() -> None:
 def main(argv):
     """absl main: evaluate `--workdir` (and `--compare`) on `--data`/`--split`, write `--out`, print the mean Dice.
 
-    Raises FlaxdoseError when --workdir, --data or --out is missing (and see `evaluate_workdirs`).
+    Raises FlaxdoseError when --workdir or --out is missing, or --data with --openkbp (and see
+    `evaluate_workdirs`).
     """
     del argv
-    if not FLAGS.workdir or not FLAGS.data or not FLAGS.out:
-        raise FlaxdoseError("usage: python -m flaxdose.evaluate --workdir W [--compare W2] --data DIR "
+    if not FLAGS.workdir or not FLAGS.out:
+        raise FlaxdoseError("usage: python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] "
                             "[--split test] --out REPORT")
     if FLAGS.openkbp:
         if FLAGS.compare or FLAGS.names:
             raise FlaxdoseError("--openkbp scores one network (and --baseline); drop --compare and --names")
+        if not FLAGS.data:  # the run's own dataset may be downsampled; the challenge scores on its 128^3 grid
+            raise FlaxdoseError("--openkbp needs --data: the challenge-grid dataset (convert_openkbp without --downsample)")
         summary = evaluate_openkbp_workdir(FLAGS.workdir, FLAGS.data, FLAGS.split, FLAGS.out, baseline=FLAGS.baseline,
                                            which=FLAGS.which, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
                                            mirror=FLAGS.mirror)
         print(json.dumps({"out": str(Path(FLAGS.out).resolve()), **summary["scores"]}))
         return
     workdirs = [FLAGS.workdir] + ([FLAGS.compare] if FLAGS.compare else [])
-    summary = evaluate_workdirs(workdirs, FLAGS.data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
+    data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
+    summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
                                 batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case)
     brief = {m: summary["metrics"][m]["dice_mean"]["mean"] for m in summary["models"]}
     print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "mean_dice": brief}))

@@ -191,6 +191,35 @@ def summarize(rows: Sequence[dict]) -> dict:
     return summary
 
 
+def dice_mean(summary: dict, model: str) -> float:
+    """A model's mean isodose Dice: over the levels 10..100 % and the cases (NaN if none)."""
+    mean = summary["metrics"][model]["dice_mean"]["mean"]
+    return float("nan") if mean is None else float(mean)
+
+
+def level_means(summary: dict, model: str) -> dict[int, float]:
+    """{level in %: mean Dice over the cases} of a model, the points of the paper's Fig. 3 curve."""
+    return {round(level * 100): summary["metrics"][model][f"dice_{round(level * 100)}"]["mean"] for level in ISODOSE_LEVELS}
+
+
+def level_range(summary: dict, model: str) -> tuple[float, float]:
+    """(lowest, highest) per-level mean Dice of a model: the paper's "mean DSC 0.81-0.94"."""
+    values = [v for v in level_means(summary, model).values() if v is not None]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
+def ttest(summary: dict, model_a: str, model_b: str) -> dict:
+    """The summary's paired t-test of `model_b` against `model_a` (see `paired_ttest`).
+
+    Raises FlaxdoseError when the summary has no such test (tests are against the first model).
+    """
+    for test in summary["paired_ttests"]:
+        if test["models"] == [model_a, model_b]:
+            return test
+    raise FlaxdoseError(f"no paired t-test of {model_b!r} against {model_a!r}; the summary tests every model "
+                        f"against its first model, {summary['models'][0]!r}")
+
+
 def mean_dvh_error_pct(summary: dict, model: str) -> float | None:
     """Mean absolute DVH-metric error (% of prescription) of a model, averaged over the metrics."""
     means = [v["mean"] for k, v in summary["metrics"][model].items() if k.endswith(" abs_err_pct") and v["mean"] is not None]
@@ -207,22 +236,28 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def _markdown(summary: dict, split_note: str) -> str:
-    models, test = summary["models"], (summary["paired_ttests"] or [None])[0]
+def markdown_table(summary: dict) -> str:
+    """Dice per level and signed DVH errors (% of Rx), mean ± SD per model, and a p-value column per
+    paired t-test (each model against the first)."""
+    models, tests = summary["models"], summary["paired_ttests"]
     shown = [k for k in next(iter(summary["metrics"].values())) if k in DICE_KEYS or k.endswith(" err_pct")]
     fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["sd"] is not None \
         else f"{s['mean']:.3f}"
-    head = ["metric", *models] + ([f"p ({test['models'][1]} vs {test['models'][0]})"] if test else [])
-    lines = [f"# Dose-prediction evaluation\n\n{split_note}\n",
-             "Dice: isodose volumes at % of prescription. DVH errors: prediction − reference, % of prescription.",
-             "Values: mean ± SD over cases.\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["metric", *models] + [f"p ({t['models'][1]} vs {t['models'][0]})" for t in tests]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in shown:
         cells = [k, *(fmt(summary["metrics"][m][k]) for m in models)]
-        if test:
+        for test in tests:
             p = test["p_values"].get(k)
             cells.append("n/a" if p is None else f"{p:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def _markdown(summary: dict, split_note: str) -> str:
+    return "\n".join([f"# Dose-prediction evaluation\n\n{split_note}\n",
+                      "Dice: isodose volumes at % of prescription. DVH errors: prediction − reference, % of prescription.",
+                      "Values: mean ± SD over cases.\n", markdown_table(summary)]) + "\n"
 
 
 def _figures(rows: Sequence[dict], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],

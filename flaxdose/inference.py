@@ -31,6 +31,34 @@ from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
 
 
+def run_config_file(path: str | Path, which: str = "best") -> Path:
+    """The config.json of the training run that holds `path` (a workdir or a checkpoint inside one).
+
+    Raises FlaxdoseError when there is no checkpoint under `path` or no config.json above it.
+    """
+    directory, _ = find_checkpoint(Path(path), which)
+    config_file = next((p / "config.json" for p in [directory, *directory.parents] if (p / "config.json").is_file()), None)
+    if config_file is None:
+        raise FlaxdoseError(f"no config.json next to the checkpoint {directory}; pass the training workdir")
+    return config_file
+
+
+def run_dataset(path: str | Path) -> Path:
+    """The dataset folder the run at `path` (a workdir or a checkpoint inside one) trained on.
+
+    A folder dataset (``data.kind == "folder"``) is its ``data.path``; built-in data is the
+    run's cache (`flaxdose.data.builtin.resolve_dataset`, regenerated only if it was deleted).
+    Raises FlaxdoseError when the run's dataset folder no longer exists.
+    """
+    from flaxdose.data.builtin import resolve_dataset
+
+    config_file = run_config_file(path, "latest")
+    config = config_lib.load_config_json(config_file)
+    if config.data.kind == "folder" and not (Path(config.data.path) / "manifest.json").is_file():
+        raise FlaxdoseError(f"the run {config_file.parent} trained on {config.data.path}, which is gone; pass --data DIR")
+    return Path(resolve_dataset(config.data, config_file.parent).root)
+
+
 @functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
 def make_predict_fn(spec: UNetSpec) -> Callable:
     """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> (N, X, Y, Z) dose / prescription."""
@@ -112,10 +140,7 @@ class Model:
         FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
         """
         path = Path(path)
-        directory, _ = find_checkpoint(path, which)
-        config_file = next((p / "config.json" for p in [directory, *directory.parents] if (p / "config.json").is_file()), None)
-        if config_file is None:
-            raise FlaxdoseError(f"no config.json next to the checkpoint {directory}; pass the training workdir")
+        config_file = run_config_file(path, which)
         config = config_lib.load_config_json(config_file)
         spec = UNetSpec.from_config(config.model)
         template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
@@ -153,6 +178,24 @@ class Model:
             dose = dose.astype(np.float32)
             out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": self.name}))
         return out
+
+
+def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> float:
+    """Mean over `cases` of the voxel mean of ((predicted - reference dose) / prescription)^2.
+
+    The prediction is exactly what `Model.predict` returns (and evaluation scores): sliding
+    windows, clipped at 0, zero outside the dose region. The training loop selects its
+    `best` checkpoint with this. NaN for no cases; raises FlaxdoseError for cases without a
+    dose (and see `Model.predict`).
+    """
+    if not cases:
+        return float("nan")
+    missing = [c.case_id for c in cases if c.dose is None]
+    if missing:
+        raise FlaxdoseError(f"validation cases {missing[:5]} have no reference dose")
+    predicted = model.predict(cases, batch_size=batch_size)
+    return float(np.mean([np.mean(((p.dose - c.dose) / c.prescription_gy) ** 2, dtype=np.float64)
+                          for p, c in zip(predicted, cases)]))
 
 
 def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,

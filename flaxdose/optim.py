@@ -1,9 +1,13 @@
-"""The one optimizer builder: Adam, with freezing for transfer learning (see `flaxdose.transfer`).
+"""The one optimizer builder: Adam, an optional learning-rate schedule, and freezing for transfer
+learning (see `flaxdose.transfer`).
 
 The learning rate lives in the optimizer state (`optax.inject_hyperparams`), so runs with
 different rates have states of one structure: a sweep stacks them and trains them with one
 compiled step, each at its own rate. Only the rate is injected; Adam's moments and the
-updates are computed exactly as `optax.adam(learning_rate)` computes them.
+updates are computed exactly as `optax.adam(learning_rate)` computes them. A schedule
+(``train.schedule``) multiplies the updates by a factor of the step (`schedule_factor`),
+after the injected rate, so per-run rates and the schedule compose; ``"constant"`` adds no
+transformation at all (bit-identical to `optax.adam`).
 """
 
 from __future__ import annotations
@@ -11,14 +15,39 @@ from __future__ import annotations
 import optax
 
 from flaxdose import transfer
+from flaxdose.errors import FlaxdoseError
+
+SCHEDULES = ("constant", "warmup_cosine")
 
 
-def adam(learning_rate: float) -> optax.GradientTransformation:
-    """`optax.adam(learning_rate)` with the rate in the state (``state[1].hyperparams["learning_rate"]``)."""
-    return optax.chain(
-        optax.scale_by_adam(),
-        optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate),
-    )
+def schedule_factor(train_cfg) -> optax.Schedule | None:
+    """The learning-rate multiplier of step t, or None for ``train.schedule == "constant"``.
+
+    ``"warmup_cosine"``: linear from 0 to 1 over ``train.warmup_steps``, then a cosine decay
+    to ``train.end_lr_fraction`` at ``train.steps`` (`optax.warmup_cosine_decay_schedule`;
+    Loshchilov & Hutter 2017, SGDR). Raises FlaxdoseError for an unknown schedule or a warmup
+    not shorter than the run.
+    """
+    name = train_cfg.get("schedule", "constant")
+    if name == "constant":
+        return None
+    if name != "warmup_cosine":
+        raise FlaxdoseError(f"unknown train.schedule {name!r}; choose one of {SCHEDULES}")
+    warmup, steps = int(train_cfg.warmup_steps), int(train_cfg.steps)
+    if not 0 <= warmup < steps:
+        raise FlaxdoseError(f"train.warmup_steps={warmup} must be >= 0 and below train.steps={steps}")
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=float(train_cfg.end_lr_fraction))
+
+
+def adam(learning_rate: float, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """`optax.adam(learning_rate)` with the rate in the state (``state[1].hyperparams["learning_rate"]``).
+
+    With `schedule`, the updates are further multiplied by ``schedule(step)``.
+    """
+    parts = [optax.scale_by_adam(), optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate)]
+    if schedule is not None:
+        parts.append(optax.scale_by_schedule(schedule))
+    return optax.chain(*parts)
 
 
 def make_optimizer(config, params) -> optax.GradientTransformation:
@@ -28,12 +57,14 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
     (``transfer.mode`` other than "none"): Adam at ``transfer.learning_rate`` on the mode's
     trainable parameters and `optax.set_to_zero` on the frozen ones, through
     `optax.multi_transform`, so frozen parameters stay bit-identical and carry no moments.
+    Both follow ``train.schedule`` (`schedule_factor`) over the run's ``train.steps``.
     `params` gives the tree the labels are computed for. Raises FlaxdoseError for an
-    unknown transfer mode.
+    unknown transfer mode or schedule.
     """
+    schedule = schedule_factor(config.get("train", {}))
     if not transfer.is_transfer(config):
-        return adam(config.train.learning_rate)
+        return adam(config.train.learning_rate, schedule)
     labels = transfer.param_labels(params, transfer.get_mode(config.transfer.mode))
     return optax.multi_transform(
-        {transfer.TRAINABLE: adam(config.transfer.learning_rate), transfer.FROZEN: optax.set_to_zero()}, labels
+        {transfer.TRAINABLE: adam(config.transfer.learning_rate, schedule), transfer.FROZEN: optax.set_to_zero()}, labels
     )

@@ -1,7 +1,8 @@
 """Predict doses with a trained model (``flaxdose-predict``); the library is `flaxdose.inference`.
 
-``python -m flaxdose.predict --workdir W --data DIR --split test --out OUT`` predicts every
-case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy).
+``python -m flaxdose.predict --workdir W [--data DIR] --split test --out OUT`` predicts every
+case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy);
+``--data`` defaults to the dataset the run trained on.
 ``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
 RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
 DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid. Sliding windows of the
@@ -22,7 +23,7 @@ def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_string("workdir", None, "training workdir to load the model from (best checkpoint)")
     flags.DEFINE_string("checkpoint", None, "a checkpoint path instead of --workdir")
-    flags.DEFINE_string("data", None, "dataset folder (with manifest.json)")
+    flags.DEFINE_string("data", None, "dataset folder (with manifest.json); default: the dataset the run trained on")
     flags.DEFINE_string("split", "test", "which split to predict")
     flags.DEFINE_string("out", None, "output dataset folder for the predicted cases")
     flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
@@ -40,20 +41,22 @@ def main(argv):
     """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
     optionally write one prediction as RTDOSE. Raises FlaxdoseError for missing or conflicting flags."""
     del argv
-    if not (FLAGS.workdir or FLAGS.checkpoint) or not (FLAGS.data or FLAGS.dicom):
+    if not (FLAGS.workdir or FLAGS.checkpoint) or not (FLAGS.out or FLAGS.dicom):
         raise FlaxdoseError(
             "usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
-            "(--data DIR --out OUT | --dicom PATIENT_DIR --rtdose_out DIR)"
+            "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)"
         )
     if FLAGS.rtdose_out and not (FLAGS.reference or FLAGS.dicom):
         raise FlaxdoseError("--rtdose_out needs --reference CT_DIR, the patient's CT the dose is written on")
     if FLAGS.data and not FLAGS.out:
         raise FlaxdoseError("--data needs --out, the folder for the predicted cases")
-    model = inference.Model.load(FLAGS.checkpoint or FLAGS.workdir, full_volume=FLAGS.full_volume)
+    run = FLAGS.checkpoint or FLAGS.workdir
+    model = inference.Model.load(run, full_volume=FLAGS.full_volume)
     if FLAGS.dicom:
         predicted = [inference.predict_dicom(model, FLAGS.dicom, FLAGS.prescription_gy)]
     else:
-        result = inference.predict_dataset(model, FLAGS.data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite)
+        data = FLAGS.data or inference.run_dataset(run)
+        result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite)
         ids = result.split(FLAGS.split)
         print(json.dumps({"predicted": len(ids), "out": str(result.root)}))
         predicted = [result.load(i) for i in ([FLAGS.case] if FLAGS.case else ids)] if FLAGS.rtdose_out else []

@@ -36,7 +36,7 @@ from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model, make_predict_fn
+from flaxdose.inference import Model, validation_mse
 from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
 
 AXIS = "devices"
@@ -191,13 +191,6 @@ class MetricWriter:
     def close(self):
         self._jsonl.close()
         self._tb.close()
-
-
-def validation_loss(predict, params, examples) -> float:
-    losses = [
-        float(np.mean((np.asarray(predict(params, ex["inputs"][None]))[0] - ex["target"]) ** 2)) for ex in examples
-    ]
-    return float(np.mean(losses)) if losses else float("nan")
 
 
 # ---------------------------------------------------------------- the loop
@@ -378,7 +371,6 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
             resolve_dataset(config.data, workdir)
         distributed.barrier("flaxdose: dataset ready")
     patches, n_train, val_cases = build_inputs(config, workdir)
-    val_examples = [pipeline.case_to_example(c) for c in val_cases]
     data_iter = pipeline.make_iterator(patches, workers=config.data.workers)
     run = RunFolder(config, workdir, spec, primary=primary)
     try:
@@ -388,12 +380,13 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
             log.info("transfer: %s", run.meta)
         log.info(
             "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
-            f"{count_params(host.params):,}", len(devices), n_train, len(val_examples), start, total,
+            f"{count_params(host.params):,}", len(devices), n_train, len(val_cases), start, total,
         )
-        predict = make_predict_fn(spec)
-
         def validate(state) -> float:
-            val = validation_loss(predict, jax.tree.map(lambda x: x[0], state.params), val_examples)
+            # The evaluation's own inference (sliding windows, clipping, dose region), so `best` is
+            # the checkpoint evaluation would rank best.
+            model = Model.from_config(config, jax.tree.map(lambda x: x[0], state.params), name="validation")
+            val = validation_mse(model, val_cases, batch_size=config.train.batch_size)
             return distributed.broadcast_float(val)  # every process must agree on saving a new `best`
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -402,7 +395,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
             state = train_steps(pmap_train_step(spec, tx), replicate(host, devices), prefetch(data_iter, devices),
                                 [run], start, config.train, losses=lambda x: [float(x[0])],
                                 hosts=lambda s: [unreplicate(s)], batch_size=config.train.batch_size,
-                                validate=validate if val_examples else None, bar=bar)
+                                validate=validate if val_cases else None, bar=bar)
         finally:
             bar.close()
     finally:

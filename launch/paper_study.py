@@ -1,36 +1,50 @@
 """The paper's study in one command: ``python -m launch.paper_study --scale cpu --workdir DIR``.
 
 Stages (each recorded in ``DIR/stages.json`` when done; a rerun skips finished stages and
-training resumes from its checkpoints):
-1. data: the five synthetic planning styles with the paper's Table 1 splits;
+training resumes from its checkpoints; ``--until STAGE`` stops after a stage, so a study can
+run as several commands):
+1. data: the five synthetic planning styles with the paper's Table 1 splits, and the
+   source-style plans of every target test patient (the oracle);
 2. source: train the source model on the source style;
-3. transfer: adapt it to internal_a, internal_b, internal_c and external (paper recipe);
-4. evaluate: source and target models on every style's test cases;
-5. report: ``<results>/paper_study_<scale>.md`` with tables, figures, wall time, machine, commit.
+3. transfer: adapt it to internal_a, internal_b, internal_c and external (paper recipe), and
+   the control: the same recipe on source-style plans;
+4. evaluate: on every style's test cases the source model and the style's target model, the
+   oracle (the same patient's source-style plan scored as a prediction: what a perfect
+   source model would score) and, on source, the control;
+5. report: ``<results>/paper_study_<scale>.md``: the paper's statistics (per-level mean Dice
+   and its range, the Fig. 3 curves, Table 2-style signed DVH errors with paired t-tests),
+   the oracle and control rows, the checks of issue 12, wall time, load, machine, commit.
 
-Scales (configs/paper_study.py): ``smoke`` (seconds, used by a test), ``cpu`` (about half an
-hour on a 2-core machine), ``paper`` (full size, for a GPU).
+Scales (flaxdose/configs/paper_study.py): ``smoke`` (seconds, used by a test), ``cpu``
+(within 40 minutes on a 2-core machine), ``gpu_short`` (one 15-minute GPU allowance, as two
+commands), ``paper`` (full size).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import flags
 
 from flaxdose import cli, evaluation, provenance, trainer
 from flaxdose import config as config_lib
 from flaxdose.configs.paper_study import SCALES
-from flaxdose.data.case import Dataset
+from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import Model
+from flaxdose.metrics import dvh_metrics
 from flaxdose.synthetic import generator as synth
 
 SOURCE = "source"
 TARGETS = ("internal_a", "internal_b", "internal_c", "external")
+CONTROL, ORACLE = "control", "oracle"
+SOURCE_MODEL, TARGET_MODEL = "source model", "target model"
+CONTROL_MODEL, ORACLE_MODEL = "control (source -> source)", "oracle (source plan)"
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
 
@@ -46,8 +60,13 @@ def splits(settings: dict) -> dict[str, tuple[int, int]]:
 
 
 def style_config(style: str, settings: dict, workdir: Path, seed: int):
-    """The source config or a target style's transfer config, at this scale, on the study's data."""
-    config = config_lib.load_config(SOURCE if style == SOURCE else f"transfer:{style}")
+    """The training config of a study run at this scale, on the study's data.
+
+    `style` is "source" (the source model), a target style (its transfer), or "control"
+    (the transfer recipe on the first ``control_plans`` source training plans).
+    """
+    transfer_style = SOURCE if style == CONTROL else style
+    config = config_lib.load_config(SOURCE if style == SOURCE else f"transfer:{transfer_style}")
     # Target styles train on all their plans, as in the paper (their configs set val_cases=0).
     skip = {"scale"} if style == SOURCE else {"scale", "val_cases"}
     overrides = {
@@ -55,11 +74,14 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
         **{f"model.{k}": v for k, v in settings["model"].items()},
         **{f"train.{k}": v for k, v in settings[f"{'source' if style == SOURCE else 'target'}_train"].items()},
         "data.kind": "folder",
-        "data.path": str(workdir / "data" / style),
+        "data.path": str(workdir / "data" / transfer_style),
         "seed": seed,
     }
     if style != SOURCE:
         overrides.update({"transfer.source": str(workdir / SOURCE), "transfer.learning_rate": settings["transfer_lr"]})
+    if style == CONTROL:
+        train_ids = Dataset.open(workdir / "data" / SOURCE).split("train")
+        overrides["data.train_cases"] = tuple(train_ids[: settings["control_plans"]])
     return config_lib.override(config, overrides)
 
 
@@ -74,95 +96,229 @@ class Stages:
         if name in self.done:
             print(f"[{self.label}] {name}: done earlier, skipped")
             return
-        print(f"[{self.label}] {name} ...")
+        print(f"[{self.label}] {name} ...", flush=True)
         start = time.perf_counter()
         fn()
         self.done[name] = round(time.perf_counter() - start, 1)
         self.path.write_text(json.dumps(self.done, indent=2))
 
 
+def oracle_tests(settings: dict) -> int:
+    """How many test patients the oracle plans cover: the most of any target style."""
+    return max(n_test for style, (_, n_test) in splits(settings).items() if style != SOURCE)
+
+
 def generate_data(workdir: Path, settings: dict, seed: int) -> None:
+    scale, workers = settings["data"].get("scale", 1.0), settings.get("data_workers", 0)
     for style, (n_train, n_test) in splits(settings).items():
-        synth.ensure_dataset(workdir / "data" / style, style, n_train, n_test, seed=seed, scale=settings["data"].get("scale", 1.0))
+        synth.ensure_dataset(workdir / "data" / style, style, n_train, n_test, seed=seed, scale=scale, workers=workers)
+    # The source-style plans of the target styles' test patients (one training plan: a dataset needs one).
+    synth.ensure_dataset(workdir / "data" / ORACLE, SOURCE, 1, oracle_tests(settings), seed=seed, scale=scale,
+                         workers=workers)
+
+
+class SourcePlans:
+    """A "predictor" that answers each case with the source-style plan of the same patient (the oracle)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def predict(self, cases, batch_size: int = 1, progress: bool = False) -> list[Case]:
+        out = []
+        for case in cases:
+            plan = self.dataset.load(synth.case_id(SOURCE, case.meta["seed"], case.meta["anatomy_index"]))
+            out.append(plan.replace(case_id=case.case_id, style=case.style))
+        return out
 
 
 def evaluate_style(workdir: Path, style: str) -> dict:
-    """Source model (and the style's target model) on the style's test cases: report folder + summary."""
-    models = {"source model": Model.load(workdir / SOURCE)}
-    if style != SOURCE:
-        models["target model"] = Model.load(workdir / style)
+    """The style's test cases: source model and target model (or control), oracle; report folder + summary."""
+    models = {SOURCE_MODEL: Model.load(workdir / SOURCE)}
+    if style == SOURCE:
+        models[CONTROL_MODEL] = Model.load(workdir / CONTROL)
+    else:
+        models[TARGET_MODEL] = Model.load(workdir / style)
+        models[ORACLE_MODEL] = SourcePlans(Dataset.open(workdir / "data" / ORACLE))
     ev = evaluation.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
     note = f"{style} style, test split, {len(ev.references)} cases"
     return evaluation.write_report(ev.rows, workdir / "eval" / style, ev.references, ev.predictions, overwrite=True, note=note)
 
 
-def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 0) -> Path:
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (the machine may be shared)."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 0, until: str | None = None) -> Path | None:
+    """Run (or resume) the study; the report's path, or None when stopped early by `until` (a stage name)."""
     settings = scale_settings(scale)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     stages = Stages(workdir)
-    stages.run("data", lambda: generate_data(workdir, settings, seed))
-    stages.run(SOURCE, lambda: trainer.train_and_evaluate(style_config(SOURCE, settings, workdir, seed), workdir / SOURCE))
-    for style in TARGETS:
-        stages.run(style, lambda s=style: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
-    summaries = {}
-    for style in (SOURCE, *TARGETS):
-        stages.run(f"evaluate {style}", lambda s=style: evaluate_style(workdir, s))
-        summaries[style] = json.loads((workdir / "eval" / style / "summary.json").read_text())
-    return write_report(scale, settings, workdir, Path(results), summaries, stages.done)
+    loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
+    loads.setdefault("start", load())
+    (workdir / "load.json").write_text(json.dumps(loads))
+    plan = [("data", lambda: generate_data(workdir, settings, seed))]
+    plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
+             for s in (SOURCE, *TARGETS, CONTROL)]
+    plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s)) for s in (SOURCE, *TARGETS)]
+    names = [name for name, _ in plan]
+    if until is not None and until not in names:
+        raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
+    for name, fn in plan:
+        stages.run(name, fn)
+        if name == until:
+            print(f"[paper_study] stopped after {until}; rerun without --until to finish")
+            return None
+    loads["end"] = load()
+    (workdir / "load.json").write_text(json.dumps(loads))
+    summaries = {s: json.loads((workdir / "eval" / s / "summary.json").read_text()) for s in (SOURCE, *TARGETS)}
+    return write_report(scale, settings, workdir, Path(results), summaries, stages.done, loads)
 
 
 # ---------------------------------------------------------------- report
-def _mean_sd(summary: dict, model: str, metric: str) -> str:
-    stats = summary["metrics"][model][metric]
-    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {(stats['sd'] or 0):.3f}"
+def _fmt(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    return f"{stats['mean']:.3f} ± {stats['sd']:.3f}" if stats["sd"] is not None else f"{stats['mean']:.3f}"
 
 
-def _dvh_error(summary: dict, model: str) -> float:
-    error = evaluation.mean_dvh_error_pct(summary, model)
-    return float("nan") if error is None else error
+def _p(p) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
 
 
-def summary_row(style: str, summary: dict) -> str:
-    n = summary["num_cases"]["source model"]
-    cells = [style, str(n), _mean_sd(summary, "source model", "dice_mean")]
-    if "target model" in summary["models"]:
-        change = summary["metrics"]["target model"]["dice_mean"]["mean"] - summary["metrics"]["source model"]["dice_mean"]["mean"]
-        p = summary["paired_ttests"][0]["p_values"].get("dice_mean")
-        cells += [_mean_sd(summary, "target model", "dice_mean"), f"{change:+.3f}", "n/a" if p is None else f"{p:.2g}",
-                  f"{_dvh_error(summary, 'source model'):.2f}", f"{_dvh_error(summary, 'target model'):.2f}"]
-    else:
-        cells += ["-", "-", "-", f"{_dvh_error(summary, 'source model'):.2f}", "-"]
-    return "| " + " | ".join(cells) + " |"
+def _gain(summary: dict, model: str) -> float:
+    return evaluation.dice_mean(summary, model) - evaluation.dice_mean(summary, SOURCE_MODEL)
 
 
-def write_report(scale: str, settings: dict, workdir: Path, results: Path, summaries: dict, times: dict) -> Path:
+def summary_table(summaries: dict) -> list[str]:
+    """One row per style and model: mean Dice, its per-level range, the mean |DVH error|."""
+    lines = ["| style | test cases | model | mean Dice ± SD over cases | per-level mean Dice, range over 10-100 % | "
+             "mean \\|DVH error\\| (% of Rx) |", "|---|---|---|---|---|---|"]
+    for style, summary in summaries.items():
+        for model in summary["models"]:
+            low, high = evaluation.level_range(summary, model)
+            error = evaluation.mean_dvh_error_pct(summary, model)
+            lines.append(f"| {style} | {summary['num_cases'][model]} | {model} | "
+                         f"{_fmt(summary['metrics'][model]['dice_mean'])} | {low:.2f}-{high:.2f} | "
+                         f"{'n/a' if error is None else f'{error:.2f}'} |")
+    return lines
+
+
+def gains_table(summaries: dict) -> list[str]:
+    control = _gain(summaries[SOURCE], CONTROL_MODEL)
+    lines = ["| style | source model Dice | target model Dice | Dice gain | control's gain | gain beyond the control | "
+             "p (Dice, paired t) | \\|DVH error\\| source -> target (% of Rx) | oracle Dice |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for style in TARGETS:
+        s = summaries[style]
+        gain = _gain(s, TARGET_MODEL)
+        p = evaluation.ttest(s, SOURCE_MODEL, TARGET_MODEL)["p_values"].get("dice_mean")
+        errors = [evaluation.mean_dvh_error_pct(s, m) for m in (SOURCE_MODEL, TARGET_MODEL)]
+        lines.append(f"| {style} | {evaluation.dice_mean(s, SOURCE_MODEL):.3f} | {evaluation.dice_mean(s, TARGET_MODEL):.3f} | "
+                     f"{gain:+.3f} | {control:+.3f} | {gain - control:+.3f} | {_p(p)} | "
+                     f"{errors[0]:.2f} -> {errors[1]:.2f} | {evaluation.dice_mean(s, ORACLE_MODEL):.3f} |")
+    return lines
+
+
+def checks(summaries: dict) -> list[tuple[str, bool, str]]:
+    """Issue 12's measurable "must hold" items: (what, met, the numbers)."""
+    source = summaries[SOURCE]
+    d95 = source["metrics"][SOURCE_MODEL]["PTV D95 abs_err_pct"]["mean"]
+    out = [("source model on source: mean isodose Dice >= 0.88", evaluation.dice_mean(source, SOURCE_MODEL) >= 0.88,
+            f"{evaluation.dice_mean(source, SOURCE_MODEL):.3f}"),
+           ("source model on source: mean absolute PTV D95 error <= 3 % of Rx", d95 is not None and d95 <= 3.0, f"{d95:.2f} %")]
+    control = _gain(source, CONTROL_MODEL)
+    for style in TARGETS:
+        s = summaries[style]
+        dice = [evaluation.dice_mean(s, m) for m in (SOURCE_MODEL, TARGET_MODEL)]
+        err = [evaluation.mean_dvh_error_pct(s, m) for m in (SOURCE_MODEL, TARGET_MODEL)]
+        out.append((f"{style}: target beats source in mean Dice and mean absolute DVH error, Dice gain > control's",
+                    dice[1] > dice[0] and err[1] < err[0] and dice[1] - dice[0] > control,
+                    f"Dice {dice[0]:.3f} -> {dice[1]:.3f} (gain {dice[1] - dice[0]:+.3f}, control {control:+.3f}); "
+                    f"absolute DVH error {err[0]:.2f} -> {err[1]:.2f} %"))
+    levels = evaluation.level_means(summaries["external"], ORACLE_MODEL)
+    out.append(("external oracle: per-level mean Dice >= 0.75 at every level", min(levels.values()) >= 0.75,
+                f"lowest {min(levels.values()):.3f} at {min(levels, key=levels.get)} %"))
+    return out
+
+
+def femoral_sd_ratio(workdir: Path) -> float:
+    """SD over the external test patients of the femoral-head mean dose (both heads), external plans
+    over the same patients' source-style plans: how much of the external femoral dose the anatomy explains."""
+    oracle = SourcePlans(Dataset.open(workdir / "data" / ORACLE))
+    external = evaluation.load_references(Dataset.open(workdir / "data" / "external"), "test")
+    femoral = lambda c: np.mean([dvh_metrics(c.dose, c.mask(f"Femur_Head_{side}"), c.spacing_mm)["Dmean"] for side in "LR"])
+    sd = lambda cases: np.std([femoral(c) for c in cases], ddof=1)
+    return float(sd(external) / sd(oracle.predict(external)))
+
+
+def training_table(workdir: Path) -> list[str]:
+    """Per training run: steps, the training loss early / at half / at the end (has it plateaued?),
+    and the best validation loss (source model only; the transfers train on all their plans)."""
+    lines = ["| run | steps | training loss, first log | at half | last | last / half | best validation MSE (step) |",
+             "|---|---|---|---|---|---|---|"]
+    for run in (SOURCE, *TARGETS, CONTROL):
+        records = [json.loads(line) for line in (workdir / run / "metrics.jsonl").read_text().splitlines()]
+        losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        vals = [(r["val_loss"], r["step"]) for r in records if "val_loss" in r]
+        if not losses:
+            continue
+        half = next(loss for step, loss in losses if step >= losses[-1][0] / 2)
+        best = f"{min(vals)[0]:.5f} ({min(vals)[1]})" if vals else "-"
+        lines.append(f"| {run} | {losses[-1][0]} | {losses[0][1]:.5f} | {half:.5f} | {losses[-1][1]:.5f} | "
+                     f"{losses[-1][1] / half:.2f} | {best} |")
+    return lines
+
+
+def _copy_figures(folder: Path, figures: Path, style: str) -> list[str]:
+    lines = []
+    for png in sorted(folder.glob("*.png")):
+        target = figures / f"{style}_{png.name}"
+        shutil.copy(png, target)
+        lines.append(f"![{style} {png.stem}]({figures.name}/{target.name})")
+    return lines
+
+
+def write_report(scale: str, settings: dict, workdir: Path, results: Path, summaries: dict, times: dict,
+                 loads: dict) -> Path:
+    commit = provenance.commit() or "unknown"  # before the report's own (tracked) figures are replaced
     figures = results / f"paper_study_{scale}"
     if figures.exists():
         shutil.rmtree(figures)
     figures.mkdir(parents=True)
+    femoral = femoral_sd_ratio(workdir)
     lines = [f"# Paper study, scale `{scale}`", "",
              f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
-             f"commit `{provenance.commit() or 'unknown'}`, machine: {provenance.machine()}.", "",
+             f"commit `{commit}`, machine: {provenance.machine()}; load average "
+             f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
              "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
-             "Dice: isodose Dice averaged over 10 %..100 % of the prescription, body-restricted, mean ± SD over the "
-             "style's test cases; p: paired t-test of the per-case mean Dice (target vs source model). DVH error: "
-             "mean |prediction - reference| in % of the prescription over PTV Dmean/D2/D95/D98 and OAR Dmean/D2.", "",
-             "## Summary", "",
-             "| style | test cases | source model Dice | target model Dice | change | p | source model DVH error (%) | target model DVH error (%) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [summary_row(style, summary) for style, summary in summaries.items()]
-    lines += ["", "## Per style", ""]
-    for style in summaries:
-        folder = workdir / "eval" / style
-        table = (folder / "report.md").read_text().split("\n", 1)[1]  # drop its title
-        lines += [f"### {style}", "", table.strip(), ""]
-        for png in sorted(folder.glob("*.png")):
-            target = figures / f"{style}_{png.name}"
-            shutil.copy(png, target)
-            lines.append(f"![{style} {png.stem}]({figures.name}/{target.name})")
-        lines.append("")
+             f"*Control*: the same recipe on {settings['control_plans']} source-style training plans, scored on the "
+             "source test cases: what the extra training alone brings. *Oracle*: the same patient's source-style plan "
+             "scored as a prediction of the target plan: what a perfect source model would score. "
+             "Dice: isodose Dice at 10 %..100 % of the prescription, body-restricted; *mean Dice* is the mean over "
+             "levels and cases; the paper's \"mean DSC 0.81-0.94\" is the range over the levels of the per-level "
+             "mean. DVH errors: prediction − reference in % of the prescription, signed (Table 2) or absolute; "
+             "p: paired t-test (scipy.stats.ttest_rel) over the test cases, each model against the source model.", "",
+             "## Summary", ""]
+    lines += summary_table(summaries)
+    lines += ["", "## Transfer gains against the control", ""] + gains_table(summaries)
+    lines += ["", "## Checks (issue 12)", "", "| check | met | measured |", "|---|---|---|"]
+    lines += [f"| {what} | {'yes' if ok else '**no**'} | {numbers} |" for what, ok, numbers in checks(summaries)]
+    lines += [f"| external vs source plans: femoral-head mean-dose SD at most twice source's | "
+              f"{'yes' if femoral <= 2 else '**no**'} | ratio {femoral:.2f} on the external test patients |"]
+    lines += ["", "## Per style", "", "Per-level Dice (the paper's Fig. 3), then Table 2: signed DVH errors "
+              "(mean ± SD over cases) with paired t-tests against the source model.", ""]
+    for style, summary in summaries.items():
+        lines += [f"### {style}", "", evaluation.markdown_table(summary), ""]
+        lines += _copy_figures(workdir / "eval" / style, figures, style) + [""]
+    lines += ["## Training", "", "Training loss: mean MSE of dose / Rx over the logged window of patches; "
+              "validation MSE: the evaluation's own inference on the held-out source plans (it picks the "
+              "source model's checkpoint).", ""] + training_table(workdir) + [""]
+    ablation = results / f"paper_study_{scale}_ablation.md"  # hand-kept: trials outside this run
+    if ablation.is_file():
+        lines += [f"## Ablation (separate trial runs, from {ablation.name})", "", ablation.read_text().strip(), ""]
     lines += timing_and_settings(times, settings)
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
@@ -182,14 +338,16 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "study folder (data, models, evaluations)")
     flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where the Markdown report and figures go")
     flags.DEFINE_integer("seed", 0, "seed of the data, the initialisation and the patches")
+    flags.DEFINE_string("until", None, "stop after this stage (e.g. source); a rerun continues from there")
 
 
 def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for the study's data, models and evaluations")
-    report = run_study(FLAGS.scale, FLAGS.workdir, FLAGS.results, FLAGS.seed)
-    print(f"[paper_study] report: {report}")
+    report = run_study(FLAGS.scale, FLAGS.workdir, FLAGS.results, FLAGS.seed, FLAGS.until)
+    if report is not None:
+        print(f"[paper_study] report: {report}")
 
 
 def run():

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from flaxdose import evaluate, evaluation, trainer
@@ -121,3 +122,45 @@ def test_empty_split_is_an_error(tmp_path):
          "--split=test", f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("flaxdose: error: split 'test'")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_papers_statistics_by_hand():
+    """Per-level means, their range over the levels ("mean DSC 0.81-0.94"), and one p column per model."""
+    levels = [f"dice_{p}" for p in range(10, 101, 10)]
+    rows = []
+    for model, shift in (("source", 0.0), ("target", 0.05), ("oracle", 0.1)):
+        for case, offset in (("x", 0.0), ("y", 0.02), ("z", 0.01)):
+            dice = {k: 0.5 + 0.04 * i + shift + offset * (1 + (model == "target")) for i, k in enumerate(levels)}
+            rows.append({"case_id": case, "model": model, **dice, "dice_mean": float(np.mean(list(dice.values())))})
+    summary = evaluation.summarize(rows)
+    means = evaluation.level_means(summary, "target")
+    assert list(means) == list(range(10, 101, 10))
+    assert means[10] == pytest.approx(0.5 + 0.05 + 2 * 0.01) and means[100] == pytest.approx(0.86 + 0.05 + 0.02)
+    assert evaluation.level_range(summary, "oracle") == (pytest.approx(0.61), pytest.approx(0.97))
+    assert evaluation.dice_mean(summary, "source") == pytest.approx(0.68 + 0.01)
+    assert evaluation.ttest(summary, "source", "oracle")["mean_difference"]["dice_50"] == pytest.approx(0.1)
+    with pytest.raises(FlaxdoseError, match="against its first model"):
+        evaluation.ttest(summary, "target", "oracle")
+    table = evaluation.markdown_table(summary)
+    assert "| metric | source | target | oracle | p (target vs source) | p (oracle vs source) |" in table
+
+
+def test_run_dataset_defaults_to_the_data_the_run_trained_on(trained, tmp_path):
+    from flaxdose import inference
+
+    workdir, data = trained
+    assert inference.run_dataset(workdir).resolve() == data.resolve()
+    assert inference.run_dataset(workdir / "checkpoints" / "1").resolve() == data.resolve()
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"].update(kind="folder", path=str(tmp_path / "gone"))
+    moved = tmp_path / "run"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps(config))
+    (moved / "checkpoints").symlink_to(workdir / "checkpoints")
+    with pytest.raises(FlaxdoseError, match="gone; pass --data"):
+        inference.run_dataset(moved)
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "flaxdose.evaluate", f"--workdir={workdir}", f"--out={out}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(data.resolve()) in json.loads((out / "summary.json").read_text())["note"]

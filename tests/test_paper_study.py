@@ -1,20 +1,58 @@
-"""The whole study at the `smoke` scale: data, source model, four transfers, evaluation, report."""
+"""The whole study at the `smoke` scale: data, source model, four transfers and the control,
+evaluation with the oracle, the report with the paper's statistics."""
 
 import json
 
+import pytest
+
+from flaxdose.data.case import Dataset
+from flaxdose.errors import FlaxdoseError
 from launch import paper_study
 
 
-def test_smoke_study_runs_end_to_end_and_resumes(tmp_path, capsys):
-    report = paper_study.run_study("smoke", tmp_path / "study", tmp_path / "results")
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A smoke study run as two commands (--until source, then the rest): (workdir, results, report)."""
+    root = tmp_path_factory.mktemp("study")
+    assert paper_study.run_study("smoke", root / "study", root / "results", until="source") is None
+    first = set(json.loads((root / "study" / "stages.json").read_text()))
+    report = paper_study.run_study("smoke", root / "study", root / "results")
+    return root / "study", root / "results", report, first
+
+
+def test_smoke_study_runs_end_to_end_and_resumes(study, capsys):
+    workdir, results, report, first = study
+    assert first == {"data", "source"}
     text = report.read_text()
     for style in ("source", "internal_a", "internal_b", "internal_c", "external"):
         assert f"| {style} |" in text
-        assert (tmp_path / "study" / "eval" / style / "summary.json").is_file()
-    assert "target model" in text and "Wall time" in text
-    assert list((tmp_path / "results" / "paper_study_smoke").glob("external_dice.png"))
-    stages = json.loads((tmp_path / "study" / "stages.json").read_text())
-    assert set(stages) >= {"data", "source", "external", "evaluate external"}
+        assert (workdir / "eval" / style / "summary.json").is_file()
+    for heading in ("## Transfer gains against the control", "## Checks (issue 12)", "Wall time", "load average"):
+        assert heading in text
+    assert list((results / "paper_study_smoke").glob("external_dice.png"))
+    source = json.loads((workdir / "eval" / "source" / "summary.json").read_text())
+    assert source["models"] == [paper_study.SOURCE_MODEL, paper_study.CONTROL_MODEL]
+    external = json.loads((workdir / "eval" / "external" / "summary.json").read_text())
+    assert external["models"] == [paper_study.SOURCE_MODEL, paper_study.TARGET_MODEL, paper_study.ORACLE_MODEL]
+    assert len(external["paired_ttests"]) == 2 and "PTV D2 err_pct" in external["paired_ttests"][0]["p_values"]
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert set(stages) >= {"data", "source", "external", "control", "evaluate external"}
     capsys.readouterr()
-    paper_study.run_study("smoke", tmp_path / "study", tmp_path / "results")
+    paper_study.run_study("smoke", workdir, results)
     assert capsys.readouterr().out.count("done earlier, skipped") == len(stages)
+    with pytest.raises(FlaxdoseError, match="not a stage"):
+        paper_study.run_study("smoke", workdir, results, until="sauce")
+
+
+def test_oracle_is_the_same_patients_source_plan(study):
+    """The oracle answers a target case with the source-style plan of the same anatomy, under the target's id."""
+    workdir = study[0]
+    oracle = paper_study.SourcePlans(Dataset.open(workdir / "data" / paper_study.ORACLE))
+    external = Dataset.open(workdir / "data" / "external")
+    cases = [external.load(i) for i in external.split("test")]
+    plans = oracle.predict(cases)
+    source = Dataset.open(workdir / "data" / "source")
+    first_source_test = source.load(source.split("test")[0])  # the same patient (anatomy 5000)
+    assert [p.case_id for p in plans] == [c.case_id for c in cases]
+    assert (plans[0].dose == first_source_test.dose).all() and not (plans[0].dose == cases[0].dose).all()
+    assert (plans[1].masks == cases[1].masks).all()

@@ -87,7 +87,7 @@ def test_every_style_is_a_clinical_plan(planned, style):
         rx = case.prescription_gy
         assert rx == synth.PRESCRIPTION_GY and case.style == style and case.shape == (60, 60, 32)
         assert abs(ptv["D95"] - rx) <= 0.01 * rx
-        assert ptv["D2"] <= 1.08 * rx
+        assert ptv["D2"] <= 1.10 * rx
         assert not case.dose[~case.mask("Body")].any()
         assert case.dose.max() > 0.9 * rx and case.dose.dtype == np.float32
 
@@ -99,14 +99,62 @@ def test_internal_c_trades_femoral_heads_for_bladder_and_rectum(report):
 
 
 @pytest.mark.parametrize("style", ["internal_a", "internal_b"])
-def test_internal_a_b_spare_the_rectum_a_little(report, style):
+def test_internal_a_b_spare_the_rectum_not_the_femoral_heads(report, style):
     row = report[style]
-    assert 0.85 <= row["Rectum vs source"] <= 0.97
-    assert 0.85 <= row["Femoral heads vs source"] <= 1.15
+    assert 0.75 <= row["Rectum vs source"] <= 0.95
+    assert 0.90 <= row["Femoral heads vs source"] <= 1.10  # issue 12: within +-10 % of source
+
+
+def femoral_mean(case):
+    return np.mean([dvh_metrics(case.dose, case.mask(f"Femur_Head_{s}"), case.spacing_mm)["Dmean"] for s in "LR"])
+
+
+def test_ptv_dose_differs_by_style(planned):
+    """Source has a hot PTV core (D2 ~105 %), external a flat PTV dose (D2 <= ~102 %)."""
+    d2 = {style: np.array([dvh_metrics(c.dose, c.mask("PTV"), c.spacing_mm)["D2"] / c.prescription_gy
+                           for c in planned[style]]) for style in ("source", "external")}
+    assert 1.04 <= d2["source"].mean() <= 1.065
+    assert d2["external"].mean() <= 1.02 and d2["external"].max() <= 1.025
+    assert (d2["source"] - d2["external"] >= 0.015).all()  # the same patient, hotter in source style
+
+
+def entrance_dose(case, gantry_deg, radius_mm):
+    """Dose radius_mm upstream of the PTV centroid on the beam axis (axial slice), by hand."""
+    ptv = case.mask("PTV")
+    cx, cy, cz = np.argwhere(ptv).mean(axis=0)
+    t = np.deg2rad(gantry_deg)
+    x, y = cx + np.sin(t) * radius_mm / case.spacing_mm[0], cy - np.cos(t) * radius_mm / case.spacing_mm[1]
+    return ndimage.map_coordinates(case.dose[:, :, int(round(cz))], [[x], [y]], order=1)[0]
+
+
+def test_external_spikes_are_the_same_directions_for_every_patient(planned):
+    """The anterior (0) and lateral (93.9, 266.1 degree) beams of the 23 reach out further than the
+    beams at least 25 degrees from them, in every external plan, and not in the source plans."""
+    beams = np.arange(23) * 360 / 23
+    spikes = beams[[0, 6, 17]]
+    off = np.min(np.abs((beams[:, None] - spikes[None] + 180) % 360 - 180), axis=1)
+    bath = beams[off >= 25]
+    for ext, src in zip(planned["external"], planned["source"]):
+        contrast = [np.mean([entrance_dose(c, a, 80.0) for a in spikes]) / np.mean([entrance_dose(c, a, 80.0) for a in bath])
+                    for c in (ext, src)]
+        assert contrast[0] >= 1.10 and contrast[0] - contrast[1] >= 0.15, (ext.case_id, contrast)
+        assert synth.spike_contrast(ext) == pytest.approx(contrast[0], rel=1e-4)
+
+
+def test_external_is_predictable_from_a_source_plan(report, planned):
+    """The oracle (the same patient's source plan) scores >= 0.75 at every isodose level, and the
+    femoral-head dose varies across patients at most twice as much as in source plans."""
+    ext = report["external"]
+    for level in range(10, 101, 10):
+        assert ext[f"Dice vs source dice_{level}"] >= 0.75, level
+    assert ext["Dice vs source, worst level"] >= 0.75
+    sd = {s: np.std([femoral_mean(c) for c in planned[s]], ddof=1) for s in ("source", "external")}
+    assert sd["external"] <= 2 * sd["source"]
+    assert ext["femoral SD vs source"] == pytest.approx(sd["external"] / sd["source"], rel=1e-4)
 
 
 def test_external_low_dose_is_lobed(report):
-    assert report["external"]["lobedness vs source"] >= 2.0
+    assert report["external"]["lobedness vs source"] >= 1.4
 
 
 def test_styles_differ_but_stay_alike(report):
@@ -150,6 +198,14 @@ def test_ensure_dataset_caches_and_is_byte_identical(tmp_path, planned):
         synth.ensure_dataset(a, "source", 2, 1, seed=0, scale=SCALE, progress=False)
     assert (a / "manifest.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left behind
+
+
+def test_worker_processes_plan_the_same_bytes(planned):
+    """workers > 1 (the GPU scale's data stage) plans in CPU processes: the same plans, in order."""
+    cases = list(synth.iter_cases("source", 2, seed=0, scale=SCALE, start=synth.TEST_ANATOMY_BASE, workers=2))
+    assert [c.case_id for c in cases] == [c.case_id for c in planned["source"][:2]]
+    for mine, ref in zip(cases, planned["source"]):
+        np.testing.assert_array_equal(mine.dose, ref.dose)
 
 
 def test_bad_input_is_refused(tmp_path):

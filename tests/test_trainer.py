@@ -116,3 +116,21 @@ def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == max(steps) + 4
     assert f"resumed from step {max(steps)}" in done.stderr
+
+
+def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
+    """The loss that picks `best` is the MSE of exactly what evaluation scores: sliding windows,
+    clipped at 0, zero outside the body; recomputed here by hand from Model.predict's doses."""
+    from flaxdose.data.case import Dataset
+    from flaxdose.inference import Model
+
+    config = make_config(**{"train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3})
+    trainer.train_and_evaluate(config, tmp_path)
+    logged = [json.loads(l)["val_loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    dataset = Dataset.open(next((tmp_path / "data").iterdir()))
+    val_cases = [dataset.load(i) for i in dataset.split("train")[-2:]]  # data.val_cases=2: the last two
+    model = Model.load(tmp_path, "latest")
+    assert model.window == tuple(config.data.patch_shape)  # sliding windows, as evaluation predicts
+    predicted = model.predict(val_cases)
+    mse = np.mean([np.mean(((p.dose.astype(np.float64) - c.dose) / c.prescription_gy) ** 2) for p, c in zip(predicted, val_cases)])
+    assert logged == [pytest.approx(mse, rel=1e-5)]

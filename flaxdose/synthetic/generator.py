@@ -13,6 +13,8 @@ See docs/synthetic_data.md.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,17 +38,21 @@ __all__ = [
     "ensure_dataset",
     "generate_case",
     "generate_cases",
+    "beam_entrance_dose",
     "isodose_lobedness",
     "signature",
+    "spike_contrast",
     "style_report",
 ]
 
 GENERATOR = "flaxdose.synthetic"
-GENERATOR_VERSION = 1  # bump whenever the bytes a seed produces change: caches regenerate
+GENERATOR_VERSION = 2  # bump whenever the bytes a seed produces change: caches regenerate
 TEST_ANATOMY_BASE = 5000  # test anatomies start here; training anatomies at 0
 LOBE_LEVEL = 0.2  # the isodose (fraction of Rx) whose lobes tell the external style apart
 LOBE_DIRECTIONS = 72  # axial directions (every 5 degrees) of the isodose radius
 OARS = ("Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R")
+SPIKE_RADIUS_MM = 80.0  # where spike_contrast samples: outside the PTV, inside any body
+SPIKE_CLEARANCE_DEG = 25.0  # bath beams this far from every spike direction
 
 
 def _check_style(style: str) -> None:
@@ -74,9 +80,9 @@ def generate_case(style: str | Style, seed: int, index: int, scale: float = 1.0)
     grid = anat.grid_for_scale(scale)
     patient = anat.sample_anatomy(seed, index)
     angles = np.deg2rad(np.asarray(st.gantry_deg, np.float32))
-    data = vmat.optimization_data(patient, angles)
+    data = vmat.optimization_data(patient, angles, st.beam_profile)
     weights = {k: np.float32(v) for k, v in st.weights().items()}
-    fluence, _ = vmat.optimize_fluence(angles, data, weights, keep_beams=st.keep_beams)
+    fluence, _ = vmat.optimize_fluence(angles, data, weights)
     if st.arc_sector_deg:  # the gantry moves while a control point delivers: two sub-angles
         half = np.deg2rad(st.arc_sector_deg / 4)
         angles = np.concatenate([angles - half, angles + half]).astype(np.float32)
@@ -109,14 +115,41 @@ def generate_case(style: str | Style, seed: int, index: int, scale: float = 1.0)
     )
 
 
-def iter_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False) -> Iterator[Case]:
-    """Plans of anatomies start..start+n-1, one at a time (a full study does not fit in memory)."""
+def _plan(args) -> Case:
+    return generate_case(*args)
+
+
+@contextlib.contextmanager
+def _cpu_pool(workers: int):
+    """A spawn-context process pool whose workers run JAX on the CPU (several processes must not
+    each claim an accelerator's memory); the parent's environment is left as it was."""
+    saved = os.environ.get("JAX_PLATFORMS")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        if saved is None:
+            del os.environ["JAX_PLATFORMS"]
+        else:
+            os.environ["JAX_PLATFORMS"] = saved
+    with pool:
+        yield pool
+
+
+def iter_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False,
+               workers: int = 0, indices: Sequence[int] | None = None) -> Iterator[Case]:
+    """Plans of anatomies start..start+n-1 (or the given `indices`), in order, one at a time (a full
+    study does not fit in memory). `workers` > 1 plans them in that many CPU processes (same bytes)."""
     _check_style(style)
-    n = _check_count(n, "n")
+    indices = list(range(start, start + _check_count(n, "n"))) if indices is None else list(indices)
     anat.grid_for_scale(scale)  # fail before any work
-    bar = tqdm(range(start, start + n), desc=f"{style} (seed {seed}, scale {scale:g})", unit="case", disable=not progress)
-    for index in bar:
-        yield generate_case(style, seed, index, scale)
+    bar = dict(desc=f"{style} (seed {seed}, scale {scale:g})", unit="case", disable=not progress, total=len(indices))
+    if workers > 1:
+        with _cpu_pool(workers) as pool:
+            yield from tqdm(pool.imap(_plan, [(style, seed, i, scale) for i in indices]), **bar)
+    else:
+        for index in tqdm(indices, **bar):
+            yield generate_case(style, seed, index, scale)
 
 
 def generate_cases(style: str, n: int, seed: int, scale: float = 1.0, start: int = 0, progress: bool = False) -> list[Case]:
@@ -157,11 +190,13 @@ def ensure_dataset(
     scale: float = 1.0,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 0,
 ) -> Path:
     """The dataset of these parameters at `root`: reused if already there, else generated atomically.
 
     Splits are "train" and "test" (empty when `n_test` is 0). A `root` holding anything else
-    is refused unless `overwrite`. Raises FlaxdoseError for an unknown style, bad counts or scale.
+    is refused unless `overwrite`. `workers` > 1 plans the cases in that many CPU processes
+    (the same bytes as one process). Raises FlaxdoseError for an unknown style, bad counts or scale.
     """
     _check_style(style)
     n_train, n_test = _check_count(n_train, "n_train"), _check_count(n_test, "n_test", minimum=0)
@@ -184,12 +219,10 @@ def ensure_dataset(
         "test": [case_id(style, seed, i) for i in range(test[0], test[0] + test[1])],
     }
 
-    def cases():
-        for start, n in (train, test):
-            if n:
-                yield from iter_cases(style, n, seed, scale, start, progress)
+    indices = [*range(train[0], train[0] + train[1]), *range(test[0], test[0] + test[1])]
+    cases = iter_cases(style, len(indices), seed, scale, progress=progress, workers=workers, indices=indices)
 
-    write_dataset(root, cases(), splits, overwrite=overwrite, extra={"synth": params})
+    write_dataset(root, cases, splits, overwrite=overwrite, extra={"synth": params})
     return root
 
 
@@ -233,6 +266,34 @@ def isodose_lobedness(case: Case, level: float = LOBE_LEVEL, directions: int = L
     return float(radius.std() / radius.mean())
 
 
+def beam_entrance_dose(case: Case, gantry_deg: Sequence[float], radius_mm: float = SPIKE_RADIUS_MM) -> np.ndarray:
+    """Dose (Gy) `radius_mm` upstream of the PTV centroid on each beam's central axis.
+
+    Sampled (linear interpolation) in the axial slice through the PTV centroid. Gantry
+    angles are IEC: 0 enters anteriorly (-y), 90 from the patient's left (+x), as in
+    `flaxdose.synthetic.vmat.beam_geometry`.
+    """
+    cx, cy, cz = np.argwhere(case.mask("PTV")).mean(axis=0)
+    theta = np.deg2rad(np.asarray(gantry_deg, float))
+    dx, dy = case.spacing_mm[0], case.spacing_mm[1]
+    px, py = cx + np.sin(theta) * radius_mm / dx, cy - np.cos(theta) * radius_mm / dy
+    return ndimage.map_coordinates(case.dose[:, :, int(round(cz))], np.stack([px, py]), order=1)
+
+
+def spike_contrast(case: Case, radius_mm: float = SPIKE_RADIUS_MM) -> float:
+    """Mean dose on the external style's spike-beam axes over that on its bath-beam axes.
+
+    Bath beams are the external style's beams at least SPIKE_CLEARANCE_DEG from any spike
+    direction (beams closer share the spikes' field edges). About 1 for an arc; > 1 where
+    the plan's intermediate dose reaches out along the spike directions.
+    """
+    external = STYLE_TABLE["external"]
+    angles, strong = np.asarray(external.gantry_deg), np.asarray(external.beam_profile) > 1.0
+    off = np.min(np.abs((angles[:, None] - angles[strong][None] + 180.0) % 360.0 - 180.0), axis=1)
+    spikes, bath = angles[strong], angles[off >= SPIKE_CLEARANCE_DEG]
+    return float(beam_entrance_dose(case, spikes, radius_mm).mean() / beam_entrance_dose(case, bath, radius_mm).mean())
+
+
 def signature(case: Case) -> dict[str, float]:
     """Per-case numbers of the style report, doses in % of the prescription."""
     rx = case.prescription_gy
@@ -242,30 +303,49 @@ def signature(case: Case) -> dict[str, float]:
         out[f"{oar} mean"] = 100 * dvh_metrics(case.dose, case.mask(oar), case.spacing_mm)["Dmean"] / rx
     out["dose outside body"] = float(np.abs(case.dose[~case.mask("Body")]).max(initial=0.0))
     out["lobedness"] = isodose_lobedness(case)
+    out["spike contrast"] = spike_contrast(case)
     return out
+
+
+def _femoral_mean(sig: Mapping[str, float]) -> float:
+    return 0.5 * (sig["Femur_Head_L mean"] + sig["Femur_Head_R mean"])
 
 
 def style_report(cases: Mapping[str, Sequence[Case]]) -> dict[str, dict[str, float]]:
     """Mean signatures per style, with Dice and ratios against source on the shared anatomies.
 
+    Per style: the mean of every `signature` entry, "PTV D2 max", "femoral SD" (SD over the
+    cases of the mean dose of both femoral heads, % of Rx); on the anatomies shared with
+    source: "Dice vs source" (mean isodose Dice 10..100 %, source plan as the prediction of
+    this style's plan: what a perfect source model would score), "Dice vs source dice_<L>"
+    per level and its worst level "Dice vs source, worst level", and ratios "<organ> vs
+    source" of the mean doses, "femoral SD vs source", "lobedness vs source".
     Cases are matched across styles by (seed, anatomy index, grid) from their meta.
     """
     key = lambda c: (c.meta.get("seed"), c.meta.get("anatomy_index"), c.shape)
+    sig = {(style, key(c)): signature(c) for style, style_cases in cases.items() for c in style_cases}
     source = {key(c): c for c in cases.get("source", ())}
+    mean = lambda sigs, names: float(np.mean([sum(s[n] for n in names) for s in sigs]))
+    femoral_sd = lambda sigs: float(np.std([_femoral_mean(s) for s in sigs], ddof=1)) if len(sigs) > 1 else float("nan")
     report = {}
     for style, style_cases in cases.items():
-        sigs = [signature(c) for c in style_cases]
+        sigs = [sig[style, key(c)] for c in style_cases]
         row = {name: float(np.mean([s[name] for s in sigs])) for name in sigs[0]} if sigs else {}
+        if sigs:
+            row["PTV D2 max"] = float(np.max([s["PTV D2"] for s in sigs]))
+            row["femoral SD"] = femoral_sd(sigs)
         row["n"] = len(style_cases)
         pairs = [(c, source[key(c)]) for c in style_cases if key(c) in source]
         row["n_shared"] = len(pairs)
         if pairs:
-            row["Dice vs source"] = float(
-                np.mean([isodose_dice(c.dose, s.dose, s.prescription_gy, body=s.mask("Body"))["mean"] for c, s in pairs])
-            )
-            ref = [signature(s) for _, s in pairs]
-            mine = [signature(c) for c, _ in pairs]
-            mean = lambda sigs, names: float(np.mean([sum(s[n] for n in names) for s in sigs]))
+            dice = [isodose_dice(c.dose, s.dose, s.prescription_gy, body=s.mask("Body")) for c, s in pairs]
+            row["Dice vs source"] = float(np.mean([d["mean"] for d in dice]))
+            levels = [k for k in dice[0] if k != "mean"]
+            for level in levels:
+                row[f"Dice vs source {level}"] = float(np.mean([d[level] for d in dice]))
+            row["Dice vs source, worst level"] = min(row[f"Dice vs source {level}"] for level in levels)
+            ref = [sig["source", key(s)] for _, s in pairs]
+            mine = [sig[style, key(c)] for c, _ in pairs]
             for label, names in (
                 ("Bladder", ["Bladder mean"]),
                 ("Rectum", ["Rectum mean"]),
@@ -273,6 +353,7 @@ def style_report(cases: Mapping[str, Sequence[Case]]) -> dict[str, dict[str, flo
                 ("lobedness", ["lobedness"]),
             ):
                 row[f"{label} vs source"] = mean(mine, names) / mean(ref, names)
+            row["femoral SD vs source"] = femoral_sd(mine) / femoral_sd(ref) if len(pairs) > 1 else float("nan")
         report[style] = row
     return report
 
@@ -303,11 +384,16 @@ def format_report(report: Mapping[str, Mapping[str, float]]) -> str:
         ("Rectum mean", "Rect", "{:.1f}"),
         ("Femur_Head_L mean", "FemL", "{:.1f}"),
         ("Femur_Head_R mean", "FemR", "{:.1f}"),
+        ("PTV D2 max", "D2max", "{:.1f}"),
+        ("femoral SD", "FemSD", "{:.2f}"),
         ("lobedness", "lobe", "{:.3f}"),
+        ("spike contrast", "spike", "{:.2f}"),
         ("Dice vs source", "Dice", "{:.3f}"),
+        ("Dice vs source, worst level", "Dice-min", "{:.3f}"),
         ("Bladder vs source", "Blad/src", "{:.2f}"),
         ("Rectum vs source", "Rect/src", "{:.2f}"),
         ("Femoral heads vs source", "Fem/src", "{:.2f}"),
+        ("femoral SD vs source", "FSD/src", "{:.2f}"),
         ("lobedness vs source", "lobe/src", "{:.2f}"),
     ]
     lines = ["style       " + " ".join(f"{h:>8s}" for _, h, _ in cols)]
@@ -316,7 +402,10 @@ def format_report(report: Mapping[str, Mapping[str, float]]) -> str:
         lines.append(f"{style:12s}" + " ".join(f"{c:>8s}" for c in cells))
     lines.append(
         "doses in % of the prescription (OAR: mean dose); lobe = relative spread of the "
-        f"{round(100 * LOBE_LEVEL)} % isodose radius; Dice = mean isodose Dice (10..100 %, body) against source "
-        "on the same anatomies; x/src = ratio to source on the same anatomies"
+        f"{round(100 * LOBE_LEVEL)} % isodose radius; spike = dose on the external spike-beam axes / bath-beam axes "
+        f"{SPIKE_RADIUS_MM:g} mm from the PTV centre; FemSD = SD over cases of the femoral-head mean dose; "
+        "Dice = mean isodose Dice (10..100 %, body) against source on the same anatomies (the source plan as the "
+        "prediction: a perfect source model), Dice-min = its worst isodose level; x/src = ratio to source on the "
+        "same anatomies"
     )
     return "\n".join(lines)

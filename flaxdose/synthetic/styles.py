@@ -4,15 +4,18 @@ A style is a named set of optimization weights and beam settings; the anatomy ne
 on it. Doses inside the optimizer are in units of the prescription (1.0 = Rx). Every OAR
 objective acts on the OAR minus the PTV, as clinical optimization structures do.
 
-Style intent (Kandalan et al. 2020, Table 1 and section 2.1):
-- source: conformal VMAT, a normal-tissue objective (NTO) shapes the fall-off.
-- internal_a: like source, the rectum spared more aggressively (an arc avoiding posterior entry).
-- internal_b: like source, rectum and bladder spared more aggressively (higher weights, an arc
-  avoiding anterior entry through the bladder), NTO softer.
+Style intent (Kandalan et al. 2020, Table 1 and sections 2.1, 4):
+- source: conformal VMAT, a normal-tissue objective (NTO) shapes the fall-off; a hot PTV core
+  (coverage dome up to 103 %, PTV D2 ~105 %), as Eclipse plans often have.
+- internal_a: source with the rectum spared more aggressively (rectum weight up, femoral heads
+  held at source's dose by their own weight).
+- internal_b: rectum and bladder spared more aggressively (higher weights, an arc avoiding
+  anterior entry through the bladder), NTO softer; femoral heads held at source's dose.
 - internal_c: NTO off; femoral heads unconstrained to lower bladder and rectum dose.
-- external: another institution's system (Erasmus-iCycle): 23 evenly spaced beam directions
-  as the starting condition; a beam-sparsity term and beam selection keep the 11 strongest,
-  whose paths show as intermediate/low-dose spikes; no NTO.
+- external: another institution's system (Erasmus-iCycle): a fixed 23-beam starting condition;
+  the anterior and two lateral beams carry 2.2x the MU of the other 20 (the same directions
+  for every patient, so the spikes are learnable from the anatomy), which make an arc-like
+  low-dose bath; no NTO; a flat PTV dose (D2 <= ~102 %).
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ class Style:
     name: str
     description: str
     gantry_deg: tuple[float, ...]  # IEC gantry angles; 0 = beam enters anteriorly
-    ptv_under: float = 800.0  # mean((1 - d)+^2) over the PTV: coverage
+    ptv_under: float = 800.0  # mean((dome - d)+^2) over the PTV: coverage
+    ptv_boost: float = 0.03  # the coverage dome: 1 at the PTV surface, 1 + boost deep inside ...
+    ptv_boost_mm: float = 10.0  # ... reached this far inside (a hot core: PTV D2 ~105 %)
     ptv_over: float = 1000.0  # mean((d - hot)+^2) over the PTV: homogeneity
-    ptv_hot: float = 1.01
+    ptv_hot: float = 1.04
     bladder: float = 1.0  # mean(d^2) over each OAR outside the PTV (a gEUD with a = 2)
     rectum: float = 1.5
     femoral: float = 1.0  # each femoral head
@@ -62,36 +67,54 @@ class Style:
     nto_falloff_per_mm: float = 0.08  # ... at this rate per mm of distance
     integral: float = 0.3  # mean(d) over body minus PTV: the low-dose bath
     smooth: float = 3.0  # fluence modulation penalty (MLC deliverability; no ripples the coarse grid misses)
-    beam_sparsity: float = 0.0  # mean over beams of the beam's RMS fluence (group lasso)
     arc_smooth: float = 1.0  # fluence change between neighbouring control points (VMAT)
     beam_uniformity: float = 1.0  # squared coefficient of variation of the beams' mean fluence (VMAT)
     # Final dose only: each control point's fluence is spread over this gantry sector (two
     # sub-angles), as the gantry moves while delivering it; 0 = static beams.
     arc_sector_deg: float = 360.0 / ARC_CONTROL_POINTS
-    keep_beams: int = 0  # > 0: re-optimize with only this many of the starting beams (iCycle)
+    # Relative MU per beam that `beam_uniformity` holds the plan to (None: all equal, an arc).
+    beam_profile: tuple[float, ...] | None = None
 
     def weights(self) -> dict[str, float]:
         """The numeric objective parameters, as the optimizer takes them (traced, not static)."""
-        skip = {"name", "description", "gantry_deg", "arc_sector_deg", "keep_beams"}
+        skip = {"name", "description", "gantry_deg", "arc_sector_deg", "beam_profile"}
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
 
+
+def beam_profile(angles_deg: tuple[float, ...], strong_deg: tuple[float, ...], strength: float) -> tuple[float, ...]:
+    """Relative MU per beam: `strength` for the beam nearest each direction in `strong_deg`, else 1."""
+    angles = np.asarray(angles_deg)
+    profile = np.ones(len(angles))
+    for direction in strong_deg:
+        profile[np.argmin(np.abs((angles - direction + 180.0) % 360.0 - 180.0))] = strength
+    return tuple(float(v) for v in profile)
+
+
+EXTERNAL_ANGLES = tuple(float(a) for a in np.arange(EXTERNAL_BEAMS) * 360.0 / EXTERNAL_BEAMS)
+# The external style's spikes: the same anterior and lateral beams carry more MU in every plan;
+# the other 20 beams make an arc-like low-dose bath. 2.2 keeps a source-style plan of the same
+# patient within isodose Dice 0.8 of the external plan at every level (docs/synthetic_data.md).
+EXTERNAL_SPIKES_DEG = (0.0, 90.0, 270.0)
+EXTERNAL_SPIKE_MU = 2.2
 
 STYLE_TABLE: dict[str, Style] = {
     s.name: s
     for s in (
-        Style("source", "conformal VMAT arc with an NTO", gantry_deg=arc()),
+        Style("source", "conformal VMAT arc with an NTO, a hot PTV core (D2 ~105 %)", gantry_deg=arc()),
         Style(
             "internal_a",
-            "source with the rectum spared more aggressively: arc avoiding the posterior 50 degrees",
-            gantry_deg=arc(avoid=(180.0, 25.0)),  # no beam enters through the rectum
-            rectum=1.5,  # source's weight: the sparing comes from the beam geometry
+            "source with the rectum spared more aggressively (femoral heads held at source's dose)",
+            gantry_deg=arc(),
+            rectum=5.0,
+            femoral=2.0,
         ),
         Style(
             "internal_b",
             "source with rectum and bladder spared more aggressively: arc avoiding the anterior 30 degrees, softer NTO",
             gantry_deg=arc(avoid=(0.0, 15.0)),
-            rectum=1.8,
-            bladder=2.0,
+            rectum=2.5,
+            bladder=3.0,
+            femoral=1.8,
             nto=0.5,
             nto_end=0.7,
             nto_falloff_per_mm=0.03,
@@ -100,26 +123,27 @@ STYLE_TABLE: dict[str, Style] = {
             "internal_c",
             "NTO off; higher femoral-head dose traded for lower bladder and rectum dose",
             gantry_deg=arc(),
-            rectum=6.0,
-            bladder=6.0,
+            rectum=9.0,
+            bladder=9.0,
             femoral=0.0,
             ptv_under=2000.0,
             nto=0.0,
-            integral=0.1,
+            integral=0.0,
             beam_uniformity=0.0,
             arc_smooth=0.3,
         ),
         Style(
             "external",
-            "another institution: 23 evenly spaced beams, a few dominant ones, no NTO",
-            gantry_deg=tuple(float(a) for a in np.arange(EXTERNAL_BEAMS) * 360.0 / EXTERNAL_BEAMS),
+            "another institution: 23 fixed beams, a low-dose bath with lateral and anterior spikes, a flat PTV dose",
+            gantry_deg=EXTERNAL_ANGLES,
+            beam_profile=beam_profile(EXTERNAL_ANGLES, EXTERNAL_SPIKES_DEG, EXTERNAL_SPIKE_MU),
+            beam_uniformity=10.0,  # holds the plan to the beam profile
+            ptv_boost=0.0,  # a flat PTV dose (D2 <= ~102 %)
+            ptv_hot=0.995,
+            ptv_over=10000.0,
             nto=0.0,
             integral=0.1,
-            smooth=1.0,
-            beam_sparsity=0.3,
-            keep_beams=11,
             arc_smooth=0.0,
-            beam_uniformity=0.0,
             arc_sector_deg=0.0,
         ),
     )

@@ -121,7 +121,10 @@ def _objective(theta, w, data, geometry, scale):
     # Coverage and homogeneity on the full-grid PTV (a box around it): the coarse grid
     # misses the PTV boundary's penumbra and fluence ripples finer than 8 mm.
     ptv_dose = _dose(fluence, data["box_z_rel"], geometry["box"])
-    under = jnp.sum(data["box_ptv"] * jnp.maximum(1.0 - ptv_dose, 0.0) ** 2)
+    # Coverage toward a dome: 1 at the PTV surface rising by `ptv_boost` over `ptv_boost_mm`
+    # inside it (a planner's hot core; ptv_boost 0 = a flat 100 % target).
+    dome = 1.0 + w["ptv_boost"] * jnp.minimum(data["box_depth_mm"] / w["ptv_boost_mm"], 1.0)
+    under = jnp.sum(data["box_ptv"] * jnp.maximum(dome - ptv_dose, 0.0) ** 2)
     over = jnp.sum(data["box_ptv"] * jnp.maximum(ptv_dose - w["ptv_hot"], 0.0) ** 2)
     sq = dose**2
     limit = jnp.maximum(w["nto_end"], w["nto_start"] * jnp.exp(-w["nto_falloff_per_mm"] * data["distance_mm"]))
@@ -134,7 +137,7 @@ def _objective(theta, w, data, geometry, scale):
         + jnp.sum(both_z * (theta[:, :, 1:] - theta[:, :, :-1]) ** 2)
     ) / n_open
     beam_mean = jnp.sum(aperture * theta, axis=(1, 2)) / jnp.maximum(jnp.sum(aperture, axis=(1, 2)), 1.0)
-    beam_rms = jnp.sqrt(jnp.sum(aperture * theta**2, axis=(1, 2)) / jnp.maximum(jnp.sum(aperture, axis=(1, 2)), 1.0) + 1e-6)
+    relative_mu = beam_mean / data["beam_profile"]
     terms = {
         "ptv_under": w["ptv_under"] * under,
         "ptv_over": w["ptv_over"] * over,
@@ -144,53 +147,40 @@ def _objective(theta, w, data, geometry, scale):
         "nto": w["nto"] * nto,
         "integral": w["integral"] * jnp.sum(m["normal"] * dose),
         "smooth": w["smooth"] * smooth,
-        "beam_sparsity": w["beam_sparsity"] * jnp.mean(beam_rms),
         # VMAT deliverability: leaves and dose rate change little between control points.
         "arc_smooth": w["arc_smooth"] * jnp.sum(aperture * (theta - jnp.roll(theta, 1, axis=0)) ** 2) / n_open,
-        # ... and MU per degree stays near its mean (limited dose-rate / gantry-speed modulation).
-        "beam_uniformity": w["beam_uniformity"] * jnp.var(beam_mean) / jnp.maximum(jnp.mean(beam_mean) ** 2, 1e-6),
+        # ... and MU per degree follows the style's beam profile (uniform for arcs: limited
+        # dose-rate / gantry-speed modulation; fixed strong directions for the external style).
+        "beam_uniformity": w["beam_uniformity"] * jnp.var(relative_mu) / jnp.maximum(jnp.mean(relative_mu) ** 2, 1e-6),
     }
     return sum(terms.values()), terms
 
 
-@functools.partial(jax.jit, static_argnames=("iterations", "keep_beams"))
-def optimize_fluence(angles, data, w, iterations=ITERATIONS, keep_beams=0):
-    """Optimized fluence (B, BEAMLETS_U, BEAMLETS_Z), in units where the PTV mean dose is ~1.
-
-    With `keep_beams` > 0 the optimization runs twice, the second time with only the
-    `keep_beams` beams that carried the most fluence in the first (beam-angle selection from
-    a starting set of candidate directions, as Erasmus-iCycle does).
-    """
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def optimize_fluence(angles, data, w, iterations=ITERATIONS):
+    """Optimized fluence (B, BEAMLETS_U, BEAMLETS_Z), in units where the PTV mean dose is ~1, and the
+    objective's terms at the end."""
     geo = jax.vmap(beam_geometry, in_axes=(0, None, None, None))
     geometry = {
         "coarse": geo(angles, data["cols"], data["iso_xy"], data["ellipse"]),
         "box": geo(angles, data["box_cols"], data["iso_xy"], data["box_ellipse"]),
     }
     aperture = data["aperture"]
-    # Start from open apertures scaled so the PTV mean dose is 1 (the model is linear).
-    dose0 = _dose(aperture, data["box_z_rel"], geometry["box"])
+    # Start from open apertures carrying the beam profile, scaled so the PTV mean dose is 1
+    # (the model is linear); Adam moves a beamlet only ~LEARNING_RATE per iteration.
+    start = aperture * data["beam_profile"][:, None, None]
+    dose0 = _dose(start, data["box_z_rel"], geometry["box"])
     scale = 1.0 / jnp.maximum(jnp.sum(data["box_ptv"] * dose0), 1e-6)
     opt = optax.adam(LEARNING_RATE)
+    grad_fn = jax.grad(lambda t: _objective(t, w, data, geometry, scale)[0])
 
-    def run(aperture):
-        d = {**data, "aperture": aperture}
-        grad_fn = jax.grad(lambda t: _objective(t, w, d, geometry, scale)[0])
+    def step(_, carry):
+        theta, state = carry
+        updates, state = opt.update(grad_fn(theta), state, theta)
+        return jnp.maximum(optax.apply_updates(theta, updates), 0.0), state  # fluence >= 0
 
-        def step(_, carry):
-            theta, state = carry
-            updates, state = opt.update(grad_fn(theta), state, theta)
-            return jnp.maximum(optax.apply_updates(theta, updates), 0.0), state  # fluence >= 0
-
-        theta, _ = jax.lax.fori_loop(0, iterations, step, (aperture, opt.init(aperture)))
-        return theta, _objective(theta, w, d, geometry, scale)[1]
-
-    theta, terms = run(aperture)
-    if keep_beams:
-        beam_total = jnp.sum(theta * aperture, axis=(1, 2))
-        kept = beam_total >= jnp.sort(beam_total)[-keep_beams]
-        aperture = aperture * kept[:, None, None]
-        theta, terms = run(aperture)
-    return scale * theta * aperture, terms
+    theta, _ = jax.lax.fori_loop(0, iterations, step, (start, opt.init(start)))
+    return scale * theta * aperture, _objective(theta, w, data, geometry, scale)[1]
 
 
 @jax.jit
@@ -207,8 +197,11 @@ def dose_on_grid(angles, fluence, iso, ellipse, x, y, z):
     return dose.reshape(x.shape[0], y.shape[0], z.shape[0])
 
 
-def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray) -> dict:
-    """Everything the optimizer needs about one patient, padded to static shapes (numpy)."""
+def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray, beam_profile: np.ndarray | None = None) -> dict:
+    """Everything the optimizer needs about one patient, padded to static shapes (numpy).
+
+    `beam_profile` (B,): the relative MU each beam should carry (default: all equal).
+    """
     grid = anat.grid_for_scale(OPT_SCALE)
     masks = anat.structure_masks(anatomy, grid)
     _, bladder, rectum, fl, fr, body = masks
@@ -250,7 +243,10 @@ def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray) -> dict:
         raise AssertionError("the PTV extends beyond the optimizer's PTV box; enlarge PTV_BOX")
     bx, by = np.meshgrid(fx[box[0]], fy[box[1]], indexing="ij")
     box_ptv = ptv_fine[box].reshape(-1, PTV_BOX[2]).astype(np.float32)
+    # Depth inside the PTV (mm to the nearest voxel outside it), for the hot-core dome.
+    depth = ndimage.distance_transform_edt(ptv_fine[box], sampling=fine.spacing_mm).astype(np.float32)
     box_data = {
+        "box_depth_mm": depth.reshape(-1, PTV_BOX[2]),
         "box_cols": np.stack([bx.ravel(), by.ravel()], 1).astype(np.float32),
         "box_z_rel": (fz[box[2]] - iso[2]).astype(np.float32),
         "box_ellipse": anatomy.body_ellipse(fz[box[2]]),
@@ -265,6 +261,7 @@ def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray) -> dict:
         "weights": weights,
         "distance_mm": distance_cols,
         "aperture": aperture_mask(ptv_fine, fine, iso, angles),
+        "beam_profile": np.ones(len(angles), np.float32) if beam_profile is None else np.asarray(beam_profile, np.float32),
     }
 
 
