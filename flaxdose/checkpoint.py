@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -97,14 +98,12 @@ class WorkdirCheckpoints:
         stored shape differs from `params` (a checkpoint of another model).
         """
         check_shapes(self.latest, step, params, f"checkpoint step {step}")
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params),
-                opt_state=ocp.args.StandardRestore(opt_state),
-                meta=ocp.args.JsonRestore(),
-            ),
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            opt_state=ocp.args.StandardRestore(opt_state),
+            meta=ocp.args.JsonRestore(),
         )
+        restored = read_or_refuse(lambda: self.latest.restore(step, args=args), Path(self.latest.directory) / str(step))
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self):
@@ -116,6 +115,21 @@ class WorkdirCheckpoints:
         """Finish pending saves and release both orbax managers."""
         self.latest.close()
         self.best.close()
+
+
+def read_or_refuse(read: Callable, step_dir: Path):
+    """`read()`, with any failure of orbax/TensorStore on damaged files (a truncated or
+    half-copied array file) turned into a FlaxdoseError naming the step folder."""
+    try:
+        return read()
+    except FlaxdoseError:
+        raise
+    except Exception as e:  # TensorStore and orbax raise ValueError, OSError or plain Exception
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise FlaxdoseError(
+            f"checkpoint {step_dir} cannot be read ({first[:200]}); its files are damaged: restore them, "
+            "or delete that step folder to fall back to an earlier checkpoint"
+        ) from None
 
 
 def _best_val(manager) -> float | None:
@@ -179,6 +193,18 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
     )
 
 
+def check_params_shapes(path: str | os.PathLike, params_template, which: str = "best") -> None:
+    """Check a checkpoint's stored parameter shapes against `params_template` without reading
+    the arrays. Raises FlaxdoseError when there is no checkpoint or the shapes differ."""
+    directory, step = find_checkpoint(path, which)
+    items = ("params",) if directory.name == BEST else ("params", "opt_state")
+    manager = _manager(directory, items, keep=None, read_only=True)
+    try:
+        check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}")
+    finally:
+        manager.close()
+
+
 def restore_params(path: str | os.PathLike, params_template=None, which: str = "best"):
     """Params only (no optimizer state) from a workdir or checkpoint path, as numpy arrays.
 
@@ -196,12 +222,8 @@ def restore_params(path: str | os.PathLike, params_template=None, which: str = "
         target = None if params_template is None else jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), params_template
         )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
-        )
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        restored = read_or_refuse(lambda: manager.restore(step, args=args), directory / str(step))
     finally:
         manager.close()
     return jax.tree.map(np.asarray, restored.params), dict(restored.meta or {})

@@ -104,3 +104,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         app.run(quiet_main, flags_parser=_parse_flags)
     except FlaxdoseError as e:
         _fail(str(e))
+    except OSError as e:  # a path that cannot be created, read or written: the user's to fix, not a crash
+        where = f": {e.filename}" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}; check that the path exists, is a folder where one is expected, "
+              "and is writable")

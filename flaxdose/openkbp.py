@@ -66,12 +66,17 @@ def read_sparse_csv(path: str | os.PathLike, shape: Sequence[int] = OPENKBP_SHAP
         with open(path) as f:
             header = f.readline().strip()
             first = f.readline().strip()
+        with open(path, "rb") as f:  # the challenge's files end with a line end; a cut file does not
+            f.seek(max(path.stat().st_size - 1, 0))
+            truncated = bool(first) and f.read(1) != b"\n"
     except FileNotFoundError:
         raise FlaxdoseError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise FlaxdoseError(f"cannot read {path} ({e}); it is not an OpenKBP CSV") from None
     if header.replace(" ", "") != ",data":
         raise FlaxdoseError(f"{path}: header is {header[:40]!r}, not ',data'; it is not an OpenKBP sparse CSV")
+    if truncated:
+        raise FlaxdoseError(f"{path}: the last row has no line end; the file is truncated (copy it again)")
     size = int(np.prod(shape))
     if not first:
         return np.zeros(0, np.int64), None
@@ -152,6 +157,8 @@ def read_openkbp_patient(
         ct = from_openkbp(_dense(idx, values, OPENKBP_SHAPE)) - np.float32(CT_OFFSET)
     present = [s for s, m in zip(structures, masks) if s in TARGET_PRESCRIPTION_GY and m.any()]
     rx = max((TARGET_PRESCRIPTION_GY[s] for s in present), default=max(TARGET_PRESCRIPTION_GY.values()))
+    if dose is not None:
+        check_target_dose(folder, dose, {s: m for s, m in zip(structures, masks) if s in present})
     return Case(
         case_id=folder.name,
         structures=tuple(structures),
@@ -171,6 +178,20 @@ def read_openkbp_patient(
             "origin_note": "OpenKBP has no patient coordinates; origin_mm is arbitrary",
         },
     )
+
+
+def check_target_dose(folder: Path, dose: np.ndarray, targets: dict[str, np.ndarray]) -> None:
+    """Refuse a plan dose that cannot be a whole plan: a target with unirradiated voxels, or a
+    target's median dose below half its level (PTV70: 35 Gy). A damaged or cut dose.csv reads
+    as such a dose, and it would train and score as a real plan. Raises FlaxdoseError."""
+    for name, mask in targets.items():
+        covered = float((dose[mask] > 0).mean())
+        median = float(np.median(dose[mask]))
+        if covered < 0.99 or median < 0.5 * TARGET_PRESCRIPTION_GY[name]:
+            raise FlaxdoseError(
+                f"{folder / 'dose.csv'}: {name} has dose in {covered:.0%} of its voxels, median {median:.1f} Gy "
+                f"(prescription {TARGET_PRESCRIPTION_GY[name]:g} Gy); the dose file is damaged or not the plan dose"
+            )
 
 
 def write_openkbp_dose(dose: Case | np.ndarray, path: str | os.PathLike, possible_dose_mask=None) -> Path:

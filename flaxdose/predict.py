@@ -41,11 +41,14 @@ def main(argv):
     """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
     optionally write one prediction as RTDOSE. Raises FlaxdoseError for missing or conflicting flags."""
     del argv
-    if not (FLAGS.workdir or FLAGS.checkpoint) or not (FLAGS.out or FLAGS.dicom):
-        raise FlaxdoseError(
-            "usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
-            "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)"
-        )
+    usage = ("usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
+             "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)")
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+        raise FlaxdoseError(f"--workdir (or --checkpoint) is missing: the model to predict with; {usage}")
+    if not (FLAGS.out or FLAGS.dicom):
+        raise FlaxdoseError(f"--out is missing: the folder for the predicted cases; {usage}")
+    if FLAGS.dicom and not FLAGS.rtdose_out:
+        raise FlaxdoseError("--dicom needs --rtdose_out DIR, the folder the predicted RTDOSE is written to")
     if FLAGS.rtdose_out and not (FLAGS.reference or FLAGS.dicom):
         raise FlaxdoseError("--rtdose_out needs --reference CT_DIR, the patient's CT the dose is written on")
     if FLAGS.data and not FLAGS.out:

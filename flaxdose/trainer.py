@@ -196,6 +196,13 @@ class MetricWriter:
 # ---------------------------------------------------------------- the loop
 def check_setup(config, spec: UNetSpec, devices) -> None:
     """Settings that cannot work together, refused before anything is read or written."""
+    if int(config.train.steps) < 1:
+        raise FlaxdoseError(f"train.steps={config.train.steps}; train at least one step")
+    if config.data.get("path") and config.data.kind != "folder":
+        raise FlaxdoseError(f"data.path={config.data.path!r} is read only with data.kind=folder (it is "
+                            f"{config.data.kind!r}); add --config.data.kind=folder")
+    if transfer.is_transfer(config):  # a missing or mismatched source, before any data is generated
+        transfer.check_source(config, spec)
     n_structures = len(config.data.structures)
     if n_structures != spec.in_channels:
         raise FlaxdoseError(

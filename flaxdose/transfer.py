@@ -18,7 +18,7 @@ import dataclasses
 
 import jax
 
-from flaxdose.checkpoint import restore_params
+from flaxdose.checkpoint import check_params_shapes, restore_params
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
 
@@ -72,6 +72,24 @@ def count_by_label(params, mode: Mode) -> dict[str, int]:
     labels = jax.tree_util.tree_leaves(param_labels(params, mode))
     sizes = [p.size for p in jax.tree_util.tree_leaves(params)]
     return {lab: sum(s for s, l in zip(sizes, labels) if l == lab) for lab in (TRAINABLE, FROZEN)}
+
+
+def check_source(config, spec: UNetSpec) -> None:
+    """Refuse, before anything is generated or written, a fine-tune whose mode is unknown or
+    whose source model is missing or of another architecture (`init_transfer` would later)."""
+    get_mode(config.transfer.mode)
+    if not config.transfer.source:
+        raise FlaxdoseError(
+            "transfer needs the source model: pass --source=SOURCE_WORKDIR (or --config.transfer.source=PATH)"
+        )
+    template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0), config.data.patch_shape))
+    try:
+        check_params_shapes(config.transfer.source, template)
+    except FlaxdoseError as e:
+        if "different model" not in str(e):
+            raise
+        raise FlaxdoseError(f"{e}. A fine-tune keeps the source's architecture: pass the source run's "
+                            f"model settings (--config.model.*, see {config.transfer.source}/config.json)") from None
 
 
 def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:

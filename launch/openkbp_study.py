@@ -42,7 +42,7 @@ from flaxdose.openkbp import (
     score_predictions,
 )
 from flaxdose.openkbp_eval import DISTANCE_REFERENCE, NETWORK, evaluate_openkbp
-from flaxdose.launch.paper_study import Stages, timing_and_settings
+from flaxdose.launch.paper_study import Stages, results_folder, timing_and_settings
 
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
@@ -248,16 +248,22 @@ def define_flags() -> None:
     flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
     flags.DEFINE_string("src", None, "the challenge's provided-data folder (train-pats, validation-pats)")
     flags.DEFINE_string("workdir", None, "study folder (datasets, models, evaluation)")
-    flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where the Markdown report and figures go")
+    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: docs/results of the "
+                      "repository for the committed scales, WORKDIR/report for smoke)")
     flags.DEFINE_integer("seed", 0, "seed of the initialisation and the patches")
     flags.DEFINE_bool("data_only", False, "stop after converting: prepare a workdir to carry to a GPU machine")
 
 
 def main(argv):
     del argv
-    if not FLAGS.workdir or not (FLAGS.src or (Path(FLAGS.workdir) / "stages.json").is_file()):
-        raise FlaxdoseError("usage: python -m launch.openkbp_study --scale openkbp_cpu --src PROVIDED_DATA --workdir DIR")
-    done = run_study(FLAGS.scale, FLAGS.src, FLAGS.workdir, FLAGS.results, FLAGS.seed, FLAGS.data_only)
+    usage = "usage: python -m launch.openkbp_study --scale openkbp_cpu --src PROVIDED_DATA --workdir DIR"
+    if not FLAGS.workdir:
+        raise FlaxdoseError(f"--workdir is missing: the study's folder; {usage}")
+    if not (FLAGS.src or (Path(FLAGS.workdir) / "stages.json").is_file()):
+        raise FlaxdoseError(f"--src is missing: the challenge's provided-data folder (train-pats, validation-pats; "
+                            f"for --scale smoke: ../shared/openkbp-sample); {usage}")
+    results = results_folder(FLAGS.results, FLAGS.scale, FLAGS.workdir)
+    done = run_study(FLAGS.scale, FLAGS.src, FLAGS.workdir, results, FLAGS.seed, FLAGS.data_only)
     print(f"[openkbp_study] {'data' if FLAGS.data_only else 'report'}: {done}")
 
 

@@ -332,11 +332,20 @@ def timing_and_settings(times: dict, settings: dict) -> list[str]:
             json.dumps(settings, indent=1, default=list), "```", ""]
 
 
+def results_folder(results: str | None, scale: str, workdir: str | Path) -> Path:
+    """Where a study's report goes: `results` if given; a smoke run's stays in its workdir, so
+    trying a study does not write into the repository's committed docs/results."""
+    if results:
+        return Path(results)
+    return Path(workdir) / "report" if scale == "smoke" else REPO / "docs" / "results"
+
+
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
     flags.DEFINE_string("workdir", None, "study folder (data, models, evaluations)")
-    flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where the Markdown report and figures go")
+    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: docs/results of the "
+                      "repository for the committed scales, WORKDIR/report for smoke)")
     flags.DEFINE_integer("seed", 0, "seed of the data, the initialisation and the patches")
     flags.DEFINE_string("until", None, "stop after this stage (e.g. source); a rerun continues from there")
 
@@ -345,7 +354,8 @@ def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for the study's data, models and evaluations")
-    report = run_study(FLAGS.scale, FLAGS.workdir, FLAGS.results, FLAGS.seed, FLAGS.until)
+    report = run_study(FLAGS.scale, FLAGS.workdir, results_folder(FLAGS.results, FLAGS.scale, FLAGS.workdir), FLAGS.seed,
+                       FLAGS.until)
     if report is not None:
         print(f"[paper_study] report: {report}")
 

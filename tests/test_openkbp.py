@@ -278,3 +278,24 @@ def test_mirror_averaged_prediction_is_left_right_symmetric():
     np.testing.assert_allclose(both.predict_relative(inputs), expected, rtol=1e-6)
     np.testing.assert_allclose(both.predict_relative(mirrored), expected[::-1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(plain.predict_relative(mirrored), plain.predict_relative(inputs)[::-1])
+
+
+def test_a_cut_or_partial_dose_file_is_refused(tmp_path):
+    """A new-user pass: dose.csv cut at 5000 bytes converted with exit 0 into 363 voxels of at most
+    28 Gy (the real file: 116,045 voxels, 72 Gy). A cut file, or a dose that leaves target voxels
+    unirradiated, is refused."""
+    import shutil
+
+    patient = next(p for p in sorted((SAMPLE / "train-pats").iterdir()) if (p / "PTV70.csv").exists())
+    cut = tmp_path / patient.name
+    shutil.copytree(patient, cut)
+    full = (patient / "dose.csv").read_bytes()
+    (cut / "dose.csv").write_bytes(full[:5000])
+    with pytest.raises(FlaxdoseError, match="truncated"):
+        read_openkbp_patient(cut)
+    rows = full.decode().splitlines(keepends=True)
+    (cut / "dose.csv").write_text("".join(rows[:400]))  # whole rows, but only the first 399 voxels
+    with pytest.raises(FlaxdoseError, match="damaged or not the plan dose"):
+        read_openkbp_patient(cut)
+    (cut / "dose.csv").write_bytes(full)
+    assert read_openkbp_patient(cut).dose.max() > 0.5 * 70

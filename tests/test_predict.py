@@ -103,3 +103,31 @@ def test_predict_cli_defaults_data_to_the_runs_dataset(tmp_path, workdir):
                               f"--out={tmp_path / 'okbp'}"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--openkbp needs --data" in refused.stderr
     assert not (tmp_path / "okbp").exists()
+
+
+def test_bad_output_paths_and_a_damaged_checkpoint_are_one_line_errors(tmp_path, workdir):
+    """Found by a new-user pass: --dicom without --rtdose_out computed a dose and threw it away
+    (exit 0); an --out that cannot be created, and a truncated checkpoint file, ended in tracebacks."""
+    import shutil
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flaxdose.predict", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    no_rtdose = cli(f"--workdir={workdir}", f"--dicom={tmp_path}")
+    assert no_rtdose.returncode == 2 and "--dicom needs --rtdose_out" in no_rtdose.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    under_a_file = cli(f"--workdir={workdir}", f"--out={a_file / 'pred'}")
+    assert under_a_file.returncode == 2 and under_a_file.stderr.strip().splitlines()[-1].startswith("flaxdose: error:")
+    assert "Traceback" not in under_a_file.stderr and a_file.read_text() == "not a folder"
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged, ignore=shutil.ignore_patterns("data"))
+    arrays = sorted((p for p in (damaged / "best").rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+    assert arrays, "orbax stores the arrays under .../d/"
+    arrays[-1].write_bytes(arrays[-1].read_bytes()[:100])  # the largest array file, cut short
+    with pytest.raises(FlaxdoseError, match="damaged"):
+        Model.load(damaged)

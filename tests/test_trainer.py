@@ -134,3 +134,24 @@ def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
     predicted = model.predict(val_cases)
     mse = np.mean([np.mean(((p.dose.astype(np.float64) - c.dose) / c.prescription_gy) ** 2) for p, c in zip(predicted, val_cases)])
     assert logged == [pytest.approx(mse, rel=1e-5)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.steps": -5}, "train at least one step"),
+    ({"data.path": "/somewhere"}, "data.kind=folder"),
+    ({"transfer.mode": "paper", "transfer.source": "/no/such/run"}, "does not exist"),
+    ({"transfer.mode": "encoder", "transfer.source": "/no/such/run"}, "unknown transfer mode"),
+])
+def test_bad_settings_are_refused_before_data_is_generated(tmp_path, make_config, overrides, message):
+    """A new-user pass: these ran (steps=-5, exit 0), silently ignored data.path, or failed only
+    after generating a whole dataset into the workdir."""
+    with pytest.raises(FlaxdoseError, match=message):
+        trainer.train_and_evaluate(make_config(**overrides), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.train", "--config=quick", f"--workdir={tmp_path / 'a_file'}",
+                           "--config.train.steps=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("flaxdose: error:") and "Traceback" not in proc.stderr
