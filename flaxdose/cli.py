@@ -80,6 +80,15 @@ def _fail(message: str):
     sys.exit(USAGE_ERROR)
 
 
+def show_in_help(module: str) -> None:
+    """Make a face's flags the ones `--help` lists when it runs as a console script (absl lists
+    the flags of the program's main module, which is then the script wrapper, not the face)."""
+    if module == "__main__":
+        return
+    for flag in flags.FLAGS.flags_by_module_dict().get(module, []):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None] | None = None,
         argv: Sequence[str] | None = None) -> None:
     """Define the command's flags, parse them and run ``main(argv)`` with flaxdose's conventions.
@@ -101,6 +110,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
                 define_flags()
             except _FLAG_ERRORS as e:
                 _fail(f"{_describe(e)} (see --help)")
+            show_in_help(main.__module__)
         app.run(quiet_main, flags_parser=_parse_flags)
     except FlaxdoseError as e:
         _fail(str(e))

@@ -75,3 +75,17 @@ def test_every_shipped_config_loads_and_builds_a_model():
         spec = UNetSpec.from_config(config.model)
         assert spec.in_channels == len(config.data.structures), name
         assert all(p % spec.factor == 0 for p in config.data.patch_shape), name
+
+
+def test_console_script_help_lists_the_commands_flags():
+    """`flaxdose-predict --help` listed no flags (absl shows the main module's, the script wrapper's)."""
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "flaxdose-predict"
+    if not script.exists():
+        script = shutil.which("flaxdose-predict")
+    if script is None:
+        pytest.skip("flaxdose is not installed with its console scripts")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert "--workdir" in out.stdout + out.stderr and "--rtdose_out" in out.stdout + out.stderr
