@@ -140,8 +140,9 @@ def _best_val(manager) -> float | None:
     return meta.get("val_loss")
 
 
-def check_shapes(manager, step: int, params, what: str) -> None:
-    """Raise a FlaxdoseError naming every parameter whose stored shape differs from `params`."""
+def check_shapes(manager, step: int, params, what: str,
+                 fix: str = "use the model config it was trained with, or another workdir") -> None:
+    """Raise a FlaxdoseError naming every parameter whose stored shape differs from `params`, and `fix`."""
     stored = manager.item_metadata(step)["params"]
     stored = getattr(stored, "tree", stored)
     flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
@@ -157,8 +158,7 @@ def check_shapes(manager, step: int, params, what: str) -> None:
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise FlaxdoseError(
-            f"{what} holds a different model ({len(diffs)} parameter shapes differ: {shown}); "
-            "use the model config it was trained with, or another workdir"
+            f"{what} holds a different model ({len(diffs)} parameter shapes differ: {shown}); {fix}"
         )
 
 
@@ -193,14 +193,14 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
     )
 
 
-def check_params_shapes(path: str | os.PathLike, params_template, which: str = "best") -> None:
+def check_params_shapes(path: str | os.PathLike, params_template, fix: str, which: str = "best") -> None:
     """Check a checkpoint's stored parameter shapes against `params_template` without reading
-    the arrays. Raises FlaxdoseError when there is no checkpoint or the shapes differ."""
+    the arrays. Raises FlaxdoseError when there is no checkpoint or the shapes differ (saying `fix`)."""
     directory, step = find_checkpoint(path, which)
     items = ("params",) if directory.name == BEST else ("params", "opt_state")
     manager = _manager(directory, items, keep=None, read_only=True)
     try:
-        check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}")
+        check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}", fix)
     finally:
         manager.close()
 

@@ -74,22 +74,23 @@ def count_by_label(params, mode: Mode) -> dict[str, int]:
     return {lab: sum(s for s, l in zip(sizes, labels) if l == lab) for lab in (TRAINABLE, FROZEN)}
 
 
-def check_source(config, spec: UNetSpec) -> None:
-    """Refuse, before anything is generated or written, a fine-tune whose mode is unknown or
-    whose source model is missing or of another architecture (`init_transfer` would later)."""
-    get_mode(config.transfer.mode)
+def source_of(config) -> str:
+    """The fine-tune's source model path (``transfer.source``); raises FlaxdoseError when unset."""
     if not config.transfer.source:
         raise FlaxdoseError(
             "transfer needs the source model: pass --source=SOURCE_WORKDIR (or --config.transfer.source=PATH)"
         )
+    return config.transfer.source
+
+
+def check_source(config, spec: UNetSpec) -> None:
+    """Refuse, before anything is generated or written, a fine-tune whose mode is unknown or
+    whose source model is missing or of another architecture (`init_transfer` would later)."""
+    get_mode(config.transfer.mode)
+    source = source_of(config)
     template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0), config.data.patch_shape))
-    try:
-        check_params_shapes(config.transfer.source, template)
-    except FlaxdoseError as e:
-        if "different model" not in str(e):
-            raise
-        raise FlaxdoseError(f"{e}. A fine-tune keeps the source's architecture: pass the source run's "
-                            f"model settings (--config.model.*, see {config.transfer.source}/config.json)") from None
+    check_params_shapes(source, template, fix="a fine-tune keeps the source's architecture: pass the source run's "
+                        f"model settings (--config.model.*, see {source}/config.json)")
 
 
 def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:
@@ -99,11 +100,7 @@ def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:
     source (``transfer.source``), for an unknown mode, or a source of another architecture.
     """
     mode = get_mode(config.transfer.mode)
-    source = config.transfer.source
-    if not source:
-        raise FlaxdoseError(
-            "transfer needs the source model: pass --source=SOURCE_WORKDIR (or --config.transfer.source=PATH)"
-        )
+    source = source_of(config)
     fresh = init_params(spec, rng, config.data.patch_shape)
     params, source_meta = restore_params(source, fresh)
     if mode.reinit_head:

@@ -89,6 +89,10 @@ def test_transfer_errors(tmp_path, source_workdir, make_config):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "c")
     with pytest.raises(FlaxdoseError, match="no orbax checkpoint"):
         trainer.train_and_evaluate(transfer_config(make_config, tmp_path), tmp_path / "d")
+    # all refused before the run's data was generated: nothing written
+    assert not any((tmp_path / w).exists() for w in "abcd")
+    with pytest.raises(FlaxdoseError, match=r"pass the source run's model settings \(--config.model.\*"):
+        trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "e")
 
 
 def test_adam_with_the_rate_in_its_state_equals_optax_adam_bitwise():
