@@ -196,13 +196,18 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
 def check_params_shapes(path: str | os.PathLike, params_template, fix: str, which: str = "best") -> None:
     """Check a checkpoint's stored parameter shapes against `params_template` without reading
     the arrays. Raises FlaxdoseError when there is no checkpoint or the shapes differ (saying `fix`)."""
-    directory, step = find_checkpoint(path, which)
-    items = ("params",) if directory.name == BEST else ("params", "opt_state")
-    manager = _manager(directory, items, keep=None, read_only=True)
+    directory, step, manager = _open_read_only(path, which)
     try:
         check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}", fix)
     finally:
         manager.close()
+
+
+def _open_read_only(path: str | os.PathLike, which: str):
+    """(manager dir, step, read-only orbax manager) of the checkpoint `find_checkpoint` resolves."""
+    directory, step = find_checkpoint(path, which)
+    items = ("params",) if directory.name == BEST else ("params", "opt_state")
+    return directory, step, _manager(directory, items, keep=None, read_only=True)
 
 
 def restore_params(path: str | os.PathLike, params_template=None, which: str = "best"):
@@ -212,9 +217,7 @@ def restore_params(path: str | os.PathLike, params_template=None, which: str = "
     Returns (params, meta). Raises FlaxdoseError when no checkpoint is found (see
     `find_checkpoint`) or the stored shapes differ from the template's.
     """
-    directory, step = find_checkpoint(path, which)
-    items = ("params",) if directory.name == BEST else ("params", "opt_state")
-    manager = _manager(directory, items, keep=None, read_only=True)
+    directory, step, manager = _open_read_only(path, which)
     try:
         if params_template is not None:
             check_shapes(manager, step, params_template, f"checkpoint {directory / str(step)}")
