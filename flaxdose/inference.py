@@ -25,7 +25,7 @@ from tqdm import tqdm
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint, restore_params
 from flaxdose.data.case import Case, Dataset, write_dataset
-from flaxdose.data.pipeline import lr_swap_permutation
+from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
@@ -115,22 +115,26 @@ class Model:
     GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
     (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
     the left-right mirrored case (paired structures swapped, as the training flips do) and
-    averages the two (test-time augmentation; twice the work).
+    averages the two (test-time augmentation; twice the work). `with_distance`: the model also
+    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`).
     """
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
-                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False):
+                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
+                 with_distance: bool = False):
         self.spec, self.structures, self.name = spec, tuple(structures), name
+        self.with_distance = bool(with_distance)
         self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
         self.params = jax.device_put(params)
         self._predict = make_predict_fn(spec)
 
     @classmethod
     def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False) -> Model:
-        """The model a run config trains (`config.model`, `config.data.structures`, its patch size), with `params`."""
+        """The model a run config trains (`config.model`, `config.data.structures` and `target_distance`, its
+        patch size), with `params`."""
         window = None if full_volume else tuple(config.data.patch_shape)
         return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
-                   mirror=mirror)
+                   mirror=mirror, with_distance=config.data.get("target_distance", False))
 
     @classmethod
     def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
@@ -148,13 +152,13 @@ class Model:
         return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume, mirror=mirror)
 
     def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
-        """(X, Y, Z, C) uint8 masks -> (X, Y, Z) dose in units of the prescription."""
+        """(X, Y, Z, C) `model_inputs` -> (X, Y, Z) dose in units of the prescription."""
         run = lambda x: self._predict(self.params, x)
         one = lambda v: (np.asarray(run(v[None]))[0] if self.window is None
                          else sliding_window(run, v, self.window, self.overlap, batch_size))
         if not self.mirror:
             return one(inputs)
-        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures))]  # x runs right -> left
+        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
         return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
@@ -170,7 +174,7 @@ class Model:
                 raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
-            relative = self.predict_relative(np.moveaxis(case.masks, 0, -1).astype(np.uint8), batch_size)
+            relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
             dose = np.clip(relative, 0.0, None) * case.prescription_gy
             region = case.dose_region()
             if region is not None:  # no dose in the air around the patient

@@ -72,7 +72,9 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
     overrides = {
         **{f"data.{k}": v for k, v in settings["data"].items() if k not in skip},
         **{f"model.{k}": v for k, v in settings["model"].items()},
-        **{f"train.{k}": v for k, v in settings[f"{'source' if style == SOURCE else 'target'}_train"].items()},
+        # Transfers keep the source's recipe (the paper: "other hyperparameters unchanged") but their own steps.
+        **{f"train.{k}": v for k, v in settings["source_train"].items()},
+        **({} if style == SOURCE else {f"train.{k}": v for k, v in settings["target_train"].items()}),
         "data.kind": "folder",
         "data.path": str(workdir / "data" / transfer_style),
         "seed": seed,
@@ -131,13 +133,15 @@ class SourcePlans:
         return out
 
 
-def evaluate_style(workdir: Path, style: str) -> dict:
-    """The style's test cases: source model and target model (or control), oracle; report folder + summary."""
-    models = {SOURCE_MODEL: Model.load(workdir / SOURCE)}
+def evaluate_style(workdir: Path, style: str, mirror: bool = False) -> dict:
+    """The style's test cases: source model and target model (or control), oracle; report folder + summary.
+
+    `mirror`: every network predicts each case and its left-right mirror and averages the two."""
+    models = {SOURCE_MODEL: Model.load(workdir / SOURCE, mirror=mirror)}
     if style == SOURCE:
-        models[CONTROL_MODEL] = Model.load(workdir / CONTROL)
+        models[CONTROL_MODEL] = Model.load(workdir / CONTROL, mirror=mirror)
     else:
-        models[TARGET_MODEL] = Model.load(workdir / style)
+        models[TARGET_MODEL] = Model.load(workdir / style, mirror=mirror)
         models[ORACLE_MODEL] = SourcePlans(Dataset.open(workdir / "data" / ORACLE))
     ev = evaluation.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
     note = f"{style} style, test split, {len(ev.references)} cases"
@@ -161,7 +165,8 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
     plan = [("data", lambda: generate_data(workdir, settings, seed))]
     plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
              for s in (SOURCE, *TARGETS, CONTROL)]
-    plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s)) for s in (SOURCE, *TARGETS)]
+    plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s, settings.get("mirror", False)))
+             for s in (SOURCE, *TARGETS)]
     names = [name for name, _ in plan]
     if until is not None and until not in names:
         raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
@@ -313,7 +318,8 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     for style, summary in summaries.items():
         lines += [f"### {style}", "", evaluation.markdown_table(summary), ""]
         lines += _copy_figures(workdir / "eval" / style, figures, style) + [""]
-    lines += ["## Training", "", "Training loss: mean MSE of dose / Rx over the logged window of patches; "
+    lines += ["## Training", "", "Training loss: the training objective (MSE of dose / Rx, target voxels weighted "
+              f"{settings['source_train'].get('target_weight', 1.0):g}x) over the logged window of patches; "
               "validation MSE: the evaluation's own inference on the held-out source plans (it picks the "
               "source model's checkpoint).", ""] + training_table(workdir) + [""]
     ablation = results / f"paper_study_{scale}_ablation.md"  # hand-kept: trials outside this run
