@@ -14,6 +14,7 @@ possible-dose mask).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
+
+log = logging.getLogger("flaxdose")
 
 
 def run_config_file(path: str | Path, which: str = "best") -> Path:
@@ -57,6 +60,15 @@ def run_dataset(path: str | Path) -> Path:
     if config.data.kind == "folder" and not (Path(config.data.path) / "manifest.json").is_file():
         raise FlaxdoseError(f"the run {config_file.parent} trained on {config.data.path}, which is gone; pass --data DIR")
     return Path(resolve_dataset(config.data, config_file.parent).root)
+
+
+def trained_cases(path: str | Path) -> tuple[Dataset, list[str]]:
+    """The dataset the run at `path` trained on (`run_dataset`) and the ids of the cases it saw: its
+    training split (or ``data.train_cases``), validation cases included (they picked its checkpoint)."""
+    config = config_lib.load_config_json(run_config_file(path, "latest"))
+    dataset = Dataset.open(run_dataset(path))
+    seen = list(config.data.get("train_cases") or ()) or dataset.split(config.data.train_split)
+    return dataset, seen + (dataset.split("val") if "val" in dataset.splits else [])
 
 
 @functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
@@ -105,6 +117,26 @@ def sliding_window(run, volume: np.ndarray, window: Sequence[int], overlap: floa
             total[s] += predicted[row] * weights
             norm[s] += weights
     return total / norm
+
+
+# A prostate plan's maximum is ~105-115 % of the prescription; far above it the input is unlike
+# anything the model was trained on. Prescriptions beyond these bounds look like cGy or a typo.
+IMPLAUSIBLE_MAX_RELATIVE = 1.5
+PLAUSIBLE_PRESCRIPTION_GY = (1.0, 120.0)
+
+
+def implausible(case: Case, relative: np.ndarray) -> str:
+    """Why a prediction (dose / prescription, (X, Y, Z)) should not be trusted, or "" (checks: its maximum
+    against `IMPLAUSIBLE_MAX_RELATIVE`, the prescription against `PLAUSIBLE_PRESCRIPTION_GY`)."""
+    lo, hi = PLAUSIBLE_PRESCRIPTION_GY
+    if not lo <= case.prescription_gy <= hi:
+        return (f"prescription {case.prescription_gy:g} Gy is outside {lo:g}-{hi:g} Gy (cGy given as Gy?); the "
+                "predicted dose scales with it: check prescription_gy")
+    peak = float(np.max(relative)) if relative.size else 0.0
+    if peak > IMPLAUSIBLE_MAX_RELATIVE:
+        return (f"predicted maximum {peak * case.prescription_gy:.1f} Gy is {peak:.2f} x the prescription: the case "
+                "is unlike the model's training data (structure names and order, grid, spacing?); do not use it")
+    return ""
 
 
 class Model:
@@ -180,7 +212,12 @@ class Model:
             if region is not None:  # no dose in the air around the patient
                 dose = dose * region
             dose = dose.astype(np.float32)
-            out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": self.name}))
+            meta = {**case.meta, "predicted_by": self.name}
+            doubt = implausible(case, relative)
+            if doubt:
+                log.warning("case %s: %s", case.case_id, doubt)
+                meta["prediction_warning"] = doubt
+            out.append(case.replace(dose=dose, meta=meta))
         return out
 
 

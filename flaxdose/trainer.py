@@ -231,6 +231,11 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
     if config.data.get("path") and config.data.kind != "folder":
         raise FlaxdoseError(f"data.path={config.data.path!r} is read only with data.kind=folder (it is "
                             f"{config.data.kind!r}); add --config.data.kind=folder")
+    for key in ("patch_shape", "patch_sigma"):  # checked again against each case's grid once the data is read
+        value = tuple(config.data[key]) if isinstance(config.data[key], (tuple, list)) else (config.data[key],)
+        if len(value) != 3 or not all(float(v) > 0 for v in value):
+            raise FlaxdoseError(f"data.{key}={config.data[key]!r}; give three positive (x, y, z) sizes in voxels, "
+                                f"e.g. --config.data.{key}='(32,32,16)'")
     if transfer.is_transfer(config):  # a missing or mismatched source, before any data is generated
         transfer.check_source(config, spec)
     with_distance = bool(config.data.get("target_distance", False))

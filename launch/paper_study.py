@@ -157,19 +157,19 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
     """Run (or resume) the study; the report's path, or None when stopped early by `until` (a stage name)."""
     settings = scale_settings(scale)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(workdir)
-    loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
-    loads.setdefault("start", load())
-    (workdir / "load.json").write_text(json.dumps(loads))
     plan = [("data", lambda: generate_data(workdir, settings, seed))]
     plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
              for s in (SOURCE, *TARGETS, CONTROL)]
     plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s, settings.get("mirror", False)))
              for s in (SOURCE, *TARGETS)]
     names = [name for name, _ in plan]
-    if until is not None and until not in names:
+    if until is not None and until not in names:  # before anything is written
         raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(workdir)
+    loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
+    loads.setdefault("start", load())
+    (workdir / "load.json").write_text(json.dumps(loads))
     for name, fn in plan:
         stages.run(name, fn)
         if name == until:
@@ -297,6 +297,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
              f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
              f"commit `{commit}`, machine: {provenance.machine()}; load average "
              f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
+             recipe_line(settings), "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
              "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
              f"*Control*: the same recipe on {settings['control_plans']} source-style training plans, scored on the "
@@ -329,6 +330,20 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def recipe_line(settings: dict) -> str:
+    """One sentence: the scale's inputs, loss, schedule and inference, and where they depart from the paper."""
+    train = settings["source_train"]
+    inputs = ("the six masks plus the signed distance to the PTV (a 7th channel, not the paper's)"
+              if settings["data"].get("target_distance") else "the paper's six masks")
+    weight = float(train.get("target_weight", 1.0))
+    loss = f"MSE with PTV voxels weighted {weight:g}x" if weight != 1 else "MSE (the paper's)"
+    schedule = train.get("schedule", "constant")
+    rate = train.get("learning_rate", 1e-4)
+    mirror = "; evaluation averages each prediction with that of the left-right mirrored case" if settings.get("mirror") else ""
+    return (f"Recipe at this scale: inputs {inputs}; loss {loss}; Adam {rate:g}, schedule `{schedule}`, "
+            f"{train['steps']} steps; transfers learning rate {settings['transfer_lr']:g}{mirror}.")
 
 
 def timing_and_settings(times: dict, settings: dict) -> list[str]:

@@ -92,6 +92,9 @@ def test_bad_data_settings_are_clear_errors(tmp_path, make_config):
         trainer.train_and_evaluate(make_config(**{"train.batch_size": 6}), tmp_path / "w")
     with pytest.raises(FlaxdoseError, match="in_channels"):
         trainer.train_and_evaluate(make_config(**{"model.in_channels": 5}), tmp_path / "w")
+    for bad in ((32,), (8, 8, 0)):  # refused before any data is generated or folder made
+        with pytest.raises(FlaxdoseError, match="three positive"):
+            trainer.train_and_evaluate(make_config(**{"data.patch_shape": bad}), tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
@@ -101,7 +104,8 @@ def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
     cmd = [sys.executable, "-m", "flaxdose.train", "--config=quick", "--workdir=run",  # relative, as users type it
            "--config.data.kind=phantom", "--config.data.phantom_shape=(16,16,8)", "--config.data.n_train=6",
            "--config.data.val_cases=2", "--config.data.patch_shape=(8,8,8)", "--config.model.features=(4,8)",
-           "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.steps=400",
+           "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.schedule=constant",
+           "--config.train.steps=400",
            "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
