@@ -170,12 +170,14 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
     loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
     loads.setdefault("start", load())
     (workdir / "load.json").write_text(json.dumps(loads))
+    pending = [name for name, _ in plan if name not in stages.done]
     for name, fn in plan:
         stages.run(name, fn)
         if name == until:
             print(f"[paper_study] stopped after {until}; rerun without --until to finish")
             return None
-    loads["end"] = load()
+    if pending or "end" not in loads:  # rewriting a finished study's report keeps its own end
+        loads["end"] = load()
     (workdir / "load.json").write_text(json.dumps(loads))
     summaries = {s: json.loads((workdir / "eval" / s / "summary.json").read_text()) for s in (SOURCE, *TARGETS)}
     return write_report(scale, settings, workdir, Path(results), summaries, stages.done, loads)
