@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
             patch_shape=(96, 96, 48),
             patch_sigma=(8.0, 8.0, 4.0),  # voxels; Gaussian spread of patch centres around the PTV centroid
             flip_lr=True,
+            target_distance=False,  # True: a 7th input, the signed distance to the PTV (model.in_channels + 1)
             workers=2,
         )
     )
@@ -42,9 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
             steps=20000,
             batch_size=8,  # global; split over local devices
             learning_rate=1e-4,
-            schedule="constant",  # or "warmup_cosine": linear warmup, cosine decay to end_lr_fraction
+            schedule="constant",  # or "warmup_cosine" / "warmup_stable_decay" (flaxdose.optim.schedule_factor)
             warmup_steps=0,
+            decay_steps=0,  # warmup_stable_decay: the last steps, decaying to end_lr_fraction
             end_lr_fraction=0.01,
+            target_weight=1.0,  # >1: MSE with target (PTV) voxels weighted more (trainer.DoseLoss); 1 = the paper
             log_every=50,
             eval_every=500,
             checkpoint_every=500,

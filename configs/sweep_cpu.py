@@ -12,7 +12,7 @@ from flaxdose.configs._sweep import sweep_config
 
 
 def get_config():
-    base = quick.get_config()
+    base = quick.base_config()
     base.model.update(features=(8, 16, 32), convs_per_level=1, groups=4)
     base.data.update(patch_shape=(32, 32, 16), val_cases=4)
     base.train.update(steps=120, batch_size=4, log_every=40, eval_every=120, checkpoint_every=40)

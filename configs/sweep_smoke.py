@@ -9,7 +9,7 @@ from flaxdose.configs._sweep import sweep_config
 
 
 def get_config():
-    base = quick.get_config()
+    base = quick.base_config()
     base.model.update(features=(4, 8), convs_per_level=1, groups=2)
     base.data.update(patch_shape=(16, 16, 16), patch_sigma=(4.0, 4.0, 2.0), val_cases=1)
     base.train.update(steps=4, batch_size=2, log_every=2, eval_every=4, checkpoint_every=2)

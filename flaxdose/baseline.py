@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from flaxdose.data.case import Case
+from flaxdose.data.pipeline import signed_distance_mm
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_write_text
 
@@ -43,13 +43,6 @@ def scored_region(case: Case) -> np.ndarray:
     """Where dose counts: `Case.dose_region` (possible-dose mask, else body), else the whole grid."""
     region = case.dose_region()
     return np.ones(case.shape, bool) if region is None else region
-
-
-def signed_distance_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Signed distance (mm) to a non-empty mask: > 0 outside, < 0 inside (see the module docstring)."""
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
-    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
-    return np.where(mask, -inside, outside)
 
 
 class DistanceBaseline:

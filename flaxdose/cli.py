@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
+from tqdm import tqdm
 
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
@@ -58,6 +59,9 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
 
+_HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -76,8 +80,18 @@ def _describe(error: BaseException) -> str:
 
 
 def _fail(message: str):
+    for bar in list(getattr(tqdm, "_instances", ())):  # an open progress bar would swallow the line
+        bar.close()
     print(f"flaxdose: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
+
+
+def require(usage: str, **given) -> None:
+    """Raise FlaxdoseError naming every missing required flag: ``given`` maps a flag's name to
+    (its value, what it is for); a value that is empty or None is missing."""
+    missing = [f"--{name} ({what})" for name, (value, what) in given.items() if value in (None, "", [], ())]
+    if missing:
+        raise FlaxdoseError(f"missing {', '.join(missing)}; {usage}")
 
 
 def show_in_help(module: str) -> None:
@@ -112,6 +126,10 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
                 _fail(f"{_describe(e)} (see --help)")
             show_in_help(main.__module__)
         app.run(quiet_main, flags_parser=_parse_flags)
+    except SystemExit as e:
+        if e.code == 1 and set(sys.argv[1:]) & _HELP_FLAGS:  # absl exits 1 after printing the help asked for
+            sys.exit(0)
+        raise
     except FlaxdoseError as e:
         _fail(str(e))
     except OSError as e:  # a path that cannot be created, read or written: the user's to fix, not a crash

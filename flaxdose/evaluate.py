@@ -102,9 +102,8 @@ def main(argv):
     `evaluate_workdirs`).
     """
     del argv
-    if not FLAGS.workdir or not FLAGS.out:
-        raise FlaxdoseError("usage: python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] "
-                            "[--split test] --out REPORT")
+    cli.require("usage: python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] [--split test] --out REPORT",
+                workdir=(FLAGS.workdir, "the trained run to score"), out=(FLAGS.out, "the report folder"))
     if FLAGS.openkbp:
         if FLAGS.compare or FLAGS.names:
             raise FlaxdoseError("--openkbp scores one network (and --baseline); drop --compare and --names")

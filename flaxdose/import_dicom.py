@@ -44,8 +44,10 @@ def main(argv):
 
     Raises FlaxdoseError without exactly one SRC and --out, or when no plan could be imported.
     """
-    if len(argv) != 2 or not FLAGS.out:
-        raise FlaxdoseError("usage: python -m flaxdose.import_dicom SRC --out DATASET [--aliases FILE]")
+    usage = "usage: python -m flaxdose.import_dicom SRC --out DATASET [--aliases FILE]"
+    if len(argv) != 2:
+        raise FlaxdoseError(f"give exactly one SRC, the folder of DICOM exports (got {len(argv) - 1}); {usage}")
+    cli.require(usage, out=(FLAGS.out, "the dataset folder to write"))
     summary = import_dicom(
         argv[1], FLAGS.out, FLAGS.structures, FLAGS.grid,
         aliases=AliasTable.from_file(FLAGS.aliases),

@@ -14,6 +14,7 @@ possible-dose mask).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from tqdm import tqdm
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint, restore_params
 from flaxdose.data.case import Case, Dataset, write_dataset
-from flaxdose.data.pipeline import lr_swap_permutation
+from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
+
+log = logging.getLogger("flaxdose")
 
 
 def run_config_file(path: str | Path, which: str = "best") -> Path:
@@ -57,6 +60,15 @@ def run_dataset(path: str | Path) -> Path:
     if config.data.kind == "folder" and not (Path(config.data.path) / "manifest.json").is_file():
         raise FlaxdoseError(f"the run {config_file.parent} trained on {config.data.path}, which is gone; pass --data DIR")
     return Path(resolve_dataset(config.data, config_file.parent).root)
+
+
+def trained_cases(path: str | Path) -> tuple[Dataset, list[str]]:
+    """The dataset the run at `path` trained on (`run_dataset`) and the ids of the cases it saw: its
+    training split (or ``data.train_cases``), validation cases included (they picked its checkpoint)."""
+    config = config_lib.load_config_json(run_config_file(path, "latest"))
+    dataset = Dataset.open(run_dataset(path))
+    seen = list(config.data.get("train_cases") or ()) or dataset.split(config.data.train_split)
+    return dataset, seen + (dataset.split("val") if "val" in dataset.splits else [])
 
 
 @functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
@@ -107,6 +119,26 @@ def sliding_window(run, volume: np.ndarray, window: Sequence[int], overlap: floa
     return total / norm
 
 
+# A prostate plan's maximum is ~105-115 % of the prescription; far above it the input is unlike
+# anything the model was trained on. Prescriptions beyond these bounds look like cGy or a typo.
+IMPLAUSIBLE_MAX_RELATIVE = 1.5
+PLAUSIBLE_PRESCRIPTION_GY = (1.0, 120.0)
+
+
+def implausible(case: Case, relative: np.ndarray) -> str:
+    """Why a prediction (dose / prescription, (X, Y, Z)) should not be trusted, or "" (checks: its maximum
+    against `IMPLAUSIBLE_MAX_RELATIVE`, the prescription against `PLAUSIBLE_PRESCRIPTION_GY`)."""
+    lo, hi = PLAUSIBLE_PRESCRIPTION_GY
+    if not lo <= case.prescription_gy <= hi:
+        return (f"prescription {case.prescription_gy:g} Gy is outside {lo:g}-{hi:g} Gy (cGy given as Gy?); the "
+                "predicted dose scales with it: check prescription_gy")
+    peak = float(np.max(relative)) if relative.size else 0.0
+    if peak > IMPLAUSIBLE_MAX_RELATIVE:
+        return (f"predicted maximum {peak * case.prescription_gy:.1f} Gy is {peak:.2f} x the prescription: the case "
+                "is unlike the model's training data (structure names and order, grid, spacing?); do not use it")
+    return ""
+
+
 class Model:
     """A trained model: architecture, parameters, the structures it expects and its training patch size.
 
@@ -115,22 +147,26 @@ class Model:
     GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
     (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
     the left-right mirrored case (paired structures swapped, as the training flips do) and
-    averages the two (test-time augmentation; twice the work).
+    averages the two (test-time augmentation; twice the work). `with_distance`: the model also
+    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`).
     """
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
-                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False):
+                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
+                 with_distance: bool = False):
         self.spec, self.structures, self.name = spec, tuple(structures), name
+        self.with_distance = bool(with_distance)
         self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
         self.params = jax.device_put(params)
         self._predict = make_predict_fn(spec)
 
     @classmethod
     def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False) -> Model:
-        """The model a run config trains (`config.model`, `config.data.structures`, its patch size), with `params`."""
+        """The model a run config trains (`config.model`, `config.data.structures` and `target_distance`, its
+        patch size), with `params`."""
         window = None if full_volume else tuple(config.data.patch_shape)
         return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
-                   mirror=mirror)
+                   mirror=mirror, with_distance=config.data.get("target_distance", False))
 
     @classmethod
     def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
@@ -148,13 +184,13 @@ class Model:
         return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume, mirror=mirror)
 
     def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
-        """(X, Y, Z, C) uint8 masks -> (X, Y, Z) dose in units of the prescription."""
+        """(X, Y, Z, C) `model_inputs` -> (X, Y, Z) dose in units of the prescription."""
         run = lambda x: self._predict(self.params, x)
         one = lambda v: (np.asarray(run(v[None]))[0] if self.window is None
                          else sliding_window(run, v, self.window, self.overlap, batch_size))
         if not self.mirror:
             return one(inputs)
-        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures))]  # x runs right -> left
+        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
         return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False) -> list[Case]:
@@ -170,13 +206,18 @@ class Model:
                 raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
-            relative = self.predict_relative(np.moveaxis(case.masks, 0, -1).astype(np.uint8), batch_size)
+            relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
             dose = np.clip(relative, 0.0, None) * case.prescription_gy
             region = case.dose_region()
             if region is not None:  # no dose in the air around the patient
                 dose = dose * region
             dose = dose.astype(np.float32)
-            out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": self.name}))
+            meta = {**case.meta, "predicted_by": self.name}
+            doubt = implausible(case, relative)
+            if doubt:
+                log.warning("case %s: %s", case.case_id, doubt)
+                meta["prediction_warning"] = doubt
+            out.append(case.replace(dose=dose, meta=meta))
         return out
 
 

@@ -17,7 +17,7 @@ import optax
 from flaxdose import transfer
 from flaxdose.errors import FlaxdoseError
 
-SCHEDULES = ("constant", "warmup_cosine")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay")
 
 
 def schedule_factor(train_cfg) -> optax.Schedule | None:
@@ -25,18 +25,31 @@ def schedule_factor(train_cfg) -> optax.Schedule | None:
 
     ``"warmup_cosine"``: linear from 0 to 1 over ``train.warmup_steps``, then a cosine decay
     to ``train.end_lr_fraction`` at ``train.steps`` (`optax.warmup_cosine_decay_schedule`;
-    Loshchilov & Hutter 2017, SGDR). Raises FlaxdoseError for an unknown schedule or a warmup
-    not shorter than the run.
+    Loshchilov & Hutter 2017, SGDR). ``"warmup_stable_decay"``: the same warmup, then 1 until
+    the last ``train.decay_steps``, which decay it (cosine) to ``train.end_lr_fraction``
+    (Hu et al. 2024, MiniCPM, "WSD"): the rate stays high while the model is far from
+    converged, and the short low-rate end settles it. Raises FlaxdoseError for an unknown
+    schedule, or a warmup and decay that do not fit in the run.
     """
     name = train_cfg.get("schedule", "constant")
     if name == "constant":
         return None
-    if name != "warmup_cosine":
+    if name not in SCHEDULES:
         raise FlaxdoseError(f"unknown train.schedule {name!r}; choose one of {SCHEDULES}")
-    warmup, steps = int(train_cfg.warmup_steps), int(train_cfg.steps)
+    warmup, steps, end = int(train_cfg.warmup_steps), int(train_cfg.steps), float(train_cfg.end_lr_fraction)
     if not 0 <= warmup < steps:
         raise FlaxdoseError(f"train.warmup_steps={warmup} must be >= 0 and below train.steps={steps}")
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=float(train_cfg.end_lr_fraction))
+    if name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=end)
+    decay = int(train_cfg.get("decay_steps", 0))
+    if not 0 < decay <= steps - warmup:
+        raise FlaxdoseError(f"train.decay_steps={decay} must be > 0 and at most train.steps - train.warmup_steps "
+                            f"= {steps - warmup}")
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0),
+         optax.cosine_decay_schedule(1.0, decay, alpha=end)],
+        boundaries=[warmup, steps - decay],
+    )
 
 
 def adam(learning_rate: float, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:

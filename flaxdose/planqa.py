@@ -52,7 +52,7 @@ from flaxdose.data.case import Case, Dataset
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation import unique_names
-from flaxdose.inference import Model
+from flaxdose.inference import Model, trained_cases
 from flaxdose.io import atomic_folder, atomic_write_text
 from flaxdose.metrics import OAR_METRICS, plan_dvh_metrics
 
@@ -273,6 +273,21 @@ def calibrate_predictions(predictions: Sequence[EnsemblePrediction], references:
     if not metrics:
         raise FlaxdoseError("calibration needs at least 2 held-out plans with a reference dose (better 10 or more)")
     return Calibration(metrics, tuple(members), tuple(r.case_id for r in references), note)
+
+
+def check_held_out(workdirs: Iterable[str | Path], references: Sequence[Case]) -> None:
+    """Raise FlaxdoseError when a calibration plan is one a member trained on (same case id, same masks
+    and dose in the member's training data): its residuals would be too small and the bands too narrow."""
+    for workdir in workdirs:
+        dataset, seen = trained_cases(workdir)
+        seen = set(seen)
+        for ref in references:
+            if ref.case_id in seen:
+                trained = dataset.load(ref.case_id)
+                if np.array_equal(trained.masks, ref.masks) and np.array_equal(trained.dose, ref.dose):
+                    raise FlaxdoseError(
+                        f"calibration plan {ref.case_id!r} is one member {workdir} trained on ({dataset.root}); "
+                        "calibrate on plans no member saw, e.g. a split they did not train on")
 
 
 def calibrate(ensemble: Ensemble, references: Sequence[Case], note: str = "", batch_size: int = 1,

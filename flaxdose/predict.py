@@ -43,10 +43,8 @@ def main(argv):
     del argv
     usage = ("usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
              "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)")
-    if not (FLAGS.workdir or FLAGS.checkpoint):
-        raise FlaxdoseError(f"--workdir (or --checkpoint) is missing: the model to predict with; {usage}")
-    if not (FLAGS.out or FLAGS.dicom):
-        raise FlaxdoseError(f"--out is missing: the folder for the predicted cases; {usage}")
+    cli.require(usage, workdir=(FLAGS.workdir or FLAGS.checkpoint, "or --checkpoint: the model to predict with"),
+                out=(FLAGS.out or FLAGS.dicom, "the folder for the predicted cases; or --dicom"))
     if FLAGS.dicom and not FLAGS.rtdose_out:
         raise FlaxdoseError("--dicom needs --rtdose_out DIR, the folder the predicted RTDOSE is written to")
     if FLAGS.rtdose_out and not (FLAGS.reference or FLAGS.dicom):

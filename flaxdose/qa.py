@@ -60,6 +60,7 @@ def calibration_for(ensemble: planqa.Ensemble) -> planqa.Calibration:
         calibration.check_members(ensemble)
         return calibration
     references, _ = planqa.load_plans(FLAGS.calibration_data, FLAGS.calibration_split)
+    planqa.check_held_out(planqa.expand_workdirs(FLAGS.workdirs), references)
     note = f"split {FLAGS.calibration_split!r} of {Path(FLAGS.calibration_data).resolve()}"
     return planqa.calibrate(ensemble, references, note, FLAGS.batch_size, progress=True)
 
@@ -67,8 +68,10 @@ def calibration_for(ensemble: planqa.Ensemble) -> planqa.Calibration:
 def main(argv):
     if len(argv) > 1:
         raise FlaxdoseError(f"unexpected arguments {argv[1:]}; {USAGE}")
-    if not FLAGS.workdirs or not FLAGS.out or bool(FLAGS.calibration) == bool(FLAGS.calibration_data):
-        raise FlaxdoseError(USAGE)
+    cli.require(USAGE, workdirs=(FLAGS.workdirs, "the ensemble's trained runs"), out=(FLAGS.out, "the QA folder"))
+    if bool(FLAGS.calibration) == bool(FLAGS.calibration_data):
+        raise FlaxdoseError(f"give one of --calibration FILE (a saved calibration) or --calibration_data DIR "
+                            f"(held-out plans to calibrate on); {USAGE}")
     if FLAGS.data and FLAGS.dicom:
         raise FlaxdoseError("check either a dataset (--data) or one DICOM export (--dicom), not both")
     if not (FLAGS.data or FLAGS.dicom or FLAGS.calibration_data):

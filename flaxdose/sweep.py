@@ -369,7 +369,7 @@ class Sweep:
         """pmap over devices of vmap over runs; kept per mode and layout, so later waves reuse the compilation."""
         key = (spec, mode, tuple(devices))
         if key not in self._step_fns:
-            step = trainer.make_train_step(spec, tx)  # no axis name: runs never average gradients
+            step = trainer.make_train_step(spec, tx, loss=trainer.DoseLoss.from_config(self.config.base))  # no axis name: runs never average gradients
             self._step_fns[key] = jax.pmap(jax.vmap(step), donate_argnums=(0,), devices=devices)
         return self._step_fns[key]
 

@@ -72,7 +72,9 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
     overrides = {
         **{f"data.{k}": v for k, v in settings["data"].items() if k not in skip},
         **{f"model.{k}": v for k, v in settings["model"].items()},
-        **{f"train.{k}": v for k, v in settings[f"{'source' if style == SOURCE else 'target'}_train"].items()},
+        # Transfers keep the source's recipe (the paper: "other hyperparameters unchanged") but their own steps.
+        **{f"train.{k}": v for k, v in settings["source_train"].items()},
+        **({} if style == SOURCE else {f"train.{k}": v for k, v in settings["target_train"].items()}),
         "data.kind": "folder",
         "data.path": str(workdir / "data" / transfer_style),
         "seed": seed,
@@ -131,13 +133,15 @@ class SourcePlans:
         return out
 
 
-def evaluate_style(workdir: Path, style: str) -> dict:
-    """The style's test cases: source model and target model (or control), oracle; report folder + summary."""
-    models = {SOURCE_MODEL: Model.load(workdir / SOURCE)}
+def evaluate_style(workdir: Path, style: str, mirror: bool = False) -> dict:
+    """The style's test cases: source model and target model (or control), oracle; report folder + summary.
+
+    `mirror`: every network predicts each case and its left-right mirror and averages the two."""
+    models = {SOURCE_MODEL: Model.load(workdir / SOURCE, mirror=mirror)}
     if style == SOURCE:
-        models[CONTROL_MODEL] = Model.load(workdir / CONTROL)
+        models[CONTROL_MODEL] = Model.load(workdir / CONTROL, mirror=mirror)
     else:
-        models[TARGET_MODEL] = Model.load(workdir / style)
+        models[TARGET_MODEL] = Model.load(workdir / style, mirror=mirror)
         models[ORACLE_MODEL] = SourcePlans(Dataset.open(workdir / "data" / ORACLE))
     ev = evaluation.evaluate_models(models, Dataset.open(workdir / "data" / style), "test")
     note = f"{style} style, test split, {len(ev.references)} cases"
@@ -153,24 +157,27 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
     """Run (or resume) the study; the report's path, or None when stopped early by `until` (a stage name)."""
     settings = scale_settings(scale)
     workdir = Path(workdir)
+    plan = [("data", lambda: generate_data(workdir, settings, seed))]
+    plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
+             for s in (SOURCE, *TARGETS, CONTROL)]
+    plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s, settings.get("mirror", False)))
+             for s in (SOURCE, *TARGETS)]
+    names = [name for name, _ in plan]
+    if until is not None and until not in names:  # before anything is written
+        raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
     workdir.mkdir(parents=True, exist_ok=True)
     stages = Stages(workdir)
     loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
     loads.setdefault("start", load())
     (workdir / "load.json").write_text(json.dumps(loads))
-    plan = [("data", lambda: generate_data(workdir, settings, seed))]
-    plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
-             for s in (SOURCE, *TARGETS, CONTROL)]
-    plan += [(f"evaluate {s}", lambda s=s: evaluate_style(workdir, s)) for s in (SOURCE, *TARGETS)]
-    names = [name for name, _ in plan]
-    if until is not None and until not in names:
-        raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
+    pending = [name for name, _ in plan if name not in stages.done]
     for name, fn in plan:
         stages.run(name, fn)
         if name == until:
             print(f"[paper_study] stopped after {until}; rerun without --until to finish")
             return None
-    loads["end"] = load()
+    if pending or "end" not in loads:  # rewriting a finished study's report keeps its own end
+        loads["end"] = load()
     (workdir / "load.json").write_text(json.dumps(loads))
     summaries = {s: json.loads((workdir / "eval" / s / "summary.json").read_text()) for s in (SOURCE, *TARGETS)}
     return write_report(scale, settings, workdir, Path(results), summaries, stages.done, loads)
@@ -292,6 +299,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
              f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
              f"commit `{commit}`, machine: {provenance.machine()}; load average "
              f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
+             recipe_line(settings), "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
              "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
              f"*Control*: the same recipe on {settings['control_plans']} source-style training plans, scored on the "
@@ -313,7 +321,8 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     for style, summary in summaries.items():
         lines += [f"### {style}", "", evaluation.markdown_table(summary), ""]
         lines += _copy_figures(workdir / "eval" / style, figures, style) + [""]
-    lines += ["## Training", "", "Training loss: mean MSE of dose / Rx over the logged window of patches; "
+    lines += ["## Training", "", "Training loss: the training objective (MSE of dose / Rx, target voxels weighted "
+              f"{settings['source_train'].get('target_weight', 1.0):g}x) over the logged window of patches; "
               "validation MSE: the evaluation's own inference on the held-out source plans (it picks the "
               "source model's checkpoint).", ""] + training_table(workdir) + [""]
     ablation = results / f"paper_study_{scale}_ablation.md"  # hand-kept: trials outside this run
@@ -323,6 +332,20 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def recipe_line(settings: dict) -> str:
+    """One sentence: the scale's inputs, loss, schedule and inference, and where they depart from the paper."""
+    train = settings["source_train"]
+    inputs = ("the six masks plus the signed distance to the PTV (a 7th channel, not the paper's)"
+              if settings["data"].get("target_distance") else "the paper's six masks")
+    weight = float(train.get("target_weight", 1.0))
+    loss = f"MSE with PTV voxels weighted {weight:g}x" if weight != 1 else "MSE (the paper's)"
+    schedule = train.get("schedule", "constant")
+    rate = train.get("learning_rate", 1e-4)
+    mirror = "; evaluation averages each prediction with that of the left-right mirrored case" if settings.get("mirror") else ""
+    return (f"Recipe at this scale: inputs {inputs}; loss {loss}; Adam {rate:g}, schedule `{schedule}`, "
+            f"{train['steps']} steps; transfers learning rate {settings['transfer_lr']:g}{mirror}.")
 
 
 def timing_and_settings(times: dict, settings: dict) -> list[str]:

@@ -33,6 +33,7 @@ from absl import flags
 
 from flaxdose import assess, cli, evaluation, planqa, plots, provenance, trainer
 from flaxdose import config as config_lib
+from flaxdose.configs import quick
 from flaxdose.configs._sweep import sweep_config
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
@@ -101,7 +102,7 @@ def member_config(workdir: Path, s: dict, seed: int):
     overrides = {**{f"model.{k}": v for k, v in s["model"].items()}, **{f"data.{k}": v for k, v in s["data"].items()},
                  **{f"train.{k}": v for k, v in s["train"].items()},
                  "data.kind": "folder", "data.path": str(workdir / "data" / "source"), "seed": seed}
-    return config_lib.override(config_lib.load_config("quick"), overrides)
+    return config_lib.override(quick.base_config(), overrides)
 
 
 def curve_sweep(workdir: Path, s: dict):

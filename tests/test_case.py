@@ -62,3 +62,15 @@ def test_dataset_write_open_and_refusals(tmp_path):
     for folder, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no manifest")]:
         with pytest.raises(FlaxdoseError, match=message):
             Dataset.open(folder)
+
+
+def test_a_raw_export_or_challenge_folder_points_to_its_importer(tmp_path):
+    (tmp_path / "dicom" / "p1").mkdir(parents=True)
+    (tmp_path / "dicom" / "p1" / "CT_001.dcm").write_bytes(b"")
+    (tmp_path / "okbp" / "validation-pats" / "pt_201").mkdir(parents=True)
+    (tmp_path / "okbp" / "validation-pats" / "pt_201" / "dose.csv").write_text(",data\n")
+    (tmp_path / "other").mkdir()
+    for folder, hint in (("dicom", "flaxdose.import_dicom"), ("okbp", "flaxdose.convert_openkbp"),
+                         ("other", "write_dataset")):
+        with pytest.raises(FlaxdoseError, match=hint):
+            Dataset.open(tmp_path / folder)

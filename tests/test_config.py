@@ -89,3 +89,14 @@ def test_console_script_help_lists_the_commands_flags():
         pytest.skip("flaxdose is not installed with its console scripts")
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert "--workdir" in out.stdout + out.stderr and "--rtdose_out" in out.stdout + out.stderr
+    assert out.returncode == 0  # asking for help is not an error (absl exits 1)
+
+
+def test_require_names_every_missing_flag_and_what_it_is_for():
+    from flaxdose import cli
+
+    cli.require("usage: x", workdir=("runs/a", "the run"), out=("r", "the report"))  # nothing missing
+    with pytest.raises(FlaxdoseError) as e:
+        cli.require("usage: x --workdir W --out R", workdir=("runs/a", "the run"), out=("", "the report folder"),
+                    data=(None, "the dataset"))
+    assert str(e.value) == "missing --out (the report folder), --data (the dataset); usage: x --workdir W --out R"

@@ -236,6 +236,25 @@ def test_dicomdir_of_a_cd_export_is_not_a_patient(base, tmp_path):
     assert [os.path.basename(p) for p, _ in summary.set_aside] == ["DICOMDIR"]
 
 
+def test_empty_and_cut_export_files_are_named_not_ignored(with_ct, base, tmp_path):
+    """An empty .dcm is listed as damaged (the plan still imports); a CT slice cut after its first
+    elements fails its patient with a message naming that file, and the other patient imports."""
+    src = tmp_path / "src"
+    cut = copy_export(with_ct, src / "p")
+    ct = sorted(cut["folder"].glob("CT_*.dcm"))[1]
+    ct.write_bytes(ct.read_bytes()[:600])  # file meta and the first header elements only
+    other = copy_export(base, src / "q")
+    (other["folder"] / "RD_copy.dcm").write_bytes(b"")
+    (other["folder"] / "notes.txt").write_text("not DICOM, not named like it: ignored")
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1  # q
+    damaged = {os.path.basename(p): why for p, why in summary.damaged_files}
+    assert set(damaged) == {ct.name, "RD_copy.dcm"}
+    assert "0 bytes: empty" in damaged["RD_copy.dcm"] and "SeriesInstanceUID" in damaged[ct.name]
+    [(where, why)] = summary.failures
+    assert where.endswith("p") and ct.name in why
+
+
 # ------------------------------------------------------------ 6. duplicates and splits
 def test_copies_of_an_instance_count_once(base, tmp_path):
     src = tmp_path / "src"

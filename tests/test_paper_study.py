@@ -42,6 +42,9 @@ def test_smoke_study_runs_end_to_end_and_resumes(study, capsys):
     assert capsys.readouterr().out.count("done earlier, skipped") == len(stages)
     with pytest.raises(FlaxdoseError, match="not a stage"):
         paper_study.run_study("smoke", workdir, results, until="sauce")
+    with pytest.raises(FlaxdoseError, match="not a stage"):  # a typo leaves no new folder behind
+        paper_study.run_study("smoke", workdir.parent / "typo", results, until="sauce")
+    assert not (workdir.parent / "typo").exists()
 
 
 def test_oracle_is_the_same_patients_source_plan(study):

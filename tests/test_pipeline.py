@@ -100,3 +100,42 @@ def test_patch_larger_than_volume_is_refused(dataset, tmp_path):
     mixed_ds = write_dataset(tmp_path / "mixed", mixed, {"train": [c.case_id for c in mixed]})
     with pytest.raises(FlaxdoseError, match="case 'small' of grid \\(24, 20, 6\\)"):
         make(mixed_ds, patch=(8, 8, 8))
+
+
+def test_target_distance_channel_is_the_signed_distance_in_mm_by_hand():
+    shape = (12, 10, 6)
+    masks = np.zeros((6, *shape), bool)
+    masks[0, 4:7, 3:6, 2:4] = True  # PTV: x 4..6, y 3..5, z 2..3
+    masks[5] = True
+    case = Case("c", PROSTATE_STRUCTURES, masks, np.zeros(shape, np.float32), (4.0, 2.0, 3.0), prescription_gy=70.0)
+    d = pipeline.target_distance(case)
+    scale = pipeline.DISTANCE_SCALE_MM
+    assert d[10, 4, 2] == pytest.approx(4 * 4.0 / scale)  # 4 voxels of 4 mm past the PTV's last x voxel
+    assert d[5, 4, 0] == pytest.approx(2 * 3.0 / scale)  # 2 slices of 3 mm below it
+    assert d[8, 7, 2] == pytest.approx(np.hypot(2 * 4.0, 2 * 2.0) / scale)  # diagonal in x-y
+    assert d[5, 4, 2] == pytest.approx(-3.0 / scale)  # inside: 1 slice of 3 mm (z) to the nearest voxel outside
+    assert d[0, 0, 0] == pytest.approx(min(np.sqrt(16**2 + 6**2 + 6**2), 4.0 * scale) / scale)
+    inputs = pipeline.model_inputs(case, with_distance=True)
+    assert inputs.shape == (*shape, 7) and inputs.dtype == np.float32
+    np.testing.assert_array_equal(inputs[..., :6], np.moveaxis(masks, 0, -1))
+    assert pipeline.model_inputs(case).dtype == np.uint8 and pipeline.model_inputs(case).shape == (*shape, 6)
+    far = Case("far", PROSTATE_STRUCTURES, np.pad(masks, ((0, 0), (0, 100), (0, 0), (0, 0))),
+               np.zeros((112, 10, 6), np.float32), (4.0, 2.0, 3.0), prescription_gy=70.0)
+    assert pipeline.target_distance(far).max() == pytest.approx(pipeline.DISTANCE_RANGE[1])  # clipped at 200 mm
+    empty = masks.copy()
+    empty[0] = False
+    with pytest.raises(FlaxdoseError, match="no target voxels"):
+        pipeline.model_inputs(Case("e", PROSTATE_STRUCTURES, empty, None, (4.0, 2.0, 3.0)), with_distance=True)
+
+
+def test_mirrored_case_has_the_mirrored_distance_inputs():
+    """Flipping x and swapping the femoral heads of the inputs equals the inputs of the mirrored case."""
+    case = phantom_cases(5, 1, shape=(20, 16, 8))[0]
+    perm = pipeline.lr_swap_permutation(PROSTATE_STRUCTURES, with_distance=True)
+    assert perm[-1] == 6 and len(perm) == 7
+    fl, fr = PROSTATE_STRUCTURES.index("Femur_Head_L"), PROSTATE_STRUCTURES.index("Femur_Head_R")
+    masks = case.masks[:, ::-1].copy()
+    masks[[fl, fr]] = masks[[fr, fl]]
+    mirrored = case.replace(masks=masks)
+    flipped = pipeline.model_inputs(case, with_distance=True)[::-1][..., list(perm)]
+    np.testing.assert_allclose(flipped, pipeline.model_inputs(mirrored, with_distance=True), atol=1e-6)

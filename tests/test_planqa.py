@@ -113,7 +113,9 @@ def members(tmp_path_factory):
     from conftest import tiny_config
 
     workdir = tmp_path_factory.mktemp("ensemble") / "run"
-    config = tiny_config(**{"train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 6, "data.n_train": 8})
+    config = tiny_config(**{"train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 6, "data.n_train": 8,
+                            # the plan-QA study's setup (quick.base_config): masks only, plain MSE
+                            "data.target_distance": False, "model.in_channels": 6, "train.target_weight": 1.0})
     trainer.train_and_evaluate(config, workdir)
     return [workdir / "checkpoints" / "6", workdir / "checkpoints" / "12"]
 
@@ -232,3 +234,15 @@ def test_style_check_cli(members, qa_data, tmp_path):
     assert saved["distance"]["dice_mean"]["own"]["n"] == saved["distance"]["dice_mean"]["clinic"]["n"] == 8
     assert saved["recommendation"]["plans_needed"] == 4 and saved["recommendation"]["curve"]["name"] == "full"
     assert "## Recommendation" in (out / "report.md").read_text()
+
+
+def test_calibration_on_a_members_training_plans_is_refused(members, qa_data):
+    from flaxdose.inference import trained_cases
+
+    data, _ = qa_data
+    references, _ = planqa.load_plans(data, "calibration")
+    planqa.check_held_out(members, references)  # other patients: accepted
+    dataset, seen = trained_cases(members[0])
+    assert len(seen) == 8  # tiny_config's n_train: training and validation plans
+    with pytest.raises(FlaxdoseError, match="trained on"):
+        planqa.check_held_out(members, [*references, dataset.load(seen[-1])])

@@ -6,7 +6,7 @@ from flaxdose import trainer
 from flaxdose.data.case import Dataset
 from flaxdose.dicom import Grid, read_dose, resample
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model, export_rtdose, predict_dataset, predict_dicom, sliding_window, window_starts
+from flaxdose.inference import Model, export_rtdose, implausible, predict_dataset, predict_dicom, sliding_window, window_starts
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,18 @@ def test_bad_output_paths_and_a_damaged_checkpoint_are_one_line_errors(tmp_path,
     arrays[-1].write_bytes(arrays[-1].read_bytes()[:100])  # the largest array file, cut short
     with pytest.raises(FlaxdoseError, match="damaged"):
         Model.load(damaged)
+
+
+def test_implausible_predictions_are_flagged_not_silent(workdir, caplog):
+    """A maximum of 2 x the prescription, or a prescription given in cGy, is logged and kept in the meta."""
+    model = Model.load(workdir)
+    case = Dataset.open(data_dir(workdir)).load(Dataset.open(data_dir(workdir)).split("test")[0])
+    assert implausible(case, case.dose / case.prescription_gy) == ""  # the reference plan itself is plausible
+    hot = Model.load(workdir)
+    hot.predict_relative = lambda inputs, batch_size=1: np.full(inputs.shape[:3], 2.0, np.float32)
+    with caplog.at_level("WARNING", logger="flaxdose"):
+        flagged = hot.predict([case])[0]
+    assert "2.00 x the prescription" in flagged.meta["prediction_warning"]
+    assert case.case_id in caplog.text and "do not use it" in caplog.text
+    cgy = model.predict([case.replace(prescription_gy=7000.0)])[0]
+    assert "cGy" in cgy.meta["prediction_warning"]

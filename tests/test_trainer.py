@@ -11,6 +11,9 @@ import optax
 import pytest
 
 from flaxdose import checkpoint, trainer
+from flaxdose.data import pipeline
+from flaxdose.inference import Model
+from flaxdose.synthetic.phantom import phantom_cases
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import init_params, preset
 
@@ -89,6 +92,9 @@ def test_bad_data_settings_are_clear_errors(tmp_path, make_config):
         trainer.train_and_evaluate(make_config(**{"train.batch_size": 6}), tmp_path / "w")
     with pytest.raises(FlaxdoseError, match="in_channels"):
         trainer.train_and_evaluate(make_config(**{"model.in_channels": 5}), tmp_path / "w")
+    for bad in ((32,), (8, 8, 0)):  # refused before any data is generated or folder made
+        with pytest.raises(FlaxdoseError, match="three positive"):
+            trainer.train_and_evaluate(make_config(**{"data.patch_shape": bad}), tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
@@ -98,7 +104,8 @@ def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
     cmd = [sys.executable, "-m", "flaxdose.train", "--config=quick", "--workdir=run",  # relative, as users type it
            "--config.data.kind=phantom", "--config.data.phantom_shape=(16,16,8)", "--config.data.n_train=6",
            "--config.data.val_cases=2", "--config.data.patch_shape=(8,8,8)", "--config.model.features=(4,8)",
-           "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.steps=400",
+           "--config.model.convs_per_level=1", "--config.model.groups=2", "--config.train.schedule=constant",
+           "--config.train.steps=400",
            "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -155,3 +162,44 @@ def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flaxdose.train", "--config=quick", f"--workdir={tmp_path / 'a_file'}",
                            "--config.train.steps=1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("flaxdose: error:") and "Traceback" not in proc.stderr
+
+
+def test_dose_loss_weights_target_voxels_as_computed_by_hand(make_config):
+    spec = preset("tiny")
+    params = init_params(spec, jax.random.key(1))
+    rng = np.random.default_rng(3)
+    inputs = np.zeros((2, 8, 8, 4, 6), np.uint8)
+    inputs[:, 2:5, 3:6, 1:3, 0] = 1  # channel 0: the PTV
+    inputs[..., 5] = 1  # body
+    batch = {"inputs": inputs, "target": rng.random((2, 8, 8, 4), dtype=np.float32)}
+    pred = np.asarray(trainer.UNet3D(spec).apply({"params": params}, inputs.astype(np.float32)))
+    sq = (pred.astype(np.float64) - batch["target"]) ** 2
+    w = np.where(inputs[..., 0] > 0, 7.0, 1.0)
+    by_hand = (w * sq).sum() / w.sum()
+    config = make_config(**{"train.target_weight": 7.0})
+    loss = trainer.DoseLoss.from_config(config)
+    assert loss.target_channels == (0,)  # the PTV among the prostate structures
+    assert float(loss(params, spec, batch)) == pytest.approx(by_hand, rel=1e-5)
+    assert float(trainer.DoseLoss()(params, spec, batch)) == pytest.approx(sq.mean(), rel=1e-5)  # the paper's MSE
+    assert by_hand != pytest.approx(sq.mean(), rel=1e-3)  # the weighting changes the value
+    with pytest.raises(FlaxdoseError, match="target_weight"):
+        trainer.DoseLoss.from_config(make_config(**{"train.target_weight": 0.5}))
+
+
+def test_target_distance_model_trains_and_predicts_with_its_seventh_channel(tmp_path, make_config):
+    with pytest.raises(FlaxdoseError, match="in_channels=7"):
+        trainer.train_and_evaluate(make_config(**{"data.target_distance": True}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    config = make_config(**{"data.target_distance": True, "model.in_channels": 7})
+    result = trainer.train_and_evaluate(config, tmp_path / "run")
+    assert np.isfinite(result["val_loss"])
+    model = Model.load(tmp_path / "run")
+    assert model.with_distance and model.spec.in_channels == 7
+    case = phantom_cases(9, 1, shape=(16, 16, 8))[0]
+    pred = model.predict([case])[0].dose
+    inputs = pipeline.model_inputs(case, with_distance=True)
+    by_hand = np.clip(model.predict_relative(inputs), 0, None) * case.prescription_gy * case.dose_region()
+    np.testing.assert_allclose(pred, by_hand, rtol=1e-5, atol=1e-5)
+    blind = inputs.copy()
+    blind[..., 6] = 0  # the prediction does use the distance channel
+    assert not np.allclose(model.predict_relative(blind), model.predict_relative(inputs), atol=1e-4)

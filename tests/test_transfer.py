@@ -131,3 +131,16 @@ def test_warmup_cosine_schedule_scales_adam_by_the_factor_of_the_step():
         optim.schedule_factor(ml_collections.ConfigDict({"schedule": "cosine"}))
     with pytest.raises(FlaxdoseError, match="below train.steps"):
         optim.schedule_factor(ml_collections.ConfigDict({**train, "warmup_steps": 6}))
+
+
+def test_warmup_stable_decay_holds_the_rate_then_decays_over_the_last_steps():
+    """Factor by hand: linear warmup over 2 steps, 1 until step 6, then a cosine to 0.1 over the last 4 of 10."""
+    train = ml_collections.ConfigDict({"schedule": "warmup_stable_decay", "warmup_steps": 2, "decay_steps": 4,
+                                       "end_lr_fraction": 0.1, "steps": 10})
+    factor = optim.schedule_factor(train)
+    cosine = lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    for step, want in ((0, 0.0), (1, 0.5), (2, 1.0), (5, 1.0), (6, 1.0), (7, cosine(0.25)), (8, cosine(0.5)), (10, 0.1)):
+        assert float(factor(step)) == pytest.approx(want, abs=1e-6), step
+    for decay in (0, 9):
+        with pytest.raises(FlaxdoseError, match="decay_steps"):
+            optim.schedule_factor(ml_collections.ConfigDict({**train, "decay_steps": decay}))

@@ -224,6 +224,17 @@ class Case:
             raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
 
 
+def _what_to_do(root: Path) -> str:
+    """How to make a dataset of a folder that is not one: a DICOM export, OpenKBP challenge data, or else."""
+    head = [p for _, p in zip(range(2000), root.rglob("*"))]  # a bounded look: exports can be huge
+    if any(p.suffix.lower() == ".dcm" for p in head):
+        return f"it holds DICOM files: import them first, python -m flaxdose.import_dicom {root} --out DATASET"
+    if any(p.name == "dose.csv" or (p.is_dir() and p.name in ("train-pats", "validation-pats", "test-pats"))
+           for p in head):
+        return f"it holds OpenKBP challenge data: convert it first, python -m flaxdose.convert_openkbp {root} --out DATASET"
+    return "write one with flaxdose.data.write_dataset or a flaxdose importer (import_dicom, convert_openkbp)"
+
+
 def _write_npz(file, arrays: Mapping[str, np.ndarray]) -> None:
     """Like np.savez_compressed, but with fixed member timestamps: the same case gives the same bytes."""
     with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -260,10 +271,7 @@ class Dataset:
         if not root.is_dir():
             raise FlaxdoseError(f"dataset folder {root} does not exist; create one or check the path")
         if not manifest_path.is_file():
-            raise FlaxdoseError(
-                f"{root} has no {MANIFEST}, so it is not a flaxdose dataset "
-                "(write one with flaxdose.data.write_dataset or a flaxdose importer)"
-            )
+            raise FlaxdoseError(f"{root} has no {MANIFEST}, so it is not a flaxdose dataset; {_what_to_do(root)}")
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:

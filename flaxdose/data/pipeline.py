@@ -1,8 +1,8 @@
 """grain input pipeline: random-access cases -> Gaussian-sampled patches -> flips -> batches.
 
-Each element is ``{"inputs": uint8 (X, Y, Z, C) masks, "target": float32 (X, Y, Z) dose /
-prescription}``; batches add a leading batch axis. Masks stay uint8 until the device (4x
-less host-to-device traffic). Randomness comes from grain's per-record seeds, so the same
+Each element is ``{"inputs": (X, Y, Z, C) model inputs (see `model_inputs`), "target":
+float32 (X, Y, Z) dose / prescription}``; batches add a leading batch axis. Masks alone stay
+uint8 until the device (4x less host-to-device traffic). Randomness comes from grain's per-record seeds, so the same
 seed gives the same batches and the iterator state can be checkpointed and restored.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import grain
 from absl import flags
 import numpy as np
+from scipy import ndimage
 
 from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
@@ -22,19 +23,61 @@ from flaxdose.errors import FlaxdoseError
 LR_PAIRS = (("Femur_Head_L", "Femur_Head_R"), ("LeftParotid", "RightParotid"))
 
 
-def case_to_example(case: Case) -> dict[str, np.ndarray]:
+# The target-distance channel: signed distance / DISTANCE_SCALE_MM, clipped to DISTANCE_RANGE
+# (25 mm deep inside a target .. 200 mm outside it: beyond, a prostate plan's dose is flat).
+DISTANCE_SCALE_MM = 50.0
+DISTANCE_RANGE = (-0.5, 4.0)
+
+
+def signed_distance_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Signed Euclidean distance (mm) to a non-empty bool mask, > 0 outside, < 0 inside: outside, to the
+    nearest mask voxel; inside, minus the distance to the nearest voxel outside (voxel centres,
+    `scipy.ndimage.distance_transform_edt` with the grid's spacing)."""
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
+    return np.where(mask, -inside, outside)
+
+
+def target_distance(case: Case) -> np.ndarray:
+    """float32 (X, Y, Z): the signed distance to the union of the case's targets (PTV...), in units of
+    DISTANCE_SCALE_MM, clipped to DISTANCE_RANGE. Raises FlaxdoseError when every target is empty."""
+    union = np.any([case.mask(t) for t in case.targets], axis=0) if case.targets else np.zeros(case.shape, bool)
+    if not union.any():
+        raise FlaxdoseError(f"case {case.case_id!r} has no target voxels (structures named PTV...); the "
+                            "target-distance input (data.target_distance) needs a contoured target")
+    d = signed_distance_mm(union, case.spacing_mm) / DISTANCE_SCALE_MM
+    return np.clip(d, *DISTANCE_RANGE).astype(np.float32)
+
+
+def model_inputs(case: Case, with_distance: bool = False) -> np.ndarray:
+    """(X, Y, Z, C) channels-last model inputs of a case: its S structure masks (uint8), and with
+    `with_distance` (``data.target_distance``) one more channel, `target_distance` (then all float32,
+    C = S + 1). The masks are the paper's inputs; the distance hands the network the geometry a
+    dose fall-off follows, which a small network at 8 mm learns slowly (docs/results/paper_study_cpu.md)."""
+    masks = np.moveaxis(case.masks, 0, -1)
+    if not with_distance:
+        return masks.astype(np.uint8)
+    return np.concatenate([masks.astype(np.float32), target_distance(case)[..., None]], axis=-1)
+
+
+def input_channels(structures: Sequence[str], with_distance: bool = False) -> int:
+    """C of `model_inputs`: one channel per structure, plus the distance channel."""
+    return len(structures) + int(bool(with_distance))
+
+
+def case_to_example(case: Case, with_distance: bool = False) -> dict[str, np.ndarray]:
     """One case as a training example: {"inputs", "target", "centroid"}.
 
-    inputs: uint8 (X, Y, Z, S) channels-last masks; target: float32 (X, Y, Z) dose /
-    prescription_gy (1.0 = the prescription); centroid: see `target_centroid`. Raises
-    FlaxdoseError for a case without dose or without a positive prescription.
+    inputs: `model_inputs` (X, Y, Z, C); target: float32 (X, Y, Z) dose / prescription_gy (1.0 =
+    the prescription); centroid: see `target_centroid`. Raises FlaxdoseError for a case without
+    dose or without a positive prescription (or, `with_distance`, without target voxels).
     """
     if case.dose is None:
         raise FlaxdoseError(f"case {case.case_id!r} has no dose; training and evaluation need one")
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy")
     return {
-        "inputs": np.moveaxis(case.masks, 0, -1).astype(np.uint8),
+        "inputs": model_inputs(case, with_distance),
         "target": (case.dose / case.prescription_gy).astype(np.float32),
         "centroid": target_centroid(case),
     }
@@ -55,10 +98,12 @@ class CaseSource(grain.sources.RandomAccessDataSource):
     missing or damaged file, other structures than `structures`, or no dose / prescription.
     """
 
-    def __init__(self, dataset: Dataset, case_ids: Sequence[str], structures: Sequence[str], cache: bool = True):
+    def __init__(self, dataset: Dataset, case_ids: Sequence[str], structures: Sequence[str], cache: bool = True,
+                 with_distance: bool = False):
         if not case_ids:
             raise FlaxdoseError(f"no cases to read from {dataset.root}; check the dataset's splits")
         self._dataset, self._ids, self._structures = dataset, list(case_ids), tuple(structures)
+        self.with_distance = bool(with_distance)
         self._cache = {} if cache else None
 
     def __len__(self) -> int:
@@ -69,7 +114,7 @@ class CaseSource(grain.sources.RandomAccessDataSource):
             return self._cache[index]
         case = self._dataset.load(self._ids[index])
         case.check_structures(self._structures)
-        example = case_to_example(case)
+        example = case_to_example(case, self.with_distance)
         if self._cache is not None:
             self._cache[index] = example
         return example
@@ -98,7 +143,7 @@ class PatchSampler(grain.transforms.RandomMap):
     swap_channels: tuple[int, ...] | None = None  # channel permutation applied on a flip
 
     def random_map(self, element, rng: np.random.Generator):
-        """`case_to_example` dict -> {"inputs": uint8 (*patch_shape, S), "target": float32 patch_shape}."""
+        """`case_to_example` dict -> {"inputs": (*patch_shape, C) model inputs, "target": float32 patch_shape}."""
         shape = element["target"].shape
         centre = rng.normal(element["centroid"], self.sigma)
         start = [
@@ -111,9 +156,10 @@ class PatchSampler(grain.transforms.RandomMap):
         return {"inputs": np.ascontiguousarray(inputs), "target": np.ascontiguousarray(target)}
 
 
-def lr_swap_permutation(structures: Sequence[str]) -> tuple[int, ...]:
-    """Channel permutation for a left-right flip: the identity with each `LR_PAIRS` pair present swapped."""
-    perm = list(range(len(structures)))
+def lr_swap_permutation(structures: Sequence[str], with_distance: bool = False) -> tuple[int, ...]:
+    """Channel permutation of `model_inputs` for a left-right flip: the identity with each `LR_PAIRS`
+    pair present swapped (the distance channel, a scalar field, maps to itself)."""
+    perm = list(range(input_channels(structures, with_distance)))
     for left, right in LR_PAIRS:
         if left in structures and right in structures:
             i, j = structures.index(left), structures.index(right)
@@ -142,7 +188,7 @@ def patch_dataset(
 ) -> grain.MapDataset:
     """An endless, shuffled, batched MapDataset of training patches.
 
-    Batches: {"inputs": uint8 (batch_size, X, Y, Z, S), "target": float32 (batch_size, X, Y, Z)}
+    Batches: {"inputs": (batch_size, X, Y, Z, C) `model_inputs`, "target": float32 (batch_size, X, Y, Z)}
     with (X, Y, Z) = `patch_shape`; `sigma` in voxels (see `PatchSampler`). The same `seed`
     gives the same batches. Raises FlaxdoseError when the patch does not fit every case's grid.
     """
@@ -152,7 +198,7 @@ def patch_dataset(
         tuple(int(p) for p in patch_shape),
         tuple(float(s) for s in sigma),
         flip_lr,
-        lr_swap_permutation(tuple(structures)),
+        lr_swap_permutation(tuple(structures), source.with_distance),
     )
     return (
         grain.MapDataset.source(source)

@@ -253,8 +253,26 @@ def _dose_references(f: DicomFile, ds) -> None:
         f.ref_beams = tuple(b for b in beams if b is not None)
 
 
+def _claims_dicom(path: Path) -> bool:
+    """Named like DICOM (.dcm, .dicom) or carrying the DICM magic of PS3.10 at byte 128."""
+    if Path(path).suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(132)[128:132] == b"DICM"
+
+
+def _not_dicom(path: Path) -> None:
+    """None for a file that is not DICOM; FlaxdoseError for one that claims to be (a cut or empty export file)."""
+    if not _claims_dicom(path):
+        return None
+    size = Path(path).stat().st_size
+    raise FlaxdoseError(f"{path}: looks like a DICOM file but holds no readable DICOM header ({size} bytes"
+                        f"{': empty' if size == 0 else ''}); re-export it, or move it out of the export")
+
+
 def file_header(path: Path) -> DicomFile | None:
-    """Header facts, or None for a file that is not DICOM. Damaged DICOM -> FlaxdoseError."""
+    """Header facts, or None for a file that is not DICOM. Damaged DICOM -> FlaxdoseError, also for a
+    file named .dcm (or with the DICM magic) that has no readable header: an empty or cut export file."""
     import warnings
 
     from pydicom.errors import InvalidDicomError
@@ -264,11 +282,14 @@ def file_header(path: Path) -> DicomFile | None:
         try:
             ds = read_dataset(path, stop_before_pixels=True)
         except InvalidDicomError:
-            return None
+            return _not_dicom(path)
         except FlaxdoseError:
             raise
         except Exception as e:  # noqa: BLE001
             raise FlaxdoseError(f"{path}: unreadable DICOM file ({type(e).__name__}: {str(e)[:120]})") from None
+        directory = text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID") == MEDIA_DIRECTORY_STORAGE
+        if not directory and not any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "Modality")):
+            return _not_dicom(path)
         with reading(path, "the DICOM header"):
             sop_class = text(ds, "SOPClassUID") or text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID")
             modality = text(ds, "Modality").upper()
@@ -278,6 +299,10 @@ def file_header(path: Path) -> DicomFile | None:
                 series_uid=text(ds, "SeriesInstanceUID"), for_uid=text(ds, "FrameOfReferenceUID"),
             )
             f.modality = modality or (f.kind if f.kind != "MEDIA" else "")
+            missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not text(ds, k)]
+            if f.kind in ("CT", "RTSTRUCT", "RTDOSE", "RTPLAN") and missing:  # Type 1 in these IODs (PS3.3)
+                raise FlaxdoseError(f"{path}: a {f.kind} file without {', '.join(missing)} (required by DICOM "
+                                    f"PS3.3): cut short or damaged; re-export it, or move it out of the export")
             if f.kind == "RTSTRUCT":
                 f.for_uid = _structure_set_for(ds)
                 for ref in ds.get("ReferencedFrameOfReferenceSequence") or []:

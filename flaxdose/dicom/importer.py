@@ -152,6 +152,13 @@ def patient_splits(case_keys: Mapping[str, Sequence[str]], test_fraction: float,
     return splits
 
 
+def _damaged_beside(plan, damaged: list[tuple[str, str]]) -> str:
+    """A note naming the damaged files in the folders of the plan's files (a cut CT slice is a "missing slice")."""
+    folders = {f.path.parent for f in (plan.struct, plan.plan, *plan.ct, *plan.doses) if f is not None}
+    near = [Path(p).name for p, _ in damaged if Path(p).parent in folders]
+    return f" (damaged file(s) beside it, maybe the cause: {', '.join(near[:5])})" if near else ""
+
+
 def import_dicom(
     src: str | os.PathLike | Iterable[str | os.PathLike],
     out: str | os.PathLike,
@@ -218,13 +225,14 @@ def import_dicom(
                 staged[cid] = (case.save(Path(stage) / f"{cid}.npz"), keys)
                 warnings[cid], notes[cid] = list(case.meta["warnings"]), list(case.meta["notes"])
             except FlaxdoseError as e:
-                failures.append((plan.label, str(e)))
+                failures.append((plan.label, str(e) + _damaged_beside(plan, damaged)))
             except Exception as e:  # noqa: BLE001 - one bad patient must not stop the import
                 failures.append((plan.label, f"unexpected {type(e).__name__}: {e} (please report this)"))
         if not staged:
             raise FlaxdoseError(
                 "no plan could be imported from "
                 f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in failures[:5]) or "no DICOM-RT files found")
+                + (f" ({len(damaged)} damaged file(s): {damaged[0][1]})" if damaged and not failures else "")
             )
         splits = patient_splits({cid: keys for cid, (_, keys) in staged.items()}, test_fraction, seed)
         split_of = {cid: name for name, ids in splits.items() for cid in ids}
