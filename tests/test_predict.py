@@ -4,6 +4,7 @@ import pytest
 import dicom_factory as F
 from flaxdose import trainer
 from flaxdose.data.case import Dataset
+from flaxdose.data.pipeline import model_inputs
 from flaxdose.dicom import Grid, read_dose, resample
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import Model, export_rtdose, implausible, predict_dataset, predict_dicom, sliding_window, window_starts
@@ -46,7 +47,7 @@ def test_sliding_windows_are_patch_inference_blended(workdir):
     model = Model.load(workdir)
     dataset = Dataset.open(data_dir(workdir))
     case = dataset.load(dataset.split("test")[0])
-    inputs = np.moveaxis(case.masks, 0, -1).astype(np.uint8)
+    inputs = model_inputs(case, model.with_distance)  # the quick recipe's masks + PTV distance
     run = lambda x: np.asarray(model._predict(model.params, x))
     window = model.window
     assert window == (8, 8, 8) and case.shape == (24, 24, 16)
@@ -68,7 +69,7 @@ def test_whole_volume_pass_is_available(workdir):
     model = Model.load(workdir, full_volume=True)
     dataset = Dataset.open(data_dir(workdir))
     case = dataset.load(dataset.split("test")[0])
-    inputs = np.moveaxis(case.masks, 0, -1).astype(np.uint8)
+    inputs = model_inputs(case, model.with_distance)
     direct = np.asarray(model._predict(model.params, inputs[None]))[0]
     expected = np.clip(direct, 0, None) * 70.0 * case.mask("Body")  # zero outside the body
     np.testing.assert_allclose(model.predict([case])[0].dose, expected, rtol=1e-5, atol=1e-4)
