@@ -31,16 +31,18 @@ FLAGS = flags.FLAGS
 
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,
                       names: Sequence[str] | None = None, which: str = "best", batch_size: int = 1,
-                      overwrite: bool = False, example_case: str | None = None) -> dict:
+                      overwrite: bool = False, example_case: str | None = None, mirror: bool = False) -> dict:
     """Load each workdir's model, evaluate the split of `data`, write the report folder `out`; the summary.
 
+    `mirror`: each model averages its prediction with that of the left-right mirrored case.
     Raises FlaxdoseError before any long work for an `out` that holds files (unless
-    `overwrite`), an empty split, a workdir without a model, or a wrong number of `names`.
+    `overwrite`), an empty split or one whose doses are predictions (not plans), a workdir
+    without a model, or a wrong number of `names`.
     """
     check_writable(out, overwrite)  # before the long work
     dataset = Dataset.open(data)
-    evaluation.load_references(dataset, split)  # an empty split fails before any model is loaded
-    loaded = [inference.Model.load(w, which) for w in workdirs]
+    evaluation.load_references(dataset, split)  # an empty split, or predictions, fail before any model is loaded
+    loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
     if names and len(names) != len(loaded):
         raise FlaxdoseError(f"--names gives {len(names)} names for {len(loaded)} models; give one per model")
     models = dict(zip(evaluation.unique_names(list(names) if names else [m.name for m in loaded]), loaded))
@@ -92,7 +94,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_bool("openkbp", False, "score like the OpenKBP challenge (dose and DVH score, submission CSVs)")
     flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.baseline) to score too")
-    flags.DEFINE_bool("mirror", False, "with --openkbp: average each prediction with that of the left-right mirrored case")
+    flags.DEFINE_bool("mirror", False, "average each prediction with that of the left-right mirrored case (test-time augmentation)")
 
 
 def main(argv):
@@ -117,7 +119,8 @@ def main(argv):
     workdirs = [FLAGS.workdir] + ([FLAGS.compare] if FLAGS.compare else [])
     data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
     summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
-                                batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case)
+                                batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
+                                mirror=FLAGS.mirror)
     brief = {m: summary["metrics"][m]["dice_mean"]["mean"] for m in summary["models"]}
     print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "mean_dice": brief}))
 

@@ -101,6 +101,11 @@ def load_references(dataset: Dataset, split: str) -> list[Case]:
     missing = [c.case_id for c in cases if c.dose is None]
     if missing:
         raise FlaxdoseError(f"cases {missing[:5]} of {dataset.root} have no reference dose; evaluate only planned cases")
+    predicted = [c for c in cases if c.meta.get("predicted_by")]
+    if predicted:  # a prediction scored against itself (or another model's) reads as a perfect Dice
+        raise FlaxdoseError(f"{dataset.root} holds predictions (case {predicted[0].case_id!r} was predicted by "
+                            f"{predicted[0].meta['predicted_by']!r}), not reference plans; evaluate against the "
+                            "dataset the plans came from")
     return cases
 
 

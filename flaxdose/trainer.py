@@ -75,26 +75,34 @@ class DoseLoss:
         return cls(tuple(structures.index(t) for t in target_names(structures)), weight)
 
     def __call__(self, params, spec: UNetSpec, batch) -> jax.Array:
+        total, weight = self.parts(params, spec, batch)
+        return total / weight
+
+    def parts(self, params, spec: UNetSpec, batch) -> tuple[jax.Array, jax.Array]:
+        """(sum of w (pred - dose)^2, sum of w) over the batch: summed over devices before the division,
+        the loss of a batch split over devices is the loss of the whole batch."""
         pred = UNet3D(spec).apply({"params": params}, batch["inputs"].astype(jnp.float32))
         sq = jnp.square(pred - batch["target"])
         if self.target_weight == 1.0 or not self.target_channels:
-            return jnp.mean(sq)
+            return jnp.sum(sq), jnp.asarray(sq.size, jnp.float32)
         inside = jnp.any(batch["inputs"][..., list(self.target_channels)] > 0, axis=-1)
         w = jnp.where(inside, self.target_weight, 1.0)
-        return jnp.sum(w * sq) / jnp.sum(w)
+        return jnp.sum(w * sq), jnp.sum(w)
 
 
 def make_train_step(spec: UNetSpec, tx: optax.GradientTransformation, axis_name: str | None = None,
                     loss: DoseLoss = DoseLoss()):
-    """(state, batch) -> (state, metrics); with `axis_name`, averages over that mapped axis."""
+    """(state, batch) -> (state, metrics); with `axis_name`, the loss's sums (and their gradients) are
+    summed over that mapped axis before the division, so any device count gives the whole batch's loss."""
 
     def train_step(state: TrainState, batch):
-        value, grads = jax.value_and_grad(loss)(state.params, spec, batch)
+        (total, weight), grads = jax.value_and_grad(lambda p: loss.parts(p, spec, batch), has_aux=True)(state.params)
         if axis_name is not None:
-            value, grads = jax.lax.pmean((value, grads), axis_name)
+            total, weight, grads = jax.lax.psum((total, weight, grads), axis_name)
+        grads = jax.tree.map(lambda g: g / weight, grads)  # the weight does not depend on the parameters
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), {"loss": value}
+        return TrainState(state.step + 1, params, opt_state), {"loss": total / weight}
 
     return train_step
 
@@ -236,6 +244,8 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
         if len(value) != 3 or not all(float(v) > 0 for v in value):
             raise FlaxdoseError(f"data.{key}={config.data[key]!r}; give three positive (x, y, z) sizes in voxels, "
                                 f"e.g. --config.data.{key}='(32,32,16)'")
+    DoseLoss.from_config(config)  # the loss's and the schedule's settings, before anything is written
+    optim.schedule_factor(config.train)
     if transfer.is_transfer(config):  # a missing or mismatched source, before any data is generated
         transfer.check_source(config, spec)
     with_distance = bool(config.data.get("target_distance", False))

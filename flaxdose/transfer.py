@@ -88,9 +88,29 @@ def check_source(config, spec: UNetSpec) -> None:
     whose source model is missing or of another architecture (`init_transfer` would later)."""
     get_mode(config.transfer.mode)
     source = source_of(config)
+    check_source_inputs(config, source)
     template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0), config.data.patch_shape))
     check_params_shapes(source, template, fix="a fine-tune keeps the source's architecture: pass the source run's "
                         f"model settings (--config.model.*, see {source}/config.json)")
+
+
+def check_source_inputs(config, source) -> None:
+    """Refuse a fine-tune whose inputs (structures, the target-distance channel) differ from the source's,
+    naming the settings that fix it (the parameter shapes alone would not say which)."""
+    from flaxdose import config as config_lib
+    from flaxdose.inference import run_config_file
+
+    theirs = config_lib.load_config_json(run_config_file(source, "latest")).data
+    fixes = []
+    distance = bool(theirs.get("target_distance", False))
+    if distance != bool(config.data.get("target_distance", False)):
+        fixes.append(f"--config.data.target_distance={distance}")
+    if tuple(theirs.structures) != tuple(config.data.structures):
+        fixes.append(f"--config.data.structures='{tuple(theirs.structures)}'")
+    if fixes:
+        channels = len(theirs.structures) + int(distance)
+        raise FlaxdoseError(f"the source model {source} takes other inputs; pass {' '.join(fixes)} "
+                            f"--config.model.in_channels={channels} (see its config.json)")
 
 
 def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:

@@ -237,22 +237,38 @@ def test_dicomdir_of_a_cd_export_is_not_a_patient(base, tmp_path):
 
 
 def test_empty_and_cut_export_files_are_named_not_ignored(with_ct, base, tmp_path):
-    """An empty .dcm is listed as damaged (the plan still imports); a CT slice cut after its first
-    elements fails its patient with a message naming that file, and the other patient imports."""
+    """A CT slice cut after its first elements, or an empty RTPLAN, fails its patient naming the file;
+    an empty .dcm elsewhere is listed as damaged and the healthy patient imports."""
     src = tmp_path / "src"
     cut = copy_export(with_ct, src / "p")
     ct = sorted(cut["folder"].glob("CT_*.dcm"))[1]
     ct.write_bytes(ct.read_bytes()[:600])  # file meta and the first header elements only
-    other = copy_export(base, src / "q")
-    (other["folder"] / "RD_copy.dcm").write_bytes(b"")
-    (other["folder"] / "notes.txt").write_text("not DICOM, not named like it: ignored")
+    copy_export(base, src / "q")
+    (src / "q" / "notes.txt").write_text("not DICOM, not named like it: ignored")
+    F.write_export(src / "r", with_ct=False, patient_id="PAT003")
+    (src / "r" / "RP.dcm").write_bytes(b"")
+    (src / "elsewhere").mkdir()
+    (src / "elsewhere" / "RD_copy.dcm").write_bytes(b"")
     summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
     assert len(summary.case_ids) == 1  # q
     damaged = {os.path.basename(p): why for p, why in summary.damaged_files}
-    assert set(damaged) == {ct.name, "RD_copy.dcm"}
+    assert set(damaged) == {ct.name, "RP.dcm", "RD_copy.dcm"}
     assert "0 bytes: empty" in damaged["RD_copy.dcm"] and "SeriesInstanceUID" in damaged[ct.name]
-    [(where, why)] = summary.failures
-    assert where.endswith("p") and ct.name in why
+    failures = dict((os.path.basename(w), why) for w, why in summary.failures)
+    assert ct.name in failures["p"] and "RP.dcm" in failures["r"]
+
+
+def test_an_rtplan_without_a_prescription_is_refused_not_read_as_zero(base, tmp_path):
+    export = copy_export(base, tmp_path / "p")
+    ds = pydicom.dcmread(export["plan"])
+    for item in ds.get("DoseReferenceSequence") or []:
+        if "TargetPrescriptionDose" in item:
+            del item.TargetPrescriptionDose
+    ds.save_as(export["plan"])
+    with pytest.raises(FlaxdoseError, match="gives no prescription"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+    case = read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=F.PRESCRIPTION)
+    assert case.prescription_gy == F.PRESCRIPTION
 
 
 # ------------------------------------------------------------ 6. duplicates and splits

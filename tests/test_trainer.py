@@ -23,7 +23,9 @@ def assert_trees_close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
-def test_pmap_step_on_4_devices_equals_1_device():
+@pytest.mark.parametrize("loss", [trainer.DoseLoss(), trainer.DoseLoss((0,), 7.0)], ids=["mse", "ptv_weighted"])
+def test_pmap_step_on_4_devices_equals_1_device(loss):
+    """Also for the weighted loss, whose shards hold different target weights: sums, then one division."""
     devices = jax.local_devices()
     assert len(devices) == 4, "conftest must simulate 4 CPU devices"
     spec = preset("tiny")
@@ -35,7 +37,7 @@ def test_pmap_step_on_4_devices_equals_1_device():
     state = trainer.TrainState(np.asarray(0), params, tx.init(params))
     results = []
     for devs in (devices[:1], devices):
-        step = trainer.pmap_train_step(spec, tx)
+        step = trainer.pmap_train_step(spec, tx, loss)
         new, metrics = step(trainer.replicate(state, devs), trainer.shard_to_devices(batch, devs))
         results.append((trainer.unreplicate(new), float(metrics["loss"][0])))
     (one, loss1), (four, loss4) = results
@@ -188,7 +190,7 @@ def test_dose_loss_weights_target_voxels_as_computed_by_hand(make_config):
 
 def test_target_distance_model_trains_and_predicts_with_its_seventh_channel(tmp_path, make_config):
     with pytest.raises(FlaxdoseError, match="in_channels=7"):
-        trainer.train_and_evaluate(make_config(**{"data.target_distance": True}), tmp_path / "bad")
+        trainer.train_and_evaluate(make_config(**{"data.target_distance": True, "model.in_channels": 6}), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     config = make_config(**{"data.target_distance": True, "model.in_channels": 7})
     result = trainer.train_and_evaluate(config, tmp_path / "run")

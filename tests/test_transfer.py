@@ -89,8 +89,12 @@ def test_transfer_errors(tmp_path, source_workdir, make_config):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "c")
     with pytest.raises(FlaxdoseError, match="no orbax checkpoint"):
         trainer.train_and_evaluate(transfer_config(make_config, tmp_path), tmp_path / "d")
+    # the source (quick's recipe) takes the PTV-distance channel: the error names the settings, not shapes
+    with pytest.raises(FlaxdoseError, match=r"target_distance=True --config.model.in_channels=7"):
+        trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"data.target_distance": False,
+                                                                                    "model.in_channels": 6}), tmp_path / "f")
     # all refused before the run's data was generated: nothing written
-    assert not any((tmp_path / w).exists() for w in "abcd")
+    assert not any((tmp_path / w).exists() for w in "abcdf")
     with pytest.raises(FlaxdoseError, match=r"pass the source run's model settings \(--config.model.\*"):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "e")
 

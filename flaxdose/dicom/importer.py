@@ -152,11 +152,10 @@ def patient_splits(case_keys: Mapping[str, Sequence[str]], test_fraction: float,
     return splits
 
 
-def _damaged_beside(plan, damaged: list[tuple[str, str]]) -> str:
-    """A note naming the damaged files in the folders of the plan's files (a cut CT slice is a "missing slice")."""
+def _damaged_beside(plan, damaged: list[tuple[str, str]]) -> list[str]:
+    """Names of the damaged files in the folders of the plan's files (a cut RTPLAN, a cut CT slice...)."""
     folders = {f.path.parent for f in (plan.struct, plan.plan, *plan.ct, *plan.doses) if f is not None}
-    near = [Path(p).name for p, _ in damaged if Path(p).parent in folders]
-    return f" (damaged file(s) beside it, maybe the cause: {', '.join(near[:5])})" if near else ""
+    return [Path(p).name for p, _ in damaged if Path(p).parent in folders]
 
 
 def import_dicom(
@@ -213,6 +212,10 @@ def import_dicom(
             try:
                 if require_dose and not plan.doses:
                     raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
+                beside = _damaged_beside(plan, damaged)
+                if beside:  # a damaged RTPLAN or CT slice would go unnoticed or mislead (read_rt refuses too)
+                    raise FlaxdoseError(f"damaged file(s) beside this plan: {', '.join(beside[:5])}; re-export "
+                                        "them, or move them out of the export")
                 cid = plan_case_id(plan, keep_ids, salt)
                 if count > 1:
                     cid = f"{cid}_{index + 1}"
@@ -225,7 +228,7 @@ def import_dicom(
                 staged[cid] = (case.save(Path(stage) / f"{cid}.npz"), keys)
                 warnings[cid], notes[cid] = list(case.meta["warnings"]), list(case.meta["notes"])
             except FlaxdoseError as e:
-                failures.append((plan.label, str(e) + _damaged_beside(plan, damaged)))
+                failures.append((plan.label, str(e)))
             except Exception as e:  # noqa: BLE001 - one bad patient must not stop the import
                 failures.append((plan.label, f"unexpected {type(e).__name__}: {e} (please report this)"))
         if not staged:

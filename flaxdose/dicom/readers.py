@@ -418,6 +418,9 @@ def read_plan(
     source = "argument"
     if prescription_gy is None:
         prescription_gy, source = (rtplan.prescription_gy, rtplan.prescription_source) if rtplan else (None, "none")
+        if rtplan is not None and not prescription_gy and dose is not None:  # a cut or incomplete RTPLAN
+            raise FlaxdoseError(f"the RTPLAN {plan.plan.path} gives no prescription (no TargetPrescriptionDose or "
+                                "dose reference): re-export it, or pass the prescription (--prescription_gy)")
         prescription_gy = prescription_gy or 0.0
     if dose is not None:
         check_dose_fits_prescription(float(dose.dose.max()), float(prescription_gy), dose.source, source)
