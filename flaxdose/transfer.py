@@ -19,6 +19,7 @@ import dataclasses
 import jax
 
 from flaxdose.checkpoint import check_params_shapes, restore_params
+from flaxdose.data.pipeline import input_channels
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
 
@@ -108,7 +109,7 @@ def check_source_inputs(config, source) -> None:
     if tuple(theirs.structures) != tuple(config.data.structures):
         fixes.append(f"--config.data.structures='{tuple(theirs.structures)}'")
     if fixes:
-        channels = len(theirs.structures) + int(distance)
+        channels = input_channels(theirs.structures, distance)
         raise FlaxdoseError(f"the source model {source} takes other inputs; pass {' '.join(fixes)} "
                             f"--config.model.in_channels={channels} (see its config.json)")
 
