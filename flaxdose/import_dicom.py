@@ -5,7 +5,8 @@
 Prints a table per plan (structures with cc and dose coverage, dose type, prescription and
 its source, grid) and writes it as DATASET/import_report.csv. Exit status: 0 every plan
 imported; 1 some plans failed (the summary lists them, the others are imported); 2 the
-import could not run (one ``flaxdose: error:`` line). See docs/dicom.md.
+import could not run (one ``flaxdose: error:`` line), e.g. DATASET is SRC or lies inside it.
+See docs/dicom.md.
 """
 
 from absl import flags
@@ -21,7 +22,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
-    flags.DEFINE_string("out", None, "dataset folder to write")
+    flags.DEFINE_string("out", None, "dataset folder to write (outside SRC)")
     flags.DEFINE_string("aliases", None, "JSON file mapping structure names to extra ROI names")
     flags.DEFINE_list("structures", list(PROSTATE_STRUCTURES), "structures (model channels), in order")
     flags.DEFINE_enum("grid", "model", ["model", "dose", "ct"], "grid of the saved cases")

@@ -1,7 +1,8 @@
 """DICOM-RT in and out: CT + RTSTRUCT + RTDOSE (+ RTPLAN) -> `Case`, datasets of them, and RTDOSE export.
 
 Modules: `geometry` (orientation, LPS layout, resampling), `contours` (rasterizing),
-`files` (pydicom access, scanning, grouping into plans), `dose` (RTDOSE, RTPLAN fractions,
+`files` (pydicom access, scanning, grouping into plans), `damage` (which files are
+damaged and why, and the plans they stop), `dose` (RTDOSE, RTPLAN fractions,
 beams and prescription, the plan dose), `readers` (CT, RTSTRUCT, whole plans), `importer`
 (folders of exports -> a dataset and its report), `rtdose` (the RTDOSE writer), `structures`
 (ROI-name aliases). See docs/dicom.md.

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxdose.dicom.damage import FIX, file_damage
 from flaxdose.errors import FlaxdoseError
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -272,7 +273,8 @@ def _not_dicom(path: Path) -> None:
 
 def file_header(path: Path) -> DicomFile | None:
     """Header facts, or None for a file that is not DICOM. Damaged DICOM -> FlaxdoseError, also for a
-    file named .dcm (or with the DICM magic) that has no readable header: an empty or cut export file."""
+    file named .dcm (or with the DICM magic) that has no readable header: an empty or cut export file,
+    and for a CT, RTSTRUCT, RTDOSE or RTPLAN that `flaxdose.dicom.damage.file_damage` finds damaged."""
     import warnings
 
     from pydicom.errors import InvalidDicomError
@@ -286,7 +288,7 @@ def file_header(path: Path) -> DicomFile | None:
         except FlaxdoseError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise FlaxdoseError(f"{path}: unreadable DICOM file ({type(e).__name__}: {str(e)[:120]})") from None
+            raise FlaxdoseError(f"{path}: unreadable DICOM file ({type(e).__name__}: {str(e)[:120]}); {FIX}") from None
         directory = text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID") == MEDIA_DIRECTORY_STORAGE
         if not directory and not any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "Modality")):
             return _not_dicom(path)
@@ -299,10 +301,9 @@ def file_header(path: Path) -> DicomFile | None:
                 series_uid=text(ds, "SeriesInstanceUID"), for_uid=text(ds, "FrameOfReferenceUID"),
             )
             f.modality = modality or (f.kind if f.kind != "MEDIA" else "")
-            missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not text(ds, k)]
-            if f.kind in ("CT", "RTSTRUCT", "RTDOSE", "RTPLAN") and missing:  # Type 1 in these IODs (PS3.3)
-                raise FlaxdoseError(f"{path}: a {f.kind} file without {', '.join(missing)} (required by DICOM "
-                                    f"PS3.3): cut short or damaged; re-export it, or move it out of the export")
+            damage = file_damage(path, ds, f.kind)  # Type 1 UIDs missing, cut short, short PixelData
+            if damage:
+                raise FlaxdoseError(damage)
             if f.kind == "RTSTRUCT":
                 f.for_uid = _structure_set_for(ds)
                 for ref in ds.get("ReferencedFrameOfReferenceSequence") or []:
@@ -407,6 +408,11 @@ class PlanFiles:
     def dose(self) -> DicomFile | None:
         """The first dose file (the only one unless BEAM doses are summed)."""
         return self.doses[0] if self.doses else None
+
+    @property
+    def files(self) -> list[DicomFile]:
+        """Every file the plan reads: structure set, RTPLAN, CT slices, doses."""
+        return [f for f in (self.struct, self.plan, *self.ct, *self.doses) if f is not None]
 
     @property
     def label(self) -> str:

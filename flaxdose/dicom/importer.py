@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
+from flaxdose.dicom.damage import plan_damage
 from flaxdose.dicom.files import group_plans, scan
 from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
 from flaxdose.dicom.structures import AliasTable
@@ -152,10 +153,24 @@ def patient_splits(case_keys: Mapping[str, Sequence[str]], test_fraction: float,
     return splits
 
 
-def _damaged_beside(plan, damaged: list[tuple[str, str]]) -> list[str]:
-    """Names of the damaged files in the folders of the plan's files (a cut RTPLAN, a cut CT slice...)."""
-    folders = {f.path.parent for f in (plan.struct, plan.plan, *plan.ct, *plan.doses) if f is not None}
-    return [Path(p).name for p, _ in damaged if Path(p).parent in folders]
+def check_out_apart(src: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Refuse a dataset folder `out` that is a source folder, lies inside one, or holds one.
+
+    A dataset inside its source would be read by the next import of that source (its staging
+    files by this one); a dataset folder holding the source would replace it. Symbolic links
+    are resolved. Raises FlaxdoseError naming both paths and the fix.
+    """
+    sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    target = Path(out).expanduser().resolve()
+    for source in sources:
+        where = Path(source).expanduser().resolve()
+        if not where.is_file() and (target == where or where in target.parents):
+            what = "is the source folder" if target == where else "lies inside the source folder"
+            raise FlaxdoseError(f"the dataset folder (--out) {out} {what} {source}: a later import of {source} "
+                                f"would read the dataset it wrote; choose a dataset folder outside {source}")
+        if target in where.parents:
+            raise FlaxdoseError(f"the dataset folder (--out) {out} holds the source {source}: writing the dataset "
+                                f"would replace it; choose a dataset folder outside {source}")
 
 
 def import_dicom(
@@ -181,10 +196,13 @@ def import_dicom(
     and skipped; so is a plan without RTDOSE unless `require_dose=False`. Case ids are salted
     hashes (the salt is random unless given) unless `keep_ids`. All plans of one patient go to
     one split. `min_coverage` and `read_kwargs` go to `read_plan`. Raises FlaxdoseError when no
-    plan could be imported (nothing is written then).
+    plan could be imported, and when `out` is, lies inside or holds a source folder
+    (`check_out_apart`); nothing is written then.
     """
     if not 0.0 <= test_fraction < 1.0:
         raise FlaxdoseError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    src = src if isinstance(src, (str, os.PathLike)) else list(src)  # read twice: checked, then scanned
+    check_out_apart(src, out)
     check_writable(out, overwrite)  # before the long work
     files, damaged = scan(src, progress=progress)
     found = group_plans(files)
@@ -193,8 +211,10 @@ def import_dicom(
     todo = []
     for pid, plans in found.patients.items():
         if isinstance(plans, str):
-            where = next((str(f.path.parent) for f in files if f.patient_id == pid), "?")
-            failures.append((where, plans))
+            mine = [f for f in files if f.patient_id == pid]
+            damage = plan_damage(damaged, mine)  # e.g. a cut RTSTRUCT: the damage, not "no RTSTRUCT", is why
+            failures.append((str(mine[0].path.parent) if mine else "?",
+                             f"{damage}; without them: {plans}" if damage else plans))
             continue
         todo += [(i, len(plans), p) for i, p in enumerate(plans)]
     out = Path(out)
@@ -212,10 +232,9 @@ def import_dicom(
             try:
                 if require_dose and not plan.doses:
                     raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
-                beside = _damaged_beside(plan, damaged)
-                if beside:  # a damaged RTPLAN or CT slice would go unnoticed or mislead (read_rt refuses too)
-                    raise FlaxdoseError(f"damaged file(s) beside this plan: {', '.join(beside[:5])}; re-export "
-                                        "them, or move them out of the export")
+                damage = plan_damage(damaged, plan.files)  # the damaged files in the plan's folders
+                if damage:
+                    raise FlaxdoseError(damage)
                 cid = plan_case_id(plan, keep_ids, salt)
                 if count > 1:
                     cid = f"{cid}_{index + 1}"

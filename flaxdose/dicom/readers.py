@@ -31,6 +31,7 @@ import numpy as np
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM, Grid
 from flaxdose.dicom.contours import PLANE_TOL_MM, RoiContours, contour_planes, rasterize, rasterize_roi, roi_window
+from flaxdose.dicom.damage import plan_damage
 from flaxdose.dicom.dose import PlanDose, check_dose_fits_prescription, plan_dose, read_rtplan
 from flaxdose.dicom.files import (
     DicomFile,
@@ -472,23 +473,21 @@ def read_rt(
     `prescription_gy` (overrides the RTPLAN), `include_ct`, `model_shape`, `model_spacing_mm`,
     `centre_on`, `case_id`, `keep_ids`, `salt`, `style`, `min_coverage`, `read_dose` (see `read_plan`).
     """
-    files, problems = scan(paths)
+    files, damaged = scan(paths)
     found = group_plans(files)
     plans = found.plans
-    note = f" ({len(problems)} damaged file(s): {problems[0][1]})" if problems else ""
+    damage = plan_damage(damaged)  # any damaged file among the paths given stops the plan
     if not plans:
         reasons = [v for v in found.patients.values() if isinstance(v, str)]
-        raise FlaxdoseError(
-            f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
-            + (f": {reasons[0]}" if reasons else "") + note
-        )
+        reason = (f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
+                  + (f": {reasons[0]}" if reasons else ""))
+        raise FlaxdoseError(f"{damage}; without them: {reason}" if damage else reason)
     if len(plans) > 1:
         raise FlaxdoseError(
             f"{len(plans)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "
             "one plan's files, or import them all with `python -m flaxdose.import_dicom`"
         )
     plan = plans[0]
-    if problems:
-        damaged_here = [m for p, m in problems]
-        plan.problems = plan.problems + [f"damaged file(s) next to the plan: {damaged_here[0]}"]
+    if damage:
+        plan.problems = plan.problems + [damage]
     return read_plan(plan, structures, grid, **kwargs)

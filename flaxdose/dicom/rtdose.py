@@ -21,6 +21,7 @@ import numpy as np
 
 from flaxdose.data.case import Case
 from flaxdose.data.grid import Grid
+from flaxdose.dicom.damage import plan_damage
 from flaxdose.dicom.files import CT_STORAGE, RTDOSE_STORAGE, read_header, scan
 from flaxdose.dicom.geometry import axial_directions, lps_layout, resample
 from flaxdose.dicom.readers import read_ct
@@ -50,11 +51,13 @@ def dose_grid_scaling(max_dose_gy: float, bits: int = 32) -> str:
 
 
 def _reference_ct(reference_ct, ct_series_uid: str | None):
-    files, problems = scan(reference_ct)
+    files, damaged = scan(reference_ct)
+    damage = plan_damage(damaged, where="in the reference CT")  # a cut slice must not silently shorten the series
+    if damage:
+        raise FlaxdoseError(damage)
     cts = [f for f in files if f.modality == "CT" or f.sop_class == CT_STORAGE]
     if not cts:
-        why = f" ({len(problems)} damaged file(s))" if problems else ""
-        raise FlaxdoseError(f"no CT images found in {reference_ct}{why}; --reference must name the patient's CT folder")
+        raise FlaxdoseError(f"no CT images found in {reference_ct}; --reference must name the patient's CT folder")
     series = sorted({f.series_uid for f in cts})
     if ct_series_uid is not None:
         cts = [f for f in cts if f.series_uid == ct_series_uid]
