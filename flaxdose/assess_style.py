@@ -41,10 +41,21 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
 
+USAGE = ("usage: python -m flaxdose.assess_style --workdirs W --own_data SRC --data CLINIC "
+         "[--curve SWEEP --curve_style STYLE] --out REPORT")
+
+
 def main(argv):
-    if len(argv) > 1 or not (FLAGS.workdirs and FLAGS.own_data and FLAGS.data and FLAGS.out):
-        raise FlaxdoseError("usage: python -m flaxdose.assess_style --workdirs W --own_data SRC --data CLINIC "
-                            "[--curve SWEEP --curve_style STYLE] --out REPORT")
+    """absl main: assess the clinic's style against the model's own, write `--out`, print the verdict.
+
+    Raises FlaxdoseError naming every missing required flag, for positional arguments, or for
+    --curve without --curve_style (and see `flaxdose.assess`).
+    """
+    if len(argv) > 1:
+        raise FlaxdoseError(f"unexpected arguments {argv[1:]} (every input is a flag); {USAGE}")
+    cli.require(USAGE, workdirs=(FLAGS.workdirs, "the source model's training workdir(s)"),
+                own_data=(FLAGS.own_data, "held-out plans of the model's own style"),
+                data=(FLAGS.data, "the clinic's plans"), out=(FLAGS.out, "the report folder"))
     if bool(FLAGS.curve) != bool(FLAGS.curve_style):
         raise FlaxdoseError("--curve needs --curve_style (the sweep's style that stands for this clinic), and back")
     check_writable(FLAGS.out, FLAGS.overwrite)

@@ -4,6 +4,7 @@ A command is a module with absl flags and a ``main(argv)``; `run(main)` runs it:
 - ``--config=NAME`` (a name in configs/, ``NAME:ARG``, or a path) becomes the config file's
   path before absl parses the flags, and `ml_collections.config_flags` applies the
   ``--config.section.key=value`` overrides (`config_flag` defines that flag);
+- ``-h`` is ``--help`` (absl knows only ``--help``, ``-help`` and ``-?``): usage printed, exit 0;
 - orbax/grain INFO chatter is hidden unless ``--verbosity`` is given.
 
 Exit status, the same for every command: 0 done; 1 done, but some items failed (the command
@@ -51,6 +52,15 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
             out.append(arg)
             arg = config_lib.config_path(next(args, ""))
         out.append(arg)
+    return out
+
+
+def help_alias(argv: Sequence[str]) -> list[str]:
+    """argv with each ``-h`` (before a ``--`` separator) replaced by ``--help``; argv[0] is kept."""
+    out, done = list(argv[:1]), False
+    for arg in argv[1:]:
+        done = done or arg == "--"
+        out.append("--help" if arg == "-h" and not done else arg)
     return out
 
 
@@ -118,7 +128,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         return main(argv)
 
     try:
-        sys.argv = resolve_config_args(sys.argv if argv is None else argv)  # config_flags reads sys.argv
+        sys.argv = resolve_config_args(help_alias(sys.argv if argv is None else argv))  # config_flags reads sys.argv
         if define_flags is not None:
             try:
                 define_flags()

@@ -23,9 +23,18 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing dataset folder")
 
 
+USAGE = "usage: python -m flaxdose.convert_openkbp SRC --out DATASET [--downsample 2] [--noinclude_ct]"
+
+
 def main(argv):
-    if len(argv) != 2 or not FLAGS.out:
-        raise FlaxdoseError("usage: python -m flaxdose.convert_openkbp SRC --out DATASET [--downsample 2] [--noinclude_ct]")
+    """absl main: convert SRC into the dataset `--out` and print its splits.
+
+    Raises FlaxdoseError without exactly one SRC, without --out (naming it), or for data that
+    is not the challenge's (see `flaxdose.openkbp.convert_openkbp`).
+    """
+    if len(argv) != 2:
+        raise FlaxdoseError(f"give exactly one SRC, the challenge's provided-data folder (got {len(argv) - 1}); {USAGE}")
+    cli.require(USAGE, out=(FLAGS.out, "the dataset folder to write"))
     ds = convert_openkbp(argv[1], FLAGS.out, include_ct=FLAGS.include_ct, overwrite=FLAGS.overwrite,
                          downsample=FLAGS.downsample)
     print(f"wrote {ds.manifest['num_cases']} OpenKBP cases to {ds.root}: "

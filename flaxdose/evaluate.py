@@ -3,6 +3,9 @@
 ``python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] --split test --out REPORT``
 predicts every case of the split with each model (best checkpoint) and writes the report
 folder described in `flaxdose.evaluation` (cases.csv, summary.json, report.md, figures).
+A case that cannot be predicted or scored (no target, another voxel spacing, ...) is left
+out and listed (log, summary.json ``failed_cases``, report.md): exit status 1; 2 when no
+case could be evaluated.
 
 ``python -m flaxdose.evaluate --openkbp --workdir W --data DIR --split val --out REPORT
 [--baseline reference.json]`` scores like the OpenKBP challenge instead (dose and DVH score
@@ -31,13 +34,16 @@ FLAGS = flags.FLAGS
 
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,
                       names: Sequence[str] | None = None, which: str = "best", batch_size: int = 1,
-                      overwrite: bool = False, example_case: str | None = None, mirror: bool = False) -> dict:
+                      overwrite: bool = False, example_case: str | None = None, mirror: bool = False,
+                      keep_going: bool = True) -> dict:
     """Load each workdir's model, evaluate the split of `data`, write the report folder `out`; the summary.
 
     `mirror`: each model averages its prediction with that of the left-right mirrored case.
-    Raises FlaxdoseError before any long work for an `out` that holds files (unless
-    `overwrite`), an empty split or one whose doses are predictions (not plans), a workdir
-    without a model, or a wrong number of `names`.
+    `keep_going`: cases that cannot be evaluated are left out and listed in the summary's
+    ``failed_cases`` (`flaxdose.evaluation.evaluate_models`). Raises FlaxdoseError before any
+    long work for an `out` that holds files (unless `overwrite`), an empty split or one whose
+    doses are predictions (not plans), a workdir without a model, or a wrong number of
+    `names`; and when no case could be evaluated.
     """
     check_writable(out, overwrite)  # before the long work
     dataset = Dataset.open(data)
@@ -46,10 +52,12 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     if names and len(names) != len(loaded):
         raise FlaxdoseError(f"--names gives {len(names)} names for {len(loaded)} models; give one per model")
     models = dict(zip(evaluation.unique_names(list(names) if names else [m.name for m in loaded]), loaded))
-    rows, references, predictions = evaluation.evaluate_models(models, dataset, split, batch_size)
-    note = f"Split {split!r} of {Path(data).resolve()}: {len(references)} cases; models: " + ", ".join(
+    result = evaluation.evaluate_models(models, dataset, split, batch_size, keep_going=keep_going)
+    failed = f" ({len(result.failed)} more not evaluated, see Notes)" if result.failed else ""
+    note = f"Split {split!r} of {Path(data).resolve()}: {len(result.references)} cases{failed}; models: " + ", ".join(
         f"{n} ({Path(w).resolve()})" for n, w in zip(models, workdirs))
-    return evaluation.write_report(rows, out, references, predictions, overwrite=overwrite, example_case=example_case, note=note)
+    return evaluation.write_report(result.rows, out, result.references, result.predictions, overwrite=overwrite,
+                                   example_case=example_case, note=note, failed=result.failed)
 
 
 def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, out: str | Path, *,
@@ -98,7 +106,8 @@ def define_flags() -> None:
 
 
 def main(argv):
-    """absl main: evaluate `--workdir` (and `--compare`) on `--data`/`--split`, write `--out`, print the mean Dice.
+    """absl main: evaluate `--workdir` (and `--compare`) on `--data`/`--split`, write `--out`, print the mean Dice
+    (and the cases that failed: exit status 1).
 
     Raises FlaxdoseError when --workdir or --out is missing, or --data with --openkbp (and see
     `evaluate_workdirs`).
@@ -122,7 +131,9 @@ def main(argv):
                                 batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
                                 mirror=FLAGS.mirror)
     brief = {m: summary["metrics"][m]["dice_mean"]["mean"] for m in summary["models"]}
-    print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "mean_dice": brief}))
+    failed = summary["failed_cases"]
+    print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "mean_dice": brief, "failed": failed}))
+    return cli.PARTIAL_FAILURE if failed else 0  # the report and the log name the failed cases
 
 
 def run():

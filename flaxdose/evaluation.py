@@ -8,9 +8,11 @@ The command line is `flaxdose.evaluate`. `write_report` writes into a report fol
   Gy and % of the prescription, signed (``err_gy``, ``err_pct``) and absolute (``abs_err_*``);
 - ``summary.json``: per model the mean, SD (ddof=1) and median of every metric; with two or
   more models, paired t-tests (scipy.stats.ttest_rel, pairs = the same case, NaN pairs
-  dropped) of each model against the first, per metric;
-- ``report.md``: the short table; ``dice.png``, ``dvh_errors.png`` and ``case_<id>.png``
-  (see flaxdose.plots).
+  dropped) of each model against the first, per metric; ``empty_structures``: structures
+  empty in some evaluated cases (their DVH metrics average the other cases), and
+  ``failed_cases``: {case id: why} of the cases that could not be predicted or scored;
+- ``report.md``: the short table, notes on empty structures and failed cases; ``dice.png``,
+  ``dvh_errors.png`` and ``case_<id>.png`` (see flaxdose.plots).
 
 Metric conventions are those of flaxdose.metrics. Isodose Dice is restricted to the
 reference case's dose region (`Case.dose_region`: the body, or OpenKBP's possible-dose
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,16 +35,19 @@ from flaxdose.data.case import Case, Dataset, target_names
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder
 from flaxdose.metrics import ISODOSE_LEVELS, dvh_errors, isodose_dice, plan_dvh_metrics
+from tqdm import tqdm
 
 DICE_KEYS = tuple(f"dice_{round(level * 100)}" for level in ISODOSE_LEVELS) + ("dice_mean",)
 ERROR_SUFFIXES = ("err_gy", "err_pct", "abs_err_gy", "abs_err_pct")
 ID_COLUMNS = ("case_id", "model", "style", "prescription_gy")
+log = logging.getLogger("flaxdose")
 
 
 class Evaluation(NamedTuple):
     rows: list[dict]  # one per case x model, see the module docstring
-    references: list[Case]
+    references: list[Case]  # the evaluated cases (without failed ones)
     predictions: dict[str, list[Case]]  # model name -> predicted cases, in reference order
+    failed: dict[str, str] = {}  # case id -> why it could not be predicted or scored (never mutated)
 
 
 # ---------------------------------------------------------------- per case
@@ -120,16 +126,46 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, batch_size: int = 1) -> Evaluation:
+def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
+    """``case a: reason; case b: reason (and 3 more)``: the first `limit` of {case id: reason}."""
+    items = [f"case {k}: {v}" for k, v in list(failed.items())[:limit]]
+    more = f" (and {len(failed) - limit} more)" if len(failed) > limit else ""
+    return "; ".join(items) + more
+
+
+def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, batch_size: int = 1,
+                    keep_going: bool = False) -> Evaluation:
     """Predict the split with every model and evaluate against its doses.
 
     `models` maps names to objects with ``predict(cases, batch_size=, progress=) -> cases``
-    (`flaxdose.inference.Model`, or any other predictor). Raises FlaxdoseError for an empty
-    split or cases without a reference dose.
+    (`flaxdose.inference.Model`, or any other predictor). `keep_going`: a case that some model
+    cannot predict, or that cannot be scored (a FlaxdoseError), is logged and left out for every
+    model (the tests pair cases), and `Evaluation.failed` says why; otherwise the first such case
+    stops the evaluation. Raises FlaxdoseError for an empty split, cases without a reference
+    dose, or (`keep_going`) when no case could be evaluated.
     """
     references = load_references(dataset, split)
-    predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
-    return Evaluation(evaluate_predictions(predictions, references), references, predictions)
+    if not keep_going:
+        predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
+        return Evaluation(evaluate_predictions(predictions, references), references, predictions)
+    rows, kept, failed = [], [], {}
+    predictions = {name: [] for name in models}
+    for ref in tqdm(references, desc="evaluate", unit="case"):
+        try:
+            done = {name: m.predict([ref], batch_size=batch_size)[0] for name, m in models.items()}
+            case_rows = [evaluate_case(p, ref, name) for name, p in done.items()]
+        except FlaxdoseError as e:
+            log.warning("case %s not evaluated: %s", ref.case_id, e)
+            failed[ref.case_id] = str(e)
+            continue
+        kept.append(ref)
+        rows += case_rows
+        for name, p in done.items():
+            predictions[name].append(p)
+    if not kept:
+        raise FlaxdoseError(f"no case of split {split!r} of {dataset.root} could be evaluated: " + failure_list(failed))
+    rows.sort(key=lambda r: list(models).index(r["model"]))  # model by model, as evaluate_predictions orders them
+    return Evaluation(rows, kept, predictions, failed)
 
 
 # ---------------------------------------------------------------- statistics
@@ -181,8 +217,24 @@ def paired_ttest(rows: Sequence[dict], model_a: str, model_b: str) -> dict:
             "mean_difference": differences}
 
 
+def empty_structures(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """{structure: {"empty": n, "cases": N}} for every structure empty in n of the N cases of the first
+    model's rows (0 < n): an empty mask has no reference Dmean (NaN, `flaxdose.metrics.dvh_metrics`),
+    and its DVH metrics' statistics average the other N - n cases."""
+    cases = list(next(iter(_by_model(rows).values()), {}).values())
+    suffix = " Dmean ref_gy"
+    structures = [k.removesuffix(suffix) for k in dict.fromkeys(k for r in cases for k in r) if k.endswith(suffix)]
+    out = {}
+    for name in structures:
+        empty = sum(1 for r in cases if not math.isfinite(float(r.get(name + suffix, math.nan))))
+        if empty:
+            out[name] = {"empty": empty, "cases": len(cases)}
+    return out
+
+
 def summarize(rows: Sequence[dict]) -> dict:
-    """Per-model statistics of every metric and paired t-tests of each model against the first."""
+    """Per-model statistics of every metric, paired t-tests of each model against the first, and the
+    structures empty in some cases (`empty_structures`)."""
     by_model = _by_model(rows)
     models = list(by_model)
     columns = metric_columns(rows)
@@ -192,6 +244,7 @@ def summarize(rows: Sequence[dict]) -> dict:
         "metrics": {m: {k: describe([r.get(k, np.nan) for r in cases.values()]) for k in columns}
                     for m, cases in by_model.items()},
         "paired_ttests": [paired_ttest(rows, models[0], other) for other in models[1:]],
+        "empty_structures": empty_structures(rows),
     }
     return summary
 
@@ -259,10 +312,24 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def report_notes(summary: dict) -> list[str]:
+    """Lines saying which structures were empty in some cases and which cases failed (none: [])."""
+    notes = []
+    for name, count in summary.get("empty_structures", {}).items():
+        n, total = count["empty"], count["cases"]
+        rest = f"its DVH metrics average the other {total - n}" if n < total else "it has no DVH metrics"
+        notes.append(f"- {name}: empty in {n} of {total} cases; {rest}.")
+    for case_id, why in summary.get("failed_cases", {}).items():
+        notes.append(f"- case {case_id} not evaluated: {why}")
+    return notes
+
+
 def _markdown(summary: dict, split_note: str) -> str:
+    notes = report_notes(summary)
     return "\n".join([f"# Dose-prediction evaluation\n\n{split_note}\n",
                       "Dice: isodose volumes at % of prescription. DVH errors: prediction − reference, % of prescription.",
-                      "Values: mean ± SD over cases.\n", markdown_table(summary)]) + "\n"
+                      "Values: mean ± SD over cases.\n", markdown_table(summary),
+                      *(["\n## Notes\n", *notes] if notes else [])]) + "\n"
 
 
 def _figures(rows: Sequence[dict], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],
@@ -293,7 +360,8 @@ def _example_index(rows: Sequence[dict], references: Sequence[Case], example_cas
     ids = [c.case_id for c in references]
     if example_case is not None:
         if example_case not in ids:
-            raise FlaxdoseError(f"example case {example_case!r} is not in the evaluated split; it has {ids[:10]}")
+            raise FlaxdoseError(f"example case {example_case!r} is not among the evaluated cases {ids[:10]}; "
+                                "choose one of them (--case)")
         return ids.index(example_case)
     first = _by_model(rows)[rows[0]["model"]]
     scores = np.array([first[i]["dice_mean"] for i in ids])
@@ -302,16 +370,19 @@ def _example_index(rows: Sequence[dict], references: Sequence[Case], example_cas
 
 def write_report(rows: Sequence[dict], out_dir: str | Path, reference_cases: Sequence[Case],
                  predictions: Mapping[str, Sequence[Case]], *, overwrite: bool = False,
-                 example_case: str | None = None, note: str = "") -> dict:
+                 example_case: str | None = None, note: str = "", failed: Mapping[str, str] | None = None) -> dict:
     """Write cases.csv, summary.json, report.md and the PNG figures into `out_dir` atomically.
 
-    Everything is written into a temporary folder next to `out_dir` and renamed at the end, so
-    an interrupted run never leaves a half-written report. Returns the summary dict.
+    `failed`: {case id: why} of the split's cases that could not be evaluated (`Evaluation.failed`),
+    listed in summary.json (``failed_cases``) and report.md. Everything is written into a
+    temporary folder next to `out_dir` and renamed at the end, so an interrupted run never
+    leaves a half-written report. Returns the summary dict.
     """
     if not rows:
         raise FlaxdoseError("no evaluation rows to report; evaluate at least one case")
     with atomic_folder(out_dir, overwrite) as tmp:
         summary = summarize(rows)
+        summary["failed_cases"] = dict(failed or {})
         write_csv(rows, tmp / "cases.csv")
         summary["figures"] = _figures(rows, reference_cases, predictions, tmp, example_case)
         summary["note"] = note

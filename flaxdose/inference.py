@@ -9,13 +9,19 @@ the training patches and shifts the dose (``window=None`` still does that, for
 comparison). Dose is clipped at 0, converted from units of the prescription to Gy, and
 zeroed outside the case's dose region (`Case.dose_region`: the body, or OpenKBP's
 possible-dose mask).
+
+A run stores the voxel spacing of its training cases with every checkpoint
+(`SPACING_KEY`, see `spacing_record`); `Model.predict` refuses a case whose spacing is more
+than `SPACING_TOLERANCE` off it on any axis (`check_spacing`; a range of training spacings is
+first widened, see `accepted_spacing`): the network learned dose fall-offs in voxels, so on
+another spacing its dose is wrong in scale, not merely noisy.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -28,6 +34,7 @@ from flaxdose.checkpoint import find_checkpoint, restore_params
 from flaxdose.data.case import Case, Dataset, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
+from flaxdose.evaluation import failure_list
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
 
@@ -119,6 +126,62 @@ def sliding_window(run, volume: np.ndarray, window: Sequence[int], overlap: floa
     return total / norm
 
 
+# ---------------------------------------------------------------- voxel spacing
+SPACING_KEY = "train_spacing_mm"  # checkpoint meta: {"min": [x, y, z], "max": [x, y, z]} (mm)
+SPACING_TOLERANCE = 0.05  # relative, per axis
+
+
+def spacing_record(spacings: Iterable[Sequence[float]]) -> dict:
+    """What a run stores of its training cases' voxel spacings ((x, y, z) mm each): the per-axis
+    range, ``{"min": [x, y, z], "max": [x, y, z]}`` (min == max when every case has one spacing).
+    Raises FlaxdoseError for no spacings."""
+    values = np.array([tuple(float(v) for v in s) for s in spacings], np.float64).reshape(-1, 3)
+    if not len(values):
+        raise FlaxdoseError("no training cases to record the voxel spacing of")
+    return {"min": [round(float(v), 6) for v in values.min(0)], "max": [round(float(v), 6) for v in values.max(0)]}
+
+
+def describe_spacing(record: Mapping) -> str:
+    """``4x4x3`` mm for one spacing, ``3.5-4x3.5-4x2.5`` for a range (per axis)."""
+    return "x".join(f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}" for lo, hi in zip(record["min"], record["max"]))
+
+
+def accepted_spacing(record: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) voxel size (x, y, z) mm a model trained on the range `record` (`spacing_record`)
+    accepts, per axis: ``min / sqrt(max / min) x (1 - SPACING_TOLERANCE)`` to ``max x sqrt(max / min)
+    x (1 + SPACING_TOLERANCE)``, i.e. +-5 % around one training spacing; a range of them is first
+    widened by half its own width in ratio. A model trained across spacings cannot tell them
+    apart (it sees masks, not millimetres), so its error at the range's ends is already of the
+    order of the range: OpenKBP trains on 1.95-5.08 mm in x and validates up to 5.42 mm."""
+    lo, hi = np.asarray(record["min"], np.float64), np.asarray(record["max"], np.float64)
+    widen = np.sqrt(hi / lo)
+    return lo / widen * (1 - SPACING_TOLERANCE), hi * widen * (1 + SPACING_TOLERANCE)
+
+
+def spacing_fits(spacing_mm: Sequence[float], record: Mapping) -> bool:
+    """Whether a voxel size (x, y, z) mm lies within `accepted_spacing(record)` on every axis."""
+    spacing = np.asarray(spacing_mm, np.float64)
+    lo, hi = accepted_spacing(record)
+    return bool(np.all(spacing >= lo) and np.all(spacing <= hi))
+
+
+def check_spacing(case: Case, record: Mapping | None, model_name: str = "the model") -> None:
+    """Raise FlaxdoseError when `case.spacing_mm` does not `spacing_fits` the training range `record`;
+    nothing to check for `record` None."""
+    if record is None or spacing_fits(case.spacing_mm, record):
+        return
+    lo, hi = accepted_spacing(record)
+    accepted = describe_spacing({"min": [round(float(v), 3) for v in lo], "max": [round(float(v), 3) for v in hi]})
+    raise FlaxdoseError(
+        f"case {case.case_id!r} has voxel spacing {'x'.join(f'{v:g}' for v in case.spacing_mm)} mm (x, y, z), but "
+        f"{model_name} was trained on {describe_spacing(record)} mm (it accepts {accepted}): its dose "
+        f"would be wrong in scale. Resample the case onto the model's spacing (DICOM: python -m flaxdose.import_dicom "
+        f"SRC --out DATASET --grid model --model_spacing_mm {','.join(f'{v:g}' for v in record['min'])}; "
+        "OpenKBP: python -m flaxdose.convert_openkbp with the --downsample of the training data), or use a model "
+        "trained at this spacing")
+
+
+# ---------------------------------------------------------------- plausibility
 # A prostate plan's maximum is ~105-115 % of the prescription; far above it the input is unlike
 # anything the model was trained on. Prescriptions beyond these bounds look like cGy or a typo.
 IMPLAUSIBLE_MAX_RELATIVE = 1.5
@@ -148,31 +211,38 @@ class Model:
     (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
     the left-right mirrored case (paired structures swapped, as the training flips do) and
     averages the two (test-time augmentation; twice the work). `with_distance`: the model also
-    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`).
+    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`). `train_spacing_mm`:
+    the training cases' spacing (`spacing_record`), checked against each case (`check_spacing`);
+    None checks nothing (a model trained before runs stored it, or one built mid-training).
     """
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
                  window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
-                 with_distance: bool = False):
+                 with_distance: bool = False, train_spacing_mm: Mapping | None = None):
         self.spec, self.structures, self.name = spec, tuple(structures), name
         self.with_distance = bool(with_distance)
+        self.train_spacing_mm = None if train_spacing_mm is None else dict(train_spacing_mm)
         self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
         self.params = jax.device_put(params)
         self._predict = make_predict_fn(spec)
 
     @classmethod
-    def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False) -> Model:
+    def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False,
+                    train_spacing_mm: Mapping | None = None) -> Model:
         """The model a run config trains (`config.model`, `config.data.structures` and `target_distance`, its
-        patch size), with `params`."""
+        patch size), with `params` (and the training spacing to check cases against, if known)."""
         window = None if full_volume else tuple(config.data.patch_shape)
         return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
-                   mirror=mirror, with_distance=config.data.get("target_distance", False))
+                   mirror=mirror, with_distance=config.data.get("target_distance", False),
+                   train_spacing_mm=train_spacing_mm)
 
     @classmethod
     def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
         """From a training workdir, or a checkpoint path inside one (config.json is found above it).
 
-        `which`: "best" (lowest validation loss, else the latest) or "latest". Raises
+        `which`: "best" (lowest validation loss, else the latest) or "latest". The checkpoint's
+        training spacing (`SPACING_KEY`) is checked against every case predicted; a checkpoint
+        without one (trained before runs stored it) logs once that it cannot be. Raises
         FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
         """
         path = Path(path)
@@ -180,8 +250,14 @@ class Model:
         config = config_lib.load_config_json(config_file)
         spec = UNetSpec.from_config(config.model)
         template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
-        params, _ = restore_params(path, template, which)
-        return cls.from_config(config, params, name=config_file.parent.name, full_volume=full_volume, mirror=mirror)
+        params, meta = restore_params(path, template, which)
+        name = config_file.parent.name
+        spacing = meta.get(SPACING_KEY)
+        if spacing is None:
+            log.warning("model %s (%s) was trained before flaxdose stored the training voxel spacing: the spacing "
+                        "of the cases it predicts cannot be checked against it", name, config_file.parent)
+        return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
+                               train_spacing_mm=spacing)
 
     def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
         """(X, Y, Z, C) `model_inputs` -> (X, Y, Z) dose in units of the prescription."""
@@ -193,6 +269,14 @@ class Model:
         swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
         return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
+    def check_case(self, case: Case) -> None:
+        """Raise FlaxdoseError unless the model can predict `case`: the model's structures in its order, a
+        prescription, and a voxel spacing within the training spacing's tolerance (`check_spacing`)."""
+        case.check_structures(self.structures)
+        if not case.prescription_gy > 0:
+            raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
+        check_spacing(case, self.train_spacing_mm, f"model {self.name!r}")
+
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False,
                 check: bool = True) -> list[Case]:
         """Predicted dose for each case, as copies of the cases with `dose` replaced.
@@ -200,12 +284,11 @@ class Model:
         The dose is float32 (X, Y, Z) in Gy: the network's output x the case's prescription,
         clipped at 0 and zero outside `Case.dose_region`. With `check`, an `implausible` prediction is
         logged and noted in the case's meta (``prediction_warning``). Raises FlaxdoseError for a case
-        whose structures differ from the model's or that has no prescription.
+        `check_case` refuses (before predicting any), and for one without target voxels when the model
+        takes the target distance.
         """
         for case in cases:
-            case.check_structures(self.structures)
-            if not case.prescription_gy > 0:
-                raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
+            self.check_case(case)
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
             relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
@@ -242,21 +325,40 @@ def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> 
 
 
 def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
-                    overwrite: bool = False) -> Dataset:
+                    overwrite: bool = False, keep_going: bool = False) -> Dataset:
     """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.
 
     The written cases are copies of the inputs whose `dose` is the prediction (Gy), with the
-    split's name and ids. Raises FlaxdoseError for an empty split or an `out` that holds
-    files (unless `overwrite`); nothing half-written is left.
+    split's name and ids. `keep_going`: a case that cannot be read or predicted (a FlaxdoseError:
+    no target, other structures or spacing, ...) is logged and left out, and the manifest's
+    ``failed`` maps its id to the reason (always present, {} when none failed); otherwise the
+    first such case stops the run. Raises FlaxdoseError for an empty split, an `out` that holds
+    files (unless `overwrite`), or when no case could be predicted (naming why); nothing
+    half-written is left.
     """
     check_writable(out, overwrite)
     dataset = Dataset.open(data)
     ids = dataset.split(split)
     if not ids:
         raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; nothing to predict")
-    predictions = model.predict([dataset.load(i) for i in ids], batch_size=batch_size, progress=True)
-    return write_dataset(out, predictions, {split: ids}, overwrite=overwrite,
-                         extra={"predicted_by": str(model.name), "source_dataset": str(Path(data).resolve())})
+    if not keep_going:
+        predictions, done, failed = model.predict([dataset.load(i) for i in ids], batch_size=batch_size,
+                                                  progress=True), ids, {}
+    else:
+        predictions, done, failed = [], [], {}
+        for case_id in tqdm(ids, desc=f"predict {model.name}", unit="case"):
+            try:
+                predictions.append(model.predict([dataset.load(case_id)], batch_size=batch_size)[0])
+                done.append(case_id)
+            except FlaxdoseError as e:
+                log.warning("case %s not predicted: %s", case_id, e)
+                failed[case_id] = str(e)
+        if not predictions:
+            raise FlaxdoseError(f"no case of split {split!r} of {dataset.root} could be predicted: "
+                                + failure_list(failed))
+    return write_dataset(out, predictions, {split: done}, overwrite=overwrite,
+                         extra={"predicted_by": str(model.name), "source_dataset": str(Path(data).resolve()),
+                                "failed": failed})
 
 
 def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path, plan: str | None = None) -> Path:
@@ -270,13 +372,18 @@ def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path
 def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
     """Read a patient's DICOM-RT export onto the model grid and predict its dose (a Case, dose in Gy).
 
-    The export's RTDOSE, if any, is ignored. Raises FlaxdoseError when the export cannot be
-    read or has no prescription (give one).
+    The grid is `flaxdose.data.grid.MODEL_SHAPE` voxels of `MODEL_SPACING_MM`, or of the model's
+    training spacing (its smallest) when that default does not fit it (`spacing_fits`). The
+    export's RTDOSE, if any, is ignored. Raises FlaxdoseError when the export cannot be read or
+    has no prescription (give one).
     """
+    from flaxdose.data.grid import MODEL_SPACING_MM
     from flaxdose.dicom import read_rt
 
+    record = model.train_spacing_mm
+    spacing = MODEL_SPACING_MM if record is None or spacing_fits(MODEL_SPACING_MM, record) else record["min"]
     case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy,
-                   read_dose=False)
+                   read_dose=False, model_spacing_mm=tuple(spacing))
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
     return model.predict([case])[0]

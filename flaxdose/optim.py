@@ -12,12 +12,47 @@ transformation at all (bit-identical to `optax.adam`).
 
 from __future__ import annotations
 
+import logging
+import math
+
 import optax
 
 from flaxdose import transfer
 from flaxdose.errors import FlaxdoseError
 
 SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay")
+log = logging.getLogger("flaxdose")
+
+
+def scaled_warmup_decay(warmup: int, decay: int, steps: int) -> tuple[int, int]:
+    """A warmup and decay that fit a run of `steps` (>= 1): unchanged when warmup + decay <= steps,
+    else both scaled by steps / (warmup + decay) and rounded down, keeping a warmup >= 1 if there
+    was one (a 1-step run has none: the warmup must end before the last step) and a decay >= 1."""
+    if warmup + decay <= steps:
+        return warmup, decay
+    factor = steps / (warmup + decay)
+    new_warmup = min(max(math.floor(warmup * factor), 1 if warmup >= 1 else 0), steps - 1)
+    return new_warmup, max(1, min(math.floor(decay * factor), steps - new_warmup))
+
+
+def fit_schedule(config):
+    """`config`, or a copy whose ``train.warmup_steps`` and ``train.decay_steps`` are scaled to fit
+    ``train.steps`` (`scaled_warmup_decay`) for a ``"warmup_stable_decay"`` run too short for them,
+    so ``--config.train.steps=20`` on a config made for 500 steps just works; the change is logged.
+    Other schedules, and settings `schedule_factor` refuses anyway (decay <= 0, steps < 1), pass
+    unchanged."""
+    train = config.train
+    if train.get("schedule", "constant") != "warmup_stable_decay":
+        return config
+    warmup, decay, steps = int(train.warmup_steps), int(train.get("decay_steps", 0)), int(train.steps)
+    if steps < 1 or warmup < 0 or decay <= 0 or warmup + decay <= steps:
+        return config
+    new_warmup, new_decay = scaled_warmup_decay(warmup, decay, steps)
+    log.warning("train.warmup_steps=%d + train.decay_steps=%d exceed train.steps=%d: scaled to warmup %d and "
+                "decay %d steps (set them to choose others)", warmup, decay, steps, new_warmup, new_decay)
+    config = config.copy_and_resolve_references()
+    config.train.warmup_steps, config.train.decay_steps = new_warmup, new_decay
+    return config
 
 
 def schedule_factor(train_cfg) -> optax.Schedule | None:

@@ -5,8 +5,13 @@ case of a split and writes them as a dataset of Cases whose `dose` is the predic
 ``--data`` defaults to the dataset the run trained on.
 ``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
 RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
-DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid. Sliding windows of the
+DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid (at the model's training
+voxel spacing when it was trained on another, `flaxdose.inference.predict_dicom`). Sliding windows of the
 training patch size by default; ``--full_volume`` predicts each volume in one pass.
+
+A case that cannot be predicted (no target, another voxel spacing than the model's, ...) is
+left out of ``--out`` and listed (log, the printed line, the manifest's ``failed``): exit
+status 1; 2 when no case could be predicted.
 """
 
 import json
@@ -39,7 +44,8 @@ def define_flags() -> None:
 
 def main(argv):
     """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
-    optionally write one prediction as RTDOSE. Raises FlaxdoseError for missing or conflicting flags."""
+    optionally write one prediction as RTDOSE; exit status 1 when some cases could not be predicted.
+    Raises FlaxdoseError for missing or conflicting flags, or when no case could be predicted."""
     del argv
     usage = ("usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
              "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)")
@@ -53,19 +59,25 @@ def main(argv):
         raise FlaxdoseError("--data needs --out, the folder for the predicted cases")
     run = FLAGS.checkpoint or FLAGS.workdir
     model = inference.Model.load(run, full_volume=FLAGS.full_volume)
+    failed = {}
     if FLAGS.dicom:
         predicted = [inference.predict_dicom(model, FLAGS.dicom, FLAGS.prescription_gy)]
     else:
         data = FLAGS.data or inference.run_dataset(run)
-        result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite)
-        ids = result.split(FLAGS.split)
-        print(json.dumps({"predicted": len(ids), "out": str(result.root)}))
+        result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite,
+                                           keep_going=True)
+        ids, failed = result.split(FLAGS.split), result.manifest["failed"]
+        print(json.dumps({"predicted": len(ids), "out": str(result.root), "failed": failed}))
+        if FLAGS.rtdose_out and FLAGS.case in failed:
+            raise FlaxdoseError(f"case {FLAGS.case!r} could not be predicted ({failed[FLAGS.case]}); "
+                                f"choose another --case of {ids[:10]}")
         predicted = [result.load(i) for i in ([FLAGS.case] if FLAGS.case else ids)] if FLAGS.rtdose_out else []
     if FLAGS.rtdose_out:
         if len(predicted) != 1:
             raise FlaxdoseError(f"--rtdose_out writes one patient's dose; choose one with --case (of {len(predicted)})")
         path = inference.export_rtdose(predicted[0], FLAGS.reference or FLAGS.dicom, FLAGS.rtdose_out, FLAGS.plan)
         print(json.dumps({"rtdose": str(path)}))
+    return cli.PARTIAL_FAILURE if failed else 0  # the log and the printed line name the failed cases
 
 
 def run():

@@ -38,7 +38,7 @@ from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset, target_names
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model, validation_mse
+from flaxdose.inference import SPACING_KEY, Model, spacing_record, validation_mse
 from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
 
 AXIS = "devices"
@@ -186,6 +186,15 @@ def split_ids(dataset: Dataset, data_cfg) -> tuple[list[str], list[str]]:
     return (train[:-n_val], train[-n_val:]) if n_val else (train, [])
 
 
+def training_spacing(config, workdir: Path) -> dict:
+    """The voxel spacing range of a run's training cases (`flaxdose.inference.spacing_record`), which
+    its checkpoints keep so that prediction can refuse cases on another spacing. Reads only the
+    cases' headers; the dataset is the one `build_inputs` trains on."""
+    dataset = resolve_dataset(config.data, workdir)
+    train_ids, _ = split_ids(dataset, config.data)
+    return spacing_record(dataset.case_spacing_mm(i) for i in train_ids)
+
+
 def check_workdir(workdir: Path, config) -> None:
     """Refuse a workdir that holds checkpoints of a different model, before writing anything."""
     saved = workdir / "config.json"
@@ -302,6 +311,7 @@ class RunFolder:
     checkpoint at ``train.steps``) is never reopened for writing: no config.json rewrite,
     no new log or TensorBoard file. With several processes only the primary one writes
     logs and config.json; every process takes part in the (collective) checkpoint saves.
+    Every checkpoint's meta holds the training cases' voxel spacing (`training_spacing`).
     """
 
     def __init__(self, config, workdir: str | Path, spec: UNetSpec, *, keep: int | None = None, primary: bool = True):
@@ -323,6 +333,7 @@ class RunFolder:
         Raises FlaxdoseError when a checkpoint or the pipeline state cannot be restored.
         """
         params, self.meta = initial_params(self.config, self.spec)
+        self.meta[SPACING_KEY] = training_spacing(self.config, self.workdir)
         tx = optim.make_optimizer(self.config, params)
         opt_state = tx.init(params)
         step = self.ckpt.latest_step() or 0
@@ -412,6 +423,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     workdir = Path(workdir).resolve()
     spec = UNetSpec.from_config(config.model)
     devices = list(devices or jax.local_devices())
+    config = optim.fit_schedule(config)  # a short run's warmup and decay shrink with it (logged)
     check_setup(config, spec, devices)
     check_workdir(workdir, config)
     primary = distributed.is_primary()  # with several processes, process 0 alone writes logs and files

@@ -181,14 +181,17 @@ def test_qa_cli_on_a_dataset_then_a_dicom_export(members, qa_data, tmp_path):
 
     export = F.write_export(tmp_path / "patient")
     dicom_out = tmp_path / "qa_dicom"
-    grid = ["--model_shape=16,16,8", "--model_spacing_mm=8,8,8"]
+    coarse = run_qa_cli(f"--workdirs={workdirs}", f"--calibration={out / 'calibration.json'}", f"--dicom={export['folder']}",
+                        "--model_shape=16,16,8", "--model_spacing_mm=8,8,8", f"--out={dicom_out}")
+    assert coarse.returncode == 2 and "trained on 4x4x5 mm" in coarse.stderr  # not the members' phantom spacing
+    grid = ["--model_shape=32,32,16", "--model_spacing_mm=4,4,5"]  # the whole export at the members' spacing
     proc = run_qa_cli(f"--workdirs={workdirs}", f"--calibration={out / 'calibration.json'}", f"--dicom={export['folder']}",
                       *grid, f"--out={dicom_out}")
     info = json.loads((dicom_out / "summary.json").read_text())
     assert proc.returncode == (3 if info["num_flagged"] else 0), proc.stderr
     # the plan's own RTDOSE was read: qa.csv holds the metrics of the export's dose on the model grid
     plan = planqa.read_dicom_plan(export["folder"], planqa.Ensemble.load(members).structures,
-                                  model_shape=(16, 16, 8), model_spacing_mm=(8, 8, 8))
+                                  model_shape=(32, 32, 16), model_spacing_mm=(4, 4, 5))
     expected = plan_dvh_metrics(plan.dose, plan.masks, plan.structures, plan.spacing_mm, targets=plan.targets)
     got = {f"{r['structure']} {r['metric']}": float(r["plan_gy"]) for r in read_csv(dicom_out / "qa.csv")}
     assert got == pytest.approx(expected, abs=1e-3) and plan.prescription_gy == F.PRESCRIPTION

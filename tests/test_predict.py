@@ -81,6 +81,7 @@ def test_dicom_in_rtdose_out(tmp_path, workdir):
     # the tiny test model expects the 6 prostate structures; the factory adds a 7th ("Box")
     predicted = predict_dicom(model, tmp_path / "patient")
     assert predicted.structures == model.structures and predicted.prescription_gy == F.PRESCRIPTION
+    assert predicted.spacing_mm == (4.0, 4.0, 5.0)  # read at the phantoms' spacing it trained on, not 4x4x3
     path = export_rtdose(predicted, tmp_path / "patient", tmp_path / "rtdose", plan=export.get("plan"))
     dose, grid = read_dose(path)
     expected = resample(predicted.dose, Grid(predicted.origin_mm, predicted.spacing_mm, predicted.shape), grid)

@@ -307,10 +307,17 @@ class Dataset:
 
     def case_shape(self, case_id: str) -> tuple[int, int, int]:
         """A case's grid (X, Y, Z) voxels, read without loading its volumes; FlaxdoseError if unreadable."""
+        return tuple(int(v) for v in self._read_field(case_id, "shape"))
+
+    def case_spacing_mm(self, case_id: str) -> tuple[float, float, float]:
+        """A case's voxel size (x, y, z) in mm, read without loading its volumes; FlaxdoseError if unreadable."""
+        return tuple(float(v) for v in self._read_field(case_id, "spacing_mm"))
+
+    def _read_field(self, case_id: str, name: str) -> np.ndarray:
         path = self.case_path(case_id)
         try:
             with np.load(path, allow_pickle=False) as z:
-                return tuple(int(v) for v in z["shape"])
+                return z[name]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
 
