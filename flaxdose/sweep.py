@@ -50,7 +50,7 @@ from flaxdose.checkpoint import CHECKPOINTS, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model
+from flaxdose.inference import SPACING_KEY, Model
 from flaxdose.io import atomic_write_text
 from flaxdose.model import UNetSpec
 
@@ -359,7 +359,8 @@ class Sweep:
                 folder.close()
         wall = time.perf_counter() - started
         for run, folder, host in zip(runs, folders, unstack(state, len(runs))):
-            model = Model.from_config(folder.config, host.params, name=run.run_id)
+            model = Model.from_config(folder.config, host.params, name=run.run_id,
+                                      train_spacing_mm=folder.meta.get(SPACING_KEY))  # checked as Model.load would
             result = {**run.fields(), "steps": base.train.steps, **self.score(model, run.style),
                       "final_loss": folder.last.get("loss", float("nan")), "wave": runs[0].run_id, "wave_size": len(runs),
                       "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
