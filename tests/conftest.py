@@ -49,3 +49,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rt_export(tmp_path_factory):
+    """One synthetic DICOM-RT patient without CT (fast to read): RTSTRUCT, RTPLAN and the PLAN dose
+    (`tests/dicom_factory.py`)."""
+    import dicom_factory
+
+    return dicom_factory.write_export(tmp_path_factory.mktemp("rt_export") / "p", with_ct=False)
+
+
+@pytest.fixture(scope="module")
+def rt_export_ct(tmp_path_factory):
+    """The same patient with its CT series."""
+    import dicom_factory
+
+    return dicom_factory.write_export(tmp_path_factory.mktemp("rt_export_ct") / "p")

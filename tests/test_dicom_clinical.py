@@ -23,15 +23,6 @@ from flaxdose.metrics import dice
 VOXEL_CC = float(np.prod(F.DOSE_SPACING)) / 1000.0
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """One patient without CT (fast to read): RTSTRUCT, RTPLAN and the PLAN dose."""
-    return F.write_export(tmp_path_factory.mktemp("base") / "p", with_ct=False)
-
-
-@pytest.fixture(scope="module")
-def with_ct(tmp_path_factory):
-    return F.write_export(tmp_path_factory.mktemp("ct") / "p")
 
 
 def copy_export(export, dest, skip=()):
@@ -61,8 +52,8 @@ def retype(kind):
 @pytest.mark.parametrize("edit", [lambda items: None, lambda items: [],
                                   lambda items: [F.contour_item([[0.0, -22.0, 11.25]], "POINT")]],
                          ids=["no ContourSequence", "empty ContourSequence", "only a POINT"])
-def test_required_roi_without_contours_stops_the_plan(base, tmp_path, edit):
-    export = copy_export(base, tmp_path / "p")
+def test_required_roi_without_contours_stops_the_plan(rt_export, tmp_path, edit):
+    export = copy_export(rt_export, tmp_path / "p")
     F.edit_roi(export["struct"], "BLADDER", edit)
     with pytest.raises(FlaxdoseError, match=r"ROI 'BLADDER' \(Bladder\) has no contours"):
         read_rt(export["folder"], structures=F.STRUCTURES)
@@ -73,9 +64,9 @@ def test_required_roi_without_contours_stops_the_plan(base, tmp_path, edit):
     assert read_rt(export["folder"], structures=("PTV", "Rectum")).mask("Rectum").any()
 
 
-def test_batch_imports_the_rest_and_leaves_nothing_half_written(base, tmp_path):
+def test_batch_imports_the_rest_and_leaves_nothing_half_written(rt_export, tmp_path):
     src = tmp_path / "src"
-    copy_export(base, src / "good")
+    copy_export(rt_export, src / "good")
     bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
     F.edit_roi(bad["struct"], "BLADDER", lambda items: [])
     summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
@@ -89,8 +80,8 @@ def test_batch_imports_the_rest_and_leaves_nothing_half_written(base, tmp_path):
 
 
 # ------------------------------------------------------------ 2. geometric types, planes, points
-def test_interpolated_untyped_point_and_open_contours(base, tmp_path, caplog):
-    export = copy_export(base, tmp_path / "p")
+def test_interpolated_untyped_point_and_open_contours(rt_export, tmp_path, caplog):
+    export = copy_export(rt_export, tmp_path / "p")
     F.edit_roi(export["struct"], "Box", retype("INTERPOLATED_PLANAR"))
     F.edit_roi(export["struct"], "BLADDER", retype(""))
 
@@ -118,8 +109,8 @@ def test_interpolated_untyped_point_and_open_contours(base, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("has_ct", [False, True])
-def test_rois_contoured_on_every_other_slice_fill_the_slices_between(base, with_ct, tmp_path, has_ct):
-    export = copy_export(with_ct if has_ct else base, tmp_path / "p")
+def test_rois_contoured_on_every_other_slice_fill_the_slices_between(rt_export, rt_export_ct, tmp_path, has_ct):
+    export = copy_export(rt_export_ct if has_ct else rt_export, tmp_path / "p")
     F.edit_roi(export["struct"], "Patient Outline 1", lambda items: items[::2])  # the other ROIs: every slice
     F.edit_roi(export["struct"], "Box", lambda items: items[1::2])
     case = read_rt(export["folder"], structures=F.STRUCTURES)
@@ -136,8 +127,8 @@ def test_rois_contoured_on_every_other_slice_fill_the_slices_between(base, with_
     assert case.meta["structures"]["Box"]["slab_mm"] == 5.0
 
 
-def test_one_point_contour_keeps_its_voxel_and_a_subvoxel_structure_is_refused(base, tmp_path):
-    export = copy_export(base, tmp_path / "p")
+def test_one_point_contour_keeps_its_voxel_and_a_subvoxel_structure_is_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
     F.edit_roi(export["struct"], "Box", lambda items: items + [F.contour_item([[0.0, 0.0, 31.25]])])
     case = read_rt(export["folder"], structures=F.STRUCTURES)
     expected = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape)["Box"]
@@ -151,8 +142,8 @@ def test_one_point_contour_keeps_its_voxel_and_a_subvoxel_structure_is_refused(b
 
 
 # ------------------------------------------------------------ 3. dose summation types
-def test_fraction_dose_is_scaled_by_the_planned_fractions(base, tmp_path):
-    export = copy_export(base, tmp_path / "p", skip=("RD.dcm",))
+def test_fraction_dose_is_scaled_by_the_planned_fractions(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD_fraction.dcm", "FRACTION", scale=1 / F.FRACTIONS, fraction_group=1)
     case = read_rt(export["folder"], structures=F.STRUCTURES)
     true = true_dose_on(case)
@@ -163,9 +154,9 @@ def test_fraction_dose_is_scaled_by_the_planned_fractions(base, tmp_path):
         read_rt(export["folder"], structures=F.STRUCTURES)
 
 
-def test_beam_doses_of_one_plan_are_summed_once_all_are_there(base, tmp_path):
+def test_beam_doses_of_one_plan_are_summed_once_all_are_there(rt_export, tmp_path):
     src = tmp_path / "src"
-    export = copy_export(base, src / "p", skip=("RD.dcm",))
+    export = copy_export(rt_export, src / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD_beam1.dcm", "BEAM", scale=0.3, beams=[1], x_range=(-54.0, 54.0))
     F.write_dose(export, "RD_beam2.dcm", "BEAM", scale=0.7, beams=[2])  # a larger grid: summed on beam 1's
     summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
@@ -181,8 +172,8 @@ def test_beam_doses_of_one_plan_are_summed_once_all_are_there(base, tmp_path):
         read_rt(export["folder"], structures=F.STRUCTURES)
 
 
-def test_the_plan_dose_is_preferred(base, tmp_path):
-    export = copy_export(base, tmp_path / "p")
+def test_the_plan_dose_is_preferred(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
     F.write_dose(export, "RD_beam1.dcm", "BEAM", scale=0.5, beams=[1])
     F.write_dose(export, "RD_fraction.dcm", "FRACTION", scale=1 / F.FRACTIONS)
     case = read_rt(export["folder"], structures=F.STRUCTURES)
@@ -192,15 +183,15 @@ def test_the_plan_dose_is_preferred(base, tmp_path):
 
 
 @pytest.mark.parametrize("summation", ["MULTI_PLAN", "BRACHY", "RECORD", "CONTROL_POINT", "PLAN_SUM"])
-def test_doses_that_are_not_one_plans_dose_are_refused(base, tmp_path, summation):
-    export = copy_export(base, tmp_path / "p", skip=("RD.dcm",))
+def test_doses_that_are_not_one_plans_dose_are_refused(rt_export, tmp_path, summation):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD.dcm", summation)
     with pytest.raises(FlaxdoseError, match=f"DoseSummationType {summation}"):
         read_rt(export["folder"], structures=F.STRUCTURES)
 
 
-def test_a_fraction_dose_labelled_plan_and_an_error_dose_are_refused(base, tmp_path):
-    export = copy_export(base, tmp_path / "p", skip=("RD.dcm",))
+def test_a_fraction_dose_labelled_plan_and_an_error_dose_are_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD.dcm", "PLAN", scale=1 / F.FRACTIONS)  # peaks near 2.2 Gy beside 60 Gy
     with pytest.raises(FlaxdoseError, match=r"peaks at 2\.\d\d Gy, 4 % of the prescription 60\.00 Gy"):
         read_rt(export["folder"], structures=F.STRUCTURES)
@@ -210,8 +201,8 @@ def test_a_fraction_dose_labelled_plan_and_an_error_dose_are_refused(base, tmp_p
 
 
 # ------------------------------------------------------------ 4. files without File Meta
-def test_files_without_file_meta_are_read(with_ct, tmp_path):
-    export = copy_export(with_ct, tmp_path / "p")
+def test_files_without_file_meta_are_read(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
     for path in export["folder"].iterdir():
         F.strip_file_meta(path)
     assert export["dose"].read_bytes()[128:132] != b"DICM"
@@ -229,21 +220,21 @@ def test_files_without_file_meta_are_read(with_ct, tmp_path):
 
 
 # ------------------------------------------------------------ 5. media directories
-def test_dicomdir_of_a_cd_export_is_not_a_patient(base, tmp_path):
-    F.write_dicomdir(base["folder"], tmp_path / "cd")
+def test_dicomdir_of_a_cd_export_is_not_a_patient(rt_export, tmp_path):
+    F.write_dicomdir(rt_export["folder"], tmp_path / "cd")
     summary = import_dicom(tmp_path / "cd", tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
     assert summary.num_patients == 1 and len(summary.case_ids) == 1 and not summary.failures
     assert [os.path.basename(p) for p, _ in summary.set_aside] == ["DICOMDIR"]
 
 
-def test_empty_and_cut_export_files_are_named_not_ignored(with_ct, base, tmp_path):
+def test_empty_and_cut_export_files_are_named_not_ignored(rt_export_ct, rt_export, tmp_path):
     """A CT slice cut after its first elements, or an empty RTPLAN, fails its patient naming the file;
     an empty .dcm elsewhere is listed as damaged and the healthy patient imports."""
     src = tmp_path / "src"
-    cut = copy_export(with_ct, src / "p")
+    cut = copy_export(rt_export_ct, src / "p")
     ct = sorted(cut["folder"].glob("CT_*.dcm"))[1]
     ct.write_bytes(ct.read_bytes()[:600])  # file meta and the first header elements only
-    copy_export(base, src / "q")
+    copy_export(rt_export, src / "q")
     (src / "q" / "notes.txt").write_text("not DICOM, not named like it: ignored")
     F.write_export(src / "r", with_ct=False, patient_id="PAT003")
     (src / "r" / "RP.dcm").write_bytes(b"")
@@ -258,8 +249,8 @@ def test_empty_and_cut_export_files_are_named_not_ignored(with_ct, base, tmp_pat
     assert ct.name in failures["p"] and "RP.dcm" in failures["r"]
 
 
-def test_an_rtplan_without_a_prescription_is_refused_not_read_as_zero(base, tmp_path):
-    export = copy_export(base, tmp_path / "p")
+def test_an_rtplan_without_a_prescription_is_refused_not_read_as_zero(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
     ds = pydicom.dcmread(export["plan"])
     for item in ds.get("DoseReferenceSequence") or []:
         if "TargetPrescriptionDose" in item:
@@ -272,9 +263,9 @@ def test_an_rtplan_without_a_prescription_is_refused_not_read_as_zero(base, tmp_
 
 
 # ------------------------------------------------------------ 6. duplicates and splits
-def test_copies_of_an_instance_count_once(base, tmp_path):
+def test_copies_of_an_instance_count_once(rt_export, tmp_path):
     src = tmp_path / "src"
-    export = copy_export(base, src / "p")
+    export = copy_export(rt_export, src / "p")
     shutil.copytree(export["folder"], src / "p_again")  # the whole export twice
     (src / "p" / "backup").mkdir()
     F.strip_file_meta(export["dose"], src / "p" / "backup" / "RD_bare.dcm")  # the same instance, re-encoded
@@ -285,8 +276,8 @@ def test_copies_of_an_instance_count_once(base, tmp_path):
     assert sorted(splits["train"] + splits["test"]) == summary.case_ids
 
 
-def test_differing_files_that_share_a_uid_are_refused(base, tmp_path):
-    export = copy_export(base, tmp_path / "p")
+def test_differing_files_that_share_a_uid_are_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
     ds = pydicom.dcmread(export["dose"])
     ds.DoseGridScaling = 2e-5  # twice the dose under the same SOPInstanceUID
     ds.save_as(export["folder"] / "RD_other.dcm")
@@ -294,9 +285,9 @@ def test_differing_files_that_share_a_uid_are_refused(base, tmp_path):
         read_rt(export["folder"], structures=F.STRUCTURES)
 
 
-def test_plans_of_one_patient_share_a_split(base, tmp_path):
+def test_plans_of_one_patient_share_a_split(rt_export, tmp_path):
     src = tmp_path / "src"
-    a = copy_export(base, src / "a")
+    a = copy_export(rt_export, src / "a")
     plan = pydicom.dcmread(a["plan"])  # a second plan on the same CT and structures, and its dose
     plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     plan.save_as(a["folder"] / "RP2.dcm")
@@ -325,8 +316,8 @@ def test_splits_keep_cases_that_share_a_patient_study_or_frame_together():
 
 
 # ------------------------------------------------------------ coverage
-def test_a_cropped_dose_grid_is_reported_and_refused_below_the_threshold(base, tmp_path, caplog):
-    export = copy_export(base, tmp_path / "p", skip=("RD.dcm",))
+def test_a_cropped_dose_grid_is_reported_and_refused_below_the_threshold(rt_export, tmp_path, caplog):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD.dcm", z_max=21.5)  # the top of the bladder (z up to 26 mm) has no dose
     with pytest.raises(FlaxdoseError, match=r"Bladder \(ROI 'BLADDER'\): only 9\d\.\d % .* has dose"):
         read_rt(export["folder"], structures=F.STRUCTURES)
@@ -341,8 +332,8 @@ def test_a_cropped_dose_grid_is_reported_and_refused_below_the_threshold(base, t
     assert "Bladder:" in caplog.text and any("Bladder" in w for w in case.meta["warnings"])
 
 
-def test_the_body_coverage_is_recorded_not_enforced(base, tmp_path):
-    export = copy_export(base, tmp_path / "p", skip=("RD.dcm",))
+def test_the_body_coverage_is_recorded_not_enforced(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
     F.write_dose(export, "RD.dcm", x_range=(-45.0, 45.0))  # the body is 116 mm wide, the femoral heads reach 51
     with pytest.raises(FlaxdoseError, match="Femur_Head_L"):
         read_rt(export["folder"], structures=F.STRUCTURES)
@@ -354,8 +345,8 @@ def test_the_body_coverage_is_recorded_not_enforced(base, tmp_path):
 
 
 # ------------------------------------------------------------ grouping by Type 1/2 attributes
-def test_absent_optional_attributes_never_fail_a_valid_export(with_ct, tmp_path):
-    export = copy_export(with_ct, tmp_path / "p")
+def test_absent_optional_attributes_never_fail_a_valid_export(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
     rs = pydicom.dcmread(export["struct"])
     del rs.ReferencedFrameOfReferenceSequence  # Type 3: the ROIs name the frame of reference
     rs.save_as(export["struct"])
@@ -368,8 +359,8 @@ def test_absent_optional_attributes_never_fail_a_valid_export(with_ct, tmp_path)
 
 
 # ------------------------------------------------------------ the report
-def test_import_report_table_and_csv(base, tmp_path):
-    summary = import_dicom(base["folder"], tmp_path / "ds", F.STRUCTURES, "dose", salt="s", progress=False)
+def test_import_report_table_and_csv(rt_export, tmp_path):
+    summary = import_dicom(rt_export["folder"], tmp_path / "ds", F.STRUCTURES, "dose", salt="s", progress=False)
     text = (tmp_path / "ds" / REPORT_CSV).read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert [r["structure"] for r in rows] == list(F.STRUCTURES)
@@ -380,16 +371,16 @@ def test_import_report_table_and_csv(base, tmp_path):
         assert float(row["coverage"]) == 1.0 and row["dose_source"] == "PLAN" and row["dose_type"] == "PHYSICAL"
         assert float(row["prescription_gy"]) == F.PRESCRIPTION
         assert row["prescription_source"] == "RTPLAN TargetPrescriptionDose" and row["grid_shape"] == "41x39x32"
-    for secret in ("PAT001", "Doe", "Jane", "19500101", str(base["folder"])):
+    for secret in ("PAT001", "Doe", "Jane", "19500101", str(rt_export["folder"])):
         assert secret not in text
     table = summary.report()
     assert "coverage" in table and "Patient Outline 1" in table and "prescription 60.00 Gy" in table
-    kept = import_dicom(base["folder"], tmp_path / "kept", F.STRUCTURES, "dose", keep_ids=True, progress=False)
+    kept = import_dicom(rt_export["folder"], tmp_path / "kept", F.STRUCTURES, "dose", keep_ids=True, progress=False)
     assert kept.case_ids == ["PAT001"] and "PAT001" in (tmp_path / "kept" / REPORT_CSV).read_text()
 
 
-def test_cli_exit_status(base, tmp_path):
-    F.write_dicomdir(base["folder"], tmp_path / "cd")
+def test_cli_exit_status(rt_export, tmp_path):
+    F.write_dicomdir(rt_export["folder"], tmp_path / "cd")
     bad = F.write_export(tmp_path / "cd" / "bad", with_ct=False, patient_id="PAT002")
     F.edit_roi(bad["struct"], "BLADDER", lambda items: [])
 

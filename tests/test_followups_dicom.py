@@ -20,15 +20,6 @@ from flaxdose.errors import FlaxdoseError
 CT_PIXEL_BYTES = F.CT_SHAPE_XYZ[0] * F.CT_SHAPE_XYZ[1] * 2  # 64 columns x 48 rows, 16 bits allocated
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """One patient without CT (fast to read): RTSTRUCT, RTPLAN and the PLAN dose."""
-    return F.write_export(tmp_path_factory.mktemp("base") / "p", with_ct=False)
-
-
-@pytest.fixture(scope="module")
-def with_ct(tmp_path_factory):
-    return F.write_export(tmp_path_factory.mktemp("ct") / "p")
 
 
 def copy_export(export, dest):
@@ -51,8 +42,8 @@ def run_cli(src, out):
 
 # ------------------------------------------------------------ 1. a cut RTSTRUCT is damaged, not misnamed
 @pytest.mark.parametrize("where", ["in the middle", "10 bytes short", "before the contours"])
-def test_a_cut_rtstruct_is_a_damaged_file_not_a_missing_alias(base, tmp_path, where):
-    export = copy_export(base, tmp_path / "p")
+def test_a_cut_rtstruct_is_a_damaged_file_not_a_missing_alias(rt_export, tmp_path, where):
+    export = copy_export(rt_export, tmp_path / "p")
     data = export["struct"].read_bytes()
     keep = {"in the middle": len(data) // 2, "10 bytes short": len(data) - 10,
             "before the contours": data.index(b"\x06\x30\x39\x00SQ")}[where]  # (3006,0039) ROIContourSequence
@@ -68,9 +59,9 @@ def test_a_cut_rtstruct_is_a_damaged_file_not_a_missing_alias(base, tmp_path, wh
         assert f"after the end of the file ({keep} bytes)" in message
 
 
-def test_import_skips_the_patient_of_a_cut_rtstruct_and_names_it(base, tmp_path):
+def test_import_skips_the_patient_of_a_cut_rtstruct_and_names_it(rt_export, tmp_path):
     src = tmp_path / "src"
-    copy_export(base, src / "good")
+    copy_export(rt_export, src / "good")
     bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
     cut(bad["struct"], -10)
     summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
@@ -81,8 +72,8 @@ def test_import_skips_the_patient_of_a_cut_rtstruct_and_names_it(base, tmp_path)
 
 
 # ------------------------------------------------------------ 2. a CT slice with cut pixel data
-def test_a_ct_slice_cut_inside_its_pixel_data_refuses_the_plan_without_include_ct(with_ct, tmp_path):
-    export = copy_export(with_ct, tmp_path / "p")
+def test_a_ct_slice_cut_inside_its_pixel_data_refuses_the_plan_without_include_ct(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
     slice_ = sorted(export["folder"].glob("CT_*.dcm"))[5]
     size = slice_.stat().st_size
     cut(slice_, -1000)  # inside PixelData, the last element
@@ -92,8 +83,8 @@ def test_a_ct_slice_cut_inside_its_pixel_data_refuses_the_plan_without_include_c
     assert slice_.name in message and "(7FE0,0010)" in message and f"({size - 1000} bytes)" in message
 
 
-def test_short_or_missing_pixel_data_is_found_from_the_header(with_ct, tmp_path):
-    export = copy_export(with_ct, tmp_path / "p")
+def test_short_or_missing_pixel_data_is_found_from_the_header(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
     short, empty = sorted(export["folder"].glob("CT_*.dcm"))[2:4]
     ds = pydicom.dcmread(short)
     ds.PixelData = ds.PixelData[: CT_PIXEL_BYTES // 2]  # a well-formed file holding half a slice
@@ -108,10 +99,10 @@ def test_short_or_missing_pixel_data_is_found_from_the_header(with_ct, tmp_path)
     assert "no PixelData" in why[empty.name]
 
 
-def test_cli_imports_the_others_and_exits_1_naming_the_cut_ct_slice(with_ct, base, tmp_path):
+def test_cli_imports_the_others_and_exits_1_naming_the_cut_ct_slice(rt_export_ct, rt_export, tmp_path):
     src = tmp_path / "src"
-    export = copy_export(with_ct, src / "p")
-    copy_export(base, src / "q")  # PAT001 as well: another frame of reference, imported
+    export = copy_export(rt_export_ct, src / "p")
+    copy_export(rt_export, src / "q")  # PAT001 as well: another frame of reference, imported
     slice_ = sorted(export["folder"].glob("CT_*.dcm"))[0]
     cut(slice_, -100)
     result = run_cli(src, tmp_path / "ds")
@@ -121,9 +112,9 @@ def test_cli_imports_the_others_and_exits_1_naming_the_cut_ct_slice(with_ct, bas
 
 
 # ------------------------------------------------------------ 3. the dataset folder apart from its source
-def test_a_dataset_folder_inside_around_or_equal_to_the_source_is_refused(base, tmp_path):
+def test_a_dataset_folder_inside_around_or_equal_to_the_source_is_refused(rt_export, tmp_path):
     src = tmp_path / "src"
-    copy_export(base, src / "p")
+    copy_export(rt_export, src / "p")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     for out, says in ((src / "datasets" / "ds", "lies inside the source folder"), (src, "is the source folder"),
                       (tmp_path, "holds the source")):
@@ -138,9 +129,9 @@ def test_a_dataset_folder_inside_around_or_equal_to_the_source_is_refused(base, 
     assert len(summary.case_ids) == 1
 
 
-def test_cli_refuses_out_inside_src_with_exit_2(base, tmp_path):
+def test_cli_refuses_out_inside_src_with_exit_2(rt_export, tmp_path):
     src = tmp_path / "src"
-    copy_export(base, src / "p")
+    copy_export(rt_export, src / "p")
     result = run_cli(src, src / "ds")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
@@ -149,7 +140,7 @@ def test_cli_refuses_out_inside_src_with_exit_2(base, tmp_path):
 
 
 # ------------------------------------------------------------ 4. one damaged-file rule, two scopes
-def test_one_damaged_file_rule_with_each_callers_scope(base, tmp_path):
+def test_one_damaged_file_rule_with_each_callers_scope(rt_export, tmp_path):
     class File:
         def __init__(self, path):
             self.path = path
@@ -160,7 +151,7 @@ def test_one_damaged_file_rule_with_each_callers_scope(base, tmp_path):
     assert plan_damage(damaged) == "damaged DICOM file(s) beside the plan: RP.dcm, CT_1.dcm (/a/RP.dcm: empty)"
 
     src = tmp_path / "src"
-    copy_export(base, src / "p")
+    copy_export(rt_export, src / "p")
     (src / "elsewhere").mkdir()
     (src / "elsewhere" / "RD_copy.dcm").write_bytes(b"")
     with pytest.raises(FlaxdoseError, match="RD_copy.dcm"):  # read_rt: any damaged file among its paths
@@ -170,13 +161,13 @@ def test_one_damaged_file_rule_with_each_callers_scope(base, tmp_path):
     assert [os.path.basename(p) for p, _ in summary.damaged_files] == ["RD_copy.dcm"]
 
 
-def test_rtdose_export_refuses_a_reference_ct_with_a_cut_slice(with_ct, tmp_path):
+def test_rtdose_export_refuses_a_reference_ct_with_a_cut_slice(rt_export_ct, tmp_path):
     """The reference CT gives the RTDOSE its grid: a cut slice is named, never silently left out."""
     from flaxdose.dicom import write_rtdose
 
-    case = read_rt(with_ct["folder"], structures=F.STRUCTURES, grid="model", model_shape=(40, 40, 24),
+    case = read_rt(rt_export_ct["folder"], structures=F.STRUCTURES, grid="model", model_shape=(40, 40, 24),
                    model_spacing_mm=(3.5, 3.5, 3.0))
-    reference = copy_export(with_ct, tmp_path / "ref")["folder"]
+    reference = copy_export(rt_export_ct, tmp_path / "ref")["folder"]
     slice_ = sorted(reference.glob("CT_*.dcm"))[-1]
     cut(slice_, -500)
     with pytest.raises(FlaxdoseError, match=f"in the reference CT: {slice_.name}"):
