@@ -23,10 +23,11 @@ def get_config():
     c = base_config()
     c.model.update(in_channels=7)
     c.data.update(target_distance=True)
-    # Batches of 2 patches for 1000 steps: the same patches (and CPU time) as 4 x 500, twice the
-    # updates; validation Dice 0.83 -> 0.88 (docs/results/paper_study_cpu_ablation.md, Q2). Every
-    # checkpoint is validated (sliding windows, as evaluation predicts): every 250 steps keeps the
-    # run's validation to 4 passes; a kill -9 loses at most 250 steps (about 1.5 minutes).
-    c.train.update(steps=1000, batch_size=2, learning_rate=2e-3, schedule="warmup_stable_decay", warmup_steps=40,
-                   decay_steps=250, end_lr_fraction=0.01, target_weight=10.0, eval_every=250, checkpoint_every=250)
+    # Batches of 2 patches: more updates per CPU-second on 2 cores (a step of 2 costs ~0.57 s, of 4
+    # ~0.65 s); 700 steps fit the 10-minute quick start with the install
+    # (docs/results/paper_study_cpu_ablation.md, third round). Every checkpoint is validated (sliding
+    # windows, as evaluation predicts): every 350 steps keeps validation to 2 passes; a kill -9
+    # loses at most 350 steps (about 3.5 minutes).
+    c.train.update(steps=700, batch_size=2, learning_rate=2e-3, schedule="warmup_stable_decay", warmup_steps=30,
+                   decay_steps=175, end_lr_fraction=0.01, target_weight=10.0, eval_every=350, checkpoint_every=350)
     return c

@@ -301,7 +301,8 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
              f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
              recipe_line(settings), "",
              "*Source model*: trained on the source style. *Target model*: the source model adapted to the style "
-             "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized, learning rate / 10). "
+             "with the paper's transfer recipe (encoder + bottleneck frozen, head re-initialized), learning rate "
+             f"{transfer_ratio(settings)} of the source's (the paper's: 1/10). "
              f"*Control*: the same recipe on {settings['control_plans']} source-style training plans, scored on the "
              "source test cases: what the extra training alone brings. *Oracle*: the same patient's source-style plan "
              "scored as a prediction of the target plan: what a perfect source model would score. "
@@ -332,6 +333,12 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     report = results / f"paper_study_{scale}.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def transfer_ratio(settings: dict) -> str:
+    """The transfers' learning rate as a fraction of the source's, e.g. "1/2"."""
+    ratio = settings["source_train"].get("learning_rate", 1e-4) / settings["transfer_lr"]
+    return f"1/{ratio:.3g}"
 
 
 def recipe_line(settings: dict) -> str:
