@@ -1,15 +1,28 @@
-"""Writing folders so that nothing half-written is ever left behind."""
+"""Writing folders and files so that nothing half-written is ever left behind.
+
+Every writer stages its output beside the target under a hidden name that names its owner,
+`.NAME.staging.HOST.PID.RANDOM`, and renames it into place on success. A writer killed
+outright (`kill -9`, a power cut) cannot clean up, so each writer first removes the stale
+staging of its own target: names of exactly that pattern whose owner ran on this host and
+is no longer alive. A live writer's staging, another host's, and any other name are kept.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from flaxdose.errors import FlaxdoseError
+
+log = logging.getLogger("flaxdose")
 
 
 def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
@@ -22,17 +35,105 @@ def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
         raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
 
 
+def _host() -> str:
+    """This host's name in the characters a staging name allows (dots would split the pattern)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _owner_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs; True whenever that cannot be told (be conservative)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt" or pid <= 0:  # os.kill(pid, 0) would terminate on Windows; pid 0/-1 mean groups
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _stale_staging(target: Path) -> list[Path]:
+    """Remove the staging of `target` left by dead writers of this host (and, inside, theirs); the removed."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.staging\.{re.escape(_host())}\.(\d+)\.[0-9a-f]{{8}}")
+    try:
+        names = sorted(os.listdir(target.parent))
+    except OSError:  # no parent yet: nothing to clean
+        return []
+    removed = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _owner_alive(int(match.group(1))):
+            continue
+        path = target.parent / name
+        removed += _stale_staging(path)  # a dead writer's nested staging (a writer inside its folder)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove the hidden staging folders and files of `target` whose writer was killed; the removed paths.
+
+    Only siblings named `.NAME.staging.HOST.PID.RANDOM` (NAME the target's, HOST this host's) whose
+    process PID is no longer running are removed; one INFO line on the "flaxdose" logger lists them.
+    Every writer of this module calls it first.
+    """
+    removed = _stale_staging(Path(target))
+    if removed:
+        log.info("removed %d staging folder(s)/file(s) left by interrupted writers of %s: %s",
+                 len(removed), target, ", ".join(p.name for p in removed))
+    return removed
+
+
+def new_staging(target: str | os.PathLike, folder: bool) -> Path:
+    """Create an empty hidden staging folder (or file) beside `target`, named for this process.
+
+    Stale staging of `target` is removed first (`remove_stale_staging`). Private to the owner:
+    mode 0o700 (folder) or 0o600 (file). The caller renames it into place or removes it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    prefix = f".{target.name}.staging.{_host()}.{os.getpid()}."
+    while True:
+        path = target.parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if folder:
+                os.mkdir(path, 0o700)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return path
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden scratch folder beside `target` (see `new_staging`), removed on exit whatever happens."""
+    path = new_staging(target, folder=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder next to `root` that replaces `root` only on success.
 
-    On any error (or interruption) the temporary folder is removed and `root` is untouched.
+    On any error (or interruption) the temporary folder is removed and `root` is untouched;
+    one left by a killed process is removed by the next writer of `root` (`remove_stale_staging`).
     Raises FlaxdoseError up front when `root` holds files and not `overwrite` (`check_writable`).
     """
     root = Path(root)
     check_writable(root, overwrite)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    tmp = new_staging(root, folder=True)
     try:
         yield tmp
         if root.exists():
@@ -43,16 +144,25 @@ def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a file through a temporary sibling and a rename: readers see the old or the new file, never half."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Yield a file open in `mode` ("w" or "wb") on a hidden sibling that is renamed to `path` on success.
+
+    Readers see the old or the new file, never half; on any error the sibling is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = new_staging(path, folder=False)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file through a temporary sibling and a rename: readers see the old or the new file, never half."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return Path(path)

@@ -37,7 +37,7 @@ import numpy as np
 
 from flaxdose.data.case import Case, Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.io import atomic_folder
+from flaxdose.io import atomic_file, atomic_folder
 from flaxdose.metrics import OPENKBP_OAR_NAMES, OPENKBP_TARGET_NAMES, openkbp_case_scores
 
 OPENKBP_SHAPE = (128, 128, 128)
@@ -212,11 +212,9 @@ def write_openkbp_dose(dose: Case | np.ndarray, path: str | os.PathLike, possibl
     idx = np.flatnonzero(flat > 0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w") as f:
         f.write(",data\n")
         np.savetxt(f, np.column_stack([idx, flat[idx]]), fmt=["%d", "%.6g"], delimiter=",")
-    os.replace(tmp, path)
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.errors import FlaxdoseError
-from flaxdose.io import atomic_folder
+from flaxdose.io import atomic_file, atomic_folder
 
 # TG-263 names of the prostate set, in the model's input-channel order.
 PROSTATE_STRUCTURES = ("PTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Body")
@@ -179,14 +178,8 @@ class Case:
         if self.possible_dose_mask is not None:
             arrays["possible_dose_mask"] = np.packbits(self.possible_dose_mask, axis=-1)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _write_npz(f, arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as f:
+            _write_npz(f, arrays)
         return path
 
     @classmethod

@@ -3,7 +3,9 @@
 A plan that cannot be read is listed (console only: messages name files) and skipped; the
 others are imported. The dataset folder appears complete or not at all: cases are staged in
 a hidden folder and the dataset (cases, manifest.json, import_report.csv) is renamed into
-place at the end. All plans of one patient land in one split (see `patient_splits`).
+place at the end; the staging of an import killed outright (`kill -9`) is removed by the next
+import to the same folder (`flaxdose.io.remove_stale_staging`). All plans of one patient land
+in one split (see `patient_splits`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import io
 import os
 import secrets
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
-from flaxdose.dicom.damage import plan_damage
+from flaxdose.dicom.damage import damaged_among, plan_damage
 from flaxdose.dicom.files import group_plans, scan
 from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
 from flaxdose.dicom.structures import AliasTable
 from flaxdose.errors import FlaxdoseError
-from flaxdose.io import atomic_folder, atomic_write_text, check_writable
+from flaxdose.io import atomic_folder, atomic_write_text, check_writable, staging_folder
 
 REPORT_CSV = "import_report.csv"
 STRUCTURE_COLUMNS = ("roi", "contours", "planes", "planes_used", "voxels", "cc", "contoured_cc", "coverage")
@@ -73,6 +74,7 @@ class ImportSummary:
     notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # case id -> doses/contours set aside
     copies: int = 0  # identical copies of instances set aside
     set_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why): DICOMDIR, ...
+    refused_beside: list[str] = dataclasses.field(default_factory=list)  # damaged files beside a refused plan
 
     def table(self) -> str:
         """Per plan: dose, prescription, grid, and per structure its ROI, contours, planes, cc, coverage."""
@@ -110,9 +112,15 @@ class ImportSummary:
         if self.failures:
             lines.append(f"{len(self.failures)} patient(s)/plan(s) FAILED and were skipped:")
             lines += [f"  - {where}: {why}" for where, why in self.failures]
-        if self.damaged_files:
-            lines.append(f"{len(self.damaged_files)} damaged DICOM file(s) ignored:")
-            lines += [f"  - {why}" for _, why in self.damaged_files[:20]]
+        beside = [why for path, why in self.damaged_files if path in self.refused_beside]
+        apart = [why for path, why in self.damaged_files if path not in self.refused_beside]
+        if beside:
+            lines.append(f"{len(beside)} damaged DICOM file(s) found: the plans beside them were refused "
+                         "(listed above):")
+            lines += [f"  - {why}" for why in beside[:20]]
+        if apart:
+            lines.append(f"{len(apart)} damaged DICOM file(s) in folders without a plan, ignored:")
+            lines += [f"  - {why}" for why in apart[:20]]
         return "\n".join(lines)
 
 
@@ -208,6 +216,7 @@ def import_dicom(
     found = group_plans(files)
     salt = salt if salt is not None else secrets.token_hex(16)
     failures: list[tuple[str, str]] = []
+    refused_beside: set[str] = set()  # damaged files in the folders of a refused plan (or patient)
     todo = []
     for pid, plans in found.patients.items():
         if isinstance(plans, str):
@@ -215,6 +224,7 @@ def import_dicom(
             damage = plan_damage(damaged, mine)  # e.g. a cut RTSTRUCT: the damage, not "no RTSTRUCT", is why
             failures.append((str(mine[0].path.parent) if mine else "?",
                              f"{damage}; without them: {plans}" if damage else plans))
+            refused_beside.update(p for p, _ in damaged_among(damaged, mine))
             continue
         todo += [(i, len(plans), p) for i, p in enumerate(plans)]
     out = Path(out)
@@ -222,7 +232,7 @@ def import_dicom(
     staged: dict[str, tuple[Path, tuple[str, ...]]] = {}  # case id -> (staged file, patient identifiers)
     warnings: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.staging.") as stage:
+    with staging_folder(out) as stage:
         iterator = todo
         if progress:
             from tqdm import tqdm
@@ -248,8 +258,10 @@ def import_dicom(
                 warnings[cid], notes[cid] = list(case.meta["warnings"]), list(case.meta["notes"])
             except FlaxdoseError as e:
                 failures.append((plan.label, str(e)))
+                refused_beside.update(p for p, _ in damaged_among(damaged, plan.files))
             except Exception as e:  # noqa: BLE001 - one bad patient must not stop the import
                 failures.append((plan.label, f"unexpected {type(e).__name__}: {e} (please report this)"))
+                refused_beside.update(p for p, _ in damaged_among(damaged, plan.files))
         if not staged:
             raise FlaxdoseError(
                 "no plan could be imported from "
@@ -272,4 +284,4 @@ def import_dicom(
             write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
             atomic_write_text(folder / REPORT_CSV, _csv(rows))
     return ImportSummary(out, ids, failures, damaged, len(found.patients), rows, warnings, notes, len(found.copies),
-                         [(str(p), why) for p, why in found.ignored])
+                         [(str(p), why) for p, why in found.ignored], sorted(refused_beside))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from flaxdose.dicom.files import CT_STORAGE, RTDOSE_STORAGE, read_header, scan
 from flaxdose.dicom.geometry import axial_directions, lps_layout, resample
 from flaxdose.dicom.readers import read_ct
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_file
 
 _MAX_STORED = {32: 2**32 - 1, 16: 2**16 - 1}
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root, as pydicom writes by default
@@ -250,18 +250,14 @@ def write_rtdose(
     out_path = Path(out_path)
     if out_path.is_dir():
         out_path = out_path / f"RD.{sop_uid}.dcm"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
     old_mode = pydicom.config.settings.writing_validation_mode
     try:
         pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
-        try:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        except (ValueError, TypeError) as e:
-            raise FlaxdoseError(f"cannot write a valid RTDOSE ({e}); check the reference CT's patient/study attributes") from None
-        os.replace(tmp, out_path)
+        with atomic_file(out_path, "wb") as f:
+            try:
+                pydicom.dcmwrite(f, ds, enforce_file_format=True)
+            except (ValueError, TypeError) as e:
+                raise FlaxdoseError(f"cannot write a valid RTDOSE ({e}); check the reference CT's patient/study attributes") from None
     finally:
         pydicom.config.settings.writing_validation_mode = old_mode
-        Path(tmp).unlink(missing_ok=True)
     return out_path

@@ -1,0 +1,157 @@
+"""Follow-ups of a new-user pass on writers: staging left by a killed writer (`kill -9`) names its
+owner and is removed by the next writer of the same target when that owner is dead (never a live
+writer's, another host's, another target's or a name of another pattern); the import summary says
+which damaged files refused the plans beside them and which were ignored.
+
+Expected names are built here from the documented pattern `.NAME.staging.HOST.PID.RANDOM`, the
+host's name and the pids of processes this test started; expected counts from the exports written."""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import dicom_factory as F
+import numpy as np
+import pytest
+
+from flaxdose.data import Dataset
+from flaxdose.data.case import Case
+from flaxdose.dicom import import_dicom
+from flaxdose.io import atomic_folder, atomic_write_text
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+@pytest.fixture
+def pids():
+    """(dead pid, live pid): a finished (reaped) child, and a `sleep` that runs until the test ends."""
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen(["sleep", "600"])
+    yield done.pid, live.pid
+    live.kill()
+    live.wait()
+
+
+def leftovers(parent, name, dead, live):
+    """A dead and a live writer's staging of `name`, plus names that must never be touched."""
+    made = {
+        "dead": parent / f".{name}.staging.{HOST}.{dead}.0123abcd",
+        "dead_file": parent / f".{name}.staging.{HOST}.{dead}.89abcdef",
+        "live": parent / f".{name}.staging.{HOST}.{live}.0123abcd",
+        "other_host": parent / f".{name}.staging.{HOST}x.{dead}.0123abcd",
+        "other_target": parent / f".{name}2.staging.{HOST}.{dead}.0123abcd",
+        "old_pattern": parent / f".{name}.mdiwlqh0.tmp",
+        "not_hex": parent / f".{name}.staging.{HOST}.{dead}.0123abcz",
+    }
+    for key, path in made.items():
+        if key == "dead_file":
+            path.write_text("half a file")
+        else:
+            path.mkdir()
+            (path / "case_x.npz").write_bytes(b"patient volume")
+    # a dead writer's nested staging (write_dataset inside atomic_folder): named after its folder
+    nested = parent / f".{made['dead'].name}.staging.{HOST}.{dead}.fedcba98"
+    nested.mkdir()
+    made["dead_nested"] = nested
+    return made
+
+
+def test_a_writer_removes_only_dead_writers_staging_of_its_target(tmp_path, pids, caplog):
+    dead, live = pids
+    made = leftovers(tmp_path, "k1", dead, live)
+    with caplog.at_level(logging.INFO, logger="flaxdose"):
+        with atomic_folder(tmp_path / "k1") as tmp:
+            assert re.fullmatch(rf"\.k1\.staging\.{re.escape(HOST)}\.{os.getpid()}\.[0-9a-f]{{8}}", tmp.name)
+            (tmp / "a.txt").write_text("new")
+    gone = {"dead", "dead_file", "dead_nested"}
+    for key, path in made.items():
+        assert path.exists() == (key not in gone), key
+    assert (tmp_path / "k1" / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "k1").iterdir()) == ["a.txt"]
+    lines = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(lines) == 1 and "3 staging" in lines[0]
+    assert all(made[k].name in lines[0] for k in gone)
+
+
+def test_file_writers_sweep_their_own_target(tmp_path, pids):
+    dead, live = pids
+    for name in ("summary.md", "case_1.npz"):
+        made = leftovers(tmp_path, name, dead, live)
+        if name == "summary.md":
+            atomic_write_text(tmp_path / name, "# done\n")
+            assert (tmp_path / name).read_text() == "# done\n"
+        else:
+            dose = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+            Case("c1", ("PTV",), np.ones((1, 2, 3, 4), bool), dose, (2.0, 2.0, 2.0)).save(tmp_path / name)
+            np.testing.assert_array_equal(Case.load(tmp_path / name).dose, dose)
+        assert not made["dead"].exists() and not made["dead_file"].exists() and not made["dead_nested"].exists()
+        assert made["live"].exists() and made["other_host"].exists() and made["old_pattern"].exists()
+        shutil.rmtree(made["live"])  # the next name's leftovers start clean
+
+
+def test_kill_9_leftovers_are_removed_by_the_next_writer(tmp_path):
+    """A real `kill -9` inside atomic_folder: its staging (holding a file) remains, then goes."""
+    code = ("import sys, time\nfrom flaxdose.io import atomic_folder\n"
+            f"with atomic_folder({str(tmp_path / 'out')!r}) as tmp:\n"
+            "    (tmp / 'case_1.npz').write_bytes(b'volume')\n"
+            "    print(tmp.name, flush=True)\n    time.sleep(600)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    staged = writer.stdout.readline().strip()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    assert staged == f".out.staging.{HOST}.{writer.pid}.{staged[-8:]}"
+    assert (tmp_path / staged / "case_1.npz").exists() and not (tmp_path / "out").exists()
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_import_after_a_killed_import_cleans_its_staging_and_writes_the_dataset(rt_export, tmp_path, pids):
+    dead, live = pids
+    src = tmp_path / "src"
+    shutil.copytree(rt_export["folder"], src / "p")
+    made = leftovers(tmp_path, "ds", dead, live)
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1 and not summary.failures
+    ds = Dataset.open(tmp_path / "ds")
+    assert ds.manifest["num_cases"] == 1 and sorted(p.name for p in (tmp_path / "ds").glob("cases/*")) == [
+        f"{summary.case_ids[0]}.npz"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    expected = sorted(["ds", "src"] + [made[k].name for k in made if k not in {"dead", "dead_file", "dead_nested"}])
+    assert left == expected  # the live writer's, and names of other patterns, kept
+
+
+# ------------------------------------------------------------ 2. damaged files: refused beside a plan, or ignored
+def test_import_summary_says_damaged_files_refused_their_plan_or_were_ignored(rt_export, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(rt_export["folder"], src / "good")
+    bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
+    (bad["folder"] / "RS_copy.dcm").write_bytes(b"")  # empty: damaged, beside PAT002's plan
+    (src / "junk").mkdir()
+    (src / "junk" / "old.dcm").write_bytes(b"")  # damaged, in a folder of no plan
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    report = summary.report()
+    assert len(summary.case_ids) == 1 and len(summary.failures) == 1
+    assert "1 patient(s)/plan(s) FAILED" in report
+    lines = report.splitlines()
+    i = lines.index("1 damaged DICOM file(s) found: the plans beside them were refused (listed above):")
+    assert "RS_copy.dcm" in lines[i + 1]
+    j = lines.index("1 damaged DICOM file(s) in folders without a plan, ignored:")
+    assert "old.dcm" in lines[j + 1] and j == i + 2
+    assert "file(s) ignored:" not in report
+
+
+def test_only_refused_damage_says_nothing_was_ignored(rt_export, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(rt_export["folder"], src / "good")
+    bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
+    (bad["folder"] / "RS_copy.dcm").write_bytes(b"")
+    report = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False).report()
+    assert "the plans beside them were refused" in report and "ignored" not in report
