@@ -165,20 +165,106 @@ def spacing_fits(spacing_mm: Sequence[float], record: Mapping) -> bool:
     return bool(np.all(spacing >= lo) and np.all(spacing <= hi))
 
 
-def check_spacing(case: Case, record: Mapping | None, model_name: str = "the model") -> None:
+def field_of_view_shape(spacing_mm: Sequence[float]) -> tuple[int, int, int]:
+    """The model grid shape (x, y, z) voxels that keeps the default field of view (`MODEL_SHAPE` x
+    `MODEL_SPACING_MM`, 480 x 480 x 192 mm) at the voxel size `spacing_mm` (x, y, z) mm, rounded to
+    whole voxels (at least 1): 8 x 8 x 6 mm gives 60 x 60 x 32."""
+    from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
+
+    return tuple(max(1, int(round(n * d / float(s)))) for n, d, s in zip(MODEL_SHAPE, MODEL_SPACING_MM, spacing_mm))
+
+
+def dicom_grid(records: Iterable[Mapping | None]) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(shape (x, y, z) voxels, spacing (x, y, z) mm) of the model grid a DICOM-RT export is read onto for
+    models trained on the spacings `records` (`spacing_record`; None: not known).
+
+    `MODEL_SHAPE` x `MODEL_SPACING_MM` when that spacing `spacing_fits` every known record; else
+    the smallest spacing of the first record that fits them all (of the first record when none
+    does: `check_spacing` then names the model it does not fit), on `field_of_view_shape`, so the
+    patient's field of view stays the default one. `predict_dicom` and plan QA's ``--dicom`` both
+    read on it.
+    """
+    from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
+
+    known = [r for r in records if r is not None]
+    if all(spacing_fits(MODEL_SPACING_MM, r) for r in known):
+        return tuple(MODEL_SHAPE), tuple(float(v) for v in MODEL_SPACING_MM)
+    candidates = [tuple(float(v) for v in r["min"]) for r in known]
+    spacing = next((c for c in candidates if all(spacing_fits(c, r) for r in known)), candidates[0])
+    return field_of_view_shape(spacing), spacing
+
+
+def synthetic_scale(spacing_mm: Sequence[float]) -> float | None:
+    """The ``--scale`` of `flaxdose.synth` (and ``data.scale`` of the built-in data) whose grid has the
+    voxel size `spacing_mm` (x, y, z) mm: `MODEL_SPACING_MM` / spacing when that is one valid scale
+    on every axis (`flaxdose.synthetic.anatomy.grid_for_scale`), else None."""
+    from flaxdose.data.grid import MODEL_SPACING_MM
+    from flaxdose.synthetic.anatomy import grid_for_scale
+
+    scales = [d / float(s) for d, s in zip(MODEL_SPACING_MM, spacing_mm)]
+    if max(scales) - min(scales) > 1e-6 * max(scales):
+        return None
+    scale = round(scales[0], 6)
+    try:
+        grid_for_scale(scale)
+    except FlaxdoseError:
+        return None
+    return scale
+
+
+def spacing_fixes(case: Case, record: Mapping) -> str:
+    """How to give a model trained on the spacing range `record` a case like `case` on its spacing: the
+    command that makes such data (synthetic data: its ``--scale``; DICOM: ``import_dicom --grid model`` with
+    the spacing and the shape that keeps the field of view; OpenKBP: the training ``--downsample``)."""
+    spacing = [float(v) for v in record["min"]]
+    if case.meta.get("generator") == "flaxdose.synthetic":  # flaxdose.synthetic.generator.GENERATOR
+        scale = synthetic_scale(spacing)
+        if scale is None:
+            return ("no synthetic grid scale gives that spacing (scales give 4x4x3 mm / scale); use a model trained "
+                    "on synthetic data")
+        style = case.style or "STYLE"
+        return (f"synthetic data: python -m flaxdose.synth --style {style} --n N --out DIR --scale {scale:g} "
+                f"(a run's built-in data: --config.data.scale={scale:g})")
+    shape = field_of_view_shape(spacing)
+    return (f"DICOM: python -m flaxdose.import_dicom SRC --out DATASET --grid model --model_spacing_mm "
+            f"{','.join(f'{v:g}' for v in spacing)} --model_shape {','.join(str(n) for n in shape)} (this shape keeps "
+            "the default 480x480x192 mm field of view); OpenKBP: python -m flaxdose.convert_openkbp with the "
+            "--downsample of the training data")
+
+
+def check_spacing(case: Case, record: Mapping | None, model_name: str = "the model", what: str | None = None) -> None:
     """Raise FlaxdoseError when `case.spacing_mm` does not `spacing_fits` the training range `record`;
-    nothing to check for `record` None."""
+    nothing to check for `record` None. The error names the case as `what` (default: its id; a case
+    read from a DICOM export: that folder) and the fixes (`spacing_fixes`)."""
     if record is None or spacing_fits(case.spacing_mm, record):
         return
     lo, hi = accepted_spacing(record)
     accepted = describe_spacing({"min": [round(float(v), 3) for v in lo], "max": [round(float(v), 3) for v in hi]})
     raise FlaxdoseError(
-        f"case {case.case_id!r} has voxel spacing {'x'.join(f'{v:g}' for v in case.spacing_mm)} mm (x, y, z), but "
-        f"{model_name} was trained on {describe_spacing(record)} mm (it accepts {accepted}): its dose "
-        f"would be wrong in scale. Resample the case onto the model's spacing (DICOM: python -m flaxdose.import_dicom "
-        f"SRC --out DATASET --grid model --model_spacing_mm {','.join(f'{v:g}' for v in record['min'])}; "
-        "OpenKBP: python -m flaxdose.convert_openkbp with the --downsample of the training data), or use a model "
-        "trained at this spacing")
+        f"{what or f'case {case.case_id!r}'} has voxel spacing {'x'.join(f'{v:g}' for v in case.spacing_mm)} mm "
+        f"(x, y, z), but {model_name} was trained on {describe_spacing(record)} mm (it accepts {accepted}): its "
+        f"dose would be wrong in scale. Give it data on the model's spacing: {spacing_fixes(case, record)}; or "
+        "use a model trained at this spacing")
+
+
+def recovered_spacing(path: str | Path) -> dict:
+    """The training spacing record (`spacing_record`) of the run at `path` (a workdir or a checkpoint in
+    one) from its training data, for a checkpoint that does not store it (trained before flaxdose
+    stored `SPACING_KEY`). Built-in synthetic data: the grid of its ``data.scale`` (no data
+    generated); any other data: the headers of its training cases (`trained_cases`, without the
+    "val" split, as training records them). Raises FlaxdoseError when the data cannot be read.
+    """
+    config = config_lib.load_config_json(run_config_file(path, "latest"))
+    try:
+        if config.data.kind == "synthetic":
+            from flaxdose.synthetic.anatomy import grid_for_scale
+
+            return spacing_record([grid_for_scale(config.data.scale).spacing_mm])
+    except (AttributeError, KeyError) as e:
+        raise FlaxdoseError(f"its config.json has no data.{e}") from None
+    dataset, seen = trained_cases(path)
+    val = set(dataset.split("val")) if "val" in dataset.splits else set()
+    return spacing_record(dataset.case_spacing_mm(i) for i in seen if i not in val)
 
 
 # ---------------------------------------------------------------- plausibility
@@ -241,8 +327,10 @@ class Model:
         """From a training workdir, or a checkpoint path inside one (config.json is found above it).
 
         `which`: "best" (lowest validation loss, else the latest) or "latest". The checkpoint's
-        training spacing (`SPACING_KEY`) is checked against every case predicted; a checkpoint
-        without one (trained before runs stored it) logs once that it cannot be. Raises
+        training spacing (`SPACING_KEY`) is checked against every case predicted; for a checkpoint
+        without one (trained before runs stored it) it is recovered from the training data
+        (`recovered_spacing`), and only when that cannot be read is a warning logged that it cannot
+        be checked. Raises
         FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
         """
         path = Path(path)
@@ -254,8 +342,15 @@ class Model:
         name = config_file.parent.name
         spacing = meta.get(SPACING_KEY)
         if spacing is None:
-            log.warning("model %s (%s) was trained before flaxdose stored the training voxel spacing: the spacing "
-                        "of the cases it predicts cannot be checked against it", name, config_file.parent)
+            try:
+                spacing = recovered_spacing(path)
+                log.info("model %s: training voxel spacing %s mm recovered from its training data (its checkpoint "
+                         "predates stored spacings)", name, describe_spacing(spacing))
+            except FlaxdoseError as e:
+                log.warning("model %s (%s) stores no training voxel spacing and its training data cannot be read "
+                            "(%s): the spacing of the cases it predicts cannot be checked, and on another spacing "
+                            "its dose is wrong in scale. Predict only data on the training spacing, or retrain it "
+                            "with this flaxdose (runs now store the spacing)", name, config_file.parent, e)
         return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
                                train_spacing_mm=spacing)
 
@@ -269,13 +364,15 @@ class Model:
         swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
         return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
-    def check_case(self, case: Case) -> None:
+    def check_case(self, case: Case, what: str | None = None) -> None:
         """Raise FlaxdoseError unless the model can predict `case`: the model's structures in its order, a
-        prescription, and a voxel spacing within the training spacing's tolerance (`check_spacing`)."""
+        prescription, and a voxel spacing within the training spacing's tolerance (`check_spacing`; the
+        error names the case as `what`, default its id)."""
         case.check_structures(self.structures)
         if not case.prescription_gy > 0:
-            raise FlaxdoseError(f"case {case.case_id!r} has no prescription; set prescription_gy to predict Gy")
-        check_spacing(case, self.train_spacing_mm, f"model {self.name!r}")
+            raise FlaxdoseError(f"{what or f'case {case.case_id!r}'} has no prescription; set prescription_gy to "
+                                "predict Gy")
+        check_spacing(case, self.train_spacing_mm, f"model {self.name!r}", what)
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False,
                 check: bool = True) -> list[Case]:
@@ -369,21 +466,40 @@ def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path
     return write_rtdose(predicted, reference_ct, out_dir, plan_path=plan)
 
 
+def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescription_gy: float | None = None, *,
+                    read_dose: bool = False, model_shape: Sequence[int] | None = None,
+                    model_spacing_mm: Sequence[float] | None = None) -> Case:
+    """A patient's DICOM-RT export read onto the model grid for `models`, checked for each of them.
+
+    The grid is `dicom_grid` of the models' training spacings unless given: `model_spacing_mm`
+    alone gets the `field_of_view_shape`, `model_shape` alone the chosen spacing. `read_dose`:
+    also read the export's RTDOSE (else it is ignored). Raises FlaxdoseError when the export
+    cannot be read, has no prescription (give one), or a model cannot predict it (structures,
+    spacing; naming the folder, not the case's anonymous id).
+    """
+    from flaxdose.dicom import read_rt
+
+    models = list(models)
+    shape, spacing = dicom_grid(m.train_spacing_mm for m in models)
+    if model_spacing_mm is not None:
+        spacing, shape = tuple(float(v) for v in model_spacing_mm), field_of_view_shape(model_spacing_mm)
+    shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
+    case = read_rt(patient_dir, structures=models[0].structures, grid="model", prescription_gy=prescription_gy,
+                   read_dose=read_dose, model_shape=shape, model_spacing_mm=spacing)
+    if not case.prescription_gy > 0:
+        raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
+    for model in models:
+        model.check_case(case, what=f"the DICOM export {patient_dir}")
+    return case
+
+
 def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
     """Read a patient's DICOM-RT export onto the model grid and predict its dose (a Case, dose in Gy).
 
-    The grid is `flaxdose.data.grid.MODEL_SHAPE` voxels of `MODEL_SPACING_MM`, or of the model's
-    training spacing (its smallest) when that default does not fit it (`spacing_fits`). The
-    export's RTDOSE, if any, is ignored. Raises FlaxdoseError when the export cannot be read or
-    has no prescription (give one).
+    The grid is `dicom_grid`'s (`read_dicom_case`): `flaxdose.data.grid.MODEL_SHAPE` voxels of
+    `MODEL_SPACING_MM`, or the model's training spacing (its smallest) with the same field of
+    view when that default does not fit it. The export's RTDOSE, if any, is ignored. Raises
+    FlaxdoseError when the export cannot be read, has no prescription (give one), or the model
+    cannot predict it.
     """
-    from flaxdose.data.grid import MODEL_SPACING_MM
-    from flaxdose.dicom import read_rt
-
-    record = model.train_spacing_mm
-    spacing = MODEL_SPACING_MM if record is None or spacing_fits(MODEL_SPACING_MM, record) else record["min"]
-    case = read_rt(patient_dir, structures=model.structures, grid="model", prescription_gy=prescription_gy,
-                   read_dose=False, model_spacing_mm=tuple(spacing))
-    if not case.prescription_gy > 0:
-        raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
-    return model.predict([case])[0]
+    return model.predict([read_dicom_case([model], patient_dir, prescription_gy)])[0]

@@ -25,22 +25,29 @@ log = logging.getLogger("flaxdose")
 
 
 def scaled_warmup_decay(warmup: int, decay: int, steps: int) -> tuple[int, int]:
-    """A warmup and decay that fit a run of `steps` (>= 1): unchanged when warmup + decay <= steps,
-    else both scaled by steps / (warmup + decay) and rounded down, keeping a warmup >= 1 if there
-    was one (a 1-step run has none: the warmup must end before the last step) and a decay >= 1."""
+    """A warmup and decay that fit a run of `steps` (>= 1).
+
+    Unchanged when warmup + decay <= steps. Else a warmup shorter than the run is kept as the
+    user set it and the decay shrinks to the rest, steps - warmup; a warmup as long as the run
+    or longer is scaled down with the decay, both by steps / (warmup + decay) and rounded down,
+    keeping a warmup >= 1 if there was one (a 1-step run has none: the warmup must end before
+    the last step) and a decay >= 1.
+    """
     if warmup + decay <= steps:
         return warmup, decay
+    if warmup < steps:
+        return warmup, steps - warmup
     factor = steps / (warmup + decay)
     new_warmup = min(max(math.floor(warmup * factor), 1 if warmup >= 1 else 0), steps - 1)
     return new_warmup, max(1, min(math.floor(decay * factor), steps - new_warmup))
 
 
 def fit_schedule(config):
-    """`config`, or a copy whose ``train.warmup_steps`` and ``train.decay_steps`` are scaled to fit
-    ``train.steps`` (`scaled_warmup_decay`) for a ``"warmup_stable_decay"`` run too short for them,
-    so ``--config.train.steps=20`` on a config made for 500 steps just works; the change is logged.
+    """`config`, or a copy whose ``train.warmup_steps`` and ``train.decay_steps`` fit ``train.steps``
+    (`scaled_warmup_decay`) for a ``"warmup_stable_decay"`` run too short for them, so
+    ``--config.train.steps=20`` on a config made for 1000 steps just works; the change is logged.
     Other schedules, and settings `schedule_factor` refuses anyway (decay <= 0, steps < 1), pass
-    unchanged."""
+    unchanged. Fitting a fitted config changes nothing."""
     train = config.train
     if train.get("schedule", "constant") != "warmup_stable_decay":
         return config
@@ -48,8 +55,10 @@ def fit_schedule(config):
     if steps < 1 or warmup < 0 or decay <= 0 or warmup + decay <= steps:
         return config
     new_warmup, new_decay = scaled_warmup_decay(warmup, decay, steps)
-    log.warning("train.warmup_steps=%d + train.decay_steps=%d exceed train.steps=%d: scaled to warmup %d and "
-                "decay %d steps (set them to choose others)", warmup, decay, steps, new_warmup, new_decay)
+    how = ("warmup kept, decay shrunk to the remaining steps" if new_warmup == warmup
+           else "both scaled down, as the warmup alone fills the run")
+    log.warning("train.warmup_steps=%d + train.decay_steps=%d exceed train.steps=%d: warmup %d and decay %d steps "
+                "(%s; set them to choose others)", warmup, decay, steps, new_warmup, new_decay, how)
     config = config.copy_and_resolve_references()
     config.train.warmup_steps, config.train.decay_steps = new_warmup, new_decay
     return config

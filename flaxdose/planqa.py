@@ -49,10 +49,9 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdose.data.case import Case, Dataset
-from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation import unique_names
-from flaxdose.inference import Model, trained_cases
+from flaxdose.inference import Model, read_dicom_case, trained_cases
 from flaxdose.io import atomic_folder, atomic_write_text
 from flaxdose.metrics import OAR_METRICS, plan_dvh_metrics
 
@@ -431,20 +430,19 @@ def load_plans(data: str | Path, split: str = ALL_SPLITS) -> tuple[list[Case], l
     return planned, [c.case_id for c in cases if c.dose is None]
 
 
-def read_dicom_plan(patient_dir: str | Path, structures: Sequence[str], prescription_gy: float | None = None,
-                    model_shape: Sequence[int] = MODEL_SHAPE, model_spacing_mm: Sequence[float] = MODEL_SPACING_MM) -> Case:
+def read_dicom_plan(patient_dir: str | Path, ensemble: Ensemble, prescription_gy: float | None = None,
+                    model_shape: Sequence[int] | None = None, model_spacing_mm: Sequence[float] | None = None) -> Case:
     """One patient's DICOM-RT export (CT, RTSTRUCT, RTDOSE, RTPLAN) on the model grid, with the plan's dose.
 
-    Raises FlaxdoseError when the export cannot be read, has no RTDOSE, or no prescription.
+    The grid is the one `flaxdose.inference.predict_dicom` predicts on (`inference.read_dicom_case`:
+    the members' training spacing when the default does not fit it), unless given. Raises
+    FlaxdoseError when the export cannot be read, has no RTDOSE, no prescription, or a member
+    cannot predict it (naming the folder).
     """
-    from flaxdose.dicom import read_rt
-
-    case = read_rt(patient_dir, structures=structures, grid="model", prescription_gy=prescription_gy,
-                   model_shape=model_shape, model_spacing_mm=model_spacing_mm, read_dose=True)
+    case = read_dicom_case(ensemble.models, patient_dir, prescription_gy, read_dose=True, model_shape=model_shape,
+                           model_spacing_mm=model_spacing_mm)
     if case.dose is None:
         raise FlaxdoseError(f"{patient_dir} has no RTDOSE; plan QA compares the plan's dose with the prediction")
-    if not case.prescription_gy > 0:
-        raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
     return case
 
 

@@ -6,7 +6,8 @@ case of a split and writes them as a dataset of Cases whose `dose` is the predic
 ``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
 RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
 DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid (at the model's training
-voxel spacing when it was trained on another, `flaxdose.inference.predict_dicom`). Sliding windows of the
+voxel spacing and the same field of view when it was trained on another, `flaxdose.inference.predict_dicom`;
+``flaxdose.qa --dicom`` reads on the same grid). Sliding windows of the
 training patch size by default; ``--full_volume`` predicts each volume in one pass.
 
 A case that cannot be predicted (no target, another voxel spacing than the model's, ...) is

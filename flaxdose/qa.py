@@ -8,8 +8,10 @@ An ensemble of trained models (workdirs, or glob patterns such as a sweep's runs
 setting) predicts each plan's DVH metrics; held-out plans of the models' style calibrate the
 bands (``--calibration_data``, written to OUT/calibration.json for reuse with ``--calibration``).
 Every plan of ``--data`` (a dataset, e.g. one written by ``flaxdose-import``) or the one plan of
-``--dicom`` (a patient's CT + RTSTRUCT + RTDOSE [+ RTPLAN] export) is checked: OAR Dmean/D2 above
-the band or PTV D95/D98 below it by more than ``--tolerance_gy`` is flagged. OUT gets qa.csv,
+``--dicom`` (a patient's CT + RTSTRUCT + RTDOSE [+ RTPLAN] export, read on the grid that
+``flaxdose.predict --dicom`` predicts on: the models' training spacing when the default 4x4x3 mm
+does not fit it) is checked: OAR Dmean/D2 above the band or PTV D95/D98 below it by more than
+``--tolerance_gy`` is flagged. OUT gets qa.csv,
 summary.json, report.md and one figure per flagged plan (see flaxdose/planqa.py).
 
 Exit status: 0 every plan checked, none flagged; 3 every plan checked, at least one flagged
@@ -45,13 +47,30 @@ def define_flags() -> None:
     flags.DEFINE_string("split", planqa.ALL_SPLITS, "split of --data to check ('all': every split)")
     flags.DEFINE_string("dicom", None, "check one patient's DICOM-RT export (with its RTDOSE) instead of --data")
     flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
-    flags.DEFINE_list("model_shape", [str(v) for v in MODEL_SHAPE], "--dicom: model grid shape (x,y,z)")
-    flags.DEFINE_list("model_spacing_mm", [str(v) for v in MODEL_SPACING_MM], "--dicom: model grid spacing (x,y,z) mm")
+    flags.DEFINE_list("model_shape", None, "--dicom: model grid shape (x,y,z); default: as predict --dicom reads it "
+                      f"({'x'.join(map(str, MODEL_SHAPE))}, or the same field of view at the models' spacing)")
+    flags.DEFINE_list("model_spacing_mm", None, "--dicom: model grid spacing (x,y,z) mm; default: "
+                      f"{'x'.join(f'{v:g}' for v in MODEL_SPACING_MM)}, or the models' training spacing when that "
+                      "does not fit them")
     flags.DEFINE_float("level", planqa.DEFAULT_LEVEL, "band level, two-sided (0.95: 95 % of good plans inside)")
     flags.DEFINE_float("tolerance_gy", planqa.DEFAULT_TOLERANCE_GY, "flag only beyond the band by more than this")
     flags.DEFINE_string("out", None, "report folder")
     flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
+
+
+def grid_flag(name: str, kind: type) -> list | None:
+    """The (x, y, z) values of the grid flag `name` (None when not given); FlaxdoseError unless 3 numbers > 0."""
+    values = FLAGS[name].value
+    if values is None:
+        return None
+    try:
+        parsed = [kind(v) for v in values]
+    except ValueError:
+        parsed = []
+    if len(parsed) != 3 or not all(v > 0 for v in parsed):
+        raise FlaxdoseError(f"--{name} takes 3 numbers > 0 (x,y,z), got {','.join(values)!r}")
+    return parsed
 
 
 def calibration_for(ensemble: planqa.Ensemble) -> planqa.Calibration:
@@ -79,6 +98,10 @@ def main(argv):
     planqa.check_level(FLAGS.level)
     check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
     ensemble = planqa.Ensemble.load(planqa.expand_workdirs(FLAGS.workdirs), FLAGS.which)
+    plans = []
+    if FLAGS.dicom:  # read (and checked against the members) before the long calibration
+        plans = [planqa.read_dicom_plan(FLAGS.dicom, ensemble, FLAGS.prescription_gy, grid_flag("model_shape", int),
+                                        grid_flag("model_spacing_mm", float))]
     calibration = calibration_for(ensemble)
     if not (FLAGS.data or FLAGS.dicom):  # calibrate only
         with atomic_folder(FLAGS.out, FLAGS.overwrite) as tmp:
@@ -87,8 +110,6 @@ def main(argv):
         print(json.dumps({"calibration": str(path), "cases": len(calibration.cases)}))
         return 0
     if FLAGS.dicom:
-        plans = [planqa.read_dicom_plan(FLAGS.dicom, ensemble.structures, FLAGS.prescription_gy,
-                                        [int(v) for v in FLAGS.model_shape], [float(v) for v in FLAGS.model_spacing_mm])]
         skipped, note = [], f"DICOM export {Path(FLAGS.dicom).resolve()}"
     else:
         plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from flaxdose import config as config_lib
 from flaxdose import distributed, optim, transfer
-from flaxdose.checkpoint import WorkdirCheckpoints
+from flaxdose.checkpoint import WorkdirCheckpoints, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset, target_names
@@ -195,11 +195,41 @@ def training_spacing(config, workdir: Path) -> dict:
     return spacing_record(dataset.case_spacing_mm(i) for i in train_ids)
 
 
-def check_workdir(workdir: Path, config) -> None:
-    """Refuse a workdir that holds checkpoints of a different model, before writing anything."""
+# The settings that shape a run's optimisation: changed between a checkpoint and its resumption,
+# they change the learning-rate schedule (`optim.schedule_factor` is a function of steps, warmup
+# and decay), the loss or the rate mid-run.
+OPTIMISATION_SETTINGS = ("train.steps", "train.batch_size", "train.learning_rate", "train.schedule",
+                         "train.warmup_steps", "train.decay_steps", "train.end_lr_fraction", "train.target_weight",
+                         "transfer.mode", "transfer.learning_rate")
+_UNUSED_BY_SCHEDULE = {"constant": {"train.warmup_steps", "train.decay_steps", "train.end_lr_fraction"},
+                       "warmup_cosine": {"train.decay_steps"}}
+
+
+def optimisation_settings(config) -> dict:
+    """{"train.steps": ..., ...}: the `OPTIMISATION_SETTINGS` of `config` as its run uses them: after
+    `optim.fit_schedule` (a short run's warmup and decay are fitted to it, as `train_and_evaluate`
+    trains and stores them), without those the run ignores (a schedule's unused settings, the
+    learning rate of the mode not trained: ``train.*`` for transfer, ``transfer.*`` else); absent
+    settings are None."""
+    values = json.loads(config_lib.to_json(optim.fit_schedule(config)))
+    unused = set(_UNUSED_BY_SCHEDULE.get(values.get("train", {}).get("schedule", "constant"), ()))
+    unused.add("train.learning_rate" if transfer.is_transfer(config) else "transfer.learning_rate")
+    return {key: (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
+            for key in OPTIMISATION_SETTINGS if key not in unused}
+
+
+def check_workdir(workdir: Path, config) -> list[str]:
+    """Refuse a workdir that holds checkpoints of a different model or of other optimisation settings,
+    before writing anything; returns notes on the changes accepted (to log).
+
+    Settings are compared as the runs use them (`optimisation_settings`), so re-running the same
+    command resumes. One change is accepted: a larger ``train.steps`` for a ``"constant"``
+    schedule (extending a run; nothing else depends on the step count). Raises FlaxdoseError
+    naming each difference, and the settings that resume the stored run.
+    """
     saved = workdir / "config.json"
     if not saved.is_file() or not (workdir / "checkpoints").is_dir():
-        return
+        return []
     old = json.loads(saved.read_text()).get("model", {})
     new = json.loads(config_lib.to_json(config))["model"]
     diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -208,6 +238,24 @@ def check_workdir(workdir: Path, config) -> None:
             f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
             "use a new --workdir, or the model settings it was trained with"
         )
+    if not saved_steps(workdir / "checkpoints"):
+        return []  # nothing trained yet: nothing to keep consistent
+    old, new = optimisation_settings(config_lib.load_config_json(saved)), optimisation_settings(config)
+    notes = []
+    steps = old.get("train.steps"), new.get("train.steps")
+    if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] > steps[0]:
+        notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} is extended")
+        old["train.steps"] = steps[1]
+    changed = [k for k in OPTIMISATION_SETTINGS if (k in old or k in new) and old.get(k) != new.get(k)]
+    if changed:
+        stored = " ".join(f"--config.{k}={old[k]}" for k in changed if old.get(k) is not None)
+        raise FlaxdoseError(
+            f"workdir {workdir} holds checkpoints trained with other settings "
+            f"({'; '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in changed)}): resuming would "
+            f"change the learning-rate schedule or loss mid-run; use a new --workdir, or resume with the stored "
+            f"settings ({stored or 'see ' + str(saved)})"
+        )
+    return notes
 
 
 class NoMetricWriter:
@@ -316,7 +364,8 @@ class RunFolder:
 
     def __init__(self, config, workdir: str | Path, spec: UNetSpec, *, keep: int | None = None, primary: bool = True):
         self.config, self.workdir, self.spec, self.primary = config, Path(workdir).resolve(), spec, primary
-        check_workdir(self.workdir, config)
+        for note in check_workdir(self.workdir, config):
+            log.info("%s", note)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt = WorkdirCheckpoints(self.workdir, keep=keep or config.train.keep_checkpoints)
         self.writer = NoMetricWriter()
@@ -416,7 +465,7 @@ def train_steps(step_fn, state, batches, runs: Sequence[RunFolder], start: int, 
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
     """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
 
-    `devices` defaults to all local devices. Returns {"step", "loss", "patches_per_s",
+    A resumed run keeps its optimisation settings (`check_workdir`). `devices` defaults to all local devices. Returns {"step", "loss", "patches_per_s",
     "val_loss", "best_val_loss", "preview"} as far as they apply. Raises FlaxdoseError for
     settings that cannot work together, a workdir of another model, or unreadable data.
     """
@@ -425,7 +474,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
     devices = list(devices or jax.local_devices())
     config = optim.fit_schedule(config)  # a short run's warmup and decay shrink with it (logged)
     check_setup(config, spec, devices)
-    check_workdir(workdir, config)
+    check_workdir(workdir, config)  # before the data is built; RunFolder checks again and logs accepted changes
     primary = distributed.is_primary()  # with several processes, process 0 alone writes logs and files
     if jax.process_count() > 1:
         distributed.check_same(config_lib.to_json(config), "config")

@@ -84,15 +84,17 @@ def test_a_run_stores_its_spacing_and_prediction_refuses_another(trained):
                                        model.params).train_spacing_mm is None
 
 
-def test_a_model_from_before_the_spacing_was_stored_still_predicts(trained, monkeypatch, caplog):
+def test_a_model_from_before_the_spacing_was_stored_recovers_it_from_its_data(trained, monkeypatch, caplog):
     workdir, data = trained
     restore = inference.restore_params
     monkeypatch.setattr(inference, "restore_params", lambda *a, **k: (restore(*a, **k)[0], {"step": 2}))
     with caplog.at_level(logging.WARNING, logger="flaxdose"):
         model = inference.Model.load(workdir)
-    assert model.train_spacing_mm is None and caplog.text.count("cannot be checked") == 1
+    assert model.train_spacing_mm == {"min": PHANTOM_SPACING, "max": PHANTOM_SPACING}
+    assert "cannot be checked" not in caplog.text
     case = data.load(data.split("test")[0])
-    assert model.predict([case.replace(spacing_mm=(8.0, 8.0, 10.0))])[0].dose.shape == case.shape
+    with pytest.raises(FlaxdoseError, match=r"has voxel spacing 8x8x10 mm .* trained on 4x4x5 mm"):
+        model.predict([case.replace(spacing_mm=(8.0, 8.0, 10.0))])
 
 
 # ---------------------------------------------------------------- 2. one bad case
@@ -187,13 +189,14 @@ def test_warmup_and_decay_scale_down_with_a_short_run_by_hand(caplog):
     with caplog.at_level(logging.WARNING, logger="flaxdose"):
         fitted = optim.fit_schedule(config)
     assert (fitted.train.warmup_steps, fitted.train.decay_steps) == (2, 17)
-    assert (config.train.warmup_steps, config.train.decay_steps) == (20, 125)  # the caller's config is untouched
-    assert "scaled to warmup 2 and decay 17" in caplog.text
+    # quick's warmup 40 >= 20 steps: both scaled by 20 / (40 + 250): 2.76 and 17.24, rounded down: 2 and 17
+    assert (config.train.warmup_steps, config.train.decay_steps) == (40, 250)  # the caller's config is untouched
+    assert "warmup 2 and decay 17 steps (both scaled down" in caplog.text
     import jax
     from flaxdose.model import UNetSpec
 
     spec, devices = UNetSpec.from_config(config.model), jax.local_devices()[:1]
-    with pytest.raises(FlaxdoseError, match="warmup_steps=20 must be"):
+    with pytest.raises(FlaxdoseError, match="warmup_steps=40 must be"):
         trainer.check_setup(config, spec, devices)  # what train_and_evaluate checked before fitting
     trainer.check_setup(fitted, spec, devices)  # valid now
     unchanged = config_lib.load_config("quick")

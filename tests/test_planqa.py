@@ -190,7 +190,7 @@ def test_qa_cli_on_a_dataset_then_a_dicom_export(members, qa_data, tmp_path):
     info = json.loads((dicom_out / "summary.json").read_text())
     assert proc.returncode == (3 if info["num_flagged"] else 0), proc.stderr
     # the plan's own RTDOSE was read: qa.csv holds the metrics of the export's dose on the model grid
-    plan = planqa.read_dicom_plan(export["folder"], planqa.Ensemble.load(members).structures,
+    plan = planqa.read_dicom_plan(export["folder"], planqa.Ensemble.load(members),
                                   model_shape=(32, 32, 16), model_spacing_mm=(4, 4, 5))
     expected = plan_dvh_metrics(plan.dose, plan.masks, plan.structures, plan.spacing_mm, targets=plan.targets)
     got = {f"{r['structure']} {r['metric']}": float(r["plan_gy"]) for r in read_csv(dicom_out / "qa.csv")}
