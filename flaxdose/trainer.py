@@ -223,8 +223,8 @@ def check_workdir(workdir: Path, config) -> list[str]:
     before writing anything; returns notes on the changes accepted (to log).
 
     Settings are compared as the runs use them (`optimisation_settings`), so re-running the same
-    command resumes. One change is accepted: a larger ``train.steps`` for a ``"constant"``
-    schedule (extending a run; nothing else depends on the step count). Raises FlaxdoseError
+    command resumes. One change is accepted: another ``train.steps`` for a ``"constant"``
+    schedule (extending or shortening a run; nothing else depends on the step count). Raises FlaxdoseError
     naming each difference, and the settings that resume the stored run.
     """
     saved = workdir / "config.json"
@@ -243,8 +243,8 @@ def check_workdir(workdir: Path, config) -> list[str]:
     old, new = optimisation_settings(config_lib.load_config_json(saved)), optimisation_settings(config)
     notes = []
     steps = old.get("train.steps"), new.get("train.steps")
-    if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] > steps[0]:
-        notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} is extended")
+    if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] != steps[0]:
+        notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
         old["train.steps"] = steps[1]
     changed = [k for k in OPTIMISATION_SETTINGS if (k in old or k in new) and old.get(k) != new.get(k)]
     if changed:

@@ -185,11 +185,11 @@ def test_warmup_and_decay_scale_down_with_a_short_run_by_hand(caplog):
     assert optim.scaled_warmup_decay(1, 1000, 20) == (1, 19)  # 0.02 -> kept at 1; 19.98 -> 19
     assert optim.scaled_warmup_decay(20, 125, 1) == (0, 1)  # one step: no room for a warmup
     assert optim.scaled_warmup_decay(20, 125, 500) == (20, 125)  # fits: unchanged
-    config = config_lib.load_config("quick", {"train.steps": 20})
+    config = config_lib.load_config("quick", {"train.steps": 20, "train.warmup_steps": 40, "train.decay_steps": 250})
     with caplog.at_level(logging.WARNING, logger="flaxdose"):
         fitted = optim.fit_schedule(config)
     assert (fitted.train.warmup_steps, fitted.train.decay_steps) == (2, 17)
-    # quick's warmup 40 >= 20 steps: both scaled by 20 / (40 + 250): 2.76 and 17.24, rounded down: 2 and 17
+    # warmup 40 >= 20 steps: both scaled by 20 / (40 + 250): 2.76 and 17.24, rounded down: 2 and 17
     assert (config.train.warmup_steps, config.train.decay_steps) == (40, 250)  # the caller's config is untouched
     assert "warmup 2 and decay 17 steps (both scaled down" in caplog.text
     import jax
@@ -199,5 +199,5 @@ def test_warmup_and_decay_scale_down_with_a_short_run_by_hand(caplog):
     with pytest.raises(FlaxdoseError, match="warmup_steps=40 must be"):
         trainer.check_setup(config, spec, devices)  # what train_and_evaluate checked before fitting
     trainer.check_setup(fitted, spec, devices)  # valid now
-    unchanged = config_lib.load_config("quick")
+    unchanged = config_lib.load_config("quick")  # its own warmup and decay fit its steps
     assert optim.fit_schedule(unchanged) is unchanged

@@ -165,7 +165,9 @@ def test_each_optimisation_setting_is_compared(tmp_path):
     notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 40}))  # extending a constant run
     assert notes and "train.steps 20 -> 40" in notes[0]
     assert trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "train.warmup_steps": 7})) == []  # unused
-    for key, value in (("train.steps", 10), ("train.batch_size", 8), ("train.learning_rate", 1e-3),
+    notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 10}))  # shortening it: the same rate
+    assert notes and "train.steps 20 -> 10" in notes[0]
+    for key, value in (("train.batch_size", 8), ("train.learning_rate", 1e-3),
                        ("train.schedule", "warmup_cosine"), ("train.target_weight", 1.0), ("transfer.mode", "full")):
         with pytest.raises(FlaxdoseError, match=rf"{key}: .* there vs {value!r} now"):
             trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, key: value}))
