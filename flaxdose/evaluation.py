@@ -127,10 +127,16 @@ def unique_names(names: Sequence[str]) -> list[str]:
 
 
 def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
-    """``case a: reason; case b: reason (and 3 more)``: the first `limit` of {case id: reason}."""
-    items = [f"case {k}: {v}" for k, v in list(failed.items())[:limit]]
-    more = f" (and {len(failed) - limit} more)" if len(failed) > limit else ""
-    return "; ".join(items) + more
+    """``cases a, b: reason; case c: reason (and 3 more)``: {case id: reason}, cases with the same reason
+    together (each reason once), the first `limit` case ids of each."""
+    by_reason: dict[str, list[str]] = {}
+    for case_id, reason in failed.items():  # a reason that names its case is the same reason for another case
+        by_reason.setdefault(str(reason).replace(repr(case_id), "<case>"), []).append(case_id)
+    items = []
+    for reason, ids in by_reason.items():
+        more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+        items.append(f"case{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {reason}")
+    return "; ".join(items)
 
 
 def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, batch_size: int = 1,

@@ -94,8 +94,9 @@ def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
 def new_staging(target: str | os.PathLike, folder: bool) -> Path:
     """Create an empty hidden staging folder (or file) beside `target`, named for this process.
 
-    Stale staging of `target` is removed first (`remove_stale_staging`). Private to the owner:
-    mode 0o700 (folder) or 0o600 (file). The caller renames it into place or removes it.
+    Stale staging of `target` is removed first (`remove_stale_staging`). Private to the owner while
+    written: mode 0o700 (folder) or 0o600 (file); the caller gives it the umask's mode
+    (`_publish_mode`) and renames it into place, or removes it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,14 @@ def new_staging(target: str | os.PathLike, folder: bool) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def _publish_mode(path: Path, folder: bool) -> None:
+    """Give a finished staging folder (or file) the mode a plain mkdir (or open) would have had: private
+    while written, then readable as the user's umask allows (a TPS import or a colleague reads it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -138,6 +147,7 @@ def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[
         yield tmp
         if root.exists():
             shutil.rmtree(root)
+        _publish_mode(tmp, folder=True)
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +165,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with open(tmp, mode) as f:
             yield f
+        _publish_mode(tmp, folder=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

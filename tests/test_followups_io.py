@@ -155,3 +155,27 @@ def test_only_refused_damage_says_nothing_was_ignored(rt_export, tmp_path):
     (bad["folder"] / "RS_copy.dcm").write_bytes(b"")
     report = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False).report()
     assert "the plans beside them were refused" in report and "ignored" not in report
+
+
+def test_finished_folders_and_files_get_the_umasks_mode(tmp_path):
+    """Staging is private while written; the published dataset / file is readable as a plain mkdir's."""
+    from flaxdose.io import atomic_folder, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "ds") as staging:
+            (staging / "a.txt").write_text("x")
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ds").stat().st_mode & 0o777 == 0o755  # 0o777 & ~0o022
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644  # 0o666 & ~0o022
+
+
+def test_failure_list_names_a_shared_reason_once():
+    from flaxdose.evaluation import failure_list
+
+    failed = {"a": "case 'a' has voxel spacing 4x4x3 mm", "b": "case 'b' has voxel spacing 4x4x3 mm", "c": "no PTV"}
+    assert failure_list(failed) == "cases a, b: case <case> has voxel spacing 4x4x3 mm; case c: no PTV"
+    many = {str(i): "no PTV" for i in range(7)}
+    assert failure_list(many) == "cases 0, 1, 2, 3, 4 and 2 more: no PTV"
