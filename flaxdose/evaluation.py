@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -139,6 +139,26 @@ def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
     return "; ".join(items)
 
 
+def each_case(case_ids: Sequence[str], fn: Callable[[str], object], *, action: str, what: str
+              ) -> tuple[dict[str, object], dict[str, str]]:
+    """Run ``fn(case_id)`` for every case, keeping going over cases that fail.
+
+    A case whose `fn` raises FlaxdoseError is logged ("case X not <action>: why") and left out.
+    Returns ({case id: result} in order, {case id: reason}). Raises FlaxdoseError naming every
+    reason (`failure_list`) when no case succeeded; `what` names the cases ("split 'test' of D").
+    """
+    results, failed = {}, {}
+    for case_id in tqdm(case_ids, desc=f"cases {action}", unit="case"):
+        try:
+            results[case_id] = fn(case_id)
+        except FlaxdoseError as e:
+            log.warning("case %s not %s: %s", case_id, action, e)
+            failed[case_id] = str(e)
+    if not results:
+        raise FlaxdoseError(f"no case of {what} could be {action}: " + failure_list(failed))
+    return results, failed
+
+
 def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, batch_size: int = 1,
                     keep_going: bool = False) -> Evaluation:
     """Predict the split with every model and evaluate against its doses.
@@ -154,22 +174,17 @@ def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, 
     if not keep_going:
         predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
         return Evaluation(evaluate_predictions(predictions, references), references, predictions)
-    rows, kept, failed = [], [], {}
-    predictions = {name: [] for name in models}
-    for ref in tqdm(references, desc="evaluate", unit="case"):
-        try:
-            done = {name: m.predict([ref], batch_size=batch_size)[0] for name, m in models.items()}
-            case_rows = [evaluate_case(p, ref, name) for name, p in done.items()]
-        except FlaxdoseError as e:
-            log.warning("case %s not evaluated: %s", ref.case_id, e)
-            failed[ref.case_id] = str(e)
-            continue
-        kept.append(ref)
-        rows += case_rows
-        for name, p in done.items():
-            predictions[name].append(p)
-    if not kept:
-        raise FlaxdoseError(f"no case of split {split!r} of {dataset.root} could be evaluated: " + failure_list(failed))
+    by_id = {ref.case_id: ref for ref in references}
+
+    def predict_and_score(case_id: str) -> tuple[dict[str, Case], list[dict]]:
+        done = {name: m.predict([by_id[case_id]], batch_size=batch_size)[0] for name, m in models.items()}
+        return done, [evaluate_case(p, by_id[case_id], name) for name, p in done.items()]
+
+    results, failed = each_case(list(by_id), predict_and_score, action="evaluated",
+                                what=f"split {split!r} of {dataset.root}")
+    kept = [by_id[i] for i in results]
+    predictions = {name: [done[name] for done, _ in results.values()] for name in models}
+    rows = [row for _, case_rows in results.values() for row in case_rows]
     rows.sort(key=lambda r: list(models).index(r["model"]))  # model by model, as evaluate_predictions orders them
     return Evaluation(rows, kept, predictions, failed)
 

@@ -34,7 +34,7 @@ from flaxdose.checkpoint import find_checkpoint, restore_params
 from flaxdose.data.case import Case, Dataset, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
-from flaxdose.evaluation import failure_list
+from flaxdose.evaluation import each_case
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
 
@@ -283,8 +283,9 @@ def implausible(case: Case, relative: np.ndarray) -> str:
                 "predicted dose scales with it: check prescription_gy")
     peak = float(np.max(relative)) if relative.size else 0.0
     if peak > IMPLAUSIBLE_MAX_RELATIVE:
-        return (f"predicted maximum {peak * case.prescription_gy:.1f} Gy is {peak:.2f} x the prescription: the case "
-                "is unlike the model's training data (structure names and order, grid, spacing?); do not use it")
+        return (f"predicted maximum {peak * case.prescription_gy:.1f} Gy is {peak:.2f} x the prescription: either "
+                "the case is unlike the model's training data (structure names and order, grid, spacing?) or the "
+                "model is under-trained (few steps; see its validation loss); do not use it")
     return ""
 
 
@@ -442,17 +443,9 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
         predictions, done, failed = model.predict([dataset.load(i) for i in ids], batch_size=batch_size,
                                                   progress=True), ids, {}
     else:
-        predictions, done, failed = [], [], {}
-        for case_id in tqdm(ids, desc=f"predict {model.name}", unit="case"):
-            try:
-                predictions.append(model.predict([dataset.load(case_id)], batch_size=batch_size)[0])
-                done.append(case_id)
-            except FlaxdoseError as e:
-                log.warning("case %s not predicted: %s", case_id, e)
-                failed[case_id] = str(e)
-        if not predictions:
-            raise FlaxdoseError(f"no case of split {split!r} of {dataset.root} could be predicted: "
-                                + failure_list(failed))
+        results, failed = each_case(ids, lambda i: model.predict([dataset.load(i)], batch_size=batch_size)[0],
+                                    action="predicted", what=f"split {split!r} of {dataset.root}")
+        predictions, done = list(results.values()), list(results)
     return write_dataset(out, predictions, {split: done}, overwrite=overwrite,
                          extra={"predicted_by": str(model.name), "source_dataset": str(Path(data).resolve()),
                                 "failed": failed})
@@ -482,8 +475,18 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     models = list(models)
     shape, spacing = dicom_grid(m.train_spacing_mm for m in models)
     if model_spacing_mm is not None:
-        spacing, shape = tuple(float(v) for v in model_spacing_mm), field_of_view_shape(model_spacing_mm)
+        given = tuple(float(v) for v in model_spacing_mm)
+        for m in models:  # before reading: the fix is the flag, not a re-import
+            if m.train_spacing_mm is not None and not spacing_fits(given, m.train_spacing_mm):
+                raise FlaxdoseError(
+                    f"the DICOM export {patient_dir}: model_spacing_mm {'x'.join(f'{v:g}' for v in given)} mm does "
+                    f"not fit {m.name}, trained on "
+                    f"{describe_spacing(m.train_spacing_mm)} mm: leave --model_spacing_mm out (the export is then "
+                    f"read on {'x'.join(f'{v:g}' for v in spacing)} mm) or give a spacing the model was trained on")
+        spacing, shape = given, field_of_view_shape(given)
     shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
+    log.info("reading %s on the model grid: %s voxels of %s mm (x, y, z)", patient_dir,
+             "x".join(map(str, shape)), "x".join(f"{v:g}" for v in spacing))
     case = read_rt(patient_dir, structures=models[0].structures, grid="model", prescription_gy=prescription_gy,
                    read_dose=read_dose, model_shape=shape, model_spacing_mm=spacing)
     if not case.prescription_gy > 0:

@@ -117,9 +117,18 @@ def new_staging(target: str | os.PathLike, folder: bool) -> Path:
 def _publish_mode(path: Path, folder: bool) -> None:
     """Give a finished staging folder (or file) the mode a plain mkdir (or open) would have had: private
     while written, then readable as the user's umask allows (a TPS import or a colleague reads it)."""
-    umask = os.umask(0)
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc on Linux (setting it to read it back races other threads)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)  # elsewhere: the classic set-and-restore, briefly private rather than open
     os.umask(umask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+    return umask
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -197,10 +198,12 @@ def training_spacing(config, workdir: Path) -> dict:
 
 # The settings that shape a run's optimisation: changed between a checkpoint and its resumption,
 # they change the learning-rate schedule (`optim.schedule_factor` is a function of steps, warmup
-# and decay), the loss or the rate mid-run.
+# and decay), the loss or the rate mid-run, or the patches it draws (the seed picks them; the
+# resumed iterator state would no longer be the run's).
 OPTIMISATION_SETTINGS = ("train.steps", "train.batch_size", "train.learning_rate", "train.schedule",
                          "train.warmup_steps", "train.decay_steps", "train.end_lr_fraction", "train.target_weight",
-                         "transfer.mode", "transfer.learning_rate")
+                         "transfer.mode", "transfer.learning_rate",
+                         "seed", "data.flip_lr", "data.patch_shape", "data.patch_sigma")
 _UNUSED_BY_SCHEDULE = {"constant": {"train.warmup_steps", "train.decay_steps", "train.end_lr_fraction"},
                        "warmup_cosine": {"train.decay_steps"}}
 
@@ -214,8 +217,21 @@ def optimisation_settings(config) -> dict:
     values = json.loads(config_lib.to_json(optim.fit_schedule(config)))
     unused = set(_UNUSED_BY_SCHEDULE.get(values.get("train", {}).get("schedule", "constant"), ()))
     unused.add("train.learning_rate" if transfer.is_transfer(config) else "transfer.learning_rate")
-    return {key: (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
-            for key in OPTIMISATION_SETTINGS if key not in unused}
+    return {key: _dotted(values, key) for key in OPTIMISATION_SETTINGS if key not in unused}
+
+
+def _flag(key: str, value) -> str:
+    """The command-line flag that sets `key` to `value`, quoted for a shell: ``'--config.data.patch_shape=(32,32,16)'``."""
+    if isinstance(value, (list, tuple)):
+        value = "(" + ",".join(map(str, value)) + ")"
+    return shlex.quote(f"--config.{key}={value}")
+
+
+def _dotted(values: dict, key: str):
+    """``values["data"]["flip_lr"]`` for "data.flip_lr" (None where absent)."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def check_workdir(workdir: Path, config) -> list[str]:
@@ -238,21 +254,26 @@ def check_workdir(workdir: Path, config) -> list[str]:
             f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
             "use a new --workdir, or the model settings it was trained with"
         )
-    if not saved_steps(workdir / "checkpoints"):
+    done = saved_steps(workdir / "checkpoints")
+    if not done:
         return []  # nothing trained yet: nothing to keep consistent
     old, new = optimisation_settings(config_lib.load_config_json(saved)), optimisation_settings(config)
     notes = []
     steps = old.get("train.steps"), new.get("train.steps")
     if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] != steps[0]:
-        notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
+        if steps[1] > max(done):
+            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
+        else:  # nothing to train; the checkpoints (and config.json) stay as they are
+            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the run in {workdir} has already trained to step "
+                         f"{max(done)}; nothing to train (its checkpoints are kept as they are)")
         old["train.steps"] = steps[1]
     changed = [k for k in OPTIMISATION_SETTINGS if (k in old or k in new) and old.get(k) != new.get(k)]
     if changed:
-        stored = " ".join(f"--config.{k}={old[k]}" for k in changed if old.get(k) is not None)
+        stored = " ".join(_flag(k, old[k]) for k in changed if old.get(k) is not None)
         raise FlaxdoseError(
             f"workdir {workdir} holds checkpoints trained with other settings "
             f"({'; '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in changed)}): resuming would "
-            f"change the learning-rate schedule or loss mid-run; use a new --workdir, or resume with the stored "
+            f"change the learning-rate schedule, the loss or the patches drawn mid-run; use a new --workdir, or resume with the stored "
             f"settings ({stored or 'see ' + str(saved)})"
         )
     return notes

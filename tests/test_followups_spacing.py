@@ -98,9 +98,10 @@ def test_qa_dicom_reads_on_the_members_spacing_and_names_the_folder(trained, tmp
     assert plan.spacing_mm == (4.0, 4.0, 5.0) and plan.shape == (120, 120, 38) and plan.dose is not None
     with pytest.raises(FlaxdoseError) as e:
         planqa.read_dicom_plan(export["folder"], ensemble, model_spacing_mm=(8, 8, 8))
-    message = str(e.value)
-    assert message.startswith(f"the DICOM export {export['folder']} has voxel spacing 8x8x8 mm")
-    assert plan.case_id not in message and "--model_spacing_mm 4,4,5 --model_shape 120,120,38" in message
+    message = str(e.value)  # the flag given is the fault: its fix is leaving it out, not a re-import
+    assert message.startswith(f"the DICOM export {export['folder']}: model_spacing_mm 8x8x8 mm does not fit")
+    assert "trained on 4x4x5 mm" in message and "leave --model_spacing_mm out (the export is then read on 4x4x5 mm)" in message
+    assert plan.case_id not in message and "import_dicom" not in message
 
     out = tmp_path / "qa"
     done = subprocess.run([sys.executable, "-m", "flaxdose.qa", f"--workdirs={workdir}", f"--calibration_data={data.root}",
@@ -166,7 +167,9 @@ def test_each_optimisation_setting_is_compared(tmp_path):
     assert notes and "train.steps 20 -> 40" in notes[0]
     assert trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "train.warmup_steps": 7})) == []  # unused
     notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 10}))  # shortening it: the same rate
-    assert notes and "train.steps 20 -> 10" in notes[0]
+    assert notes and "train.steps 20 -> 10" in notes[0] and "now ends at step 10" in notes[0]
+    notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 2}))  # fake_run's checkpoint is step 2
+    assert "already trained to step 2; nothing to train" in notes[0] and "now ends" not in notes[0]
     for key, value in (("train.batch_size", 8), ("train.learning_rate", 1e-3),
                        ("train.schedule", "warmup_cosine"), ("train.target_weight", 1.0), ("transfer.mode", "full")):
         with pytest.raises(FlaxdoseError, match=rf"{key}: .* there vs {value!r} now"):
@@ -184,6 +187,24 @@ def test_each_optimisation_setting_is_compared(tmp_path):
     with pytest.raises(FlaxdoseError, match=r"transfer.learning_rate: 0.0001 there vs 0.001 now"):
         trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "transfer.mode": "full",
                                                       "transfer.learning_rate": 1e-3}))
+
+
+def test_resuming_with_another_seed_or_augmentation_is_refused(tmp_path):
+    """The seed picks the patches, flips and patch settings shape them: changed mid-run, the resumed
+    run would not be the one its checkpoints came from."""
+    from conftest import tiny_config
+
+    base = tiny_config(**{"train.steps": 20})
+    workdir = fake_run(tmp_path / "w", base)
+    for key, value, shown in (("seed", 1, "0 there vs 1 now"), ("data.flip_lr", False, "True there vs False now"),
+                              ("data.patch_sigma", (3.0, 3.0, 1.0), "[2.0, 2.0, 1.0] there vs [3.0, 3.0, 1.0] now")):
+        with pytest.raises(FlaxdoseError) as e:
+            trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, key: value}))
+        assert f"{key}: {shown}" in str(e.value)
+    with pytest.raises(FlaxdoseError) as e:
+        trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "data.patch_shape": (16, 16, 8)}))
+    # the stored setting as a flag a shell takes as it is (a tuple needs quotes)
+    assert "'--config.data.patch_shape=(8,8,8)'" in str(e.value)
 
 
 def cosine_settings():
