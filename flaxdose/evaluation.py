@@ -69,8 +69,15 @@ def check_same_grid(pred: Case, ref: Case) -> None:
 
 
 def evaluate_case(pred: Case, ref: Case, model: str) -> dict:
-    """One row: Dice per isodose level and DVH-metric values and errors (see module docstring)."""
+    """One row: Dice per isodose level and DVH-metric values and errors (see module docstring).
+
+    Raises FlaxdoseError for another grid, or a reference dose that is zero everywhere (no plan:
+    scored, it would enter the means as Dice 0 and +100 % errors; non-finite doses are refused
+    when a case is made)."""
     check_same_grid(pred, ref)
+    if not np.max(ref.dose, initial=0.0) > 0:
+        raise FlaxdoseError(f"the reference dose of case {ref.case_id!r} is zero everywhere: it is no plan and "
+                            "cannot be scored; fix or drop the case from the dataset")
     rx = ref.prescription_gy
     dice = isodose_dice(pred.dose, ref.dose, rx, body=ref.dose_region())
     row = {"case_id": ref.case_id, "model": model, "style": ref.style, "prescription_gy": rx,

@@ -61,6 +61,27 @@ def test_predictions_on_another_grid_are_refused():
         evaluation.evaluate_predictions({"m": []}, [ref])
 
 
+class _Echo:
+    """A predictor answering each case with its own reference dose."""
+
+    def predict(self, cases, batch_size=1, progress=False):
+        return list(cases)
+
+
+def test_a_reference_dose_that_is_no_plan_is_not_scored(tmp_path):
+    """An all-zero reference dose would enter the means as Dice 0 and +100 % errors."""
+    ref = phantom_case(0, 0, shape=(16, 16, 8))
+    with pytest.raises(FlaxdoseError, match="zero everywhere"):
+        evaluation.evaluate_case(ref, ref.replace(dose=np.zeros_like(ref.dose)), "m")
+    cases = [phantom_case(0, i, shape=(16, 16, 8)) for i in range(3)]
+    cases[1] = cases[1].replace(dose=np.zeros_like(cases[1].dose))
+    write_dataset(tmp_path / "d", cases, {"test": [c.case_id for c in cases]})
+    data = Dataset.open(tmp_path / "d")
+    ev = evaluation.evaluate_models({"m": _Echo()}, data, "test", keep_going=True)
+    assert list(ev.failed) == [cases[1].case_id] and [r["case_id"] for r in ev.rows] == [cases[0].case_id, cases[2].case_id]
+    assert all(r["dice_mean"] == 1.0 for r in ev.rows)  # a plan scored against itself
+
+
 def test_summary_statistics_and_paired_ttest_by_hand():
     rows = [{"case_id": c, "model": m, "dice_mean": v}
             for m, values in (("a", (0.8, 0.9, 0.7)), ("b", (0.85, 0.97, 0.76))) for c, v in zip("xyz", values)]
