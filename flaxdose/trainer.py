@@ -263,7 +263,7 @@ def check_workdir(workdir: Path, config) -> list[str]:
     if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] != steps[0]:
         if steps[1] > max(done):
             notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
-        else:  # nothing to train; the checkpoints (and config.json) stay as they are
+        else:  # nothing to train; the checkpoints stay as they are
             notes.append(f"train.steps {steps[0]} -> {steps[1]}: the run in {workdir} has already trained to step "
                          f"{max(done)}; nothing to train (its checkpoints are kept as they are)")
         old["train.steps"] = steps[1]
