@@ -11,7 +11,8 @@ Exit status, the same for every command: 0 done; 1 done, but some items failed (
 lists them, e.g. patients an import skipped); 2 bad input or usage, reported as one line
 ``flaxdose: error: <what was wrong and how to fix it>`` (a `FlaxdoseError` or a flag error);
 3 done, and the check found something (`flaxdose.qa`: at least one plan flagged; every plan
-checked), so scripts can tell "flagged" from "failed".
+checked), so scripts can tell "flagged" from "failed"; 130 interrupted by Ctrl-C (one line, no
+traceback).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flaxdose.errors import FlaxdoseError
 USAGE_ERROR = 2
 PARTIAL_FAILURE = 1
 FLAGGED = 3
+INTERRUPTED = 130  # the shell's convention for a Ctrl-C (128 + SIGINT)
 
 
 def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):
@@ -75,8 +77,22 @@ _HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--he
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:  # config_flags' way of saying "no such setting"
+        _fail(_unknown_setting(e, argv))
     except _FLAG_ERRORS as e:
         _fail(f"{_describe(e)} (see --help)")
+
+
+def _unknown_setting(error: BaseException, argv: Sequence[str]) -> str:
+    """'unknown config setting ...' naming the ``--config.a.b`` flag(s) with the unknown key."""
+    described = _describe(error)
+    name = described.split()[0].strip("'\"") if described else "?"
+    hint = described[len(described.split()[0]):].strip() if described else ""
+    used = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    where = [a for a in used if name in a.removeprefix("--").split(".")] or used
+    return (f"unknown config setting {name!r} in {', '.join(where) or 'the flags'}"
+            f"{'; ' + hint if hint else ''}; the settings a config has are the keys of its file in configs/ "
+            "(see --help)")
 
 
 def _describe(error: BaseException) -> str:
@@ -89,9 +105,13 @@ def _describe(error: BaseException) -> str:
     return " ".join(message.split())
 
 
-def _fail(message: str):
+def _close_bars():
     for bar in list(getattr(tqdm, "_instances", ())):  # an open progress bar would swallow the line
         bar.close()
+
+
+def _fail(message: str):
+    _close_bars()
     print(f"flaxdose: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
 
@@ -132,6 +152,8 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         if define_flags is not None:
             try:
                 define_flags()
+            except (KeyError, AttributeError) as e:
+                _fail(_unknown_setting(e, sys.argv))
             except _FLAG_ERRORS as e:
                 _fail(f"{_describe(e)} (see --help)")
             show_in_help(main.__module__)
@@ -142,6 +164,11 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         raise
     except FlaxdoseError as e:
         _fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was
+        _close_bars()
+        print("flaxdose: interrupted; what was complete is kept (checkpoints and files are written whole), "
+              "and re-running the same command resumes a training run from its last checkpoint", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except OSError as e:  # a path that cannot be created, read or written: the user's to fix, not a crash
         where = f": {e.filename}" if e.filename else ""
         _fail(f"{e.strerror or e}{where}; check that the path exists, is a folder where one is expected, "

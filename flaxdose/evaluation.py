@@ -181,7 +181,7 @@ def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, 
     if not keep_going:
         predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
         return Evaluation(evaluate_predictions(predictions, references), references, predictions)
-    by_id = {ref.case_id: ref for ref in references}
+    by_id = {ref.case_id: ref for ref in references}  # ids are unique in a dataset (write_dataset refuses repeats)
 
     def predict_and_score(case_id: str) -> tuple[dict[str, Case], list[dict]]:
         done = {name: m.predict([by_id[case_id]], batch_size=batch_size)[0] for name, m in models.items()}

@@ -141,8 +141,11 @@ def spacing_record(spacings: Iterable[Sequence[float]]) -> dict:
     return {"min": [round(float(v), 6) for v in values.min(0)], "max": [round(float(v), 6) for v in values.max(0)]}
 
 
-def describe_spacing(record: Mapping) -> str:
-    """``4x4x3`` mm for one spacing, ``3.5-4x3.5-4x2.5`` for a range (per axis)."""
+def describe_spacing(record: Mapping | Sequence[float]) -> str:
+    """``4x4x3`` (mm) for one spacing (x, y, z) or a record whose min equals its max, ``3.5-4x3.5-4x2.5``
+    for a range (per axis)."""
+    if not isinstance(record, Mapping):
+        record = {"min": record, "max": record}
     return "x".join(f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}" for lo, hi in zip(record["min"], record["max"]))
 
 
@@ -241,7 +244,7 @@ def check_spacing(case: Case, record: Mapping | None, model_name: str = "the mod
     lo, hi = accepted_spacing(record)
     accepted = describe_spacing({"min": [round(float(v), 3) for v in lo], "max": [round(float(v), 3) for v in hi]})
     raise FlaxdoseError(
-        f"{what or f'case {case.case_id!r}'} has voxel spacing {'x'.join(f'{v:g}' for v in case.spacing_mm)} mm "
+        f"{what or f'case {case.case_id!r}'} has voxel spacing {describe_spacing(case.spacing_mm)} mm "
         f"(x, y, z), but {model_name} was trained on {describe_spacing(record)} mm (it accepts {accepted}): its "
         f"dose would be wrong in scale. Give it data on the model's spacing: {spacing_fixes(case, record)}; or "
         "use a model trained at this spacing")
@@ -472,6 +475,9 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     """
     from flaxdose.dicom import read_rt
 
+    if not Path(patient_dir).is_dir():  # before any log line says it is being read
+        raise FlaxdoseError(f"the DICOM export {patient_dir} is not a folder; give the folder of one patient's "
+                            "CT, RTSTRUCT and RTPLAN files")
     models = list(models)
     shape, spacing = dicom_grid(m.train_spacing_mm for m in models)
     if model_spacing_mm is not None:
@@ -479,14 +485,14 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
         for m in models:  # before reading: the fix is the flag, not a re-import
             if m.train_spacing_mm is not None and not spacing_fits(given, m.train_spacing_mm):
                 raise FlaxdoseError(
-                    f"the DICOM export {patient_dir}: model_spacing_mm {'x'.join(f'{v:g}' for v in given)} mm does "
+                    f"the DICOM export {patient_dir}: model_spacing_mm {describe_spacing(given)} mm does "
                     f"not fit {m.name}, trained on "
                     f"{describe_spacing(m.train_spacing_mm)} mm: leave --model_spacing_mm out (the export is then "
-                    f"read on {'x'.join(f'{v:g}' for v in spacing)} mm) or give a spacing the model was trained on")
+                    f"read on {describe_spacing(spacing)} mm) or give a spacing the model was trained on")
         spacing, shape = given, field_of_view_shape(given)
     shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
     log.info("reading %s on the model grid: %s voxels of %s mm (x, y, z)", patient_dir,
-             "x".join(map(str, shape)), "x".join(f"{v:g}" for v in spacing))
+             "x".join(map(str, shape)), describe_spacing(spacing))
     case = read_rt(patient_dir, structures=models[0].structures, grid="model", prescription_gy=prescription_gy,
                    read_dose=read_dose, model_shape=shape, model_spacing_mm=spacing)
     if not case.prescription_gy > 0:

@@ -40,6 +40,7 @@ import csv
 import dataclasses
 import glob
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,11 +56,16 @@ from flaxdose.inference import Model, read_dicom_case, trained_cases
 from flaxdose.io import atomic_folder, atomic_write_text
 from flaxdose.metrics import OAR_METRICS, plan_dvh_metrics
 
+log = logging.getLogger(__name__)
+
 DEFAULT_LEVEL = 0.95  # two-sided: about 2.5 % of good plans lie above an OAR band, per metric
 DEFAULT_TOLERANCE_GY = 1.0
 COVERAGE_METRICS = ("D95", "D98")  # target metrics whose shortfall is flagged
 CALIBRATION_FORMAT = "flaxdose-qa-calibration"
 ALL_SPLITS = "all"
+# Fewer held-out plans: the residual SD rests on so few values that the band's real coverage is
+# uncertain (the 95 % band is already +-2.78 sigma at n=5, 2.26 at 10, from the t quantile with n-1 d.o.f.).
+MIN_CALIBRATION_PLANS = 10
 ROW_COLUMNS = ("rank", "case_id", "structure", "metric", "role", "plan_gy", "predicted_gy", "lower_gy", "upper_gy",
                "sigma_gy", "members_gy", "position", "excess_gy", "excess_sigma", "flagged", "finding")
 FINDINGS = {"oar": "OAR above the predicted band: possible further sparing",
@@ -271,7 +277,15 @@ def calibrate_predictions(predictions: Sequence[EnsemblePrediction], references:
                for key, r in residuals.items() if len(r) >= 2}
     if not metrics:
         raise FlaxdoseError("calibration needs at least 2 held-out plans with a reference dose (better 10 or more)")
+    if len(references) < MIN_CALIBRATION_PLANS:
+        log.warning("%s: the bands are wide and their coverage uncertain", few_plans(len(references)))
     return Calibration(metrics, tuple(members), tuple(r.case_id for r in references), note)
+
+
+def few_plans(n: int) -> str:
+    """The warning for a calibration on fewer than `MIN_CALIBRATION_PLANS` plans."""
+    return (f"calibrated on {n} held-out plans, fewer than {MIN_CALIBRATION_PLANS}; calibrate on "
+            f"{MIN_CALIBRATION_PLANS} or more for bands to rely on")
 
 
 def check_held_out(workdirs: Iterable[str | Path], references: Sequence[Case]) -> None:
@@ -478,6 +492,8 @@ def markdown(info: dict, figures: Mapping[str, str], skipped: Sequence[str]) -> 
              f"({info['calibration_note'] or 'no note'}). Flag: an OAR Dmean/D2 above its band, or PTV D95/D98 below, "
              f"by more than {info['tolerance_gy']:g} Gy. Method: flaxdose/planqa.py, docs/plan_qa.md.", "",
              f"**{info['num_flagged']} of {info['num_plans']} plans flagged.**", ""]
+    if info["calibration_cases"] < MIN_CALIBRATION_PLANS:
+        lines += [f"**Warning: {few_plans(info['calibration_cases'])}.**", ""]
     if skipped:
         lines += [f"Not checked (no dose): {', '.join(skipped)}.", ""]
     if info["num_flagged"]:

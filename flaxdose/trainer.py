@@ -227,6 +227,11 @@ def _flag(key: str, value) -> str:
     return shlex.quote(f"--config.{key}={value}")
 
 
+def _shown(settings: dict, key: str) -> str:
+    """A setting of `optimisation_settings` for a message: its value, or "not used" (by that run's schedule or mode)."""
+    return repr(settings[key]) if key in settings else "not used"
+
+
 def _dotted(values: dict, key: str):
     """``values["data"]["flip_lr"]`` for "data.flip_lr" (None where absent)."""
     for part in key.split("."):
@@ -272,7 +277,7 @@ def check_workdir(workdir: Path, config) -> list[str]:
         stored = " ".join(_flag(k, old[k]) for k in changed if old.get(k) is not None)
         raise FlaxdoseError(
             f"workdir {workdir} holds checkpoints trained with other settings "
-            f"({'; '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in changed)}): resuming would "
+            f"({'; '.join(f'{k}: {_shown(old, k)} there vs {_shown(new, k)} now' for k in changed)}): resuming would "
             f"change the learning-rate schedule, the loss or the patches drawn mid-run; use a new --workdir, or resume with the stored "
             f"settings ({stored or 'see ' + str(saved)})"
         )
@@ -513,10 +518,9 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         start, total = int(host.step), config.train.steps
         if run.meta:
             log.info("transfer: %s", run.meta)
-        log.info(
-            "training %s parameters on %d devices, %d train / %d val cases, steps %d..%d",
-            f"{count_params(host.params):,}", len(devices), n_train, len(val_cases), start, total,
-        )
+        steps = f"steps {start + 1}..{total}" if start < total else f"nothing to train (already at step {start})"
+        log.info("training %s parameters on %d devices, %d train / %d val cases, %s",
+                 f"{count_params(host.params):,}", len(devices), n_train, len(val_cases), steps)
         def validate(state) -> float:
             # The evaluation's own inference (sliding windows, clipping, dose region), so `best` is
             # the checkpoint evaluation would rank best.

@@ -50,7 +50,8 @@ def test_config_names_become_paths_on_the_command_line():
 @pytest.mark.parametrize("args, message", [
     (["--config=nope"], "unknown config 'nope'"),
     (["--config.train.steps=ten"], "ten"),
-    (["--config.train.stepz=3"], "stepz"),
+    (["--config.train.stepz=3"], "unknown config setting 'stepz' in --config.train.stepz"),
+    (["--config.trian.steps=3"], "unknown config setting 'trian' in --config.trian.steps"),
     (["--workdir"], "workdir"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, message, tmp_path):
@@ -103,3 +104,14 @@ def test_require_names_every_missing_flag_and_what_it_is_for():
         cli.require("usage: x --workdir W --out R", workdir=("runs/a", "the run"), out=("", "the report folder"),
                     data=(None, "the dataset"))
     assert str(e.value) == "missing --out (the report folder), --data (the dataset); usage: x --workdir W --out R"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    script = ("from flaxdose import cli\n"
+              "def main(argv):\n"
+              "    raise KeyboardInterrupt\n"
+              "cli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("flaxdose: interrupted") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

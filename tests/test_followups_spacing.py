@@ -140,14 +140,16 @@ def fake_run(workdir: Path, config) -> Path:
     return workdir
 
 
-def test_the_same_command_resumes_and_other_settings_are_refused(trained):
+def test_the_same_command_resumes_and_other_settings_are_refused(trained, caplog):
     from conftest import tiny_config
 
     workdir, _ = trained
     stored = json.loads((workdir / "config.json").read_text())["train"]
     assert (stored["warmup_steps"], stored["decay_steps"]) == (3, 1)
     before = (workdir / "config.json").read_text()
-    assert trainer.train_and_evaluate(tiny_config(**WSD), workdir)["step"] == 4  # same command: resumes (finished)
+    with caplog.at_level("INFO", logger="flaxdose"):
+        assert trainer.train_and_evaluate(tiny_config(**WSD), workdir)["step"] == 4  # same command: resumes (finished)
+    assert "nothing to train (already at step 4)" in caplog.text and "steps 5..4" not in caplog.text
     with pytest.raises(FlaxdoseError) as e:
         trainer.train_and_evaluate(tiny_config(**{**WSD, "train.steps": 8}), workdir)
     # 8 steps: warmup 3 + decay 250 > 8 -> warmup 3 kept, decay 8 - 3 = 5
@@ -174,6 +176,9 @@ def test_each_optimisation_setting_is_compared(tmp_path):
                        ("train.schedule", "warmup_cosine"), ("train.target_weight", 1.0), ("transfer.mode", "full")):
         with pytest.raises(FlaxdoseError, match=rf"{key}: .* there vs {value!r} now"):
             trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, key: value}))
+    with pytest.raises(FlaxdoseError) as e:  # the constant run has no warmup: "not used", not None
+        trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "train.schedule": "warmup_cosine"}))
+    assert "train.warmup_steps: not used there vs" in str(e.value) and "None" not in str(e.value)
     cosine = tiny_config(**cosine_settings())
     workdir = fake_run(tmp_path / "c", cosine)
     for key, value in (("train.steps", 40), ("train.warmup_steps", 6), ("train.end_lr_fraction", 0.1)):

@@ -249,3 +249,19 @@ def test_calibration_on_a_members_training_plans_is_refused(members, qa_data):
     assert len(seen) == 8  # tiny_config's n_train: training and validation plans
     with pytest.raises(FlaxdoseError, match="trained on"):
         planqa.check_held_out(members, [*references, dataset.load(seen[-1])])
+
+
+def test_a_calibration_on_fewer_than_10_plans_is_warned_about(anatomy, caplog):
+    def calibrate(n):
+        refs = [uniform_plan(anatomy, 20.0 + i, f"cal{i}") for i in range(n)]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="flaxdose.planqa"):
+            planqa.calibrate_predictions([fixed_prediction(anatomy, [19.0, 21.0]) for _ in refs], refs, ("a", "b"))
+        return caplog.text
+
+    assert "calibrated on 4 held-out plans, fewer than 10" in calibrate(4)
+    assert "fewer than" not in calibrate(10)
+    info = {"level": 0.95, "note": "", "members": ["a", "b"], "calibration_cases": 4, "calibration_note": "",
+            "tolerance_gy": 1.0, "num_flagged": 0, "num_plans": 0, "inside_band": {}, "plans": []}
+    assert "**Warning: calibrated on 4 held-out plans" in planqa.markdown(info, {}, [])
+    assert "Warning" not in planqa.markdown({**info, "calibration_cases": 12}, {}, [])
