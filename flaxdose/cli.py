@@ -18,6 +18,7 @@ traceback).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -88,6 +89,7 @@ def _unknown_setting(error: BaseException, argv: Sequence[str]) -> str:
     described = _describe(error)
     name = described.split()[0].strip("'\"") if described else "?"
     hint = described[len(described.split()[0]):].strip() if described else ""
+    hint = hint[:1].lower() + hint[1:]  # "Did you mean ..." mid-sentence
     used = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
     where = [a for a in used if name in a.removeprefix("--").split(".")] or used
     return (f"unknown config setting {name!r} in {', '.join(where) or 'the flags'}"
@@ -166,9 +168,13 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         _fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was
         _close_bars()
-        print("flaxdose: interrupted; what was complete is kept (checkpoints and files are written whole), "
-              "and re-running the same command resumes a training run from its last checkpoint", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        print("flaxdose: interrupted; nothing half-written is left (checkpoints, datasets and files are written "
+              "whole or not at all), and re-running the same command resumes a training run from its last "
+              "checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: XLA's compiler and orbax's writer threads may still run, and tearing the
+        # interpreter down under them can segfault (seen on a Ctrl-C during compilation).
+        os._exit(INTERRUPTED)
     except OSError as e:  # a path that cannot be created, read or written: the user's to fix, not a crash
         where = f": {e.filename}" if e.filename else ""
         _fail(f"{e.strerror or e}{where}; check that the path exists, is a folder where one is expected, "

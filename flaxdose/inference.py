@@ -476,7 +476,8 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     from flaxdose.dicom import read_rt
 
     if not Path(patient_dir).is_dir():  # before any log line says it is being read
-        raise FlaxdoseError(f"the DICOM export {patient_dir} is not a folder; give the folder of one patient's "
+        problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
+        raise FlaxdoseError(f"the DICOM export {patient_dir} {problem}; give the folder of one patient's "
                             "CT, RTSTRUCT and RTPLAN files")
     models = list(models)
     shape, spacing = dicom_grid(m.train_spacing_mm for m in models)

@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from flaxdose.data.case import BODY
+from flaxdose.io import atomic_file
 from flaxdose.metrics import cumulative_dvh
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -40,7 +41,8 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with atomic_file(path, "wb") as f:  # an interrupted save leaves the old figure or none, never half a PNG
+        fig.savefig(f, format="png", bbox_inches="tight")
     return path
 
 

@@ -543,7 +543,7 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         if close:
             close()
     result = {**run.last, "best_val_loss": run.ckpt.best_val}
-    if val_cases and start < total and primary:
+    if val_cases and primary and (start < total or not (workdir / "preview.png").is_file()):  # also after an interrupted end
         model = Model.from_config(config, unreplicate(state.params), name="prediction")
         result["preview"] = str(write_preview(workdir, model, val_cases[0]))
     return result

@@ -147,9 +147,12 @@ def test_the_same_command_resumes_and_other_settings_are_refused(trained, caplog
     stored = json.loads((workdir / "config.json").read_text())["train"]
     assert (stored["warmup_steps"], stored["decay_steps"]) == (3, 1)
     before = (workdir / "config.json").read_text()
+    assert (workdir / "preview.png").is_file()
+    (workdir / "preview.png").unlink()  # as a Ctrl-C just after the last step leaves it
     with caplog.at_level("INFO", logger="flaxdose"):
         assert trainer.train_and_evaluate(tiny_config(**WSD), workdir)["step"] == 4  # same command: resumes (finished)
     assert "nothing to train (already at step 4)" in caplog.text and "steps 5..4" not in caplog.text
+    assert (workdir / "preview.png").is_file()  # written again
     with pytest.raises(FlaxdoseError) as e:
         trainer.train_and_evaluate(tiny_config(**{**WSD, "train.steps": 8}), workdir)
     # 8 steps: warmup 3 + decay 250 > 8 -> warmup 3 kept, decay 8 - 3 = 5

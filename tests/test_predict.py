@@ -150,10 +150,11 @@ def test_implausible_predictions_are_flagged_not_silent(workdir, caplog):
     assert "cGy" in cgy.meta["prediction_warning"]
 
 
-@pytest.mark.parametrize("make", [lambda p: p / "nonesuch", lambda p: (p / "a.dcm").write_bytes(b"x") and p / "a.dcm"])
-def test_a_dicom_export_that_is_not_a_folder_is_refused_before_it_is_read(make, tmp_path, caplog):
+@pytest.mark.parametrize("make, problem", [(lambda p: p / "nonesuch", "does not exist"),
+                                           (lambda p: (p / "a.dcm").write_bytes(b"x") and p / "a.dcm", "is not a folder")])
+def test_a_dicom_export_that_is_not_a_folder_is_refused_before_it_is_read(make, problem, tmp_path, caplog):
     from flaxdose.inference import read_dicom_case
 
-    with caplog.at_level("INFO", logger="flaxdose"), pytest.raises(FlaxdoseError, match="is not a folder"):
+    with caplog.at_level("INFO", logger="flaxdose"), pytest.raises(FlaxdoseError, match=problem):
         read_dicom_case([], make(tmp_path))
     assert "reading" not in caplog.text
