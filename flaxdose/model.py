@@ -50,7 +50,8 @@ class UNetSpec:
         if self.groups < 1:
             raise FlaxdoseError(f"model.groups must be >= 1, got {self.groups}")
         if len(self.features) < 2:
-            raise FlaxdoseError(f"model.features needs at least 2 levels, got {self.features}")
+            raise FlaxdoseError(f"model.features needs at least 2 levels (channels per level), got {self.features}; "
+                                "on the command line write a tuple, e.g. '--config.model.features=(8,16,32)'")
         bad = [f for f in self.features if f % self.groups]
         if bad:
             raise FlaxdoseError(

@@ -73,6 +73,8 @@ def test_bad_specs_raise_flaxdose_error():
         UNetSpec.from_config({"featurs": (8, 16), "groups": 4})
     with pytest.raises(FlaxdoseError, match="divisible"):
         UNetSpec(features=(6, 12), groups=4)
+    with pytest.raises(FlaxdoseError, match=r"at least 2 levels.*--config.model.features=\(8,16,32\)"):
+        UNetSpec(features=(8,), groups=4)
     with pytest.raises(FlaxdoseError, match="norm_order"):
         UNetSpec(norm_order="sideways")
     with pytest.raises(FlaxdoseError, match="unknown model preset"):
