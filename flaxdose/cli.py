@@ -78,17 +78,21 @@ _HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--he
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # config_flags' way of saying "no such setting"
-        _fail(_unknown_setting(e, argv))
     except _FLAG_ERRORS as e:
-        _fail(f"{_describe(e)} (see --help)")
+        _fail(_flag_error(e, argv))
+
+
+def _flag_error(error: BaseException, argv: Sequence[str]) -> str:
+    """The one-line message for a flag or ``--config.*`` override that could not be parsed."""
+    if isinstance(error, (KeyError, AttributeError)):  # config_flags' way of saying "no such setting"
+        return _unknown_setting(error, argv)
+    return f"{_describe(error)} (see --help)"
 
 
 def _unknown_setting(error: BaseException, argv: Sequence[str]) -> str:
     """'unknown config setting ...' naming the ``--config.a.b`` flag(s) with the unknown key."""
-    described = _describe(error)
-    name = described.split()[0].strip("'\"") if described else "?"
-    hint = described[len(described.split()[0]):].strip() if described else ""
+    name, _, hint = _describe(error).partition(" ")
+    name = name.strip("'\"") or "?"
     hint = hint[:1].lower() + hint[1:]  # "Did you mean ..." mid-sentence
     used = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
     where = [a for a in used if name in a.removeprefix("--").split(".")] or used
@@ -154,10 +158,8 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         if define_flags is not None:
             try:
                 define_flags()
-            except (KeyError, AttributeError) as e:
-                _fail(_unknown_setting(e, sys.argv))
             except _FLAG_ERRORS as e:
-                _fail(f"{_describe(e)} (see --help)")
+                _fail(_flag_error(e, sys.argv))
             show_in_help(main.__module__)
         app.run(quiet_main, flags_parser=_parse_flags)
     except SystemExit as e:
