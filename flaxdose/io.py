@@ -5,6 +5,13 @@ Every writer stages its output beside the target under a hidden name that names 
 outright (`kill -9`, a power cut) cannot clean up, so each writer first removes the stale
 staging of its own target: names of exactly that pattern whose owner ran on this host and
 is no longer alive. A live writer's staging, another host's, and any other name are kept.
+
+Replacing a folder (`atomic_folder(..., overwrite=True)`) swaps through renames: the old folder
+is renamed to `.NAME.previous.HOST.PID.RANDOM`, the new one into place, then the old one is
+removed. At every moment one complete copy exists under one of those names: interrupted
+between the renames (Ctrl-C, an exception) the old folder is renamed back; killed there
+(`kill -9`), the next writer of the same target renames a dead writer's previous copy back when
+the target is missing (and removes it when the target is there).
 """
 
 from __future__ import annotations
@@ -77,6 +84,35 @@ def _stale_staging(target: Path) -> list[Path]:
     return removed
 
 
+def _previous_name(target: Path) -> Path:
+    """Where `atomic_folder` parks the folder it replaces: `.NAME.previous.HOST.PID.RANDOM` beside it."""
+    return target.parent / f".{target.name}.previous.{_host()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def _restore_previous(target: Path) -> list[Path]:
+    """A dead writer's parked previous copy of `target`: renamed back when `target` is missing (a swap
+    killed between its two renames), removed when `target` exists (killed after them). The paths handled."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.previous\.{re.escape(_host())}\.(\d+)\.[0-9a-f]{{8}}")
+    try:
+        names = sorted(os.listdir(target.parent))
+    except OSError:
+        return []
+    handled = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _owner_alive(int(match.group(1))):
+            continue
+        path = target.parent / name
+        if not target.exists() and not target.is_symlink():
+            os.replace(path, target)
+            log.warning("restored %s from %s: a writer that was replacing it was killed between its two renames",
+                        target, name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        handled.append(path)
+    return handled
+
+
 def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
     """Remove the hidden staging folders and files of `target` whose writer was killed; the removed paths.
 
@@ -84,7 +120,7 @@ def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
     process PID is no longer running are removed; one INFO line on the "flaxdose" logger lists them.
     Every writer of this module calls it first.
     """
-    removed = _stale_staging(Path(target))
+    removed = _restore_previous(Path(target)) + _stale_staging(Path(target))
     if removed:
         log.info("removed %d staging folder(s)/file(s) left by interrupted writers of %s: %s",
                  len(removed), target, ", ".join(p.name for p in removed))
@@ -147,20 +183,34 @@ def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[
 
     On any error (or interruption) the temporary folder is removed and `root` is untouched;
     one left by a killed process is removed by the next writer of `root` (`remove_stale_staging`).
+    An existing `root` is replaced by renames (module docstring): the old folder is parked under
+    a hidden name, the new one renamed into place, then the old one removed; an interruption
+    between the renames renames the old folder back, so one complete copy always exists.
     Raises FlaxdoseError up front when `root` holds files and not `overwrite` (`check_writable`).
     """
     root = Path(root)
     check_writable(root, overwrite)
     tmp = new_staging(root, folder=True)
+    previous = None
     try:
         yield tmp
-        if root.exists():
-            shutil.rmtree(root)
         _publish_mode(tmp, folder=True)
+        if root.exists() or root.is_symlink():
+            previous = _previous_name(root)
+            os.replace(root, previous)
         os.replace(tmp, root)
     except BaseException:
+        if previous is not None and previous.exists() and not (root.exists() or root.is_symlink()):
+            os.replace(previous, root)  # interrupted between the renames: the old folder back
+            previous = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            if previous.is_dir() and not previous.is_symlink():
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                previous.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

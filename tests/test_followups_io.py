@@ -179,3 +179,58 @@ def test_failure_list_names_a_shared_reason_once():
     assert failure_list(failed) == "cases a, b: case <case> has voxel spacing 4x4x3 mm; case c: no PTV"
     many = {str(i): "no PTV" for i in range(7)}
     assert failure_list(many) == "cases 0, 1, 2, 3, 4 and 2 more: no PTV"
+
+
+def _fill(folder, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(f"{text} {name}")
+
+
+def _contents(folder):
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_overwrite_interrupted_between_the_two_renames_keeps_one_complete_copy(tmp_path, monkeypatch, pids):
+    """--overwrite swaps through renames (issue 30): a Ctrl-C between 'old -> parked' and 'new -> final'
+    puts the old folder back; a writer killed there (kill -9: no handler runs) leaves the parked old copy,
+    which the next writer renames back before it writes."""
+    import flaxdose.io as io
+
+    root = tmp_path / "out"
+    _fill(root, "old")
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append((os.path.basename(src), os.path.basename(dst)))
+        if len(calls) == 2:  # the second rename: the new folder into place
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_folder(root, overwrite=True) as tmp:
+        _fill(tmp, "new")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert calls[0][0] == "out" and ".out.previous." in calls[0][1] and calls[1][1] == "out"
+    assert _contents(root) == {"a.txt": "old a.txt", "b.txt": "old b.txt"}  # the old copy, complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else left behind
+
+    # killed between the renames: simulate with a parked copy owned by a dead process, no target
+    dead, _ = pids
+    root.rename(tmp_path / f".out.previous.{HOST}.{dead}.0123abcd")
+    (tmp_path / f".out.staging.{HOST}.{dead}.89abcdef").mkdir()  # its finished new copy, never renamed in
+    assert not root.exists()
+    with atomic_folder(root, overwrite=True) as tmp:
+        assert _contents(root) == {"a.txt": "old a.txt", "b.txt": "old b.txt"}  # restored before writing
+        _fill(tmp, "newer")
+    assert _contents(root) == {"a.txt": "newer a.txt", "b.txt": "newer b.txt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    # killed after the second rename: the parked old copy is removed, the target kept
+    _fill(tmp_path / f".out.previous.{HOST}.{dead}.0123abcd", "old")
+    atomic_write_text(tmp_path / "other.txt", "x")  # another target's writer touches nothing
+    with atomic_folder(root, overwrite=True) as tmp:
+        assert _contents(root)["a.txt"] == "newer a.txt"
+        _fill(tmp, "newest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "out"]
+    assert _contents(root)["b.txt"] == "newest b.txt"
