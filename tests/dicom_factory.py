@@ -398,3 +398,26 @@ def contour_item(points, kind="CLOSED_PLANAR"):
     item.NumberOfContourPoints = len(points)
     item.ContourData = [f"{v:.6f}" for v in np.asarray(points, float).ravel()]
     return item
+
+
+# --------------------------------------------------------------------------- second round (issue 25)
+def reencode(path, syntax):
+    """Rewrite a file in transfer syntax `syntax` (pydicom UID): implicit/explicit VR, big endian (pixel
+    bytes swapped as the standard says), deflated, or RLE Lossless (16-bit images only)."""
+    from pydicom.uid import ExplicitVRBigEndian, RLELossless
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array if "PixelData" in ds else None
+    if syntax == RLELossless:
+        if arr is not None and ds.BitsAllocated <= 16:
+            ds.compress(RLELossless, arr)
+            ds.save_as(path, enforce_file_format=True)
+        return
+    if syntax == ExplicitVRBigEndian:
+        if arr is not None:
+            ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+        ds.file_meta.TransferSyntaxUID = syntax
+        pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+        return
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)

@@ -10,7 +10,8 @@ there. `file_damage` finds such files cheaply, without decoding pixel data:
   (StructureSetROISequence, ROIContourSequence; PS3.3 C.8.8.5, C.8.8.6);
 - the encoding (PS3.5 section 7): every data element's value, and every sequence and item of
   undefined length up to its delimiter, lies inside the file, and the file ends where its last
-  element ends (values of defined length are skipped, never read);
+  element ends (values of defined length are skipped, never read); a deflated file is walked
+  inflated, a big-endian one in its byte order;
 - pixel data: a CT holds PixelData, an RTDOSE whose header describes an image (Rows) holds
   it, and native (uncompressed) PixelData holds at least Rows x Columns x SamplesPerPixel x
   NumberOfFrames x BitsAllocated / 8 bytes.
@@ -116,9 +117,7 @@ class _Walk:
 
     def file(self) -> None:
         """The whole file: File Meta (explicit VR little endian, PS3.10 7.1), then the dataset to its end."""
-        pos = 132 if self.buf[128:132] == b"DICM" else 0
-        while self.size - pos >= 8 and struct.unpack_from("<H", self.buf, pos)[0] == 2:
-            pos = self.element(pos, implicit=False, little=True)
+        pos = _meta_end(self.buf)
         implicit = self.found_implicit(pos, self.implicit)
         while pos < self.size:
             if self.size - pos < 8 and not any(self.buf[pos:]):
@@ -126,26 +125,65 @@ class _Walk:
             pos = self.element(pos, implicit, self.little, top=True)
 
 
+def _meta_end(buf) -> int:
+    """The position after the File Meta group (explicit VR little endian, PS3.10 7.1)."""
+    walk = _Walk(buf, implicit=False, little=True)
+    pos = 132 if buf[128:132] == b"DICM" else 0
+    while walk.size - pos >= 8 and struct.unpack_from("<H", buf, pos)[0] == 2:
+        pos = walk.element(pos, implicit=False, little=True)
+    return pos
+
+
+def _inflated(path: Path) -> bytes:
+    """A deflated file (PS3.5 A.5) as it reads once inflated: its File Meta, then the raw-deflated dataset."""
+    import zlib
+
+    raw = Path(path).read_bytes()
+    start = _meta_end(raw)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflate.decompress(raw[start:]) + inflate.flush()
+    except zlib.error as e:
+        raise _Cut(f"its deflated dataset does not inflate ({e})") from None
+    if not inflate.eof:
+        raise _Cut("its deflated dataset ends before the end of its compressed stream")
+    return raw[:start] + body
+
+
+def _walk_file(path: Path, implicit: bool, little: bool, deflated: bool) -> int | None:
+    """Walk the encoding (inflated first when deflated); the top-level PixelData length (None if absent)."""
+    if deflated:
+        walk = _Walk(_inflated(path), implicit, little)
+        walk.file()
+        return walk.pixel_length
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        walk = _Walk(buf, implicit, little)
+        walk.file()
+        return walk.pixel_length
+
+
 def _encoding_cut(path: Path, ds) -> tuple[str | None, int | None]:
-    """(why the encoding is cut or broken, or None; the top-level PixelData's length, None if absent)."""
+    """(why the encoding is cut or broken, or None; the top-level PixelData's length, None if absent).
+
+    Every transfer syntax pydicom reads is walked: implicit and explicit VR, little and big
+    endian, encapsulated pixel data, and deflated files once inflated (their compressed bytes
+    are no DICOM encoding).
+    """
     try:
         syntax = ds.file_meta.TransferSyntaxUID
-        if not syntax.is_transfer_syntax or syntax.is_deflated:
-            return None, None  # unknown or deflated encoding: pydicom's reading is all we have
-        implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+        if not syntax.is_transfer_syntax:
+            return None, None  # an unknown encoding: pydicom's reading is all we have
+        implicit, little, deflated = syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
     except (AttributeError, ValueError):
         return None, None
     if Path(path).stat().st_size == 0:
         return "the file is empty", None
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        walk = _Walk(buf, implicit, little)
-        try:
-            walk.file()
-        except _Cut as e:
-            return f"cut short or damaged: {e}", None
-        except (struct.error, RecursionError):
-            return "its encoding is damaged", None
-        return None, walk.pixel_length
+    try:
+        return None, _walk_file(Path(path), implicit, little, deflated)
+    except _Cut as e:
+        return f"cut short or damaged: {e}", None
+    except (struct.error, RecursionError):
+        return "its encoding is damaged", None
 
 
 def _pixel_bytes(ds) -> int | None:

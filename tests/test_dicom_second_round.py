@@ -1,0 +1,67 @@
+"""Clinical import you can trust, second round (issue 25): exports shaped like those in public bug
+reports of RT tools, each checked against values computed here (the factory's analytic phantom,
+hand arithmetic), never read back from flaxdose."""
+
+import shutil
+
+import dicom_factory as F
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from flaxdose.dicom import import_dicom, read_rt, scan
+from flaxdose.errors import FlaxdoseError
+
+
+def copy_export(export, dest, skip=()):
+    shutil.copytree(export["folder"], dest, ignore=shutil.ignore_patterns(*skip))
+    return {**export, "folder": dest, "struct": dest / "RS.dcm", "plan": dest / "RP.dcm", "dose": dest / "RD.dcm"}
+
+
+def true_dose_on(case, scale=1.0):
+    return scale * F.true_dose(*np.meshgrid(*F.coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij"))
+
+
+def stored_hu(case):
+    """The CT numbers the factory stores at the case's voxel centres (HU + 1024 as uint16, minus 1024)."""
+    X, _, _ = np.meshgrid(*F.coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij")
+    body = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape, ["Body"])["Body"]
+    return (np.where(body, 40.0, -1000.0) + 0.5 * X + 1024).astype("<u2").astype(np.float32) - 1024
+
+
+# ------------------------------------------------------------ 11. every transfer syntax pydicom reads
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                                    DeflatedExplicitVRLittleEndian, RLELossless], ids=lambda s: s.name)
+def test_every_transfer_syntax_pydicom_reads_imports_the_same_case(rt_export_ct, tmp_path, syntax):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    for path in export["folder"].iterdir():
+        F.reencode(path, syntax)
+    assert pydicom.dcmread(export["dose"]).file_meta.TransferSyntaxUID in (syntax, ExplicitVRLittleEndian)
+    files, damaged = scan(export["folder"])
+    assert damaged == [] and len(files) == F.CT_SHAPE_XYZ[2] + 3
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    np.testing.assert_array_equal(case.ct, stored_hu(case))
+    X, Y, _ = np.meshgrid(*F.coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij")
+    lo = np.array(F.DOSE_ORIGIN)
+    hi = lo + (np.array(F.DOSE_SHAPE_XYZ) - 1) * F.DOSE_SPACING
+    inside = (X >= lo[0]) & (X <= hi[0]) & (Y >= lo[1]) & (Y <= hi[1])
+    true = true_dose_on(case)
+    assert np.abs(case.dose - true)[inside].max() <= 0.005 * true.max()
+
+
+def test_a_deflated_file_cut_short_is_still_damaged(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
+    F.reencode(export["struct"], DeflatedExplicitVRLittleEndian)
+    data = export["struct"].read_bytes()
+    export["struct"].write_bytes(data[: len(data) - 200])  # the compressed stream loses its end
+    _, damaged = scan(export["folder"])
+    assert [p.split("/")[-1] for p, _ in damaged] == ["RS.dcm"]
+    with pytest.raises(FlaxdoseError, match="RS.dcm"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
