@@ -421,3 +421,13 @@ def reencode(path, syntax):
         return
     ds.file_meta.TransferSyntaxUID = syntax
     ds.save_as(path, enforce_file_format=True)
+
+
+def rename_roi(path, old, new, charset=None):
+    """Rename ROI `old` of the RTSTRUCT at `path` to `new` (SpecificCharacterSet `charset` when given,
+    e.g. "ISO_IR 192" for UTF-8 names as written)."""
+    ds = pydicom.dcmread(path)
+    if charset:
+        ds.SpecificCharacterSet = charset
+    next(r for r in ds.StructureSetROISequence if r.ROIName == old).ROIName = new
+    ds.save_as(path)

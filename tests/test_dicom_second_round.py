@@ -16,8 +16,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from flaxdose.dicom import import_dicom, read_rt, scan
+from flaxdose.dicom import AliasTable, import_dicom, read_rt, scan
 from flaxdose.errors import FlaxdoseError
+from flaxdose.metrics import dice
 
 
 def copy_export(export, dest, skip=()):
@@ -65,3 +66,24 @@ def test_a_deflated_file_cut_short_is_still_damaged(rt_export, tmp_path):
     assert [p.split("/")[-1] for p, _ in damaged] == ["RS.dcm"]
     with pytest.raises(FlaxdoseError, match="RS.dcm"):
         read_rt(export["folder"], structures=F.STRUCTURES)
+
+
+# ------------------------------------------------------------ 8. ROI names in another Unicode form
+NFC_NAME, NFD_NAME = "Harnblase \u00fcberf\u00fcllt", "Harnblase u\u0308berfu\u0308llt"  # as macOS writes it
+
+
+@pytest.mark.parametrize("roi_name,charset,alias", [(NFC_NAME, "ISO_IR 100", NFD_NAME),
+                                                    (NFD_NAME, "ISO_IR 192", NFC_NAME)], ids=["alias NFD", "ROI NFD"])
+def test_roi_aliases_match_in_any_unicode_normalization_form(rt_export, tmp_path, roi_name, charset, alias):
+    assert roi_name != alias and len(NFD_NAME) == len(NFC_NAME) + 2  # two combining diaereses
+    export = copy_export(rt_export, tmp_path / "p")
+    F.rename_roi(export["struct"], "BLADDER", roi_name, charset)
+    assert pydicom.dcmread(export["struct"]).StructureSetROISequence[1].ROIName == roi_name  # stored as given
+    with pytest.raises(FlaxdoseError, match="Bladder: no ROI matches"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+    aliases_file = tmp_path / "aliases.json"
+    aliases_file.write_text('{"Bladder": ["%s"]}' % alias, encoding="utf-8")
+    case = read_rt(export["folder"], structures=F.STRUCTURES, aliases=AliasTable.from_file(aliases_file))
+    assert case.meta["structure_rois"]["Bladder"] == roi_name
+    truth = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape, ["Bladder"])["Bladder"]
+    assert dice(case.mask("Bladder"), truth) >= 0.97

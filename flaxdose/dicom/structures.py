@@ -1,7 +1,8 @@
 """Structure-name aliases: map the ROI names of a clinical RTSTRUCT onto the model's structures.
 
-Names are compared after normalization: lower case, with spaces, underscores, hyphens and
-dots removed, so ``"Femur Head L"``, ``"femur_head_l"`` and ``"FEMUR-HEAD-L"`` are one name.
+Names are compared after normalization: Unicode NFC (macOS writes "ü" as "u" + U+0308, most
+planning systems as one character), case-folded, with spaces, underscores, hyphens and dots
+removed, so ``"Femur Head L"``, ``"femur_head_l"`` and ``"FEMUR-HEAD-L"`` are one name.
 
 Matching one canonical structure against the ROIs of a structure set, in order:
 1. user aliases (from ``--aliases FILE``), exact normalized names;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,8 @@ from flaxdose.errors import FlaxdoseError
 
 
 def normalize(name: str) -> str:
-    """Case-, space- and separator-insensitive form of an ROI name."""
-    return re.sub(r"[\s_\-.]+", "", str(name).lower())
+    """Unicode-form-, case-, space- and separator-insensitive form of an ROI name."""
+    return re.sub(r"[\s_\-.]+", "", unicodedata.normalize("NFC", str(name)).casefold())
 
 
 def _femur(side_words: Sequence[str]) -> list[str]:
