@@ -159,12 +159,23 @@ def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, dose_gy: Sequence[float] 
 #   voxels), the prediction masked by the possible-dose mask first (the challenge's prediction
 #   code saves it masked); the dataset's dose score is the mean over patients.
 # - DVH score: the mean absolute difference over every (patient, ROI, metric) pooled together
-#   (np.nanmean over the whole table), not a mean of per-patient means.
+#   (the mean over the whole table), not a mean of per-patient means. A NaN or infinite voxel in a
+#   scored dose is refused (FlaxdoseError), never averaged away.
 OPENKBP_OAR_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
 OPENKBP_TARGET_NAMES = ("PTV56", "PTV63", "PTV70")
 OPENKBP_OAR_METRICS = ("D_0.1_cc", "mean")
 OPENKBP_TARGET_METRICS = ("D_99", "D_95", "D_1")
 _OPENKBP_TARGET_PERCENTILES = {"D_99": 1.0, "D_95": 5.0, "D_1": 99.0}
+
+
+def _finite(volume: np.ndarray, what: str) -> None:
+    """Refuse NaN or inf in a dose that is scored: a NaN voxel would drop out of a mean (a better
+    score) or poison it, and nanmean would drop a whole structure."""
+    bad = ~np.isfinite(volume)
+    if bad.any():
+        raise FlaxdoseError(f"{what} holds {int(bad.sum())} NaN or infinite voxel(s) (first at index "
+                            f"{tuple(int(i) for i in np.argwhere(bad)[0])}); a dose is scored only when every voxel "
+                            "is a number: fix or rerun the prediction that wrote it")
 
 
 def openkbp_dvh_metrics(
@@ -185,6 +196,7 @@ def openkbp_dvh_metrics(
     if masks.ndim != 4 or masks.shape[0] != len(structures):
         raise FlaxdoseError(f"masks must be (S, X, Y, Z) with S = {len(structures)}, got {masks.shape}")
     _same_grid(dose, masks[0], "openkbp_dvh_metrics")
+    _finite(dose, "the dose for the OpenKBP DVH metrics")
     voxel_mm3 = float(np.prod(voxel_dimensions_mm))
     if not voxel_mm3 > 0:
         raise FlaxdoseError(f"voxel dimensions must be positive, got {list(voxel_dimensions_mm)}")
@@ -213,6 +225,8 @@ def openkbp_dose_score(pred: np.ndarray, ref: np.ndarray, possible_dose_mask: np
     mask = np.asarray(possible_dose_mask, bool)
     _same_grid(pred, ref, "openkbp_dose_score")
     _same_grid(pred, mask, "openkbp_dose_score possible-dose mask")
+    _finite(pred, "the predicted dose")
+    _finite(ref, "the reference dose")
     count = int(mask.sum())
     if count == 0:
         raise FlaxdoseError("the possible-dose mask is empty; the OpenKBP dose score is undefined")
@@ -264,8 +278,7 @@ def openkbp_scores(
         dose_score, ref_m, new_m = openkbp_case_scores(pred, ref, oars, targets)
         dose_scores.append(dose_score)
         differences += [abs(new_m[k] - ref_m[k]) for k in ref_m]
-    return {
-        "dose_score": float(np.mean(dose_scores)),
-        "dvh_score": float(np.nanmean(differences)) if differences else float("nan"),
-        "num_cases": len(references),
-    }
+    if not differences:
+        raise FlaxdoseError("no reference case has a voxel in an OAR or target; the OpenKBP DVH score is undefined")
+    return {"dose_score": float(np.mean(dose_scores)), "dvh_score": float(np.mean(differences)),
+            "num_cases": len(references)}

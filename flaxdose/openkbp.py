@@ -198,7 +198,8 @@ def write_openkbp_dose(dose: Case | np.ndarray, path: str | os.PathLike, possibl
     """Write an [x, y, z] dose as an OpenKBP submission CSV (`,data` + `index,value` rows).
 
     As the challenge's own code does, the dose is multiplied by the possible-dose mask
-    (taken from the Case, or given) and only non-zero voxels are written.
+    (taken from the Case, or given) and only non-zero voxels are written. A dose with NaN or
+    infinite voxels is refused (a NaN would read back as 0 Gy, an inf as "inf").
     """
     if isinstance(dose, Case):
         possible_dose_mask = dose.possible_dose_mask if possible_dose_mask is None else possible_dose_mask
@@ -206,6 +207,10 @@ def write_openkbp_dose(dose: Case | np.ndarray, path: str | os.PathLike, possibl
     dose = np.asarray(dose, np.float64)
     if dose.shape != OPENKBP_SHAPE:
         raise FlaxdoseError(f"an OpenKBP dose must be {OPENKBP_SHAPE}, got {dose.shape}")
+    bad = ~np.isfinite(dose)
+    if bad.any():
+        raise FlaxdoseError(f"the dose for {path} holds {int(bad.sum())} NaN or infinite voxel(s); nothing was "
+                            "written: fix or rerun the prediction that made it")
     if possible_dose_mask is not None:
         dose = dose * np.asarray(possible_dose_mask, bool)
     flat = to_openkbp(dose).ravel()
@@ -460,14 +465,16 @@ def score_predictions(predictions: Sequence[Case], references: Sequence[Case]) -
             raise FlaxdoseError(f"prediction {pred.case_id!r} is scored against {ref.case_id!r}; keep one order")
         dose_score, ref_m, new_m = openkbp_case_scores(pred.dose, ref)
         errors = [new_m[k] - ref_m[k] for k in ref_m]
-        patients.append({"case_id": ref.case_id, "dose_score": dose_score,
-                         "dvh_score": float(np.mean(np.abs(errors))) if errors else float("nan"),
+        patients.append({"case_id": ref.case_id, "dose_score": dose_score,  # no ROI voxels: no DVH score (None)
+                         "dvh_score": float(np.mean(np.abs(errors))) if errors else None,
                          "num_metrics": len(errors)})
         metrics += [{"case_id": ref.case_id, "roi": k.split(" ")[0], "metric": k.split(" ")[1],
                      "reference_gy": ref_m[k], "predicted_gy": new_m[k], "error_gy": e} for k, e in zip(ref_m, errors)]
+    if not metrics:
+        raise FlaxdoseError("no reference case has a voxel in an OAR or target; the OpenKBP DVH score is undefined")
     summary = {
         "dose_score": float(np.mean([p["dose_score"] for p in patients])),
-        "dvh_score": float(np.mean([abs(m["error_gy"]) for m in metrics])) if metrics else float("nan"),
+        "dvh_score": float(np.mean([abs(m["error_gy"]) for m in metrics])),
         "num_cases": len(patients),
     }
     return Scores(summary, patients, metrics)

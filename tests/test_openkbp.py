@@ -299,3 +299,58 @@ def test_a_cut_or_partial_dose_file_is_refused(tmp_path):
         read_openkbp_patient(cut)
     (cut / "dose.csv").write_bytes(full)
     assert read_openkbp_patient(cut).dose.max() > 0.5 * 70
+
+
+class _HandRef:
+    """A Case-like OpenKBP reference: one OAR and PTV70 on a 10 x 10 x 2 grid of 0.1 cc voxels."""
+
+    def __init__(self):
+        shape = (10, 10, 2)
+        self.dose = np.zeros(shape)
+        oar, target = np.zeros(shape, bool), np.zeros(shape, bool)
+        oar[0, :, 0] = True
+        self.dose[0, :, 0] = np.arange(10)
+        target[:, :, 1] = True
+        self.dose[:, :, 1] = np.arange(100).reshape(10, 10)
+        self.masks, self.structures = np.stack([oar, target]), ("SpinalCord", "PTV70")
+        self.spacing_mm, self.possible_dose_mask, self.case_id = (5.0, 5.0, 4.0), np.ones(shape, bool), "hand"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_prediction_is_never_scored(bad):
+    """Issue 25 item 10: one NaN voxel in PTV70 made nanmean drop the target, a better DVH score."""
+    ref = _HandRef()
+    pred = ref.dose + 1.0  # every metric 1 Gy off: DVH score 1.0, dose score 1.0 (by hand)
+    assert openkbp_scores([pred], [ref]) == pytest.approx({"dose_score": 1.0, "dvh_score": 1.0, "num_cases": 1})
+    pred[5, 5, 1] = bad  # inside PTV70
+    for score in (lambda: openkbp_scores([pred], [ref]),
+                  lambda: openkbp_dose_score(pred, ref.dose, ref.possible_dose_mask),
+                  lambda: openkbp_dvh_metrics(pred, ref.masks, ref.structures, ref.spacing_mm, OPENKBP_OARS,
+                                              OPENKBP_TARGETS),
+                  lambda: openkbp_dose_score(ref.dose, pred, ref.possible_dose_mask)):  # nor a reference
+        with pytest.raises(FlaxdoseError, match=r"1 NaN or infinite voxel\(s\) \(first at index \(5, 5, 1\)\)"):
+            score()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_prediction_is_never_written(tmp_path, bad):
+    dose = np.zeros(OPENKBP_SHAPE, np.float32)
+    dose[60:62, 60:62, 60:62] = 70.0  # 8 voxels
+    path = write_openkbp_dose(dose, tmp_path / "ok.csv")
+    rows = path.read_text().splitlines()
+    assert rows[0] == ",data" and len(rows) == 1 + 8 and all(r.endswith(",70") for r in rows[1:])
+    dose[61, 61, 61] = bad
+    with pytest.raises(FlaxdoseError, match=r"1 NaN or infinite voxel\(s\); nothing was written"):
+        write_openkbp_dose(dose, tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()
+    with pytest.raises(FlaxdoseError, match="NaN or infinite"):
+        write_submission([Case("pt_9", ("PTV70",), np.zeros((1, *OPENKBP_SHAPE), bool), dose, (1.0, 1.0, 1.0),
+                               (0.0, 0.0, 0.0), 70.0)], tmp_path / "submission")
+    assert not (tmp_path / "submission").exists()  # a refused submission leaves nothing
+
+
+def test_scores_without_any_roi_voxel_are_refused_not_nan():
+    ref = _HandRef()
+    ref.masks = np.zeros_like(ref.masks)
+    with pytest.raises(FlaxdoseError, match="DVH score is undefined"):
+        openkbp_scores([ref.dose], [ref])
