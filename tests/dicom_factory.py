@@ -303,13 +303,15 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
 
 
 def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_group=None, x_range=None, z_max=None,
-               shift=(0.0, 0.0, 0.0), plan_uid="export", dose_type="PHYSICAL"):
+               shift=(0.0, 0.0, 0.0), plan_uid="export", dose_type="PHYSICAL", bits=32, signed=False, edit=None):
     """Write `scale` x the true dose as an RTDOSE into the export's folder; returns its path.
 
     summation: DoseSummationType; beams / fraction_group: the ReferencedBeamSequence /
     ReferencedFractionGroupNumber under its ReferencedRTPlanSequence; x_range, z_max: crop the
     dose grid to x_range[0] <= x <= x_range[1] and z <= z_max (mm); shift: move the grid (mm);
-    plan_uid: the RTPLAN referenced ("export": the export's plan; None: none).
+    plan_uid: the RTPLAN referenced ("export": the export's plan; None: none). bits 16: unsigned
+    values up to 65000 x DoseGridScaling; signed: PixelRepresentation 1 on the same (unsigned) data, a
+    header that contradicts them. edit: a function called with the dataset before it is written.
     """
     xs, ys, zs = coords(np.add(DOSE_ORIGIN, shift), DOSE_SPACING, DOSE_SHAPE_XYZ)
     xs = xs if x_range is None else xs[(xs >= x_range[0]) & (xs <= x_range[1])]
@@ -319,7 +321,7 @@ def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_gro
     dz = dz if n[2] > 0 else dz[::-1]  # frames run along the normal
     X, Y, Z = np.meshgrid(col_x, row_y, dz, indexing="xy")  # (rows, cols, frames)
     dose = np.transpose(scale * true_dose(X, Y, Z), (2, 0, 1))  # (frames, rows, cols)
-    scaling = 1e-5
+    scaling = 1e-5 if bits == 32 else float(f"{dose.max() / 65000:.6g}")
     rd = _base("RTDOSE", "1.2.840.10008.5.1.4.1.1.481.2", export["study"], export["for"], export["patient_id"])
     rd.ImageOrientationPatient = [*r, *c]
     rd.ImagePositionPatient = [col_x[0], row_y[0], dz[0]]
@@ -327,7 +329,7 @@ def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_gro
     rd.SliceThickness = DOSE_SPACING[2]
     rd.Rows, rd.Columns, rd.NumberOfFrames = len(row_y), len(col_x), len(dz)
     rd.SamplesPerPixel, rd.PhotometricInterpretation = 1, "MONOCHROME2"
-    rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = 32, 32, 31, 0
+    rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = bits, bits, bits - 1, int(signed)
     rd.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
     steps = np.abs(dz - dz[0])
     rd.GridFrameOffsetVector = list(dz) if export["absolute_offsets"] else list(steps)
@@ -345,7 +347,9 @@ def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_gro
                 group.ReferencedBeamSequence = Sequence([_beam_ref(b) for b in beams])
             ref.ReferencedFractionGroupSequence = Sequence([group])
         rd.ReferencedRTPlanSequence = Sequence([ref])
-    rd.PixelData = np.rint(dose / scaling).astype("<u4").tobytes()
+    rd.PixelData = np.rint(dose / scaling).astype("<u4" if bits == 32 else "<u2").tobytes()
+    if edit is not None:
+        edit(rd)
     path = Path(export["folder"]) / name
     pydicom.dcmwrite(path, rd, enforce_file_format=True)
     return path

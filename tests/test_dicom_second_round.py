@@ -87,3 +87,22 @@ def test_roi_aliases_match_in_any_unicode_normalization_form(rt_export, tmp_path
     assert case.meta["structure_rois"]["Bladder"] == roi_name
     truth = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape, ["Bladder"])["Bladder"]
     assert dice(case.mask("Bladder"), truth) >= 0.97
+
+
+# ------------------------------------------------------------ 3. a signed RTDOSE whose data contradict it
+def test_a_signed_dose_whose_data_read_negative_is_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    path = F.write_dose(export, "RD.dcm", bits=16, signed=True)
+    scaling = float(pydicom.dcmread(path).DoseGridScaling)
+    xs, ys, zs = F.coords(F.DOSE_ORIGIN, F.DOSE_SPACING, F.DOSE_SHAPE_XYZ)
+    stored = np.rint(F.true_dose(*np.meshgrid(xs, ys, zs, indexing="ij")) / scaling)  # as written, unsigned
+    wrapped = stored[stored > 32767] - 65536  # read as two's complement, as PixelRepresentation 1 says
+    assert wrapped.size > 1000
+    with pytest.raises(FlaxdoseError, match=rf"RD.dcm: {wrapped.size} dose voxels are negative \(min "
+                                            rf"{wrapped.min() * scaling:.2f} Gy\).*PixelRepresentation 1.*never negative"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+    with pytest.raises(FlaxdoseError, match="never negative"):  # whatever the prescription
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=30.0)
+    F.write_dose(export, "RD.dcm", bits=16)  # the same data labelled unsigned: the plan dose
+    case = read_rt(export["folder"], structures=F.STRUCTURES)
+    assert np.abs(case.dose - true_dose_on(case)).max() <= scaling

@@ -108,6 +108,7 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
                 )
             s = (offsets - ipp[2]) * n[2]
         pixels = pixel_frames(ds, path, frames)
+        _check_sign(pixels, scaling, ds, path)
         order = np.argsort(s, kind="stable")
         s = s[order]
         if frames > 1:
@@ -126,6 +127,20 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
     if not np.isfinite(dose).all():
         raise FlaxdoseError(f"{path}: dose holds non-finite values; the file is damaged")
     return RtDose(dose, grid, dose_type)
+
+
+def _check_sign(pixels: np.ndarray, scaling: float, ds, path) -> None:
+    """Refuse negative stored doses: a physical dose is never negative, so data that read negative
+    contradict their header (unsigned values labelled signed, PixelRepresentation 1)."""
+    negative = pixels < 0
+    if not negative.any():
+        return
+    fields = ", ".join(f"{k} {ds.get(k)}" for k in ("PixelRepresentation", "BitsAllocated", "BitsStored", "HighBit"))
+    raise FlaxdoseError(
+        f"{path}: {int(negative.sum())} dose voxels are negative (min {float(pixels.min()) * scaling:.2f} Gy) as the "
+        f"header says to read them ({fields}); a physical dose is never negative, so the data contradict the header "
+        "(unsigned values labelled signed): re-export the RTDOSE from the planning system"
+    )
 
 
 def read_dose(path: str | os.PathLike, require_gy: bool = True) -> tuple[np.ndarray, Grid]:
