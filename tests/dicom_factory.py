@@ -73,12 +73,14 @@ def _in_shape(name, x, y, z):
     raise KeyError(name)
 
 
-def truth_masks(origin, spacing, shape, names=STRUCTURES):
-    """True masks at the voxel centres of a grid; z snapped to the nearest CT slice (slab rule)."""
+def truth_masks(origin, spacing, shape, names=STRUCTURES, planes=None):
+    """True masks at the voxel centres of a grid; z snapped to the nearest contour plane (slab rule;
+    `planes`: the contour planes, default the factory's CT slices)."""
     xs, ys, zs = coords(origin, spacing, shape)
-    planes = ct_z()
+    planes = ct_z() if planes is None else np.asarray(planes, float)
+    half = np.median(np.diff(planes)) / 2 if planes.size > 1 else CT_SPACING[2] / 2
     idx = np.abs(zs[:, None] - planes[None, :]).argmin(1)
-    ok = np.abs(zs - planes[idx]) <= CT_SPACING[2] / 2 + 1e-3
+    ok = np.abs(zs - planes[idx]) <= half + 1e-3
     zsnap = np.where(ok, planes[idx], 1e9)
     X, Y, Z = np.meshgrid(xs, ys, zsnap, indexing="ij")
     return {n: _in_shape(n, X, Y, Z) & (Z < 1e8) for n in names}
@@ -179,13 +181,17 @@ def _native(origin, spacing, shape, orientation):
 
 
 def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slice=None, patient_id="PAT001",
-                 with_plan=True, with_dose=True, with_ct=True, study=None, for_uid=None):
-    """Write one patient's export into `folder`; returns dict of paths and UIDs."""
+                 with_plan=True, with_dose=True, with_ct=True, study=None, for_uid=None, slice_positions=None):
+    """Write one patient's export into `folder`; returns dict of paths and UIDs.
+
+    slice_positions: the CT slices' z (mm) as written, and the contour planes (default: the
+    factory's 32 slices 2.5 mm apart)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     study = study or generate_uid()
     for_uid = for_uid or generate_uid()
     r, c, n, col_x, row_y, zs = _native(CT_ORIGIN, CT_SPACING, CT_SHAPE_XYZ, orientation)
+    zs = zs if slice_positions is None else np.asarray(slice_positions, float)
     series = generate_uid()
     ct_uids = []
     X, Y = np.meshgrid(col_x, row_y, indexing="xy")  # (rows, cols)
@@ -303,7 +309,8 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
 
 
 def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_group=None, x_range=None, z_max=None,
-               shift=(0.0, 0.0, 0.0), plan_uid="export", dose_type="PHYSICAL", bits=32, signed=False, edit=None):
+               shift=(0.0, 0.0, 0.0), plan_uid="export", dose_type="PHYSICAL", bits=32, signed=False, edit=None, round_mm=None,
+               z_spacing=None):
     """Write `scale` x the true dose as an RTDOSE into the export's folder; returns its path.
 
     summation: DoseSummationType; beams / fraction_group: the ReferencedBeamSequence /
@@ -312,12 +319,18 @@ def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_gro
     plan_uid: the RTPLAN referenced ("export": the export's plan; None: none). bits 16: unsigned
     values up to 65000 x DoseGridScaling; signed: PixelRepresentation 1 on the same (unsigned) data, a
     header that contradicts them. edit: a function called with the dataset before it is written.
+    round_mm: ImagePositionPatient and GridFrameOffsetVector written rounded to this (e.g. 0.01).
+    z_spacing: planes this far apart (mm) over the same z extent (default DOSE_SPACING's).
     """
-    xs, ys, zs = coords(np.add(DOSE_ORIGIN, shift), DOSE_SPACING, DOSE_SHAPE_XYZ)
+    spacing, shape = DOSE_SPACING, DOSE_SHAPE_XYZ
+    if z_spacing is not None:
+        extent = (DOSE_SHAPE_XYZ[2] - 1) * DOSE_SPACING[2]
+        spacing, shape = (*DOSE_SPACING[:2], z_spacing), (*DOSE_SHAPE_XYZ[:2], int(extent // z_spacing) + 1)
+    xs, ys, zs = coords(np.add(DOSE_ORIGIN, shift), spacing, shape)
     xs = xs if x_range is None else xs[(xs >= x_range[0]) & (xs <= x_range[1])]
     zs = zs if z_max is None else zs[zs <= z_max]
     origin, shape = (xs[0], ys[0], zs[0]), (len(xs), len(ys), len(zs))
-    r, c, n, col_x, row_y, dz = _native(origin, DOSE_SPACING, shape, export["orientation"])
+    r, c, n, col_x, row_y, dz = _native(origin, spacing, shape, export["orientation"])
     dz = dz if n[2] > 0 else dz[::-1]  # frames run along the normal
     X, Y, Z = np.meshgrid(col_x, row_y, dz, indexing="xy")  # (rows, cols, frames)
     dose = np.transpose(scale * true_dose(X, Y, Z), (2, 0, 1))  # (frames, rows, cols)
@@ -326,13 +339,16 @@ def write_dose(export, name, summation="PLAN", scale=1.0, beams=(), fraction_gro
     rd.ImageOrientationPatient = [*r, *c]
     rd.ImagePositionPatient = [col_x[0], row_y[0], dz[0]]
     rd.PixelSpacing = [DOSE_SPACING[1], DOSE_SPACING[0]]
-    rd.SliceThickness = DOSE_SPACING[2]
+    rd.SliceThickness = spacing[2]
     rd.Rows, rd.Columns, rd.NumberOfFrames = len(row_y), len(col_x), len(dz)
     rd.SamplesPerPixel, rd.PhotometricInterpretation = 1, "MONOCHROME2"
     rd.BitsAllocated, rd.BitsStored, rd.HighBit, rd.PixelRepresentation = bits, bits, bits - 1, int(signed)
     rd.FrameIncrementPointer = pydicom.tag.Tag("GridFrameOffsetVector")
     steps = np.abs(dz - dz[0])
     rd.GridFrameOffsetVector = list(dz) if export["absolute_offsets"] else list(steps)
+    if round_mm:
+        rnd = lambda values: [f"{v:.6g}" for v in np.round(np.asarray(values, float) / round_mm) * round_mm]
+        rd.GridFrameOffsetVector, rd.ImagePositionPatient = rnd(rd.GridFrameOffsetVector), rnd(rd.ImagePositionPatient)
     rd.DoseUnits, rd.DoseType, rd.DoseSummationType = "GY", dose_type, summation
     rd.DoseGridScaling = scaling
     plan_uid = export["plan_uid"] if plan_uid == "export" else plan_uid

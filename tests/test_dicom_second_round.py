@@ -106,3 +106,50 @@ def test_a_signed_dose_whose_data_read_negative_is_refused(rt_export, tmp_path):
     F.write_dose(export, "RD.dcm", bits=16)  # the same data labelled unsigned: the plan dose
     case = read_rt(export["folder"], structures=F.STRUCTURES)
     assert np.abs(case.dose - true_dose_on(case)).max() <= scaling
+
+
+# ------------------------------------------------------------ 7. slice positions written to 0.01 mm
+FINE_Z = -38.125 + 1.25 * np.arange(62)  # 1.25 mm slices whose positions need three decimals
+
+
+def test_ct_slice_positions_rounded_to_a_hundredth_are_one_uniform_series(tmp_path):
+    written = np.round(FINE_Z, 2)  # -38.12, -36.88, ...: steps of 1.24 and 1.26 mm
+    assert set(np.round(np.diff(written), 2)) == {1.24, 1.26}
+    export = F.write_export(tmp_path / "p", slice_positions=written)
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    assert abs(case.spacing_mm[2] - 1.25) < 1e-3 and abs(case.origin_mm[2] - FINE_Z[0]) < 0.01
+    assert case.shape == (*F.CT_SHAPE_XYZ[:2], 62)
+    np.testing.assert_array_equal(case.ct, stored_hu(case))  # HU vary in x only: any slice matches
+    truth = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape, ["PTV", "Bladder"], planes=written)
+    assert dice(case.mask("PTV"), truth["PTV"]) >= 0.97 and dice(case.mask("Bladder"), truth["Bladder"]) >= 0.97
+    true = true_dose_on(case)
+    X, Y, _ = np.meshgrid(*F.coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij")
+    lo = np.array(F.DOSE_ORIGIN)
+    hi = lo + (np.array(F.DOSE_SHAPE_XYZ) - 1) * F.DOSE_SPACING
+    inside = (X >= lo[0]) & (X <= hi[0]) & (Y >= lo[1]) & (Y <= hi[1])
+    assert np.abs(case.dose - true)[inside].max() <= 0.005 * true.max()
+
+
+@pytest.mark.parametrize("positions,match", [
+    (np.round(np.delete(FINE_Z, 30), 2), r"1 missing slice\(s\) between -1\.8\d and 0\.6\d mm"),  # -0.625 mm missing
+    (np.round(np.concatenate([FINE_Z[:31], FINE_Z[30] + 1.5 * np.arange(1, 31)]), 2), "non-uniform slice spacing"),
+], ids=["gap", "mixed spacing"])
+def test_real_gaps_and_mixed_spacings_are_still_refused(tmp_path, positions, match):
+    export = F.write_export(tmp_path / "p", slice_positions=positions, with_dose=False, with_plan=False)
+    with pytest.raises(FlaxdoseError, match=match):
+        read_rt(export["folder"], structures=F.STRUCTURES, grid="ct")
+
+
+def test_dose_planes_written_to_a_hundredth_are_one_uniform_grid(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    path = F.write_dose(export, "RD.dcm", z_spacing=1.875, round_mm=0.01)  # offsets 0, 1.88, 3.75, 5.62, ...
+    offsets = np.array(pydicom.dcmread(path).GridFrameOffsetVector, float)
+    assert set(np.round(np.diff(offsets), 2)) == {1.87, 1.88} and offsets.size == 42
+    case = read_rt(export["folder"], structures=F.STRUCTURES)
+    assert abs(case.spacing_mm[2] - 1.875) < 1e-3 and abs(case.origin_mm[2] - F.DOSE_ORIGIN[2]) < 0.01
+    assert case.shape[2] == 42
+    assert np.abs(case.dose - true_dose_on(case)).max() <= 2e-3 * F.PRESCRIPTION
+    F.write_dose(export, "RD.dcm", edit=lambda ds: setattr(ds, "GridFrameOffsetVector",
+                                                            [2.5 * k + 0.3 * (k > 15) for k in range(32)]))
+    with pytest.raises(FlaxdoseError, match="not uniformly spaced"):
+        read_rt(export["folder"], structures=F.STRUCTURES)

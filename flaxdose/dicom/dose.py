@@ -35,7 +35,15 @@ from flaxdose.dicom.files import (
     reading,
     text,
 )
-from flaxdose.dicom.geometry import axial_directions, inside_source, lps_layout, resample, to_lps
+from flaxdose.dicom.geometry import (
+    POSITION_ROUNDING_MM,
+    axial_directions,
+    fit_uniform,
+    inside_source,
+    lps_layout,
+    resample,
+    to_lps,
+)
 from flaxdose.errors import FlaxdoseError
 
 # A plan dose peaks near the prescription (prostate VMAT: 103-110 %); outside these bounds
@@ -112,13 +120,17 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
         order = np.argsort(s, kind="stable")
         s = s[order]
         if frames > 1:
-            diffs = np.diff(s)
-            frame_spacing = float(np.median(diffs))
-            if diffs.min() <= 1e-3 or np.abs(diffs - frame_spacing).max() > max(0.01, 0.01 * frame_spacing):
+            uniform = np.diff(s).min() > 1e-3
+            if uniform:
+                first, frame_spacing, numbers, worst = fit_uniform(s)
+                uniform = worst <= POSITION_ROUNDING_MM and np.diff(numbers).max() == 1
+            if not uniform:
                 raise FlaxdoseError(
-                    f"{path}: dose planes are not uniformly spaced (GridFrameOffsetVector {list(offsets)[:6]}...); "
-                    "export the dose on a regular grid"
+                    f"{path}: dose planes are not uniformly spaced (GridFrameOffsetVector {list(offsets)[:6]}...; "
+                    f"rounded offsets may lie {POSITION_ROUNDING_MM} mm off a uniform grid); export the dose on a "
+                    "regular grid"
                 )
+            s = first + frame_spacing * numbers  # the grid the rounded offsets stand for
         ipp0 = ipp + s[0] * n
         dose = pixels[order].astype(np.float64) * scaling
         perm, flips, grid = lps_layout(dose.shape, ipp0, r, c, n, ps[1], ps[0], frame_spacing)

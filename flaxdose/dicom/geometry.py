@@ -111,3 +111,23 @@ def resample(volume: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: flo
     valid = [inside_source(src, dst.coords(a), a, order) for a in range(3)]
     inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
     return np.where(inside, out, np.float32(cval)).astype(np.float32)
+
+
+# Writers round positions (ImagePositionPatient, GridFrameOffsetVector) to 0.01 mm, a few to
+# 0.1 mm: slices within this of a uniform grid lie on it (1.25 mm slices written -29.38, -28.12).
+POSITION_ROUNDING_MM = 0.05
+
+
+def fit_uniform(positions: np.ndarray) -> tuple[float, float, np.ndarray, float]:
+    """Sorted, distinct positions (mm, >= 2) on their uniform grid: (first, spacing, slice numbers, worst).
+
+    Slice numbers step by round(gap / median gap), so a missing slice is a step of 2 or more;
+    first + spacing x number is the least-squares grid, `worst` the largest distance (mm) of a
+    position from it. Uniform (up to rounding) means worst <= POSITION_ROUNDING_MM.
+    """
+    s = np.asarray(positions, np.float64)
+    step = float(np.median(np.diff(s)))
+    numbers = np.concatenate([[0], np.cumsum(np.rint(np.diff(s) / step))]).astype(np.int64)
+    spacing, first = np.polyfit(numbers, s, 1) if numbers[-1] > 0 else (step, s[0])
+    worst = float(np.abs(s - (first + spacing * numbers)).max())
+    return float(first), float(spacing), numbers, worst

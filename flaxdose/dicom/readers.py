@@ -46,7 +46,7 @@ from flaxdose.dicom.files import (
     scan,
     text,
 )
-from flaxdose.dicom.geometry import axial_directions, lps_layout, resample, to_lps
+from flaxdose.dicom.geometry import POSITION_ROUNDING_MM, axial_directions, fit_uniform, lps_layout, resample, to_lps
 from flaxdose.dicom.structures import AliasTable, Roi, is_body
 from flaxdose.errors import FlaxdoseError
 
@@ -118,25 +118,26 @@ def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
                 f"CT slices {items[i][0].path.name} and {items[i + 1][0].path.name} lie at the same position "
                 f"({s[i]:.2f} mm); the folder holds a duplicate slice or two series: export one series once"
             )
-        spacing = float(np.median(diffs))
-        bad = np.abs(diffs - spacing) > max(0.01, 0.01 * spacing)
-        if bad.any():
-            i = int(np.nonzero(bad)[0][0])
-            gap = diffs[i] / spacing
-            if abs(gap - round(gap)) < 0.05 and round(gap) >= 2:
-                raise FlaxdoseError(
-                    f"the CT series in {f0.path.parent} has {int(round(gap)) - 1} missing slice(s) between "
-                    f"{s[i]:.2f} and {s[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); re-export the complete "
-                    "series, flaxdose never imports a CT with shifted slices"
-                )
+        first, spacing, numbers, worst = fit_uniform(s)
+        if worst > POSITION_ROUNDING_MM:
             raise FlaxdoseError(
                 f"the CT series in {f0.path.parent} has non-uniform slice spacing ({diffs.min():.2f}.."
-                f"{diffs.max():.2f} mm); re-export it with uniform spacing"
+                f"{diffs.max():.2f} mm; a slice lies {worst:.2f} mm off the nearest uniform grid, more than the "
+                f"{POSITION_ROUNDING_MM} mm of rounded positions); re-export it with uniform spacing"
             )
+        steps = np.diff(numbers)
+        if steps.max() > 1:
+            i = int(np.argmax(steps))
+            raise FlaxdoseError(
+                f"the CT series in {f0.path.parent} has {int(steps[i]) - 1} missing slice(s) between "
+                f"{s[i]:.2f} and {s[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); re-export the complete "
+                "series, flaxdose never imports a CT with shifted slices"
+            )
+        s = first + spacing * numbers  # the grid the rounded positions stand for
     else:
         thickness = floats(items[0][1], "SliceThickness", f0.path, 1, required=False)
         spacing = float(thickness[0]) if thickness is not None and thickness[0] > 0 else float(ps0[0])
-    ipp0 = items[0][3]
+    ipp0 = items[0][3] + (s[0] - np.dot(items[0][3], n)) * n
     perm, flips, grid = lps_layout((len(items), rows0, cols0), ipp0, r, c, n, ps0[1], ps0[0], spacing)
     hu = None
     if load_pixels:
