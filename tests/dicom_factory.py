@@ -451,3 +451,78 @@ def rename_roi(path, old, new, charset=None):
         ds.SpecificCharacterSet = charset
     next(r for r in ds.StructureSetROISequence if r.ROIName == old).ROIName = new
     ds.save_as(path)
+
+
+def _edit(path, change):
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+
+
+def two_fraction_groups(plan_path, groups=((25, (1, 2), 0.9), (14, (3, 4), 1.0)), prescription=73.0):
+    """Make the RTPLAN at `plan_path` a sequential boost: fraction groups of (fractions, treatment beams,
+    BeamDose per beam and fraction), numbered 1, 2, ...; one TargetPrescriptionDose (default 25 x 1.8 Gy
+    then 14 x 2.0 Gy = 73 Gy)."""
+    def change(ds):
+        ds.DoseReferenceSequence[0].TargetPrescriptionDose = prescription
+        ds.DoseReferenceSequence = Sequence(ds.DoseReferenceSequence[:1])
+        beams, fgs = [], []
+        for number, (fractions, numbers, beam_dose) in enumerate(groups, 1):
+            fg = Dataset()
+            fg.FractionGroupNumber, fg.NumberOfFractionsPlanned = number, fractions
+            fg.NumberOfBeams, fg.NumberOfBrachyApplicationSetups = len(numbers), 0
+            refs = [_beam_ref(b, 250.0) for b in numbers]
+            for ref in refs:
+                ref.BeamDose = beam_dose
+            fg.ReferencedBeamSequence = Sequence(refs)
+            fgs.append(fg)
+            for b in numbers:
+                beam = Dataset()
+                beam.BeamNumber, beam.BeamName, beam.TreatmentDeliveryType = b, f"B{b}", "TREATMENT"
+                beam.RadiationType = "PHOTON"
+                beams.append(beam)
+        ds.BeamSequence, ds.FractionGroupSequence = Sequence(beams), Sequence(fgs)
+    _edit(plan_path, change)
+
+
+def make_brachy(plan_path, treatment_type="HDR"):
+    """Make the RTPLAN at `plan_path` a brachytherapy plan: BrachyTreatmentType, an application setup, a
+    fraction group of brachy application setups and no beams (PS3.3 C.8.8.15)."""
+    def change(ds):
+        del ds.BeamSequence
+        ds.BrachyTreatmentTechnique, ds.BrachyTreatmentType = "INTRACAVITARY", treatment_type
+        setup = Dataset()
+        setup.ApplicationSetupType, setup.ApplicationSetupNumber, setup.TotalReferenceAirKerma = "FLETCHER", 1, 0
+        ds.ApplicationSetupSequence = Sequence([setup])
+        fg = ds.FractionGroupSequence[0]
+        fg.NumberOfFractionsPlanned, fg.NumberOfBeams, fg.NumberOfBrachyApplicationSetups = 1, 0, 1
+        del fg.ReferencedBeamSequence
+        ref = Dataset()
+        ref.ReferencedBrachyApplicationSetupNumber = 1
+        fg.ReferencedBrachyApplicationSetupSequence = Sequence([ref])
+    _edit(plan_path, change)
+
+
+def make_ion(plan_path):
+    """Make the RTPLAN at `plan_path` an RT Ion Plan (its SOP class; IonBeamSequence of proton beams)."""
+    def change(ds):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.8"
+        beams = ds.BeamSequence
+        for beam in beams:
+            beam.RadiationType = "PROTON"
+        del ds.BeamSequence
+        ds.IonBeamSequence = beams
+    _edit(plan_path, change)
+
+
+def replace_ct_series(folder, hu_offset=360):
+    """Turn the CT slices in `folder` into another series on the same frame of reference (new Series and
+    SOP Instance UIDs; `hu_offset` added to every stored value: a body of 400 HU instead of 40)."""
+    series = generate_uid()
+    for path in sorted(Path(folder).glob("CT_*.dcm")):
+        def change(ds):
+            ds.SeriesInstanceUID = series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.PixelData = (ds.pixel_array.astype(np.int64) + hu_offset).astype("<u2").tobytes()
+        _edit(path, change)
+    return series

@@ -16,7 +16,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from flaxdose.dicom import AliasTable, import_dicom, read_rt, scan
+from flaxdose.dicom import AliasTable, import_dicom, read_rt, scan, write_rtdose
+from flaxdose.dicom.dose import NotExternalPhotonPlan
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dice
 
@@ -152,4 +153,124 @@ def test_dose_planes_written_to_a_hundredth_are_one_uniform_grid(rt_export, tmp_
     F.write_dose(export, "RD.dcm", edit=lambda ds: setattr(ds, "GridFrameOffsetVector",
                                                             [2.5 * k + 0.3 * (k > 15) for k in range(32)]))
     with pytest.raises(FlaxdoseError, match="not uniformly spaced"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+
+
+# ------------------------------------------------------------ 1. a dose that is not the whole plan's
+def test_a_fraction_dose_of_one_fraction_group_is_not_the_plan_dose(rt_export, tmp_path):
+    """25 x 1.8 Gy then a 14 x 2.0 Gy boost (73 Gy) with only group 1's FRACTION dose: refused; with
+    both groups' FRACTION doses: their sum, dose x fractions per group."""
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    F.two_fraction_groups(export["plan"])
+    whole = 73.0 / F.PRESCRIPTION  # the plan dose: the phantom's dose shape, peaking near 73 Gy
+    F.write_dose(export, "RD_fg1.dcm", "FRACTION", scale=whole * (25 * 1.8 / 73) / 25, fraction_group=1)
+    xs, ys, zs = F.coords(F.DOSE_ORIGIN, F.DOSE_SPACING, F.DOSE_SHAPE_XYZ)
+    group1_max = whole * (25 * 1.8 / 73) * F.true_dose(*np.meshgrid(xs, ys, zs, indexing="ij")).max()
+    assert 0.5 < group1_max / 73.0 < 2.0  # the plausibility window alone would take it for the plan dose
+    for rx in (None, 45.0):
+        with pytest.raises(FlaxdoseError, match=r"fraction group\(s\) \[1\] are not the plan dose.*also delivers "
+                                                r"group 2 \(14 fractions, beams \[3, 4\]\)"):
+            read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=rx)
+    F.write_dose(export, "RD_fg2.dcm", "FRACTION", scale=whole * (14 * 2.0 / 73) / 14, fraction_group=2)
+    case = read_rt(export["folder"], structures=F.STRUCTURES)
+    true = true_dose_on(case, whole)
+    assert np.abs(case.dose - true).max() <= 1e-3 * true.max()  # 1e-5 Gy per stored unit x 25 fractions
+    assert case.meta["dose_source"] == "FRACTION x 25 + FRACTION x 14" and case.prescription_gy == 73.0
+
+
+def test_two_fraction_doses_of_one_group_are_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    F.write_dose(export, "RD_a.dcm", "FRACTION", scale=1 / F.FRACTIONS, fraction_group=1)
+    F.write_dose(export, "RD_b.dcm", "FRACTION", scale=1 / F.FRACTIONS, fraction_group=1)
+    with pytest.raises(FlaxdoseError, match=r"RD_a.dcm and RD_b.dcm are FRACTION doses of one fraction group \(1\)"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+
+
+# ------------------------------------------------------------ 2. brachytherapy and ion plans
+def test_brachytherapy_and_ion_plans_are_left_out_by_name_whatever_the_prescription(rt_export, tmp_path):
+    src = tmp_path / "src"
+    vmat = copy_export(rt_export, src / "vmat")
+    hdr = F.write_export(src / "hdr", with_ct=False, with_dose=False)  # the same patient: own CT frame, structures
+    F.make_brachy(hdr["plan"])
+    F.write_dose(hdr, "RD.dcm", scale=15.0 / F.PRESCRIPTION)  # a 15 Gy HDR boost
+    ion = F.write_export(src / "ion", with_ct=False, with_dose=False, patient_id="PAT002")
+    F.make_ion(ion["plan"])
+    F.write_dose(ion, "RD_physical.dcm")
+    F.write_dose(ion, "RD_rbe.dcm", scale=1.1, dose_type="EFFECTIVE")
+    for rx in (None, 15.0):  # the advice of the first round, followed: still left out
+        with pytest.raises(NotExternalPhotonPlan, match=r"is a brachytherapy plan \(BrachyTreatmentType HDR\)"):
+            read_rt(src / "hdr", structures=F.STRUCTURES, prescription_gy=rx)
+    with pytest.raises(NotExternalPhotonPlan, match="is an RT Ion Plan"):
+        read_rt(src / "ion", structures=F.STRUCTURES)
+    case = read_rt([src / "vmat", src / "hdr"], structures=F.STRUCTURES)  # the boost beside it is left out
+    assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1 and not summary.failures and summary.num_patients == 2
+    left = {w.split("/")[-1]: why for w, why in summary.left_out}
+    assert set(left) == {"hdr", "ion"} and "brachytherapy" in left["hdr"] and "RT Ion Plan" in left["ion"]
+    assert "2 plan(s) left out" in summary.report()
+    assert vmat["folder"].name == "vmat"
+
+
+def test_a_physical_dose_is_chosen_over_an_effective_one_and_an_effective_dose_alone_is_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
+    F.write_dose(export, "RD_effective.dcm", scale=1.1, dose_type="EFFECTIVE")
+    case = read_rt(export["folder"], structures=F.STRUCTURES)
+    assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION  # not 1.1 x
+    assert any("DoseType EFFECTIVE" in n for n in case.meta["notes"]) and case.meta["dose_type"] == "PHYSICAL"
+    export["dose"].unlink()
+    with pytest.raises(FlaxdoseError, match="DoseType EFFECTIVE is a biologically weighted"):
+        read_rt(export["folder"], structures=F.STRUCTURES)
+
+
+# ------------------------------------------------------------ flaxdose's own predictions
+def test_flaxdose_predictions_beside_the_plan_are_never_its_dose(rt_export_ct, tmp_path):
+    src = tmp_path / "src"
+    export = copy_export(rt_export_ct, src / "p")
+    case = read_rt(export["folder"], structures=F.STRUCTURES)
+    half = case.replace(dose=case.dose * 0.5)  # a prediction unlike the plan dose
+    write_rtdose(half, export["folder"], export["folder"] / "RD_predicted.dcm", plan_path=export["plan"])
+    write_rtdose(half, export["folder"], export["folder"] / "RD_predicted_no_plan.dcm")
+    again = read_rt(export["folder"], structures=F.STRUCTURES)
+    assert again.meta["dose_source"] == "PLAN"
+    assert np.abs(again.dose - true_dose_on(again)).max() <= 1e-3 * F.PRESCRIPTION
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1 and not summary.failures
+    skipped = {p.split("/")[-1]: why for p, why in summary.set_aside}
+    assert skipped == {"RD_predicted.dcm": "flaxdose prediction (not a calculated dose)",
+                       "RD_predicted_no_plan.dcm": "flaxdose prediction (not a calculated dose)"}
+    assert "2 file(s) set aside: flaxdose prediction" in summary.report()
+    export["dose"].unlink()  # only predictions left: no plan dose
+    with pytest.raises(FlaxdoseError, match="no RTDOSE"):
+        import_dicom(src, tmp_path / "ds2", F.STRUCTURES, "dose", progress=False)
+
+
+# ------------------------------------------------------------ 4. references are followed, not guessed
+def test_the_referenced_ct_series_is_used_and_its_absence_is_named(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    other = tmp_path / "p" / "other_series"
+    other.mkdir()
+    for path in export["folder"].glob("CT_*.dcm"):
+        shutil.copy(path, other / path.name)
+    other_uid = F.replace_ct_series(other)  # the same frame of reference, 400 HU instead of 40
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    np.testing.assert_array_equal(case.ct, stored_hu(case))  # the structure set's series, not the other
+    for path in export["folder"].glob("CT_*.dcm"):
+        path.unlink()  # only the other series is left
+    with pytest.raises(FlaxdoseError, match=rf"references CT series {export['ct_series']}, which is not in the "
+                                            rf"export; CT series \['{other_uid}'\].*another scan.*--include_ct"):
+        read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    case = read_rt(export["folder"], structures=F.STRUCTURES)  # the CT only placed the grid: noted
+    assert case.ct is None and np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
+    assert any("CT series is not in the export" in n for n in case.meta["notes"])
+    assert other_uid not in str(case.meta)  # no UIDs in the dataset
+
+
+def test_a_plan_whose_structure_set_is_missing_is_never_paired_with_another(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p")
+    ds = pydicom.dcmread(export["struct"])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()  # another structure set
+    ds.save_as(export["struct"])
+    plan_ref = pydicom.dcmread(export["plan"]).ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID
+    with pytest.raises(FlaxdoseError, match=rf"references structure set {plan_ref}, which is not in the export"):
         read_rt(export["folder"], structures=F.STRUCTURES)

@@ -2,13 +2,18 @@
 
 The plan dose of a case is, by DoseSummationType (PS3.3 C.8.8.3.4):
 - PLAN: the file as it is;
-- FRACTION, FRACTION_SESSION: the file x NumberOfFractionsPlanned of the fraction group it
-  names (the RTPLAN's only group when it names none); without the RTPLAN it is refused;
+- FRACTION, FRACTION_SESSION: each file x NumberOfFractionsPlanned of the fraction group it
+  names (the RTPLAN's only group when it names none), summed, only when every fraction group
+  that delivers dose has its file (25 x 1.8 Gy and a 14 x 2 Gy boost: group 1's dose x 25 is
+  not the plan's); without the RTPLAN it is refused;
 - BEAM: the sum of the plan's BEAM doses on one grid, only when they hold every treatment
   beam of the RTPLAN's fraction groups exactly once (setup beams and beams of zero meterset
   have no dose); a partial set, or one without the RTPLAN, is refused;
 - anything else (MULTI_PLAN, PLAN_OVERVIEW, BRACHY, *_SESSION of beams or brachy,
-  CONTROL_POINT, RECORD): refused, as is DoseType ERROR.
+  CONTROL_POINT, RECORD): refused, as are DoseType ERROR and EFFECTIVE (a weighted dose; the
+  PHYSICAL one is chosen when both are there);
+- a plan that is not an external photon beam plan (brachytherapy, RT Ion Plan, electrons) is
+  left out whatever its dose (`NotExternalPhotonPlan`).
 A plan dose whose maximum is not between half and twice the prescription is refused too: it
 is a fraction or beam dose under another name, or the prescription is wrong.
 """
@@ -59,6 +64,21 @@ NOT_A_PLAN_DOSE = {
     "CONTROL_POINT": "the dose of control points of one beam",
     "RECORD": "a dose computed from a treatment record",
 }
+
+
+class NotExternalPhotonPlan(FlaxdoseError):
+    """A brachytherapy, ion or electron plan: flaxdose models external photon beam plans only, so such a
+    plan is left out of an import (listed), whatever its prescription."""
+
+
+def check_external_photon(plan: DicomFile | None, label: str) -> None:
+    """Refuse (NotExternalPhotonPlan) a plan whose RTPLAN is not an external photon beam plan."""
+    if plan is not None and plan.not_photon:
+        raise NotExternalPhotonPlan(
+            f"the RTPLAN {plan.path.name} in {label} is {plan.not_photon}, not an external photon beam plan; "
+            "flaxdose models external photon plans (prostate VMAT), so it is left out whatever the prescription. "
+            "Import the photon plan's export"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +190,11 @@ class FractionGroup:
     fractions: int | None
     beams: tuple[int, ...]
 
+    @property
+    def delivers(self) -> bool:
+        """Whether the group delivers dose: treatment beams, and fractions (or an empty count)."""
+        return bool(self.beams) and self.fractions != 0
+
 
 @dataclasses.dataclass(frozen=True)
 class RtPlan:
@@ -255,25 +280,58 @@ def plan_dose(plan: PlanFiles, rtplan: RtPlan | None) -> PlanDose:
                 "complete sets of BEAM doses: export the plan's PLAN dose"
             )
     read = [read_dose_file(f.path) for f in plan.doses]
+    dose_type = _one_dose_type(read, plan.label)
+    if kind == PLAN_DOSE:
+        return PlanDose(read[0].dose, read[0].grid, "PLAN", dose_type)
+    if kind == "FRACTION":
+        return _fraction_doses(read, plan, rtplan, dose_type)
+    _check_all_beams(plan.doses, rtplan, plan.label)
+    return PlanDose(_sum_on_first_grid(read, plan.doses), read[0].grid, f"sum of {len(read)} BEAM doses", dose_type)
+
+
+def _one_dose_type(read: Sequence[RtDose], label: str) -> str:
+    """The DoseType of a plan's dose files: PHYSICAL (or missing); EFFECTIVE, ERROR and mixed types refused."""
     types = sorted({d.dose_type for d in read})
+    if types == ["EFFECTIVE"]:
+        raise FlaxdoseError(
+            f"RTDOSE in {label}: DoseType EFFECTIVE is a biologically weighted (RBE or model-corrected) dose, not "
+            "the physical dose flaxdose learns and compares in Gy: export the plan's PHYSICAL dose"
+        )
     if "ERROR" in types or len(types) > 1:
         raise FlaxdoseError(
-            f"RTDOSE in {plan.label}: DoseType {'/'.join(t or 'missing' for t in types)}; a plan dose is PHYSICAL "
-            "(or EFFECTIVE), one type for all its files: export the calculated dose"
+            f"RTDOSE in {label}: DoseType {'/'.join(t or 'missing' for t in types)}; a plan dose is PHYSICAL, one "
+            "type for all its files: export the calculated dose"
         )
-    if kind == PLAN_DOSE:
-        return PlanDose(read[0].dose, read[0].grid, "PLAN", types[0])
-    if kind == "FRACTION":
-        group = _fraction_group(rtplan, plan.dose, plan.label)
+    return types[0]
+
+
+def _fraction_doses(read: Sequence[RtDose], plan: PlanFiles, rtplan: RtPlan | None, dose_type: str) -> PlanDose:
+    """FRACTION doses x their groups' NumberOfFractionsPlanned, summed: the plan dose only when every
+    fraction group that delivers dose has its FRACTION dose (a boost group's may be missing)."""
+    scaled, groups = [], {}
+    for rt, f in zip(read, plan.doses):
+        group = _fraction_group(rtplan, f, plan.label)
         if not group.fractions:
             raise FlaxdoseError(
-                f"{plan.dose.path}: a FRACTION dose is scaled by NumberOfFractionsPlanned, which fraction group "
+                f"{f.path}: a FRACTION dose is scaled by NumberOfFractionsPlanned, which fraction group "
                 f"{group.number} of the RTPLAN leaves empty; export the PLAN dose"
             )
-        return PlanDose(read[0].dose * np.float32(group.fractions), read[0].grid, f"FRACTION x {group.fractions}",
-                        types[0])
-    _check_all_beams(plan.doses, rtplan, plan.label)
-    return PlanDose(_sum_on_first_grid(read, plan.doses), read[0].grid, f"sum of {len(read)} BEAM doses", types[0])
+        if group.number in groups:
+            raise FlaxdoseError(f"{groups[group.number].name} and {f.path.name} are FRACTION doses of one fraction "
+                                f"group ({group.number}); export each group's dose once, or the PLAN dose")
+        groups[group.number] = f.path
+        scaled.append(RtDose(rt.dose * np.float32(group.fractions), rt.grid, rt.dose_type))
+    missing = [g for g in rtplan.fraction_groups if g.delivers and g.number not in groups]
+    if missing:
+        listed = ", ".join(f"group {g.number} ({g.fractions} fractions, beams {list(g.beams)})" for g in missing)
+        raise FlaxdoseError(
+            f"{plan.dose.path}: the FRACTION dose(s) of fraction group(s) {sorted(groups)} are not the plan dose: "
+            f"the RTPLAN {rtplan.path.name} also delivers {listed}, whose dose is not in the export. Export the "
+            "PLAN dose, or a FRACTION dose of every fraction group"
+        )
+    fractions = {g.number: g.fractions for g in rtplan.fraction_groups}
+    source = " + ".join(f"FRACTION x {fractions[n]}" for n in groups)
+    return PlanDose(_sum_on_first_grid(scaled, plan.doses), scaled[0].grid, source, dose_type)
 
 
 def _fraction_group(rtplan: RtPlan | None, dose: DicomFile, label: str) -> FractionGroup:
@@ -343,8 +401,9 @@ def _sum_on_first_grid(read: Sequence[RtDose], files: Sequence[DicomFile]) -> np
             continue
         if not all(inside_source(rt.grid, grid.coords(a), a).all() for a in range(3)):
             raise FlaxdoseError(
-                f"{f.path}: this BEAM dose's grid does not cover the grid of {files[0].path.name}, so the beams "
-                "cannot be summed on one grid; export the beam doses on one grid, or the PLAN dose"
+                f"{f.path}: this {f.dose_summation or 'dose'} dose's grid does not cover the grid of "
+                f"{files[0].path.name}, so the doses cannot be summed on one grid; export them on one grid, or the "
+                "PLAN dose"
             )
         total += resample(rt.dose, rt.grid, grid)
     return total.astype(np.float32)

@@ -36,11 +36,13 @@ from flaxdose.dicom.damage import FIX, file_damage
 from flaxdose.errors import FlaxdoseError
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_STORAGES = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")  # Enhanced, Legacy Converted
 RTDOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 RTPLAN_STORAGES = ("1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.481.8")  # RT Plan, RT Ion Plan
+RT_ION_PLAN_STORAGE = RTPLAN_STORAGES[1]
 MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # the DICOMDIR of CD/USB exports
-KINDS = {CT_STORAGE: "CT", RTDOSE_STORAGE: "RTDOSE", RTSTRUCT_STORAGE: "RTSTRUCT",
+KINDS = {CT_STORAGE: "CT", **{uid: "CT" for uid in ENHANCED_CT_STORAGES}, RTDOSE_STORAGE: "RTDOSE", RTSTRUCT_STORAGE: "RTSTRUCT",
          **{uid: "RTPLAN" for uid in RTPLAN_STORAGES}, MEDIA_DIRECTORY_STORAGE: "MEDIA"}
 # DoseSummationType values by what the reader does with them (PS3.3 C.8.8.3.4)
 PLAN_DOSE, FRACTION_DOSES, BEAM_DOSE = "PLAN", ("FRACTION", "FRACTION_SESSION"), "BEAM"
@@ -140,6 +142,9 @@ class DicomFile:
     dose_summation: str = ""  # RTDOSE: DoseSummationType
     ref_fraction_group: int | None = None  # RTDOSE: ReferencedFractionGroupNumber
     ref_beams: tuple[int, ...] = ()  # RTDOSE: ReferencedBeamNumber of its ReferencedBeamSequence
+    dose_type: str = ""  # RTDOSE: DoseType (PHYSICAL, EFFECTIVE, ERROR)
+    predicted: bool = False  # RTDOSE: written by flaxdose (a prediction, never a plan's dose)
+    not_photon: str = ""  # RTPLAN: what the plan is when it is not an external photon beam plan
     copies: list[Path] = dataclasses.field(default_factory=list)
     conflicts: list[Path] = dataclasses.field(default_factory=list)
 
@@ -254,6 +259,25 @@ def _dose_references(f: DicomFile, ds) -> None:
         f.ref_beams = tuple(b for b in beams if b is not None)
 
 
+def flaxdose_prediction(ds) -> bool:
+    """Whether an RTDOSE was written by flaxdose (`flaxdose.dicom.rtdose`): Manufacturer "flaxdose", or
+    its DoseComment; a prediction written back beside the plan must never become the plan's dose."""
+    return text(ds, "Manufacturer").lower() == "flaxdose" or "predicted by flaxdose" in text(ds, "DoseComment").lower()
+
+
+def plan_technique(ds, sop_class: str) -> str:
+    """'' for an external photon beam plan, else what the RTPLAN is ("a brachytherapy plan
+    (BrachyTreatmentType HDR)", "an RT Ion Plan", "an electron beam plan (RadiationType ELECTRON)")."""
+    if sop_class == RT_ION_PLAN_STORAGE or "IonBeamSequence" in ds:
+        return "an RT Ion Plan (proton or ion beams)"
+    brachy = text(ds, "BrachyTreatmentType")
+    if brachy or "ApplicationSetupSequence" in ds:
+        return f"a brachytherapy plan (BrachyTreatmentType {brachy or 'missing'})"
+    kinds = {text(b, "RadiationType").upper() for b in ds.get("BeamSequence") or []
+             if text(b, "TreatmentDeliveryType").upper() != "SETUP"} - {"", "PHOTON"}
+    return f"a {'/'.join(sorted(kinds)).lower()} beam plan (RadiationType {'/'.join(sorted(kinds))})" if kinds else ""
+
+
 def _claims_dicom(path: Path) -> bool:
     """Named like DICOM (.dcm, .dicom) or carrying the DICM magic of PS3.10 at byte 128."""
     if Path(path).suffix.lower() in (".dcm", ".dicom"):
@@ -312,10 +336,13 @@ def file_header(path: Path) -> DicomFile | None:
                             f.ref_series_uid = f.ref_series_uid or text(series, "SeriesInstanceUID")
             elif f.kind == "RTDOSE":
                 f.dose_summation = text(ds, "DoseSummationType").upper()
+                f.dose_type = text(ds, "DoseType").upper()
+                f.predicted = flaxdose_prediction(ds)
                 _dose_references(f, ds)
             elif f.kind == "RTPLAN":
                 sets = ds.get("ReferencedStructureSetSequence") or []
                 f.ref_struct_uid = text(sets[0], "ReferencedSOPInstanceUID") if sets else ""
+                f.not_photon = plan_technique(ds, sop_class)
         return f
 
 
@@ -403,6 +430,12 @@ class PlanFiles:
     dose_kind: str = ""
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    ct_missing: str = ""  # the structure set's CT series is not in the export (why, naming both series)
+
+    @property
+    def ct_series_uid(self) -> str:
+        """The SeriesInstanceUID of the plan's CT ('' without CT): the series the case is read from."""
+        return self.ct[0].series_uid if self.ct else ""
 
     @property
     def dose(self) -> DicomFile | None:
@@ -449,6 +482,8 @@ def group_plans(files: Sequence[DicomFile]) -> Grouping:
             ignored.append((f.path, "media directory (DICOMDIR)"))
         elif not f.kind:
             ignored.append((f.path, f"{f.modality or 'unknown'} object (SOP class {f.sop_class or 'missing'})"))
+        elif f.predicted:
+            ignored.append((f.path, "flaxdose prediction (not a calculated dose)"))
         else:
             used.append(f)
     by_patient: dict[str, list[DicomFile]] = defaultdict(list)
@@ -487,9 +522,13 @@ def _patient_plans(pid: str, files: list[DicomFile]) -> list[PlanFiles] | str:
             continue
         for plan, dose_kind, doses, problems, notes in _dose_units(kinds["RTDOSE"], kinds["RTPLAN"], by_uid):
             struct, struct_problems = _structure_set(structs, plan)
-            cts, ct_problems = _ct_series(kinds["CT"], struct)
+            cts, ct_problems, ct_missing = _ct_series(kinds["CT"], struct)
             problems = problems + struct_problems + ct_problems + _conflicts([struct, plan, *doses, *cts])
-            plans.append(PlanFiles(pid, for_uid, struct.study_uid, struct, cts, doses, plan, dose_kind, problems, notes))
+            if ct_missing:  # the case metadata names no UIDs
+                notes = notes + ["the structure set's CT series is not in the export; another CT series on its "
+                                 "frame of reference was not used"]
+            plans.append(PlanFiles(pid, for_uid, struct.study_uid, struct, cts, doses, plan, dose_kind, problems, notes,
+                                   ct_missing))
     return plans if plans else ("; ".join(reasons) or "no RTSTRUCT found")
 
 
@@ -503,26 +542,27 @@ def _dose_units(doses: list[DicomFile], rtplans: list[DicomFile], by_uid: dict[s
     for ref, group in by_ref.items():
         plan = by_uid.get(ref) if ref else sole_plan
         plan = plan if plan is not None and plan.kind == "RTPLAN" else None
+        group, notes = _physical_first(group)
         by_type: dict[str, list[DicomFile]] = defaultdict(list)
         for d in group:
             by_type[d.dose_summation or PLAN_DOSE].append(d)  # Type 1; a missing one reads as PLAN (noted)
         fractions = [d for t in FRACTION_DOSES for d in by_type.get(t, [])]
         if PLAN_DOSE in by_type:
             chosen, kind = by_type[PLAN_DOSE], PLAN_DOSE
-        elif fractions:
-            chosen, kind = fractions, "FRACTION"
+        elif fractions:  # one per fraction group: the reader sums them once every group has its dose
+            chosen, kind = sorted(fractions, key=lambda d: d.ref_fraction_group or 0), "FRACTION"
         elif BEAM_DOSE in by_type:
             chosen, kind = sorted(by_type[BEAM_DOSE], key=lambda d: d.ref_beams), BEAM_DOSE
         else:
             chosen, kind = group, "/".join(sorted(by_type))
-        notes = [f"set aside {len(v)} {t} dose(s): the plan has a {kind} dose"
-                 for t, v in sorted(by_type.items()) if v[0] not in chosen]
+        notes += [f"set aside {len(v)} {t} dose(s): the plan has a {kind} dose"
+                  for t, v in sorted(by_type.items()) if v[0] not in chosen]
         if ref and plan is None:
             notes.append("the dose names an RTPLAN that is not in the export: no prescription, fractions or beams")
         notes += ["DoseSummationType missing: read as PLAN" for d in chosen if not d.dose_summation]
         if kind == PLAN_DOSE and not ref:  # doses that name no RTPLAN: one plan each
             units += [(plan, kind, [d], [], notes) for d in chosen]
-        elif kind in (PLAN_DOSE, "FRACTION") and len(chosen) > 1:
+        elif kind == PLAN_DOSE and len(chosen) > 1:
             names = [d.path.name for d in chosen]
             units.append((plan, kind, chosen, [f"{len(chosen)} {kind} doses {names} belong to one RTPLAN; "
                                                 "export only the plan's final dose"], notes))
@@ -531,11 +571,26 @@ def _dose_units(doses: list[DicomFile], rtplans: list[DicomFile], by_uid: dict[s
     return units or [(sole_plan, "", [], [], [])]
 
 
+def _physical_first(doses: list[DicomFile]) -> tuple[list[DicomFile], list[str]]:
+    """The PHYSICAL doses when there are any (EFFECTIVE ones, an ion plan's RBE-weighted copy, set aside)."""
+    physical = [d for d in doses if d.dose_type == "PHYSICAL"]
+    others = sorted({d.dose_type or "missing" for d in doses if d.dose_type != "PHYSICAL"})
+    if not physical or not others:
+        return doses, []
+    return physical, [f"set aside {len(doses) - len(physical)} dose(s) of DoseType {'/'.join(others)}: the plan "
+                      "has a PHYSICAL dose"]
+
+
 def _structure_set(structs: list[DicomFile], plan: DicomFile | None) -> tuple[DicomFile, list[str]]:
     if plan is not None and plan.ref_struct_uid:
         named = [s for s in structs if s.sop_uid == plan.ref_struct_uid]
         if named:
             return named[0], []
+        return structs[0], [  # another structure set on the frame may hold other contours: never guessed
+            f"the RTPLAN {plan.path.name} references structure set {plan.ref_struct_uid}, which is not in the "
+            f"export; {[s.path.name for s in structs]} on its frame of reference is another one: export the plan's "
+            "structure set with it"
+        ]
     if len(structs) == 1:
         return structs[0], []
     return structs[0], [
@@ -544,14 +599,22 @@ def _structure_set(structs: list[DicomFile], plan: DicomFile | None) -> tuple[Di
     ]
 
 
-def _ct_series(cts: list[DicomFile], struct: DicomFile) -> tuple[list[DicomFile], list[str]]:
+def _ct_series(cts: list[DicomFile], struct: DicomFile) -> tuple[list[DicomFile], list[str], str]:
+    """(the plan's CT slices, problems, why the referenced CT is missing or ''): the series the structure
+    set references; another series on the frame of reference is another scan and is never used instead."""
     series = sorted({c.series_uid for c in cts})
+    ref = struct.ref_series_uid
+    if ref in series:
+        return [c for c in cts if c.series_uid == ref], [], ""
+    if ref and series:
+        folders = sorted({str(c.path.parent) for c in cts})
+        return [], [], (f"the structure set {struct.path.name} references CT series {ref}, which is not in the "
+                        f"export; CT series {series} in {folders} on the same frame of reference is another scan "
+                        "and was not used")
     if len(series) <= 1:
-        return cts, []
-    if struct.ref_series_uid in series:
-        return [c for c in cts if c.series_uid == struct.ref_series_uid], []
+        return cts, [], ""
     return cts, [f"{len(series)} CT series share the frame of reference and the structure set names none of "
-                 "them; export only the planning CT"]
+                 "them; export only the planning CT"], ""
 
 
 def _conflicts(files: Sequence[DicomFile | None]) -> list[str]:

@@ -122,12 +122,13 @@ def fit_uniform(positions: np.ndarray) -> tuple[float, float, np.ndarray, float]
     """Sorted, distinct positions (mm, >= 2) on their uniform grid: (first, spacing, slice numbers, worst).
 
     Slice numbers step by round(gap / median gap), so a missing slice is a step of 2 or more;
-    first + spacing x number is the least-squares grid, `worst` the largest distance (mm) of a
-    position from it. Uniform (up to rounding) means worst <= POSITION_ROUNDING_MM.
+    first + spacing x number is the least-squares grid (to 1e-6 mm), `worst` the largest distance
+    (mm) of a position from it. Uniform (up to rounding) means worst <= POSITION_ROUNDING_MM.
     """
     s = np.asarray(positions, np.float64)
     step = float(np.median(np.diff(s)))
     numbers = np.concatenate([[0], np.cumsum(np.rint(np.diff(s) / step))]).astype(np.int64)
     spacing, first = np.polyfit(numbers, s, 1) if numbers[-1] > 0 else (step, s[0])
+    first, spacing = round(float(first), 6), round(float(spacing), 6)  # no float noise of the fit in the grid
     worst = float(np.abs(s - (first + spacing * numbers)).max())
-    return float(first), float(spacing), numbers, worst
+    return first, spacing, numbers, worst

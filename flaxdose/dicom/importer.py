@@ -24,6 +24,7 @@ import numpy as np
 
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
 from flaxdose.dicom.damage import damaged_among, plan_damage
+from flaxdose.dicom.dose import NotExternalPhotonPlan
 from flaxdose.dicom.files import group_plans, scan
 from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
 from flaxdose.dicom.structures import AliasTable
@@ -75,6 +76,7 @@ class ImportSummary:
     copies: int = 0  # identical copies of instances set aside
     set_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why): DICOMDIR, ...
     refused_beside: list[str] = dataclasses.field(default_factory=list)  # damaged files beside a refused plan
+    left_out: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (where, why): brachy, ion plans
 
     def table(self) -> str:
         """Per plan: dose, prescription, grid, and per structure its ROI, contours, planes, cc, coverage."""
@@ -106,9 +108,10 @@ class ImportSummary:
                      f" (report: {REPORT_CSV})")
         if self.copies:
             lines.append(f"{self.copies} identical copy(ies) of DICOM instances counted once")
-        if self.set_aside:
-            lines.append(f"{len(self.set_aside)} file(s) set aside: " + "; ".join(
-                f"{Path(p).name}: {why}" for p, why in self.set_aside[:5]))
+        lines += _grouped(self.set_aside, "file(s) set aside")
+        if self.left_out:
+            lines.append(f"{len(self.left_out)} plan(s) left out (flaxdose models external photon beam plans):")
+            lines += [f"  - {where}: {why}" for where, why in self.left_out]
         if self.failures:
             lines.append(f"{len(self.failures)} patient(s)/plan(s) FAILED and were skipped:")
             lines += [f"  - {where}: {why}" for where, why in self.failures]
@@ -122,6 +125,15 @@ class ImportSummary:
             lines.append(f"{len(apart)} damaged DICOM file(s) in folders without a plan, ignored:")
             lines += [f"  - {why}" for why in apart[:20]]
         return "\n".join(lines)
+
+
+def _grouped(items: Sequence[tuple[str, str]], what: str, shown: int = 10) -> list[str]:
+    """One line per reason: "N <what>: <reason>: name, name, ..." (every reason, the first names of each)."""
+    by_why: dict[str, list[str]] = defaultdict(list)
+    for path, why in items:
+        by_why[why].append(Path(path).name)
+    return [f"{len(names)} {what}: {why}: {', '.join(names[:shown])}" + (" ..." if len(names) > shown else "")
+            for why, names in by_why.items()]
 
 
 def patient_splits(case_keys: Mapping[str, Sequence[str]], test_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -216,6 +228,7 @@ def import_dicom(
     found = group_plans(files)
     salt = salt if salt is not None else secrets.token_hex(16)
     failures: list[tuple[str, str]] = []
+    left_out: list[tuple[str, str]] = []
     refused_beside: set[str] = set()  # damaged files in the folders of a refused plan (or patient)
     todo = []
     for pid, plans in found.patients.items():
@@ -256,6 +269,8 @@ def import_dicom(
                              (("patient", plan.patient_id), ("study", plan.study_uid), ("frame", plan.for_uid)))
                 staged[cid] = (case.save(Path(stage) / f"{cid}.npz"), keys)
                 warnings[cid], notes[cid] = list(case.meta["warnings"]), list(case.meta["notes"])
+            except NotExternalPhotonPlan as e:
+                left_out.append((plan.label, str(e)))
             except FlaxdoseError as e:
                 failures.append((plan.label, str(e)))
                 refused_beside.update(p for p, _ in damaged_among(damaged, plan.files))
@@ -265,7 +280,7 @@ def import_dicom(
         if not staged:
             raise FlaxdoseError(
                 "no plan could be imported from "
-                f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in failures[:5]) or "no DICOM-RT files found")
+                f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in (failures + left_out)[:5]) or "no DICOM-RT files found")
                 + (f" ({len(damaged)} damaged file(s): {damaged[0][1]})" if damaged and not failures else "")
             )
         splits = patient_splits({cid: keys for cid, (_, keys) in staged.items()}, test_fraction, seed)
@@ -284,4 +299,4 @@ def import_dicom(
             write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
             atomic_write_text(folder / REPORT_CSV, _csv(rows))
     return ImportSummary(out, ids, failures, damaged, len(found.patients), rows, warnings, notes, len(found.copies),
-                         [(str(p), why) for p, why in found.ignored], sorted(refused_beside))
+                         [(str(p), why) for p, why in found.ignored], sorted(refused_beside), left_out)

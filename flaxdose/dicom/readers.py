@@ -32,7 +32,13 @@ from flaxdose.data.case import PROSTATE_STRUCTURES, Case
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM, Grid
 from flaxdose.dicom.contours import PLANE_TOL_MM, RoiContours, contour_planes, rasterize, rasterize_roi, roi_window
 from flaxdose.dicom.damage import plan_damage
-from flaxdose.dicom.dose import PlanDose, check_dose_fits_prescription, plan_dose, read_rtplan
+from flaxdose.dicom.dose import (
+    PlanDose,
+    check_dose_fits_prescription,
+    check_external_photon,
+    plan_dose,
+    read_rtplan,
+)
 from flaxdose.dicom.files import (
     DicomFile,
     PlanFiles,
@@ -366,6 +372,7 @@ def read_plan(
         raise FlaxdoseError(f"grid must be 'dose', 'model' or 'ct', got {grid!r}")
     if not 0.0 <= min_coverage <= 1.0:
         raise FlaxdoseError(f"min_coverage must be in [0, 1], got {min_coverage}")
+    check_external_photon(plan.plan, plan.label)  # first: no other refusal's advice applies to it
     if plan.problems:
         raise FlaxdoseError(f"plan in {plan.label}: " + "; ".join(plan.problems))
     if plan.struct is None:
@@ -374,6 +381,9 @@ def read_plan(
     need_ct = include_ct or grid == "ct" or bool(plan.ct)
     ct = read_ct(plan.ct, load_pixels=include_ct) if (need_ct and plan.ct) else None
     if (include_ct or grid == "ct") and ct is None:
+        if plan.ct_missing:
+            raise FlaxdoseError(f"{plan.ct_missing}: export the referenced CT series, or import without "
+                                "--include_ct on --grid model or dose (the CT then is not needed)")
         raise FlaxdoseError(f"no CT series for the plan in {plan.label}; export the planning CT with the plan")
     needs_plan = prescription_gy is None or (read_dose and plan.dose_kind in ("FRACTION", "BEAM"))
     rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
@@ -394,7 +404,9 @@ def read_plan(
             raise FlaxdoseError(f"cannot centre the model grid on {centre_name!r}: it is not among {list(structures)}")
         reference = ct.grid if ct is not None else dose.grid if dose is not None else None
         if reference is None:
-            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid on")
+            missing = f" ({plan.ct_missing})" if plan.ct_missing else ""
+            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid on{missing}; "
+                                "export the planning CT with it")
         target = _model_grid(rois[centre_name], reference, model_shape, model_spacing_mm)
 
     facts, warnings, notes = {}, [], list(plan.notes)
@@ -483,11 +495,15 @@ def read_rt(
         reason = (f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
                   + (f": {reasons[0]}" if reasons else ""))
         raise FlaxdoseError(f"{damage}; without them: {reason}" if damage else reason)
-    if len(plans) > 1:
+    photon = [p for p in plans if not (p.plan is not None and p.plan.not_photon)]
+    if not photon:
+        check_external_photon(plans[0].plan, plans[0].label)
+    if len(photon) > 1:
         raise FlaxdoseError(
-            f"{len(plans)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "
+            f"{len(photon)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "
             "one plan's files, or import them all with `python -m flaxdose.import_dicom`"
         )
+    plans = photon  # brachytherapy and ion plans beside it are left out
     plan = plans[0]
     if damage:
         plan.problems = plan.problems + [damage]
