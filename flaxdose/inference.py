@@ -19,6 +19,7 @@ another spacing its dose is wrong in scale, not merely noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -454,28 +455,23 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
                                 "failed": failed})
 
 
-def export_rtdose(predicted: Case, reference_ct: str | Path, out_dir: str | Path, plan: str | None = None) -> Path:
-    """Write one RTDOSE of `predicted` on the CT it was imported from (see flaxdose.dicom.rtdose); its path."""
-    from flaxdose.dicom import write_rtdose
-
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return write_rtdose(predicted, reference_ct, out_dir, plan_path=plan)
-
-
 def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescription_gy: float | None = None, *,
                     read_dose: bool = False, model_shape: Sequence[int] | None = None,
-                    model_spacing_mm: Sequence[float] | None = None) -> Case:
+                    model_spacing_mm: Sequence[float] | None = None, aliases=None, plan=None) -> Case:
     """A patient's DICOM-RT export read onto the model grid for `models`, checked for each of them.
 
     The grid is `dicom_grid` of the models' training spacings unless given: `model_spacing_mm`
     alone gets the `field_of_view_shape`, `model_shape` alone the chosen spacing. `read_dose`:
-    also read the export's RTDOSE (else it is ignored). Raises FlaxdoseError when the export
-    cannot be read, has no prescription (give one), or a model cannot predict it (structures,
-    spacing; naming the folder, not the case's anonymous id).
+    also read the export's RTDOSE (else it is ignored). `aliases`: a `flaxdose.dicom.AliasTable`
+    (ROI names for the model's structures; default the built-in names). `plan`: the plan's files
+    (`flaxdose.dicom.PlanFiles`, e.g. of `find_dicom_plans`) when `patient_dir` holds several; the
+    folder then only names it. Raises FlaxdoseError when the export cannot be read, has no
+    prescription (give one), or a model cannot predict it (structures, spacing; naming the folder,
+    not the case's anonymous id).
     """
-    from flaxdose.dicom import read_rt
+    from flaxdose.dicom import read_plan, read_rt
 
-    if not Path(patient_dir).is_dir():  # before any log line says it is being read
+    if plan is None and not Path(patient_dir).is_dir():  # before any log line says it is being read
         problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
         raise FlaxdoseError(f"the DICOM export {patient_dir} {problem}; give the folder of one patient's "
                             "CT, RTSTRUCT and RTPLAN files")
@@ -494,8 +490,12 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
     log.info("reading %s on the model grid: %s voxels of %s mm (x, y, z)", patient_dir,
              "x".join(map(str, shape)), describe_spacing(spacing))
-    case = read_rt(patient_dir, structures=models[0].structures, grid="model", prescription_gy=prescription_gy,
-                   read_dose=read_dose, model_shape=shape, model_spacing_mm=spacing)
+    kwargs = dict(grid="model", prescription_gy=prescription_gy, read_dose=read_dose, model_shape=shape,
+                  model_spacing_mm=spacing, aliases=aliases)
+    if plan is not None:
+        case = read_plan(plan, models[0].structures, **kwargs)
+    else:
+        case = read_rt(patient_dir, structures=models[0].structures, **kwargs)
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
     for model in models:
@@ -503,13 +503,327 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     return case
 
 
-def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None) -> Case:
+def predict_dicom(model: Model, patient_dir: str | Path, prescription_gy: float | None = None, *, aliases=None,
+                  plan=None, batch_size: int = 1) -> Case:
     """Read a patient's DICOM-RT export onto the model grid and predict its dose (a Case, dose in Gy).
 
     The grid is `dicom_grid`'s (`read_dicom_case`): `flaxdose.data.grid.MODEL_SHAPE` voxels of
     `MODEL_SPACING_MM`, or the model's training spacing (its smallest) with the same field of
-    view when that default does not fit it. The export's RTDOSE, if any, is ignored. Raises
-    FlaxdoseError when the export cannot be read, has no prescription (give one), or the model
-    cannot predict it.
+    view when that default does not fit it. The export's RTDOSE, if any, is ignored. `aliases`,
+    `plan`: see `read_dicom_case`; `batch_size`: windows per forward pass. Raises FlaxdoseError when the export cannot be read, has no
+    prescription (give one), or the model cannot predict it.
     """
-    return model.predict([read_dicom_case([model], patient_dir, prescription_gy)])[0]
+    case = read_dicom_case([model], patient_dir, prescription_gy, aliases=aliases, plan=plan)
+    return model.predict([case], batch_size=batch_size)[0]
+
+
+# ---------------------------------------------------------------- DICOM-RT exports: plans in, RTDOSE out
+RTDOSE_NAME = "RD_flaxdose.dcm"  # the file an --rtdose_out folder (and each plan folder of --out) gets
+PLAN_METRICS_CSV = "metrics.csv"
+PLAN_FIGURE = "dose.png"
+SUMMARY_CSV = "summary.csv"
+METRIC_COLUMNS = ("plan", "structure", "metric", "value", "unit", "grid")
+
+
+@dataclasses.dataclass
+class DicomPlan:
+    """One plan found under a DICOM-RT export root (`find_dicom_plans`).
+
+    `name`: its output name (``plan_01``, ...: never the patient's name or ID); `folder`: where
+    its files lie (console messages only, never written); `files`: its `flaxdose.dicom.PlanFiles`,
+    None when none could be formed; `problem`: why it cannot be read ("" when it can).
+    """
+
+    name: str
+    folder: str
+    files: object | None
+    problem: str = ""
+
+
+def _common_folder(paths: Iterable[Path]) -> str:
+    import os
+
+    folders = [str(Path(p).parent) for p in paths]
+    return os.path.commonpath(folders) if folders else "?"
+
+
+def find_dicom_plans(root: str | Path) -> list[DicomPlan]:
+    """Every plan of every patient under `root` (files and folders searched recursively), in folder order.
+
+    A plan is a CT series + RTSTRUCT (+ RTPLAN, + RTDOSE), grouped by `flaxdose.dicom.group_plans`
+    (references between the files, never file names). Entries with a `problem` stand for what could
+    not become a readable plan: damaged files (stopping the plan beside them), a patient whose files
+    form no plan (e.g. no RTSTRUCT). Raises FlaxdoseError when `root` does not exist or holds no DICOM.
+    """
+    from flaxdose.dicom import group_plans, scan
+    from flaxdose.dicom.damage import damaged_among, plan_damage
+
+    if not Path(root).exists():
+        raise FlaxdoseError(f"the DICOM export root {root} does not exist; give the folder holding the patients' "
+                            "CT, RTSTRUCT and RTPLAN files")
+    files, damaged = scan(root)
+    if not files and not damaged:
+        raise FlaxdoseError(f"no DICOM files found under {root}; give the folder of the DICOM-RT exports")
+    grouping = group_plans(files)
+    found = []
+    claimed = set()
+    for plan in grouping.plans:
+        folder = _common_folder(f.path for f in plan.files)
+        problem = "; ".join([*plan.problems, plan_damage(damaged, plan.files) or ""]).strip("; ")
+        claimed |= {p for p, _ in damaged_among(damaged, plan.files)}
+        found.append(DicomPlan("", folder, plan, problem))
+    for pid, value in grouping.patients.items():
+        if isinstance(value, str):  # a patient whose files form no plan
+            mine = [f for f in files if f.patient_id == pid]
+            claimed |= {p for p, _ in damaged_among(damaged, mine)}
+            damage = plan_damage(damaged, mine) or ""
+            found.append(DicomPlan("", _common_folder(f.path for f in mine), None,
+                                   "; ".join(v for v in (value, damage) if v)))
+    rest = [(p, why) for p, why in damaged if p not in claimed]
+    for folder in sorted({str(Path(p).parent) for p, _ in rest}):
+        found.append(DicomPlan("", folder, None, plan_damage([d for d in rest if str(Path(d[0]).parent) == folder],
+                                                             where="here") or "damaged files"))
+    found.sort(key=lambda p: (p.folder, p.files.plan.path.name if p.files is not None and p.files.plan else ""))
+    width = max(2, len(str(len(found))))
+    for i, p in enumerate(found):
+        p.name = f"plan_{i + 1:0{width}d}"
+    return found
+
+
+def resolve_rtdose_path(out: str | Path) -> Path:
+    """Where `--rtdose_out OUT` writes: OUT itself when it ends in ``.dcm`` (its folder is created),
+    else OUT/`RTDOSE_NAME` (OUT created): one fixed name, so a rerun replaces the file instead of
+    adding another. Raises FlaxdoseError when a ``.dcm`` OUT is an existing folder."""
+    out = Path(out)
+    if out.suffix.lower() == ".dcm":
+        if out.is_dir():
+            raise FlaxdoseError(f"--rtdose_out {out} is a folder; give a file name ending in .dcm or a folder")
+        return out
+    if out.exists() and not out.is_dir():
+        raise FlaxdoseError(f"--rtdose_out {out} is a file that does not end in .dcm; give a .dcm file or a folder")
+    return out / RTDOSE_NAME
+
+
+def export_rtdose(predicted: Case, reference_ct, out: str | Path, plan: str | Path | None = None, *,
+                  bits: int = 32, ct_series_uid: str | None = None, overwrite: bool = True) -> Path:
+    """Write one RTDOSE of `predicted` on the CT it was read from (`flaxdose.dicom.write_rtdose`); its path.
+
+    `reference_ct`: the CT folder or the CT files (a `PlanFiles`' ``ct``); `ct_series_uid`: the
+    series among several (the one the structure set references); `out`: a ``.dcm`` file or a folder
+    (`resolve_rtdose_path`); `plan`: the RTPLAN file, referenced by the dose (Type 1C for a PLAN
+    dose); `bits`: 16 or 32 per stored value. Raises FlaxdoseError when the file exists and not
+    `overwrite`, and for what `write_rtdose` refuses.
+    """
+    from flaxdose.dicom import write_rtdose
+
+    path = resolve_rtdose_path(out)
+    if path.exists() and not overwrite:
+        raise FlaxdoseError(f"{path} exists; pass --overwrite to replace it, or choose another --rtdose_out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if plan is None:
+        log.warning("the RTDOSE references no RTPLAN (none given): a PLAN dose must reference its plan (Type 1C), "
+                    "validators and some planning systems refuse it; export the RTPLAN with the CT and structures")
+    return write_rtdose(predicted, reference_ct, path, plan_path=plan, bits=bits, ct_series_uid=ct_series_uid)
+
+
+def export_plan_rtdose(predicted: Case, plan, out: str | Path, *, bits: int = 32, overwrite: bool = True) -> Path:
+    """`export_rtdose` onto the CT series and frame of reference `plan` (a `PlanFiles`) was read from,
+    referencing its RTPLAN when the export holds one. Raises FlaxdoseError when the plan has no CT."""
+    if not plan.ct:
+        raise FlaxdoseError(f"the export in {plan.label} holds no CT series: an RTDOSE is written on the planning "
+                            "CT; export the CT with the structures")
+    return export_rtdose(predicted, [f.path for f in plan.ct], out, plan.plan.path if plan.plan else None, bits=bits,
+                         ct_series_uid=plan.ct[0].series_uid, overwrite=overwrite)
+
+
+def rtdose_case(plan, rtdose_path: str | Path, structures: Sequence[str], prescription_gy: float, aliases=None) -> Case:
+    """The dose of the RTDOSE file at `rtdose_path` (one written for `plan`) on its own grid, with `plan`'s
+    structures rasterized on that grid (as a planning system computes a DVH), as a Case with the
+    prescription `prescription_gy`. Raises FlaxdoseError when the file or structures cannot be read."""
+    from flaxdose.dicom import read_plan
+    from flaxdose.dicom.files import RTDOSE_STORAGE, DicomFile
+
+    rd = DicomFile(Path(rtdose_path), "RTDOSE", RTDOSE_STORAGE, "", "", "", "", plan.for_uid, dose_summation="PLAN")
+    on_file = dataclasses.replace(plan, doses=[rd], dose_kind="PLAN", problems=[], notes=[])
+    # prescription 0: no plausibility window for a prediction (an under-trained model is reported, not refused)
+    case = read_plan(on_file, structures, grid="dose", prescription_gy=0.0, min_coverage=0.0, aliases=aliases)
+    return case.replace(prescription_gy=float(prescription_gy))
+
+
+def grid_name(case: Case) -> str:
+    """How reports name the grid a case's metrics were computed on: ``RTDOSE grid 2x2.5x2.5 mm, 64x48x32``."""
+    what = {"dose": "RTDOSE grid", "model": "model grid", "ct": "CT grid"}.get(case.meta.get("grid"), "case grid")
+    return f"{what} {describe_spacing(case.spacing_mm)} mm, {'x'.join(map(str, case.shape))} voxels"
+
+
+def case_metric_rows(case: Case, specs: Sequence[str], name: str) -> list[dict]:
+    """Rows (`METRIC_COLUMNS`) of the paper's DVH metrics (Gy) and the metric `specs` of `case`'s dose."""
+    from flaxdose.metrics import plan_dvh_metrics, spec_metrics, spec_unit
+
+    grid = grid_name(case)
+    rows = []
+    paper = plan_dvh_metrics(case.dose, case.masks, case.structures, case.spacing_mm, targets=case.targets)
+    for key, value in paper.items():
+        structure, metric = key.rsplit(" ", 1)
+        rows.append({"plan": name, "structure": structure, "metric": metric, "value": value, "unit": "Gy", "grid": grid})
+    done = {(r["structure"], r["metric"]) for r in rows}
+    for text, value in spec_metrics(case.dose, case.masks, case.structures, case.spacing_mm, case.prescription_gy,
+                                    specs).items():
+        structure, metric = text.rsplit(" ", 1)
+        if (structure, metric) not in done:
+            rows.append({"plan": name, "structure": structure, "metric": metric, "value": value,
+                         "unit": spec_unit(text), "grid": grid})
+    return rows
+
+
+def write_metric_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Write metric rows (`METRIC_COLUMNS`; values with 4 decimals, empty for NaN) as CSV at `path`."""
+    import csv
+    import io as _io
+    import math
+
+    from flaxdose.io import atomic_write_text
+
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        value = row["value"]
+        writer.writerow({**row, "value": "" if not math.isfinite(value) else f"{value:.4f}"})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+KEY_METRICS = ("PTV D95", "PTV D2", "Rectum Dmean", "Bladder Dmean")  # shown on the console per plan
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """What `predict_dicom_folder` did with one plan: `rtdose` / `metrics_csv` / `figure` paths (None
+    when not written), `metrics` {"<structure> <metric>": value} on `grid`, `error` ("" when done),
+    `saved` (the prediction as a Case .npz when the RTDOSE could not be written)."""
+
+    name: str
+    folder: str
+    rtdose: Path | None = None
+    metrics_csv: Path | None = None
+    figure: Path | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+    grid: str = ""
+    prescription_gy: float = float("nan")
+    error: str = ""
+    saved: Path | None = None
+
+
+def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, prescription_gy: float | None = None,
+                         aliases=None, bits: int = 32, specs: Sequence[str] | None = None, overwrite: bool = False,
+                         figures: bool = True, batch_size: int = 1,
+                         echo: Callable[[str], None] | None = None) -> list[PlanResult]:
+    """Predict every plan under the DICOM-RT export root `root` and write the results to the folder `out`.
+
+    Per plan, `out`/<name>/ (name ``plan_01``, ... in folder order, `find_dicom_plans`) gets
+    `RTDOSE_NAME` (the prediction on the plan's CT series and frame of reference, referencing its
+    RTPLAN), `PLAN_METRICS_CSV` (`METRIC_COLUMNS`: the paper's DVH metrics and `specs`, default
+    `flaxdose.metrics.PROSTATE_METRIC_SPECS`, computed on that RTDOSE's own grid with the structures
+    rasterized on it, as a planning system would) and `PLAN_FIGURE` (`flaxdose.plots.plan_dose_figure`);
+    `out`/`SUMMARY_CSV` holds one row per plan (folder-free: name, status, Rx, grid, key metrics).
+    A plan that cannot be read or predicted is reported (`PlanResult.error`) and the others go on;
+    when only its RTDOSE cannot be written, the prediction is kept as <name>/prediction.npz. `echo`
+    gets one console line per plan (its folder and key metrics). The folder is written atomically.
+    Raises FlaxdoseError when `out` holds files (and not `overwrite`), lies inside `root`, or `root`
+    holds no DICOM.
+    """
+    from flaxdose import plots
+    from flaxdose.dicom.importer import check_out_apart
+    from flaxdose.io import atomic_folder
+    from flaxdose.metrics import PROSTATE_METRIC_SPECS, parse_metric_spec
+
+    specs = tuple(PROSTATE_METRIC_SPECS if specs is None else specs)
+    for spec in specs:
+        parse_metric_spec(spec)  # a typo refused before any work
+    check_out_apart(root, out)
+    check_writable(out, overwrite)
+    plans = find_dicom_plans(root)
+    echo = echo or (lambda line: None)
+    results = []
+    with atomic_folder(out, overwrite) as tmp:
+        for entry in plans:
+            result = PlanResult(entry.name, entry.folder)
+            results.append(result)
+            if entry.problem:
+                result.error = entry.problem
+            else:
+                _predict_one_plan(model, entry, tmp / entry.name, result, prescription_gy, aliases, bits, specs,
+                                  figures, plots, batch_size)
+            echo(plan_line(result))
+        write_summary(results, tmp / SUMMARY_CSV)
+    out = Path(out)
+    for r in results:  # the paths where they are now
+        for field in ("rtdose", "metrics_csv", "figure", "saved"):
+            value = getattr(r, field)
+            if value is not None:
+                setattr(r, field, out / r.name / Path(value).name)
+    return results
+
+
+def _predict_one_plan(model, entry: DicomPlan, folder: Path, result: PlanResult, prescription_gy, aliases, bits,
+                      specs, figures, plots, batch_size) -> None:
+    try:
+        predicted = predict_dicom(model, entry.folder, prescription_gy, aliases=aliases, plan=entry.files,
+                                  batch_size=batch_size)
+    except FlaxdoseError as e:
+        result.error = str(e)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    result.prescription_gy = predicted.prescription_gy
+    try:
+        result.rtdose = export_plan_rtdose(predicted, entry.files, folder / RTDOSE_NAME, bits=bits)
+        on_grid = rtdose_case(entry.files, result.rtdose, predicted.structures, predicted.prescription_gy, aliases)
+    except FlaxdoseError as e:  # the prediction is not lost: kept on the model grid
+        result.saved = predicted.save(folder / "prediction.npz")
+        result.error = f"{e} (the prediction is kept in {entry.name}/prediction.npz)"
+        on_grid = predicted
+    rows = case_metric_rows(on_grid, specs, entry.name)
+    result.grid = grid_name(on_grid)
+    result.metrics = {f"{r['structure']} {r['metric']}": r["value"] for r in rows}
+    result.metrics_csv = write_metric_csv(rows, folder / PLAN_METRICS_CSV)
+    if figures:
+        result.figure = plots.plan_dose_figure(on_grid, folder / PLAN_FIGURE, title=f"{entry.name}: predicted dose "
+                                               f"({result.grid})")
+
+
+def plan_line(result: PlanResult) -> str:
+    """One console line for a plan: its folder and key metrics, or why it failed."""
+    import math
+
+    if result.error and not result.metrics:
+        return f"{result.name} ({result.folder}): FAILED: {result.error}"
+    shown = ", ".join(f"{k} {result.metrics[k]:.2f} Gy" for k in KEY_METRICS
+                      if k in result.metrics and math.isfinite(result.metrics[k]))
+    tail = f"; NOT EXPORTED: {result.error}" if result.error else ""
+    return f"{result.name} ({result.folder}): Rx {result.prescription_gy:g} Gy, {shown} [{result.grid}]{tail}"
+
+
+def write_summary(results: Sequence[PlanResult], path: str | Path) -> Path:
+    """One CSV row per plan: name, status ("ok", "not exported", "failed"), error, Rx, grid, files and
+    every metric of the plans (one column each, in first-seen order). No folder names (they may name
+    the patient)."""
+    import csv
+    import io as _io
+    import math
+
+    from flaxdose.io import atomic_write_text
+
+    keys = list(dict.fromkeys(k for r in results for k in r.metrics))
+    columns = ["plan", "status", "prescription_gy", "grid", "rtdose", "error", *keys]
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        status = "ok" if not r.error else "not exported" if r.metrics else "failed"
+        error = r.error.replace(r.folder, f"<{r.name} folder>") if r.folder not in ("", "?") else r.error
+        row = {"plan": r.name, "status": status, "grid": r.grid, "error": error.replace("\n", " "),
+               "prescription_gy": "" if math.isnan(r.prescription_gy) else f"{r.prescription_gy:g}",
+               "rtdose": f"{r.name}/{Path(r.rtdose).name}" if r.rtdose else ""}
+        row.update({k: "" if not math.isfinite(v) else f"{v:.4f}" for k, v in r.metrics.items()})
+        writer.writerow(row)
+    return atomic_write_text(path, buffer.getvalue())

@@ -12,6 +12,7 @@ Conventions (voxel-based, every voxel of a structure has equal weight):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -141,6 +142,145 @@ def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, dose_gy: Sequence[float] 
         return np.full(grid.shape, np.nan)
     below = np.searchsorted(values, grid, side="left")  # voxels with dose < d
     return 100.0 * (values.size - below) / values.size
+
+
+# ------------------------------------------------------------------ clinical metric specs
+# DVH metrics as physicists write them in constraint tables, "<structure> <metric>[<unit>]":
+#   Dmean, Dmax, Dmin                 dose (Gy; "[%]": % of the prescription)
+#   Dmax[0.03cc]                      near-maximum: the dose the hottest 0.03 cc receives (Gy)
+#   D95, D95%, D95[%], D2cc[Gy]       dose received by at least 95 % (or 2 cc) of the volume; the
+#                                     bracket is the unit of the result: Gy (default) or % of Rx
+#   V70Gy, V70Gy[%], V65Gy[cc], V95%  volume receiving at least 70 Gy (or 95 % of Rx): % of the
+#                                     structure (default) or cc
+# D at a volume follows the Dx convention of the module docstring: the k-th hottest voxel's dose
+# with k = ceil(volume / voxel volume) (at least 1, at most every voxel); V counts voxels with dose
+# >= the level (a voxel's whole volume counts: voxel-centre rasterization).
+PROSTATE_METRIC_SPECS = (
+    "PTV Dmean", "PTV D98", "PTV D95", "PTV D95[%]", "PTV D2", "PTV Dmax[0.03cc]",
+    "Rectum Dmean", "Rectum Dmax[0.03cc]", "Rectum V70Gy[%]", "Rectum V65Gy[%]", "Rectum V50Gy[%]",
+    "Bladder Dmean", "Bladder Dmax[0.03cc]", "Bladder V70Gy[%]", "Bladder V65Gy[%]",
+    "Femur_Head_L Dmax[0.03cc]", "Femur_Head_L V50Gy[%]", "Femur_Head_R Dmax[0.03cc]", "Femur_Head_R V50Gy[%]",
+)
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """One parsed metric spec (see the section comment): `kind` "Dmean", "Dmax", "Dmin", "D" (dose at a
+    volume) or "V" (volume at a dose); `volume` + `volume_unit` ("%" or "cc") for D; `level` +
+    `level_unit` ("Gy" or "%" of Rx) for V; `unit` of the value: "Gy" or "%Rx" (doses), "%" or "cc"
+    (volumes). `text` is the spec as written."""
+
+    text: str
+    structure: str
+    kind: str
+    unit: str
+    volume: float | None = None
+    volume_unit: str = ""
+    level: float | None = None
+    level_unit: str = ""
+
+    @property
+    def metric(self) -> str:
+        """The metric part of the spec (without the structure), as written."""
+        return self.text[len(self.structure):].strip()
+
+
+def parse_metric_spec(text: str) -> MetricSpec:
+    """Parse ``"<structure> <metric>"`` (e.g. ``"Rectum V70Gy[%]"``, ``"PTV D95[%]"``, ``"Dmax[0.03cc]"``
+    after a structure). Raises FlaxdoseError naming the forms accepted."""
+    import re
+
+    text = " ".join(str(text).split())
+    structure, _, metric = text.rpartition(" ")
+    forms = ("Dmean, Dmax, Dmin, Dmax[0.03cc], D95, D95%, D2cc, D95[%] (in % of Rx), V70Gy, V95% (of Rx), "
+             "V65Gy[cc]")
+    if not structure:
+        raise FlaxdoseError(f"metric spec {text!r} needs a structure and a metric, e.g. 'Rectum V70Gy[%]' ({forms})")
+    m = re.fullmatch(r"([A-Za-z]+?)(" + _NUMBER + r"?)(%|cc|Gy)?(?:\[([^\]]*)\])?", metric)
+    bad = FlaxdoseError(f"metric spec {text!r}: cannot read {metric!r}; write one of {forms}")
+    if m is None:
+        raise bad
+    head, number, unit_after, bracket = m.group(1), m.group(3), m.group(4) or "", (m.group(5) or "").strip()
+    bracket_low = bracket.lower().replace(" ", "")
+    out_unit = {"": "", "gy": "Gy", "%": "%", "cc": "cc"}.get(bracket_low)
+    if head in ("Dmean", "Dmax", "Dmin") and not number and not unit_after:
+        volume = re.fullmatch(_NUMBER + r"cc", bracket_low)
+        if head == "Dmax" and volume:  # Dmax[0.03cc]: the hottest 0.03 cc
+            return MetricSpec(text, structure, "D", "Gy", float(volume.group(1)), "cc")
+        if out_unit not in ("", "Gy", "%"):
+            raise bad
+        return MetricSpec(text, structure, head, "%Rx" if out_unit == "%" else "Gy")
+    if head == "D" and number:
+        if unit_after == "Gy" or out_unit not in ("", "Gy", "%"):
+            raise bad
+        value = float(number)
+        if unit_after != "cc" and not 0 <= value <= 100:
+            raise FlaxdoseError(f"metric spec {text!r}: a volume in % lies in 0..100")
+        return MetricSpec(text, structure, "D", "%Rx" if out_unit == "%" else "Gy", value, unit_after or "%")
+    if head == "V" and number:
+        if unit_after not in ("Gy", "%") or out_unit not in ("", "%", "cc"):
+            raise bad
+        return MetricSpec(text, structure, "V", out_unit or "%", level=float(number), level_unit=unit_after)
+    raise bad
+
+
+def metric_value(spec: MetricSpec | str, dose: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float],
+                 prescription_gy: float | None = None) -> float:
+    """The value of one metric spec for `dose` (Gy, any axis order) inside `mask` (same shape) on voxels
+    of `spacing_mm`; NaN for an empty mask. Raises FlaxdoseError when the spec needs a prescription
+    (``[%]`` doses, ``V95%``) and none > 0 is given."""
+    spec = parse_metric_spec(spec) if isinstance(spec, str) else spec
+    dose, mask = np.asarray(dose), np.asarray(mask, bool)
+    _same_grid(dose, mask, f"metric {spec.text!r}")
+    needs_rx = spec.unit == "%Rx" or spec.level_unit == "%"
+    if needs_rx and not (prescription_gy and prescription_gy > 0):
+        raise FlaxdoseError(f"metric {spec.text!r} is in % of the prescription; give the prescription")
+    values = np.sort(dose[mask].astype(np.float64))[::-1]  # hottest first
+    n = values.size
+    if n == 0:
+        return float("nan")
+    voxel_cc = float(np.prod(spacing_mm)) / 1000.0
+    if spec.kind == "V":
+        level = spec.level * (prescription_gy / 100.0 if spec.level_unit == "%" else 1.0)
+        count = int(np.count_nonzero(values >= level))
+        return 100.0 * count / n if spec.unit == "%" else count * voxel_cc
+    if spec.kind == "Dmean":
+        gy = float(values.mean())
+    elif spec.kind == "Dmax":
+        gy = float(values[0])
+    elif spec.kind == "Dmin":
+        gy = float(values[-1])
+    else:
+        share = spec.volume / 100.0 * n if spec.volume_unit == "%" else spec.volume / voxel_cc
+        k = int(np.ceil(share - 1e-9))
+        gy = float(values[min(max(k, 1), n) - 1])
+    return 100.0 * gy / prescription_gy if spec.unit == "%Rx" else gy
+
+
+def spec_metrics(dose: np.ndarray, masks: np.ndarray, structures: Sequence[str], spacing_mm: Sequence[float],
+                 prescription_gy: float | None, specs: Iterable[str | MetricSpec] = PROSTATE_METRIC_SPECS,
+                 missing: str = "skip") -> dict[str, float]:
+    """``{spec text: value}`` of every spec (`metric_value`) with `masks` (S, ...) in `structures` order.
+
+    A spec of a structure not in `structures` is left out (`missing="skip"`) or refused
+    (``"raise"``: FlaxdoseError naming the structures there are)."""
+    out = {}
+    for spec in specs:
+        spec = parse_metric_spec(spec) if isinstance(spec, str) else spec
+        if spec.structure not in structures:
+            if missing == "raise":
+                raise FlaxdoseError(f"metric {spec.text!r}: no structure {spec.structure!r} (there are "
+                                    f"{list(structures)})")
+            continue
+        out[spec.text] = metric_value(spec, dose, masks[list(structures).index(spec.structure)], spacing_mm,
+                                      prescription_gy)
+    return out
+
+
+def spec_unit(spec: str | MetricSpec) -> str:
+    """The unit of a spec's value: "Gy", "%Rx", "%" (of the structure) or "cc"."""
+    return (parse_metric_spec(spec) if isinstance(spec, str) else spec).unit
 
 
 # ------------------------------------------------------------------ OpenKBP scores

@@ -307,3 +307,76 @@ def plan_bands(plan, member_doses: np.ndarray, rows: Sequence[Mapping], path: st
     flagged = sum(bool(r["flagged"]) for r in rows)
     fig.suptitle(f"Plan {plan.case_id}: {flagged} metric(s) flagged")
     return _save(fig, path)
+
+
+ISODOSE_LINES_PCT = (95, 80, 50, 20)  # of the prescription, as a planning system shows them
+ISODOSE_LINE_COLORS = ("red", "orange", "yellow", "cyan")
+
+
+def plan_dose_figure(case, path: str | Path, title: str = "") -> Path:
+    """One plan's dose: axial, coronal and sagittal slices through the target centre and its DVHs.
+
+    `case`: a Case with `dose` (Gy, [x, y, z]), masks, `origin_mm`, `spacing_mm` (LPS) and a
+    prescription. Slices show the dose in grey, isodose lines at `ISODOSE_LINES_PCT` % of the
+    prescription, and each structure's outline in its own colour (legend); axes are patient
+    coordinates in mm (x right->left, y anterior->posterior, z inferior->superior; the slice
+    position is in each title). Radiological view: patient right on the image left, anterior up
+    (axial), superior up (coronal, sagittal). Writes a PNG at `path` and returns it.
+    """
+    dose = np.asarray(case.dose, np.float32)
+    rx = float(case.prescription_gy) or float(dose.max()) or 1.0
+    i, j, k = _slice_index(case)
+    coords = [case.origin_mm[a] + case.spacing_mm[a] * np.arange(case.shape[a]) for a in range(3)]
+    half = [case.spacing_mm[a] / 2 for a in range(3)]
+    ext = lambda a: (coords[a][0] - half[a], coords[a][-1] + half[a])
+    views = [  # (title, cut to 2-D rows x cols, (x0, x1, y_bottom, y_top), x label, y label)
+        (f"axial z = {coords[2][k]:.1f} mm", lambda v: v[:, :, k].T, (*ext(0), ext(1)[1], ext(1)[0]),
+         "x (mm, R→L)", "y (mm, A→P)"),
+        (f"coronal y = {coords[1][j]:.1f} mm", lambda v: v[:, j, :].T, (*ext(0), *ext(2)), "x (mm, R→L)",
+         "z (mm, I→S)"),
+        (f"sagittal x = {coords[0][i]:.1f} mm", lambda v: v[i, :, :].T, (*ext(1), *ext(2)), "y (mm, A→P)",
+         "z (mm, I→S)"),
+    ]
+    structures = [n for n in case.structures if n != BODY]
+    palette = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray", "navy")
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(structures)}  # none an isodose line's colour
+    fig = _new_figure(17.0, 4.8)
+    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 1.25], wspace=0.35)
+    vmax = 1.1 * max(float(dose.max()), rx)
+    for col, (name, cut, extent, xlabel, ylabel) in enumerate(views):
+        ax = fig.add_subplot(grid[0, col])
+        origin = "upper" if col == 0 else "lower"
+        ax.imshow(cut(dose), cmap="gray", vmin=0, vmax=vmax, extent=extent, origin=origin, interpolation="nearest")
+        plane = cut(dose)
+        levels = [p / 100 * rx for p in sorted(ISODOSE_LINES_PCT)]
+        if plane.max() >= levels[0]:
+            ax.contour(plane, levels=levels, colors=list(ISODOSE_LINE_COLORS[::-1]), linewidths=1.0, extent=extent,
+                       origin=origin)
+        for structure in structures:
+            mask = cut(case.mask(structure)).astype(float)
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=colors[structure], linewidths=1.3, extent=extent, origin=origin)
+        ax.set_title(name, fontsize="small")
+        ax.set_xlabel(xlabel, fontsize="x-small")
+        ax.set_ylabel(ylabel, fontsize="x-small")
+        ax.tick_params(labelsize="x-small")
+        ax.set_aspect("equal")
+    ax = fig.add_subplot(grid[0, 3])
+    doses = np.linspace(0.0, vmax, 300)
+    for structure in structures:
+        mask = case.mask(structure)
+        if mask.any():
+            ax.plot(doses, cumulative_dvh(dose, mask, doses), color=colors[structure], lw=1.4)
+    ax.axvline(rx, color="0.5", lw=0.8, linestyle="--")
+    ax.set_xlim(0, doses[-1])
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("Dose (Gy)")
+    ax.set_ylabel("Volume (%)")
+    ax.set_title("Cumulative DVH (prescription dashed)", fontsize="small")
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colors[s], lw=2, label=s) for s in structures]
+    handles += [Line2D([], [], color=c, lw=1, label=f"{p} % Rx ({p / 100 * rx:.1f} Gy)")
+                for p, c in zip(ISODOSE_LINES_PCT, ISODOSE_LINE_COLORS)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small")
+    fig.suptitle(title or f"Dose, prescription {rx:g} Gy", fontsize="small")
+    return _save(fig, path)

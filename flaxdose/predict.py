@@ -3,12 +3,19 @@
 ``python -m flaxdose.predict --workdir W [--data DIR] --split test --out OUT`` predicts every
 case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy);
 ``--data`` defaults to the dataset the run trained on.
-``--rtdose_out DIR --reference CT_DIR`` also writes the prediction of one case as a DICOM
-RTDOSE on that patient's CT; ``--dicom PATIENT_DIR`` predicts straight from a patient's
-DICOM-RT export (CT + RTSTRUCT [+ RTPLAN]) on the paper's model grid (at the model's training
-voxel spacing and the same field of view when it was trained on another, `flaxdose.inference.predict_dicom`;
-``flaxdose.qa --dicom`` reads on the same grid). Sliding windows of the
-training patch size by default; ``--full_volume`` predicts each volume in one pass.
+
+DICOM-RT, folder in, folder out: ``--dicom EXPORT_ROOT --out OUT`` predicts every plan found
+under EXPORT_ROOT (CT + RTSTRUCT [+ RTPLAN] per plan, any folder layout) and writes per plan
+OUT/plan_NN/RD_flaxdose.dcm (an RTDOSE on the plan's CT series and frame of reference,
+referencing its RTPLAN), metrics.csv (DVH metrics on that RTDOSE's own grid: the paper's and
+``--metrics``, default prostate constraints) and dose.png, plus OUT/summary.csv; the console
+shows each plan's folder and key metrics (`flaxdose.inference.predict_dicom_folder`). One plan
+failing does not stop the others: it is listed and the exit status is 1.
+``--dicom PATIENT_DIR --rtdose_out FILE.dcm|DIR`` predicts the one plan of PATIENT_DIR (DIR gets
+RD_flaxdose.dcm; a rerun replaces it with ``--overwrite``). ``--rtdose_out DIR --reference CT_DIR``
+writes the prediction of one dataset case on that patient's CT. The export is read on the model
+grid (its training voxel spacing, the default field of view; ``flaxdose.qa --dicom`` reads on the
+same grid); ``--aliases FILE`` maps the export's ROI names onto the model's structures.
 
 A case that cannot be predicted (no target, another voxel spacing than the model's, ...) is
 left out of ``--out`` and listed (log, the printed line, the manifest's ``failed``): exit
@@ -16,6 +23,7 @@ status 1; 2 when no case could be predicted.
 """
 
 import json
+from pathlib import Path
 
 from absl import flags
 
@@ -35,50 +43,140 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
     flags.DEFINE_bool("full_volume", False, "one whole-volume pass per case instead of sliding windows")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
-    flags.DEFINE_string("dicom", None, "predict one patient straight from its DICOM-RT export folder")
+    flags.DEFINE_string("dicom", None, "a DICOM-RT export: with --out, a root whose every plan is predicted; with "
+                        "--rtdose_out, one patient's folder")
     flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
+    flags.DEFINE_string("aliases", None, "--dicom: JSON file mapping structures to ROI names, e.g. "
+                        '{"Rectum": ["Rektum_wall"]}')
+    flags.DEFINE_enum("bits", "32", ["16", "32"], "bits per stored dose value in the RTDOSE")
+    flags.DEFINE_list("metrics", None, "--dicom --out: DVH metrics as physicists write them, e.g. "
+                      "'Rectum V70Gy[%],Bladder V65Gy[cc],PTV D95[%],PTV Dmax[0.03cc]' (default: prostate constraints)")
     flags.DEFINE_string("case", None, "with --rtdose_out: the case of --data/--split to export")
-    flags.DEFINE_string("rtdose_out", None, "folder for an RTDOSE of the prediction (one case)")
+    flags.DEFINE_string("rtdose_out", None, "RTDOSE of one prediction: a .dcm file, or a folder (gets RD_flaxdose.dcm)")
     flags.DEFINE_string("reference", None, "the patient's CT folder for --rtdose_out (default: --dicom)")
-    flags.DEFINE_string("plan", None, "the patient's RTPLAN file, referenced by the RTDOSE")
-
+    flags.DEFINE_string("plan", None, "the patient's RTPLAN file, referenced by the RTDOSE (default: the export's)")
 
 def main(argv):
-    """absl main: load the model, predict `--data`/`--split` into `--out` or one `--dicom` patient, then
-    optionally write one prediction as RTDOSE; exit status 1 when some cases could not be predicted.
-    Raises FlaxdoseError for missing or conflicting flags, or when no case could be predicted."""
+    """absl main: load the model, predict `--data`/`--split` into `--out`, or the plans of a `--dicom` export
+    (every plan into `--out`, or one into `--rtdose_out`); exit status 1 when some cases or plans could not
+    be predicted. Raises FlaxdoseError for missing or conflicting flags, or when nothing could be predicted."""
     del argv
     usage = ("usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
-             "(--out OUT [--data DIR] | --dicom PATIENT_DIR --rtdose_out DIR)")
+             "(--out OUT [--data DIR] | --dicom EXPORT_ROOT --out OUT | --dicom PATIENT_DIR --rtdose_out FILE_OR_DIR)")
+    if FLAGS.dicom and not (FLAGS.out or FLAGS.rtdose_out):
+        raise FlaxdoseError("--dicom needs --out OUT (every plan under an export root: RTDOSE, metrics, figure per "
+                            "plan) or --rtdose_out FILE.dcm|DIR (one patient's RTDOSE)")
     cli.require(usage, workdir=(FLAGS.workdir or FLAGS.checkpoint, "or --checkpoint: the model to predict with"),
-                out=(FLAGS.out or FLAGS.dicom, "the folder for the predicted cases; or --dicom"))
-    if FLAGS.dicom and not FLAGS.rtdose_out:
-        raise FlaxdoseError("--dicom needs --rtdose_out DIR, the folder the predicted RTDOSE is written to")
+                out=(FLAGS.out or FLAGS.rtdose_out, "the folder for the predictions (or --rtdose_out with --dicom)"))
+    if FLAGS.dicom and FLAGS.out and FLAGS.rtdose_out:
+        raise FlaxdoseError("--dicom takes --out OUT (every plan of an export root) or --rtdose_out (one patient), "
+                            "not both")
     if FLAGS.rtdose_out and not (FLAGS.reference or FLAGS.dicom):
         raise FlaxdoseError("--rtdose_out needs --reference CT_DIR, the patient's CT the dose is written on")
     if FLAGS.data and not FLAGS.out:
         raise FlaxdoseError("--data needs --out, the folder for the predicted cases")
+    if FLAGS.data and FLAGS.dicom:
+        raise FlaxdoseError("predict either a dataset (--data) or a DICOM export (--dicom), not both")
+    aliases = _aliases()
+    bits = int(FLAGS.bits)
+    if FLAGS.rtdose_out:
+        inference.resolve_rtdose_path(FLAGS.rtdose_out)  # a bad path refused before the long work
     run = FLAGS.checkpoint or FLAGS.workdir
+    check_run_exists(run, "--checkpoint" if FLAGS.checkpoint else "--workdir")
+    if FLAGS.dicom and FLAGS.out:
+        from flaxdose.io import check_writable
+
+        check_writable(FLAGS.out, FLAGS.overwrite)
+        model = inference.Model.load(run, full_volume=FLAGS.full_volume)
+        results = inference.predict_dicom_folder(model, FLAGS.dicom, FLAGS.out, prescription_gy=FLAGS.prescription_gy,
+                                                 aliases=aliases, bits=bits, specs=FLAGS.metrics,
+                                                 overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size, echo=print)
+        failed = {r.name: f"{r.folder}: {r.error}" for r in results if r.error}
+        done = [r.name for r in results if r.rtdose]
+        print(json.dumps({"plans": len(results), "rtdose_written": len(done), "out": str(Path(FLAGS.out).resolve()),
+                          "summary": str(Path(FLAGS.out).resolve() / inference.SUMMARY_CSV), "failed": failed}))
+        if not done and not any(r.metrics for r in results):
+            raise FlaxdoseError(f"no plan under {FLAGS.dicom} could be predicted: " + "; ".join(
+                f"{k} ({v})" for k, v in failed.items()))
+        return cli.PARTIAL_FAILURE if failed else 0
     model = inference.Model.load(run, full_volume=FLAGS.full_volume)
     failed = {}
     if FLAGS.dicom:
-        predicted = [inference.predict_dicom(model, FLAGS.dicom, FLAGS.prescription_gy)]
-    else:
-        data = FLAGS.data or inference.run_dataset(run)
-        result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite,
-                                           keep_going=True)
-        ids, failed = result.split(FLAGS.split), result.manifest["failed"]
-        print(json.dumps({"predicted": len(ids), "out": str(result.root), "failed": failed}))
-        if FLAGS.rtdose_out and FLAGS.case in failed:
+        return _one_dicom_patient(model, aliases, bits)
+    data = FLAGS.data or inference.run_dataset(run)
+    result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite,
+                                       keep_going=True)
+    ids, failed = result.split(FLAGS.split), result.manifest["failed"]
+    print(json.dumps({"predicted": len(ids), "out": str(result.root), "failed": failed}))
+    if FLAGS.rtdose_out:
+        if FLAGS.case in failed:
             raise FlaxdoseError(f"case {FLAGS.case!r} could not be predicted ({failed[FLAGS.case]}); "
                                 f"choose another --case of {ids[:10]}")
-        predicted = [result.load(i) for i in ([FLAGS.case] if FLAGS.case else ids)] if FLAGS.rtdose_out else []
-    if FLAGS.rtdose_out:
+        predicted = [result.load(i) for i in ([FLAGS.case] if FLAGS.case else ids)]
         if len(predicted) != 1:
             raise FlaxdoseError(f"--rtdose_out writes one patient's dose; choose one with --case (of {len(predicted)})")
-        path = inference.export_rtdose(predicted[0], FLAGS.reference or FLAGS.dicom, FLAGS.rtdose_out, FLAGS.plan)
+        path = inference.export_rtdose(predicted[0], FLAGS.reference, FLAGS.rtdose_out, FLAGS.plan, bits=bits,
+                                       overwrite=FLAGS.overwrite)
         print(json.dumps({"rtdose": str(path)}))
     return cli.PARTIAL_FAILURE if failed else 0  # the log and the printed line name the failed cases
+
+
+def _aliases():
+    from flaxdose.dicom import AliasTable
+
+    if FLAGS.aliases and not FLAGS.dicom:
+        raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
+    return AliasTable.from_file(FLAGS.aliases)
+
+
+def check_run_exists(path: str, flag: str) -> None:
+    """Refuse a workdir or checkpoint that does not exist, saying so (not a missing checkpoint inside it)."""
+    if not Path(path).exists():
+        raise FlaxdoseError(f"{flag} {path} does not exist; give a training workdir (python -m flaxdose.train "
+                            "--config=quick --workdir W makes one)")
+
+
+def _one_dicom_patient(model, aliases, bits: int) -> int:
+    """--dicom PATIENT_DIR --rtdose_out: the export's one plan, written onto the CT series and frame of
+    reference it was read from; when the RTDOSE cannot be written the prediction is saved beside it."""
+    plans = inference.find_dicom_plans(FLAGS.dicom)
+    if len(plans) != 1:
+        names = "; ".join(f"{p.folder}" + (f" ({p.problem})" if p.problem else "") for p in plans)
+        raise FlaxdoseError(f"{FLAGS.dicom} holds {len(plans)} plans ({names}); --rtdose_out writes one: give one "
+                            "patient's folder, or predict them all with --out OUT")
+    entry = plans[0]
+    if entry.problem:
+        raise FlaxdoseError(f"the DICOM export {entry.folder}: {entry.problem}")
+    predicted = inference.predict_dicom(model, entry.folder, FLAGS.prescription_gy, aliases=aliases, plan=entry.files,
+                                        batch_size=FLAGS.batch_size)
+    target = inference.resolve_rtdose_path(FLAGS.rtdose_out)
+    try:
+        if FLAGS.reference or FLAGS.plan:
+            path = inference.export_rtdose(predicted, FLAGS.reference or [f.path for f in entry.files.ct],
+                                           target, FLAGS.plan or (entry.files.plan.path if entry.files.plan else None),
+                                           bits=bits, ct_series_uid=None if FLAGS.reference else
+                                           (entry.files.ct[0].series_uid if entry.files.ct else None),
+                                           overwrite=FLAGS.overwrite)
+        else:
+            path = inference.export_plan_rtdose(predicted, entry.files, target, bits=bits, overwrite=FLAGS.overwrite)
+    except FlaxdoseError as e:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kept = predicted.save(target.parent / "prediction.npz")
+        raise FlaxdoseError(f"{e} (the prediction is kept as {kept}: a flaxdose Case, dose in Gy)") from None
+    on_grid = inference.rtdose_case(entry.files, path, predicted.structures, predicted.prescription_gy, aliases)
+    result = inference.PlanResult("plan", entry.folder, rtdose=path, grid=inference.grid_name(on_grid),
+                                  prescription_gy=predicted.prescription_gy,
+                                  metrics={f"{r['structure']} {r['metric']}": r["value"] for r in
+                                           inference.case_metric_rows(on_grid, FLAGS.metrics or _default_specs(), "")})
+    print(inference.plan_line(result))
+    print(json.dumps({"rtdose": str(path)}))
+    return 0
+
+
+def _default_specs():
+    from flaxdose.metrics import PROSTATE_METRIC_SPECS
+
+    return PROSTATE_METRIC_SPECS
 
 
 def run():

@@ -119,7 +119,7 @@ def test_bad_output_paths_and_a_damaged_checkpoint_are_one_line_errors(tmp_path,
                               timeout=300)
 
     no_rtdose = cli(f"--workdir={workdir}", f"--dicom={tmp_path}")
-    assert no_rtdose.returncode == 2 and "--dicom needs --rtdose_out" in no_rtdose.stderr
+    assert no_rtdose.returncode == 2 and "--dicom needs --out OUT" in no_rtdose.stderr
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     under_a_file = cli(f"--workdir={workdir}", f"--out={a_file / 'pred'}")

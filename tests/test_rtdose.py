@@ -109,16 +109,22 @@ def test_round_trip_on_ct_grid_with_plan(model_case, export, tmp_path):
 
 
 def test_reimport_of_exported_dose(model_case, export, tmp_path):
-    """The exported RTDOSE loads back with the patient's CT and structures like a TPS dose."""
+    """The exported RTDOSE loads back on the patient's grid like a TPS dose; written beside the plan's own
+    RTDOSE it is recognised as flaxdose's (Manufacturer) and never read as the plan's dose."""
     folder = tmp_path / "patient"
     shutil.copytree(export["FFS"]["folder"], folder)
-    (folder / "RD.dcm").unlink()
-    write_rtdose(model_case, folder, folder / "RD_pred.dcm", plan_path=folder / "RP.dcm")
+    path = write_rtdose(model_case, folder, folder / "RD_pred.dcm", plan_path=folder / "RP.dcm")
+    assert pydicom.dcmread(path, stop_before_pixels=True).Manufacturer == "flaxdose"
+    dose, grid = read_dose(path)
+    src = Grid(model_case.origin_mm, model_case.spacing_mm, model_case.shape)
+    back = resample(dose, grid, src)  # CT grid -> model grid again
+    inner = (slice(6, -6),) * 3  # away from the edge of the plan's dose grid (zero beyond it)
+    assert np.abs(back - np.clip(model_case.dose, 0, None))[inner].max() < 0.01 * model_case.dose.max()
     again = read_rt(folder, structures=F.STRUCTURES, grid="model", model_shape=model_case.shape,
                     model_spacing_mm=model_case.spacing_mm)
-    np.testing.assert_allclose(again.origin_mm, model_case.origin_mm)
-    inner = (slice(6, -6),) * 3  # away from the edge of the plan's dose grid (zero beyond it)
-    assert np.abs(again.dose - np.clip(model_case.dose, 0, None))[inner].max() < 0.01 * model_case.dose.max()
+    plan_dose = read_rt(export["FFS"]["folder"], structures=F.STRUCTURES, grid="model", model_shape=model_case.shape,
+                        model_spacing_mm=model_case.spacing_mm).dose
+    np.testing.assert_array_equal(again.dose, plan_dose)  # the plan's own dose, not the prediction
 
 
 def test_dose_grid_scaling_never_clips():
@@ -145,12 +151,38 @@ def test_export_errors(model_case, export, tmp_path):
     assert not (tmp_path / "x.dcm").exists()
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) not installed")
-def test_dciodvfy_accepts_the_export(model_case, export, tmp_path):
-    # 16-bit: the Debian dicom3tools build (2022) aborts on any 32-bit pixel data, valid or not
-    path = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "rd.dcm",
-                        plan_path=export["FFS"]["plan"], bits=16)
+def _dciodvfy(path):
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    report = result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def _as_16_bit(path, out):
+    """The same RTDOSE with its pixel data re-encoded at 16 bits (DoseGridScaling adjusted), every other
+    attribute unchanged: what dciodvfy can check of a 32-bit file, whose pixel data its Debian build
+    (dicom3tools 2022) cannot parse (it aborts: Assertion `bitsallocated <= bytesinword*8u')."""
+    ds = pydicom.dcmread(path)
+    dose = ds.pixel_array.astype(np.float64) * float(ds.DoseGridScaling)
+    ds.DoseGridScaling = dose_grid_scaling(float(dose.max()), 16)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = np.rint(dose / float(ds.DoseGridScaling)).astype("<u2").tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) not installed; .ci/run "
+                    "installs it")
+@pytest.mark.parametrize("bits", [16, 32])
+def test_dciodvfy_accepts_the_export(model_case, export, tmp_path, bits):
+    """Every RTDOSE written with its RTPLAN passes dciodvfy without an Error line (issue 30): 16 bit as written,
+    32 bit through a 16-bit copy of it (the rest is read strictly by pydicom, `_strict_read`)."""
+    path = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "rd.dcm",
+                        plan_path=export["FFS"]["plan"], bits=bits)
+    _strict_read(path)
+    report = _dciodvfy(path)
+    if bits == 32 and "bitsallocated <= bytesinword" in report:
+        report = _dciodvfy(_as_16_bit(path, tmp_path / "rd16.dcm"))
     assert "RTDose" in report
-    assert "Error" not in report, report
+    assert [line for line in report.splitlines() if "Error" in line] == [], report
+    # without its RTPLAN a PLAN dose lacks the Type 1C ReferencedRTPlanSequence: the validator says so
+    bare = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "bare.dcm", bits=16)
+    assert "ReferencedRTPlanSequence" in _dciodvfy(bare)
