@@ -538,6 +538,7 @@ class DicomPlan:
     folder: str
     files: object | None
     problem: str = ""
+    stray_doses: list = dataclasses.field(default_factory=list)  # the patient's RTDOSE files no plan uses
 
 
 def _common_folder(paths: Iterable[Path]) -> str:
@@ -583,11 +584,49 @@ def find_dicom_plans(root: str | Path) -> list[DicomPlan]:
     for folder in sorted({str(Path(p).parent) for p, _ in rest}):
         found.append(DicomPlan("", folder, None, plan_damage([d for d in rest if str(Path(d[0]).parent) == folder],
                                                              where="here") or "damaged files"))
+    used = {d.sop_uid for p in grouping.plans for d in p.doses}
+    for entry in found:
+        if entry.files is not None:
+            entry.stray_doses = [f for f in files if f.kind == "RTDOSE" and f.patient_id == entry.files.patient_id
+                                 and f.sop_uid not in used and not getattr(f, "predicted", False)]
     found.sort(key=lambda p: (p.folder, p.files.plan.path.name if p.files is not None and p.files.plan else ""))
     width = max(2, len(str(len(found))))
     for i, p in enumerate(found):
         p.name = f"plan_{i + 1:0{width}d}"
     return found
+
+
+def one_dicom_plan(patient_dir: str | Path) -> DicomPlan:
+    """The one readable plan of a patient's export folder (`find_dicom_plans`). Raises FlaxdoseError when the
+    folder does not exist, holds no plan or several (naming them), or its plan cannot be read (why)."""
+    if not Path(patient_dir).is_dir():
+        problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
+        raise FlaxdoseError(f"the DICOM export {patient_dir} {problem}; give the folder of one patient's "
+                            "CT, RTSTRUCT and RTPLAN files")
+    plans = find_dicom_plans(patient_dir)
+    if len(plans) != 1:
+        names = "; ".join(f"{p.folder}" + (f" ({p.problem})" if p.problem else "") for p in plans)
+        raise FlaxdoseError(f"{patient_dir} holds {len(plans)} plans ({names}); give one patient's folder (one "
+                            "plan), or predict them all with python -m flaxdose.predict --dicom ROOT --out OUT")
+    if plans[0].problem:
+        raise FlaxdoseError(f"the DICOM export {plans[0].folder}: {plans[0].problem}")
+    return plans[0]
+
+
+def missing_dose_reason(entry: DicomPlan) -> str:
+    """Why `entry`'s plan has no RTDOSE, in words: no RTDOSE in the export at all, or RTDOSE files there that
+    belong to another frame of reference (or plan) than the CT and structures."""
+    if not entry.stray_doses:
+        return (f"{entry.folder} holds no RTDOSE for the plan; export the plan's calculated dose (RTDOSE, "
+                "DoseSummationType PLAN) with the CT, structures and RTPLAN")
+    other = [d for d in entry.stray_doses if d.for_uid != entry.files.for_uid]
+    names = ", ".join(d.path.name for d in entry.stray_doses[:3])
+    if other:
+        return (f"the RTDOSE in {entry.folder} ({names}) is on frame of reference {other[0].for_uid}, the CT and "
+                f"structure set on {entry.files.for_uid}: it is the dose of another plan or another CT, not this "
+                "plan's; export the dose calculated on this CT (or the CT and structures its plan was made on)")
+    return (f"the RTDOSE in {entry.folder} ({names}) belongs to another RTPLAN than the structure set's; export this "
+            "plan's dose")
 
 
 def resolve_rtdose_path(out: str | Path) -> Path:

@@ -67,7 +67,7 @@ ALL_SPLITS = "all"
 # uncertain (the 95 % band is already +-2.78 sigma at n=5, 2.26 at 10, from the t quantile with n-1 d.o.f.).
 MIN_CALIBRATION_PLANS = 10
 ROW_COLUMNS = ("rank", "case_id", "structure", "metric", "role", "plan_gy", "predicted_gy", "lower_gy", "upper_gy",
-               "sigma_gy", "members_gy", "position", "excess_gy", "excess_sigma", "flagged", "finding")
+               "sigma_gy", "members_gy", "position", "excess_gy", "excess_sigma", "flagged", "finding", "grid")
 FINDINGS = {"oar": "OAR above the predicted band: possible further sparing",
             "coverage": "target coverage below the predicted band"}
 
@@ -335,16 +335,20 @@ def check_plan(plan: Case, prediction: EnsemblePrediction, calibration: Calibrat
                tolerance_gy: float = DEFAULT_TOLERANCE_GY) -> list[dict]:
     """One row per DVH metric of `plan`: its value against its band, and the flag (module docstring).
 
-    Row keys: ROW_COLUMNS except ``rank``. ``position`` is "inside", "above", "below", or
+    Row keys: ROW_COLUMNS except ``rank``; ``grid`` names the grid the metrics were taken on (the plan's:
+    its own RTDOSE grid for a DICOM export, `on_plan_grid`). ``position`` is "inside", "above", "below", or
     "n/a" (no band: the calibration lacks the metric, or the structure is empty).
     """
+    from flaxdose.inference import grid_name
+
     check_same_anatomy(prediction, plan)
+    grid = grid_name(plan)
     rows = []
     for key, value in case_metrics(plan).items():
         structure, metric = split_key(key)
         rule = flag_rule(structure, metric, plan.targets)
         band = calibration.band(key, prediction, level) if math.isfinite(value) else None
-        row = {"case_id": plan.case_id, "structure": structure, "metric": metric,
+        row = {"case_id": plan.case_id, "structure": structure, "metric": metric, "grid": grid,
                "role": "target" if structure in plan.targets else "OAR", "plan_gy": value,
                "members_gy": " ".join(f"{v:.2f}" for v in prediction.member_metrics.get(key, ())),
                "position": "n/a", "excess_gy": math.nan, "excess_sigma": math.nan, "flagged": False, "finding": ""}
@@ -445,19 +449,58 @@ def load_plans(data: str | Path, split: str = ALL_SPLITS) -> tuple[list[Case], l
 
 
 def read_dicom_plan(patient_dir: str | Path, ensemble: Ensemble, prescription_gy: float | None = None,
-                    model_shape: Sequence[int] | None = None, model_spacing_mm: Sequence[float] | None = None) -> Case:
+                    model_shape: Sequence[int] | None = None, model_spacing_mm: Sequence[float] | None = None,
+                    aliases=None) -> Case:
     """One patient's DICOM-RT export (CT, RTSTRUCT, RTDOSE, RTPLAN) on the model grid, with the plan's dose.
 
     The grid is the one `flaxdose.inference.predict_dicom` predicts on (`inference.read_dicom_case`:
-    the members' training spacing when the default does not fit it), unless given. Raises
-    FlaxdoseError when the export cannot be read, has no RTDOSE, no prescription, or a member
-    cannot predict it (naming the folder).
+    the members' training spacing when the default does not fit it), unless given. `aliases`: a
+    `flaxdose.dicom.AliasTable`. Raises FlaxdoseError when the export cannot be read, has no RTDOSE
+    of this plan (saying why: none, or one on another frame of reference), no prescription, or a
+    member cannot predict it (naming the folder).
     """
-    case = read_dicom_case(ensemble.models, patient_dir, prescription_gy, read_dose=True, model_shape=model_shape,
-                           model_spacing_mm=model_spacing_mm)
-    if case.dose is None:
-        raise FlaxdoseError(f"{patient_dir} has no RTDOSE; plan QA compares the plan's dose with the prediction")
-    return case
+    return read_dicom_plans(patient_dir, ensemble, prescription_gy, model_shape, model_spacing_mm, aliases)[0]
+
+
+def read_dicom_plans(patient_dir: str | Path, ensemble: Ensemble, prescription_gy: float | None = None,
+                     model_shape: Sequence[int] | None = None, model_spacing_mm: Sequence[float] | None = None,
+                     aliases=None) -> tuple[Case, Case]:
+    """(the plan on the model grid, the plan on its own RTDOSE grid) of one patient's export.
+
+    The first is what the members predict (`read_dicom_plan`); the second holds the plan's dose as
+    exported (Gy, [x, y, z], no resampling) and the structures rasterized on that grid, as the
+    planning system computes its DVH: QA's plan metrics come from it (`on_plan_grid`). Both have the
+    same case id. Raises FlaxdoseError as `read_dicom_plan`.
+    """
+    from flaxdose.dicom import read_plan
+    from flaxdose.inference import missing_dose_reason, one_dicom_plan
+
+    entry = one_dicom_plan(patient_dir)
+    if not entry.files.doses:
+        raise FlaxdoseError(f"{missing_dose_reason(entry)}; plan QA compares the plan's dose with the prediction")
+    case = read_dicom_case(ensemble.models, entry.folder, prescription_gy, read_dose=True, model_shape=model_shape,
+                           model_spacing_mm=model_spacing_mm, aliases=aliases, plan=entry.files)
+    own = read_plan(entry.files, ensemble.structures, grid="dose", prescription_gy=case.prescription_gy,
+                    aliases=aliases, case_id=case.case_id)
+    return case, own
+
+
+def on_plan_grid(prediction: EnsemblePrediction, plan: Case) -> EnsemblePrediction:
+    """`prediction` (made on the model grid) brought to `plan`'s grid (its own RTDOSE grid): every member's
+    dose resampled trilinearly (0 outside the model grid), the metrics recomputed with `plan`'s masks, the
+    mean dose as the prediction's case. Plan and prediction metrics are then both taken on the plan's
+    grid, the numbers a planning system shows for the plan."""
+    from flaxdose.data.grid import Grid
+    from flaxdose.dicom import resample
+
+    src = prediction.case
+    src_grid, dst_grid = Grid(src.origin_mm, src.spacing_mm, src.shape), Grid(plan.origin_mm, plan.spacing_mm, plan.shape)
+    doses = np.stack([resample(d, src_grid, dst_grid, order=1, cval=0.0) for d in prediction.member_doses])
+    doses = doses.astype(np.float32)
+    metrics = [case_metrics(plan, d) for d in doses]
+    member_metrics = {k: np.array([m[k] for m in metrics], np.float64) for k in metrics[0]}
+    mean = plan.replace(dose=doses.mean(axis=0), meta={**plan.meta, "predicted_by": src.meta.get("predicted_by", "")})
+    return EnsemblePrediction(mean, doses, member_metrics)
 
 
 # ---------------------------------------------------------------- report

@@ -139,14 +139,7 @@ def check_run_exists(path: str, flag: str) -> None:
 def _one_dicom_patient(model, aliases, bits: int) -> int:
     """--dicom PATIENT_DIR --rtdose_out: the export's one plan, written onto the CT series and frame of
     reference it was read from; when the RTDOSE cannot be written the prediction is saved beside it."""
-    plans = inference.find_dicom_plans(FLAGS.dicom)
-    if len(plans) != 1:
-        names = "; ".join(f"{p.folder}" + (f" ({p.problem})" if p.problem else "") for p in plans)
-        raise FlaxdoseError(f"{FLAGS.dicom} holds {len(plans)} plans ({names}); --rtdose_out writes one: give one "
-                            "patient's folder, or predict them all with --out OUT")
-    entry = plans[0]
-    if entry.problem:
-        raise FlaxdoseError(f"the DICOM export {entry.folder}: {entry.problem}")
+    entry = inference.one_dicom_plan(FLAGS.dicom)
     predicted = inference.predict_dicom(model, entry.folder, FLAGS.prescription_gy, aliases=aliases, plan=entry.files,
                                         batch_size=FLAGS.batch_size)
     target = inference.resolve_rtdose_path(FLAGS.rtdose_out)

@@ -11,7 +11,10 @@ Every plan of ``--data`` (a dataset, e.g. one written by ``flaxdose-import``) or
 ``--dicom`` (a patient's CT + RTSTRUCT + RTDOSE [+ RTPLAN] export, read on the grid that
 ``flaxdose.predict --dicom`` predicts on: the models' training spacing when the default 4x4x3 mm
 does not fit it) is checked: OAR Dmean/D2 above the band or PTV D95/D98 below it by more than
-``--tolerance_gy`` is flagged. OUT gets qa.csv,
+``--tolerance_gy`` is flagged. A DICOM plan's metrics are taken on its own RTDOSE grid with the
+structures rasterized there (the numbers its planning system shows), the members' predictions
+resampled onto that grid (`flaxdose.planqa.on_plan_grid`); qa.csv's ``grid`` column and report.md
+name the grid. ``--aliases FILE`` maps the export's ROI names onto the models' structures. OUT gets qa.csv,
 summary.json, report.md and one figure per flagged plan (see flaxdose/planqa.py).
 
 Exit status: 0 every plan checked, none flagged; 3 every plan checked, at least one flagged
@@ -47,6 +50,8 @@ def define_flags() -> None:
     flags.DEFINE_string("split", planqa.ALL_SPLITS, "split of --data to check ('all': every split)")
     flags.DEFINE_string("dicom", None, "check one patient's DICOM-RT export (with its RTDOSE) instead of --data")
     flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
+    flags.DEFINE_string("aliases", None, "--dicom: JSON file mapping structures to ROI names, e.g. "
+                        '{"Rectum": ["Rektum_wall"]}')
     flags.DEFINE_list("model_shape", None, "--dicom: model grid shape (x,y,z); default: as predict --dicom reads it "
                       f"({'x'.join(map(str, MODEL_SHAPE))}, or the same field of view at the models' spacing)")
     flags.DEFINE_list("model_spacing_mm", None, "--dicom: model grid spacing (x,y,z) mm; default: "
@@ -97,11 +102,23 @@ def main(argv):
         raise FlaxdoseError(f"nothing to do: give --data or --dicom (or --calibration_data alone to calibrate); {USAGE}")
     planqa.check_level(FLAGS.level)
     check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
-    ensemble = planqa.Ensemble.load(planqa.expand_workdirs(FLAGS.workdirs), FLAGS.which)
-    plans = []
+    if FLAGS.aliases and not FLAGS.dicom:
+        raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
+    from flaxdose.dicom import AliasTable
+
+    aliases = AliasTable.from_file(FLAGS.aliases)
+    workdirs = planqa.expand_workdirs(FLAGS.workdirs)
+    for workdir in workdirs:
+        if not Path(workdir).exists():
+            raise FlaxdoseError(f"--workdirs: {workdir} does not exist; give training workdirs (python -m "
+                                "flaxdose.train --config=quick --workdir W makes one)")
+    ensemble = planqa.Ensemble.load(workdirs, FLAGS.which)
+    plans, own = [], None
     if FLAGS.dicom:  # read (and checked against the members) before the long calibration
-        plans = [planqa.read_dicom_plan(FLAGS.dicom, ensemble, FLAGS.prescription_gy, grid_flag("model_shape", int),
-                                        grid_flag("model_spacing_mm", float))]
+        model_case, own = planqa.read_dicom_plans(FLAGS.dicom, ensemble, FLAGS.prescription_gy,
+                                                  grid_flag("model_shape", int), grid_flag("model_spacing_mm", float),
+                                                  aliases)
+        plans = [model_case]
     calibration = calibration_for(ensemble)
     if not (FLAGS.data or FLAGS.dicom):  # calibrate only
         with atomic_folder(FLAGS.out, FLAGS.overwrite) as tmp:
@@ -109,13 +126,23 @@ def main(argv):
         path = Path(FLAGS.out).resolve() / "calibration.json"
         print(json.dumps({"calibration": str(path), "cases": len(calibration.cases)}))
         return 0
+    predictions = None
     if FLAGS.dicom:
-        skipped, note = [], f"DICOM export {Path(FLAGS.dicom).resolve()}"
+        from flaxdose.inference import grid_name
+
+        skipped = []
+        # plan metrics on the plan's own RTDOSE grid (what the planning system shows), the prediction brought there
+        made = ensemble.predict_cases(plans, FLAGS.batch_size, progress=True)
+        predictions = [planqa.on_plan_grid(made[0], own)]
+        note = (f"DICOM export {Path(FLAGS.dicom).resolve()}. DVH metrics of the plan and of the prediction on the "
+                f"plan's own {grid_name(own)} (the members predicted on the {grid_name(plans[0])}; their doses "
+                "resampled trilinearly); the bands' calibration residuals come from the calibration plans' grid")
+        plans = [own]
     else:
         plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)
-        note = f"Split {FLAGS.split!r} of {Path(FLAGS.data).resolve()}: {len(plans)} plans"
-    result = planqa.run_qa(ensemble, calibration, plans, FLAGS.level, FLAGS.tolerance_gy, batch_size=FLAGS.batch_size,
-                           progress=True)
+        note = f"Split {FLAGS.split!r} of {Path(FLAGS.data).resolve()}: {len(plans)} plans, DVH metrics on each plan's grid"
+    result = planqa.run_qa(ensemble, calibration, plans, FLAGS.level, FLAGS.tolerance_gy, predictions=predictions,
+                           batch_size=FLAGS.batch_size, progress=True)
     info = planqa.write_report(result, calibration, FLAGS.out, skipped=skipped, note=note, overwrite=FLAGS.overwrite)
     flagged = [{"case_id": p["case_id"], "score_gy": round(p["score_gy"], 2), "flags": p["flags"]}
                for p in result.plans if p["flagged"]]

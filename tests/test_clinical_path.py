@@ -7,7 +7,6 @@ Every expected value is computed here: DVH metrics by rasterizing each RTSTRUCT 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
@@ -17,12 +16,10 @@ import dicom_factory as F
 import numpy as np
 import pydicom
 import pytest
-from matplotlib.path import Path as PolygonPath
+from independent_dvh import ROI_NAME, dvh, per_plane_doses, read_csv, rtdose_planes
 from pydicom.uid import generate_uid
 
 from flaxdose import trainer
-
-ROI_NAME = {canonical: name for _, name, canonical, _ in F.ROIS if canonical}
 
 
 @pytest.fixture(scope="module")
@@ -33,64 +30,6 @@ def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clinical_run")
     trainer.train_and_evaluate(tiny_config(**{"train.steps": 6, "data.phantom_shape": (24, 24, 16)}), workdir)
     return workdir
-
-
-# ------------------------------------------------------------------ independent readers
-def rtdose_planes(path):
-    """(dose (frames, rows, cols) Gy, x (rows, cols) mm, y (rows, cols) mm, z (frames,) mm) by pydicom alone."""
-    ds = pydicom.dcmread(path)
-    dose = ds.pixel_array.astype(np.float64) * float(ds.DoseGridScaling)
-    if dose.ndim == 2:
-        dose = dose[None]
-    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-    r, c = iop[:3], iop[3:]
-    n = np.cross(r, c)
-    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
-    row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
-    jj, ii = np.meshgrid(np.arange(ds.Columns), np.arange(ds.Rows))  # (rows, cols): column j, row i
-    points = ipp[None, None, :] + jj[..., None] * col_mm * r + ii[..., None] * row_mm * c
-    offsets = np.array([float(v) for v in ds.GridFrameOffsetVector])
-    z = ipp[2] + offsets * n[2]
-    return dose, points[..., 0], points[..., 1], z
-
-
-def roi_contours(rtstruct, roi_name):
-    """{plane z (rounded to 0.01 mm): [(N, 2) x, y polygons]} of one ROI."""
-    ds = pydicom.dcmread(rtstruct)
-    number = next(int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName == roi_name)
-    item = next(rc for rc in ds.ROIContourSequence if int(rc.ReferencedROINumber) == number)
-    planes = {}
-    for contour in item.ContourSequence:
-        pts = np.array([float(v) for v in contour.ContourData]).reshape(-1, 3)
-        planes.setdefault(round(float(pts[0, 2]), 2), []).append(pts[:, :2])
-    return planes
-
-
-def per_plane_doses(rtdose, rtstruct, roi_name):
-    """The dose of every RTDOSE voxel whose centre lies inside the ROI on its plane (even-odd rule)."""
-    dose, x, y, z = rtdose_planes(rtdose)
-    contours = roi_contours(rtstruct, roi_name)
-    centres = np.stack([x.ravel(), y.ravel()], 1)
-    values = []
-    for k, zk in enumerate(z):
-        polygons = contours.get(round(float(zk), 2), [])
-        inside = np.zeros(len(centres), bool)
-        for polygon in polygons:
-            inside ^= PolygonPath(polygon).contains_points(centres)
-        values.append(dose[k].ravel()[inside])
-    return np.concatenate(values)
-
-
-def dvh(values):
-    """Dmean, D2, D95, D98 (Gy): Dx = the dose of the ceil(n x / 100)-th hottest voxel."""
-    hot = np.sort(values)[::-1]
-    d = lambda x: float(hot[max(int(np.ceil(len(hot) * x / 100 - 1e-9)), 1) - 1])
-    return {"Dmean": float(values.mean()), "D2": d(2), "D95": d(95), "D98": d(98)}
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------ export helpers
