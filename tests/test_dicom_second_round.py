@@ -2,7 +2,13 @@
 reports of RT tools, each checked against values computed here (the factory's analytic phantom,
 hand arithmetic), never read back from flaxdose."""
 
+import gzip
+import os
 import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
 
 import dicom_factory as F
 import numpy as np
@@ -16,6 +22,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from flaxdose.data import Dataset
 from flaxdose.dicom import AliasTable, import_dicom, read_rt, scan, write_rtdose
 from flaxdose.dicom.dose import NotExternalPhotonPlan
 from flaxdose.errors import FlaxdoseError
@@ -274,3 +281,69 @@ def test_a_plan_whose_structure_set_is_missing_is_never_paired_with_another(rt_e
     plan_ref = pydicom.dcmread(export["plan"]).ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID
     with pytest.raises(FlaxdoseError, match=rf"references structure set {plan_ref}, which is not in the export"):
         read_rt(export["folder"], structures=F.STRUCTURES)
+
+
+# ------------------------------------------------------------ 9. patients delivered as archives
+def _zip(folder, path, inner=""):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.rglob("*")):
+            z.write(f, f"{inner}{f.relative_to(folder)}")
+    return path
+
+
+def _pack(kind, folder, dest):
+    """The export in `folder` delivered as `kind` under `dest`; the number of files a reader must find."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    dest.mkdir(parents=True)
+    if kind == "zip":
+        _zip(folder, dest / "patient.zip", inner="PAT/")
+    elif kind == "tar.gz":
+        with tarfile.open(dest / "patient.tar.gz", "w:gz") as t:
+            t.add(folder, arcname="PAT")
+    elif kind == "dcm.gz":  # every file compressed on its own, as some PACS exports write them
+        for f in files:
+            (dest / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    elif kind == "zip in zip":
+        _zip(folder, dest / "inner.zip")
+        with zipfile.ZipFile(dest / "outer.zip", "w") as z:
+            z.write(dest / "inner.zip", "inner.zip")
+        (dest / "inner.zip").unlink()
+    return len(files)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "dcm.gz", "zip in zip"])
+def test_patients_delivered_as_archives_are_read(rt_export, tmp_path, kind):
+    src = tmp_path / "src"
+    copy_export(rt_export, src / "plain")
+    second = F.write_export(tmp_path / "second", with_ct=False, patient_id="PAT002")
+    count = _pack(kind, second["folder"], src / "packed")
+    (src / "notes.txt").write_text("not DICOM")
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert summary.num_patients == 2 and len(summary.case_ids) == 2 and not summary.failures
+    assert sum(n for a, n in summary.unpacked if not a.endswith("outer.zip")) == count
+    assert [p.split("/")[-1] for p, why in summary.not_read] == ["notes.txt"]
+    assert "1 file(s) not read: not DICOM: notes.txt" in summary.report() and "unpacked and read" in summary.report()
+    for cid in summary.case_ids:
+        case = Dataset.open(tmp_path / "ds").load(cid)
+        assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
+    case = read_rt(src / "packed", structures=F.STRUCTURES)  # read_rt reads archives too
+    assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
+
+
+def test_archives_that_cannot_be_read_are_named_and_exit_1(rt_export, tmp_path):
+    src = tmp_path / "src"
+    copy_export(rt_export, src / "plain")
+    (src / "patient2.7z").write_bytes(b"7z\xbc\xaf\x27\x1c" + bytes(200))  # a 7-Zip archive's signature
+    good = _zip(rt_export["folder"], tmp_path / "whole.zip")
+    (src / "patient3.zip").write_bytes(good.read_bytes()[:300])  # cut short in the copy
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    failures = {w.split("/")[-1]: why for w, why in summary.failures}
+    assert len(summary.case_ids) == 1 and set(failures) == {"patient2.7z", "patient3.zip"}
+    assert "7-Zip archive" in failures["patient2.7z"] and "a patient may be inside" in failures["patient3.zip"]
+    with pytest.raises(FlaxdoseError, match="patient2.7z: a 7-Zip archive, which flaxdose cannot unpack"):
+        read_rt(src, structures=F.STRUCTURES)
+    cli = subprocess.run([sys.executable, "-m", "flaxdose.import_dicom", str(src), "--out", str(tmp_path / "ds2"),
+                          "--grid", "dose", "--structures", ",".join(F.STRUCTURES)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert cli.returncode == 1 and "patient2.7z" in cli.stdout and "patient3.zip" in cli.stdout, cli.stderr[-2000:]
+    assert "imported 1 plan(s) from 1 patient(s)" in cli.stdout

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxdose.dicom.archives import Unpacker, archive_kind
 from flaxdose.dicom.damage import FIX, file_damage
 from flaxdose.errors import FlaxdoseError
 
@@ -346,39 +347,96 @@ def file_header(path: Path) -> DicomFile | None:
         return f
 
 
+@dataclasses.dataclass
+class ScanResult:
+    """What `scan_tree` found under some paths; nothing is left out unseen.
+
+    files: the header of each readable DICOM file; damaged: (path, why) of damaged DICOM files;
+    not_read: (path, why) of files that are not DICOM or hidden; unreadable: (archive, why) of
+    archives that could not be unpacked (a patient may be inside); unpacked: (archive, number of
+    files) of the archives read.
+    """
+
+    files: list[DicomFile] = dataclasses.field(default_factory=list)
+    damaged: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    not_read: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unpacked: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+
+
+def _candidates(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file())
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FlaxdoseError(f"{p} does not exist; pass DICOM files or folders that hold them")
+    return out
+
+
+def scan_tree(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: bool = False,
+              unpacker: Unpacker | None = None) -> ScanResult:
+    """Every file under `paths` (files or folders, searched recursively), each read or listed.
+
+    With an `unpacker`, zip and tar archives and compressed files (.dcm.gz) are unpacked into it
+    and their files read too (the unpacker must stay open while they are read); without one
+    they are listed as not DICOM. Raises FlaxdoseError for a path that does not exist.
+    """
+    found = ScanResult()
+    queue = [(path, 0) for path in _candidates(paths)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(queue), desc="scanning", unit="file", file=sys.stderr)
+    while queue:
+        path, depth = queue.pop(0)
+        if bar is not None:
+            bar.update()
+        if path.name.startswith("."):  # .DS_Store, macOS ._* resource forks: not exports
+            found.not_read.append((str(path), "hidden file"))
+            continue
+        kind = archive_kind(path) if unpacker is not None else ""
+        if kind:
+            try:
+                inner = _candidates([unpacker.unpack(path, kind, depth + 1)])
+            except ValueError as e:
+                found.unreadable.append((str(path), str(e)))
+                continue
+            found.unpacked.append((str(path), len(inner)))
+            queue += [(q, depth + 1) for q in inner]
+            if bar is not None:
+                bar.total += len(inner)
+            continue
+        try:
+            f = file_header(path)
+        except FlaxdoseError as e:
+            found.damaged.append((str(path), str(e)))
+            continue
+        if f is None:
+            found.not_read.append((str(path), "not DICOM"))
+        else:
+            found.files.append(f)
+    if bar is not None:
+        bar.close()
+    return found
+
+
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: bool = False):
     """Headers of every DICOM file under `paths` (files or folders, searched recursively).
 
     Returns (files, problems): `files` the `DicomFile` of each readable DICOM file, `problems`
-    (path, message) of damaged DICOM files; files that are not DICOM at all and hidden files
-    are ignored. Raises FlaxdoseError for a path that does not exist.
+    (path, message) of damaged DICOM files; files that are not DICOM at all (archives
+    included: `scan_tree` unpacks them) and hidden files are left out. Raises FlaxdoseError
+    for a path that does not exist.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    candidates = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            candidates += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-        elif p.is_file():
-            candidates.append(p)
-        else:
-            raise FlaxdoseError(f"{p} does not exist; pass DICOM files or folders that hold them")
-    files, problems = [], []
-    iterator = candidates
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(candidates, desc="scanning", unit="file", file=sys.stderr)
-    for path in iterator:
-        try:
-            f = file_header(path)
-        except FlaxdoseError as e:
-            problems.append((str(path), str(e)))
-            continue
-        if f is not None:
-            files.append(f)
-    return files, problems
+    found = scan_tree(paths, progress)
+    return found.files, found.damaged
 
 
 def same_instance(a: Path, b: Path) -> bool:

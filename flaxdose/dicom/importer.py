@@ -25,7 +25,8 @@ import numpy as np
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
 from flaxdose.dicom.damage import damaged_among, plan_damage
 from flaxdose.dicom.dose import NotExternalPhotonPlan
-from flaxdose.dicom.files import group_plans, scan
+from flaxdose.dicom.archives import Unpacker
+from flaxdose.dicom.files import ScanResult, group_plans, scan_tree
 from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
 from flaxdose.dicom.structures import AliasTable
 from flaxdose.errors import FlaxdoseError
@@ -77,6 +78,8 @@ class ImportSummary:
     set_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why): DICOMDIR, ...
     refused_beside: list[str] = dataclasses.field(default_factory=list)  # damaged files beside a refused plan
     left_out: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (where, why): brachy, ion plans
+    not_read: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why): not DICOM, hidden
+    unpacked: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (archive, files in it)
 
     def table(self) -> str:
         """Per plan: dose, prescription, grid, and per structure its ROI, contours, planes, cc, coverage."""
@@ -108,7 +111,11 @@ class ImportSummary:
                      f" (report: {REPORT_CSV})")
         if self.copies:
             lines.append(f"{self.copies} identical copy(ies) of DICOM instances counted once")
+        if self.unpacked:
+            lines.append(f"{len(self.unpacked)} archive(s) unpacked and read: " + ", ".join(
+                f"{Path(a).name} ({n} files)" for a, n in self.unpacked[:10]) + (" ..." if len(self.unpacked) > 10 else ""))
         lines += _grouped(self.set_aside, "file(s) set aside")
+        lines += _grouped(self.not_read, "file(s) not read")
         if self.left_out:
             lines.append(f"{len(self.left_out)} plan(s) left out (flaxdose models external photon beam plans):")
             lines += [f"  - {where}: {why}" for where, why in self.left_out]
@@ -213,7 +220,9 @@ def import_dicom(
     """Import every plan under `src` into a dataset at `out`, with `import_report.csv` beside the manifest.
 
     A plan whose files cannot be read, or that `read_plan` refuses, is reported in the summary
-    and skipped; so is a plan without RTDOSE unless `require_dose=False`. Case ids are salted
+    and skipped (a failure); so is a plan without RTDOSE unless `require_dose=False`, and an
+    archive that cannot be unpacked (zip, tar and .gz/.bz2/.xz files are unpacked and read);
+    brachytherapy and ion plans are left out (listed); files not read are listed. Case ids are salted
     hashes (the salt is random unless given) unless `keep_ids`. All plans of one patient go to
     one split. `min_coverage` and `read_kwargs` go to `read_plan`. Raises FlaxdoseError when no
     plan could be imported, and when `out` is, lies inside or holds a source folder
@@ -224,10 +233,21 @@ def import_dicom(
     src = src if isinstance(src, (str, os.PathLike)) else list(src)  # read twice: checked, then scanned
     check_out_apart(src, out)
     check_writable(out, overwrite)  # before the long work
-    files, damaged = scan(src, progress=progress)
+    with Unpacker() as unpacker:  # archives' files are read until the import ends
+        scanned = scan_tree(src, progress, unpacker)
+        return _import_plans(scanned, src, out, structures, grid, aliases=aliases, keep_ids=keep_ids, salt=salt,
+                             test_fraction=test_fraction, seed=seed, overwrite=overwrite, progress=progress,
+                             require_dose=require_dose, min_coverage=min_coverage, **read_kwargs)
+
+
+def _import_plans(scanned: ScanResult, src, out, structures, grid, *, aliases, keep_ids, salt, test_fraction, seed,
+                  overwrite, progress, require_dose, min_coverage, **read_kwargs) -> ImportSummary:
+    """`import_dicom` once the source is scanned: each plan read, staged, then the dataset written."""
+    files, damaged = scanned.files, scanned.damaged
     found = group_plans(files)
     salt = salt if salt is not None else secrets.token_hex(16)
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = [
+        (path, f"{why}; a patient may be inside") for path, why in scanned.unreadable]  # exit 1: maybe missing
     left_out: list[tuple[str, str]] = []
     refused_beside: set[str] = set()  # damaged files in the folders of a refused plan (or patient)
     todo = []
@@ -293,10 +313,12 @@ def import_dicom(
             "deidentified": not keep_ids,
             "import": {"num_patients": len(found.patients), "num_plans": len(ids), "num_failed": len(failures),
                        "copies_counted_once": len(found.copies), "files_set_aside": len(found.ignored),
+                       "archives_unpacked": len(scanned.unpacked), "files_not_read": len(scanned.not_read),
                        "min_coverage": min_coverage, "report": REPORT_CSV},
         }
         with atomic_folder(out, overwrite) as folder:
             write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
             atomic_write_text(folder / REPORT_CSV, _csv(rows))
     return ImportSummary(out, ids, failures, damaged, len(found.patients), rows, warnings, notes, len(found.copies),
-                         [(str(p), why) for p, why in found.ignored], sorted(refused_beside), left_out)
+                         [(str(p), why) for p, why in found.ignored], sorted(refused_beside), left_out,
+                         scanned.not_read, scanned.unpacked)

@@ -39,9 +39,11 @@ from flaxdose.dicom.dose import (
     plan_dose,
     read_rtplan,
 )
+from flaxdose.dicom.archives import Unpacker
 from flaxdose.dicom.files import (
     DicomFile,
     PlanFiles,
+    ScanResult,
     floats,
     group_plans,
     integer,
@@ -49,7 +51,7 @@ from flaxdose.dicom.files import (
     read_full,
     read_header,
     reading,
-    scan,
+    scan_tree,
     text,
 )
 from flaxdose.dicom.geometry import POSITION_ROUNDING_MM, axial_directions, fit_uniform, lps_layout, resample, to_lps
@@ -486,10 +488,19 @@ def read_rt(
     `prescription_gy` (overrides the RTPLAN), `include_ct`, `model_shape`, `model_spacing_mm`,
     `centre_on`, `case_id`, `keep_ids`, `salt`, `style`, `min_coverage`, `read_dose` (see `read_plan`).
     """
-    files, damaged = scan(paths)
-    found = group_plans(files)
+    with Unpacker() as unpacker:  # a zip or .dcm.gz among the paths is read too, until the case is built
+        scanned = scan_tree(paths, unpacker=unpacker)
+        if scanned.unreadable:  # part of the plan may be inside
+            path, why = scanned.unreadable[0]
+            raise FlaxdoseError(f"{path}: {why}")
+        return read_plan(_one_plan(scanned, paths), structures, grid, **kwargs)
+
+
+def _one_plan(scanned: ScanResult, paths) -> PlanFiles:
+    """The one external photon plan among the scanned files (others beside it left out); refuses none or several."""
+    found = group_plans(scanned.files)
     plans = found.plans
-    damage = plan_damage(damaged)  # any damaged file among the paths given stops the plan
+    damage = plan_damage(scanned.damaged)  # any damaged file among the paths given stops the plan
     if not plans:
         reasons = [v for v in found.patients.values() if isinstance(v, str)]
         reason = (f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
@@ -503,8 +514,7 @@ def read_rt(
             f"{len(photon)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "
             "one plan's files, or import them all with `python -m flaxdose.import_dicom`"
         )
-    plans = photon  # brachytherapy and ion plans beside it are left out
-    plan = plans[0]
+    plan = photon[0]  # brachytherapy and ion plans beside it are left out
     if damage:
         plan.problems = plan.problems + [damage]
-    return read_plan(plan, structures, grid, **kwargs)
+    return plan
