@@ -526,3 +526,39 @@ def replace_ct_series(folder, hu_offset=360):
             ds.PixelData = (ds.pixel_array.astype(np.int64) + hu_offset).astype("<u2").tobytes()
         _edit(path, change)
     return series
+
+
+def to_enhanced_ct(folder, legacy=False):
+    """Replace the CT slices in `folder` by one Enhanced CT (multi-frame) file of the same series
+    (frames in reverse slice order; orientation, spacing and rescale shared, positions per frame,
+    PS3.3 C.7.6.16); `legacy`: the Legacy Converted Enhanced CT SOP class. Returns its path."""
+    paths = sorted(Path(folder).glob("CT_*.dcm"))
+    slices = sorted((pydicom.dcmread(p) for p in paths), key=lambda d: -float(d.ImagePositionPatient[2]))
+    first = slices[0]
+    sop_class = "1.2.840.10008.5.1.4.1.1.2.2" if legacy else "1.2.840.10008.5.1.4.1.1.2.1"
+    ds = _base("CT", sop_class, first.StudyInstanceUID, first.FrameOfReferenceUID, first.PatientID)
+    ds.SeriesInstanceUID, ds.PatientPosition = first.SeriesInstanceUID, first.PatientPosition
+    ds.Rows, ds.Columns, ds.NumberOfFrames = first.Rows, first.Columns, len(slices)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    measures, orientation, rescale, shared = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = first.RescaleIntercept, first.RescaleSlope, "HU"
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for sl in slices:
+        position, item = Dataset(), Dataset()
+        position.ImagePositionPatient = sl.ImagePositionPatient
+        item.PlanePositionSequence = Sequence([position])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = b"".join(sl.PixelData for sl in slices)
+    for p in paths:
+        p.unlink()
+    out = Path(folder) / "CT_enhanced.dcm"
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out

@@ -347,3 +347,30 @@ def test_archives_that_cannot_be_read_are_named_and_exit_1(rt_export, tmp_path):
                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert cli.returncode == 1 and "patient2.7z" in cli.stdout and "patient3.zip" in cli.stdout, cli.stderr[-2000:]
     assert "imported 1 plan(s) from 1 patient(s)" in cli.stdout
+
+
+# ------------------------------------------------------------ 6. an Enhanced (multi-frame) CT
+@pytest.mark.parametrize("legacy", [False, True], ids=["Enhanced CT", "Legacy Converted Enhanced CT"])
+def test_an_enhanced_multiframe_ct_is_read_like_its_slices(rt_export_ct, tmp_path, legacy):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    path = F.to_enhanced_ct(export["folder"], legacy)
+    assert sorted(p.name for p in export["folder"].iterdir()) == ["CT_enhanced.dcm", "RD.dcm", "RP.dcm", "RS.dcm"]
+    assert int(pydicom.dcmread(path).NumberOfFrames) == F.CT_SHAPE_XYZ[2]
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    assert case.shape == F.CT_SHAPE_XYZ and case.spacing_mm == F.CT_SPACING
+    assert np.allclose(case.origin_mm, F.CT_ORIGIN)
+    np.testing.assert_array_equal(case.ct, stored_hu(case))  # frames stored top-down: sorted by position
+    truth = F.truth_masks(case.origin_mm, case.spacing_mm, case.shape)
+    assert min(dice(case.mask(s), truth[s]) for s in ("PTV", "Bladder", "Rectum")) >= 0.95
+    summary = import_dicom(export["folder"], tmp_path / "ds", F.STRUCTURES, "ct", include_ct=True, progress=False)
+    assert len(summary.case_ids) == 1 and not summary.failures
+
+
+def test_an_enhanced_ct_frame_without_its_position_is_refused_naming_the_file(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    path = F.to_enhanced_ct(export["folder"])
+    ds = pydicom.dcmread(path)
+    del ds.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    ds.save_as(path)
+    with pytest.raises(FlaxdoseError, match=r"CT_enhanced.dcm: required attribute ImagePositionPatient is missing"):
+        read_rt(export["folder"], structures=F.STRUCTURES, grid="ct")

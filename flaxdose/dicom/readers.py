@@ -75,89 +75,161 @@ class CtSeries:
     slice_spacing: float
     hu: np.ndarray | None  # [x, y, z] HU when loaded
     patient_position: str
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # ImageOrientationPatient of its images
+
+
+@dataclasses.dataclass
+class CtImage:
+    """One CT image plane: a CT Image file, or one frame of an Enhanced (multi-frame) CT."""
+
+    file: DicomFile
+    ds: object
+    frame: int | None  # None: a single-frame CT Image
+    iop: np.ndarray
+    ipp: np.ndarray
+    ps: np.ndarray
+    rows: int
+    cols: int
+    thickness: float | None
+    rescale: tuple[float, float]  # slope, intercept
+
+
+def _rescale(item, path) -> tuple[float, float]:
+    slope = floats(item, "RescaleSlope", path, 1, required=False)
+    intercept = floats(item, "RescaleIntercept", path, 1, required=False)
+    return (1.0 if slope is None or slope[0] == 0 else float(slope[0]),
+            0.0 if intercept is None else float(intercept[0]))
+
+
+def ct_images(f: DicomFile, ds) -> list[CtImage]:
+    """The image planes of one CT file. An Enhanced CT keeps each frame's position, and the
+    orientation, pixel spacing and rescale shared or per frame, in functional groups (PS3.3 C.7.6.16)."""
+    path = f.path
+    rows, cols = integer(ds, "Rows", path, 1, 16384), integer(ds, "Columns", path, 1, 16384)
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if frames is None:
+        thickness = floats(ds, "SliceThickness", path, 1, required=False)
+        return [CtImage(f, ds, None, floats(ds, "ImageOrientationPatient", path, 6),
+                        floats(ds, "ImagePositionPatient", path, 3), floats(ds, "PixelSpacing", path, 2), rows, cols,
+                        None if thickness is None else float(thickness[0]), _rescale(ds, path))]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    out = []
+    for index, item in enumerate(frames):
+        def group(name):  # a functional group of this frame, else the shared one
+            found = item.get(name) or (shared.get(name) if shared is not None else None)
+            return found[0] if found else None
+        measures = group("PixelMeasuresSequence")
+        thickness = floats(measures, "SliceThickness", path, 1, required=False)
+        out.append(CtImage(f, ds, index, floats(group("PlaneOrientationSequence"), "ImageOrientationPatient", path, 6),
+                           floats(group("PlanePositionSequence"), "ImagePositionPatient", path, 3),
+                           floats(measures, "PixelSpacing", path, 2), rows, cols,
+                           None if thickness is None else float(thickness[0]),
+                           _rescale(group("PixelValueTransformationSequence"), path)))
+    return out
+
+
+def _check_one_stack(images: list[CtImage]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column, normal of a series whose images share orientation, pixel spacing and size (else refused)."""
+    first = images[0]
+    if (first.ps <= 0).any():
+        raise FlaxdoseError(f"{first.file.path}: PixelSpacing {list(first.ps)} must be positive")
+    for im in images[1:]:
+        if (np.abs(im.iop - first.iop).max() > 1e-4 or np.abs(im.ps - first.ps).max() > 1e-4
+                or (im.rows, im.cols) != (first.rows, first.cols)):
+            raise FlaxdoseError(
+                f"CT slice {im.file.path} differs from {first.file.path} in orientation, pixel spacing or size; "
+                "the folder mixes CT series: export only the planning CT"
+            )
+    return axial_directions(first.iop, f"CT {first.file.path}")
+
+
+def _slice_grid(images: list[CtImage], s: np.ndarray) -> tuple[np.ndarray, float]:
+    """The uniform positions (mm along the normal) that sorted positions `s` stand for, and the spacing;
+    refuses duplicates, missing slices and non-uniform spacing (beyond writers' rounding)."""
+    where = images[0].file.path.parent
+    if len(images) == 1:
+        thickness = images[0].thickness
+        return s, thickness if thickness is not None and thickness > 0 else float(images[0].ps[0])
+    diffs = np.diff(s)
+    if diffs.min() < 1e-3:
+        i = int(diffs.argmin())
+        raise FlaxdoseError(
+            f"CT slices {_name(images[i])} and {_name(images[i + 1])} lie at the same position ({s[i]:.2f} mm); "
+            "the folder holds a duplicate slice or two series: export one series once"
+        )
+    first, spacing, numbers, worst = fit_uniform(s)
+    if worst > POSITION_ROUNDING_MM:
+        raise FlaxdoseError(
+            f"the CT series in {where} has non-uniform slice spacing ({diffs.min():.2f}..{diffs.max():.2f} mm; a "
+            f"slice lies {worst:.2f} mm off the nearest uniform grid, more than the {POSITION_ROUNDING_MM} mm of "
+            "rounded positions); re-export it with uniform spacing"
+        )
+    steps = np.diff(numbers)
+    if steps.max() > 1:
+        i = int(np.argmax(steps))
+        raise FlaxdoseError(
+            f"the CT series in {where} has {int(steps[i]) - 1} missing slice(s) between {s[i]:.2f} and "
+            f"{s[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); re-export the complete series, flaxdose never "
+            "imports a CT with shifted slices"
+        )
+    return first + spacing * numbers, spacing  # the grid the rounded positions stand for
+
+
+def _name(image: CtImage) -> str:
+    return image.file.path.name + ("" if image.frame is None else f" (frame {image.frame + 1})")
+
+
+def _hu_stack(images: list[CtImage]) -> np.ndarray:
+    """HU (stored value x RescaleSlope + RescaleIntercept) of the images as (slices, rows, columns)."""
+    stack = np.empty((len(images), images[0].rows, images[0].cols), np.float32)
+    frames: dict[Path, np.ndarray] = {}  # an Enhanced CT's frames, decoded once
+    for k, im in enumerate(images):
+        if im.frame is None:
+            pixels = pixel_frames(im.ds, im.file.path, 1)[0]
+        else:
+            if im.file.path not in frames:
+                count = integer(im.ds, "NumberOfFrames", im.file.path, 1, 100000)
+                frames[im.file.path] = pixel_frames(im.ds, im.file.path, count)
+            pixels = frames[im.file.path][im.frame]
+        slope, intercept = im.rescale
+        stack[k] = pixels.astype(np.float32) * slope + intercept
+    return stack
 
 
 def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
     """One axial CT series on an LPS grid; rejects gaps, duplicates and non-uniform spacing.
 
-    `hu` (float32 [x, y, z], stored value x RescaleSlope + RescaleIntercept) is read only with
-    `load_pixels`. Raises FlaxdoseError for no files, slices of mixed orientation / spacing /
-    size, an oblique or tilted series, duplicate or missing slices, non-uniform spacing, and
-    damaged files.
+    `files`: CT Image files, or Enhanced (multi-frame) CT files. `hu` (float32 [x, y, z], stored
+    value x RescaleSlope + RescaleIntercept) is read only with `load_pixels`. Slice positions
+    rounded by their writer (within POSITION_ROUNDING_MM of a uniform grid) are read on that
+    grid. Raises FlaxdoseError for no files, slices of mixed orientation / spacing / size, an
+    oblique or tilted series, duplicate or missing slices, non-uniform spacing, and damaged files.
     """
     if not files:
         raise FlaxdoseError("no CT slices found; export the planning CT with the plan")
-    items = []
+    images = []
     for f in files:
-        ds = read_full(f) if load_pixels else None
-        if ds is None:
-            ds = read_header(f.path)
+        ds = read_full(f) if load_pixels else read_header(f.path)
         with reading(f.path, "the CT slice geometry"):
-            iop = floats(ds, "ImageOrientationPatient", f.path, 6)
-            ipp = floats(ds, "ImagePositionPatient", f.path, 3)
-            ps = floats(ds, "PixelSpacing", f.path, 2)
-            rows, cols = integer(ds, "Rows", f.path, 1, 16384), integer(ds, "Columns", f.path, 1, 16384)
-            if (ps <= 0).any():
-                raise FlaxdoseError(f"{f.path}: PixelSpacing {list(ps)} must be positive")
-            items.append((f, ds, iop, ipp, ps, rows, cols))
-    f0, _, iop0, _, ps0, rows0, cols0 = items[0]
-    r, c, n = axial_directions(iop0, f"CT {f0.path}")
-    for f, _, iop, _, ps, rows, cols in items[1:]:
-        if np.abs(iop - iop0).max() > 1e-4 or np.abs(ps - ps0).max() > 1e-4 or (rows, cols) != (rows0, cols0):
-            raise FlaxdoseError(
-                f"CT slice {f.path} differs from {f0.path} in orientation, pixel spacing or size; "
-                "the folder mixes CT series: export only the planning CT"
-            )
-    s = np.array([np.dot(it[3], n) for it in items])
+            images += ct_images(f, ds)
+    r, c, n = _check_one_stack(images)
+    s = np.array([np.dot(im.ipp, n) for im in images])
     order = np.argsort(s, kind="stable")
-    items = [items[i] for i in order]
-    s = s[order]
-    inplane = np.array([it[3] - np.dot(it[3], n) * n for it in items])
-    if np.abs(inplane - inplane[0]).max() > 0.01 * min(ps0) + 1e-3:
+    images, s = [images[i] for i in order], s[order]
+    inplane = np.array([im.ipp - np.dot(im.ipp, n) * n for im in images])
+    if np.abs(inplane - inplane[0]).max() > 0.01 * min(images[0].ps) + 1e-3:
         raise FlaxdoseError(
-            f"CT slices of {f0.path.parent} are not stacked along the slice normal (tilted gantry or mixed "
-            "series); re-export the series reconstructed axially without tilt"
+            f"CT slices of {images[0].file.path.parent} are not stacked along the slice normal (tilted gantry or "
+            "mixed series); re-export the series reconstructed axially without tilt"
         )
-    if len(items) > 1:
-        diffs = np.diff(s)
-        if diffs.min() < 1e-3:
-            i = int(diffs.argmin())
-            raise FlaxdoseError(
-                f"CT slices {items[i][0].path.name} and {items[i + 1][0].path.name} lie at the same position "
-                f"({s[i]:.2f} mm); the folder holds a duplicate slice or two series: export one series once"
-            )
-        first, spacing, numbers, worst = fit_uniform(s)
-        if worst > POSITION_ROUNDING_MM:
-            raise FlaxdoseError(
-                f"the CT series in {f0.path.parent} has non-uniform slice spacing ({diffs.min():.2f}.."
-                f"{diffs.max():.2f} mm; a slice lies {worst:.2f} mm off the nearest uniform grid, more than the "
-                f"{POSITION_ROUNDING_MM} mm of rounded positions); re-export it with uniform spacing"
-            )
-        steps = np.diff(numbers)
-        if steps.max() > 1:
-            i = int(np.argmax(steps))
-            raise FlaxdoseError(
-                f"the CT series in {f0.path.parent} has {int(steps[i]) - 1} missing slice(s) between "
-                f"{s[i]:.2f} and {s[i + 1]:.2f} mm (slice spacing {spacing:.2f} mm); re-export the complete "
-                "series, flaxdose never imports a CT with shifted slices"
-            )
-        s = first + spacing * numbers  # the grid the rounded positions stand for
-    else:
-        thickness = floats(items[0][1], "SliceThickness", f0.path, 1, required=False)
-        spacing = float(thickness[0]) if thickness is not None and thickness[0] > 0 else float(ps0[0])
-    ipp0 = items[0][3] + (s[0] - np.dot(items[0][3], n)) * n
-    perm, flips, grid = lps_layout((len(items), rows0, cols0), ipp0, r, c, n, ps0[1], ps0[0], spacing)
-    hu = None
-    if load_pixels:
-        stack = np.empty((len(items), rows0, cols0), np.float32)
-        for k, (f, ds, *_rest) in enumerate(items):
-            with reading(f.path, "the CT rescale"):
-                slope = float(ds.get("RescaleSlope", 1) or 1)
-                intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            stack[k] = pixel_frames(ds, f.path, 1)[0].astype(np.float32) * slope + intercept
-        hu = to_lps(stack, perm, flips)
-    position = text(items[0][1], "PatientPosition") if items[0][1] is not None else ""
-    return CtSeries(grid, np.sort(ipp0[2] + (s - s[0]) * n[2]), spacing, hu, position)
+    s, spacing = _slice_grid(images, s)
+    ipp0 = images[0].ipp + (s[0] - np.dot(images[0].ipp, n)) * n
+    first = images[0]
+    perm, flips, grid = lps_layout((len(images), first.rows, first.cols), ipp0, r, c, n, first.ps[1], first.ps[0],
+                                   spacing)
+    hu = to_lps(_hu_stack(images), perm, flips) if load_pixels else None
+    return CtSeries(grid, np.sort(ipp0[2] + (s - s[0]) * n[2]), spacing, hu, text(first.ds, "PatientPosition"),
+                    tuple(float(v) for v in first.iop))
 
 
 @dataclasses.dataclass
