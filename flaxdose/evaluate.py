@@ -1,6 +1,7 @@
 """Evaluate trained models against reference doses (``flaxdose-evaluate``); the library is `flaxdose.evaluation`.
 
 ``python -m flaxdose.evaluate --workdir W [--compare W2] [--data DIR] --split test --out REPORT``
+(``--split all``: every case of every split, e.g. a clinic's import that has only "train")
 predicts every case of the split with each model (best checkpoint) and writes the report
 folder described in `flaxdose.evaluation` (cases.csv, summary.json, report.md, figures).
 A case that cannot be predicted or scored (no target, another voxel spacing, ...) is left
@@ -32,6 +33,20 @@ from flaxdose.io import check_writable
 FLAGS = flags.FLAGS
 
 
+ALL_SPLITS = "all"  # --split all: every case of every split (an import with --test_fraction 0 has only "train")
+
+
+def with_all_split(dataset: Dataset, split: str) -> Dataset:
+    """`dataset` itself, or for `split` "all" (`ALL_SPLITS`) when the dataset has no split of that name, a
+    copy whose manifest (in memory only; nothing is written) adds "all": every case of every split, each
+    once, in split order."""
+    if split != ALL_SPLITS or ALL_SPLITS in dataset.splits:
+        return dataset
+    every = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
+    manifest = {**dataset.manifest, "splits": {**dataset.splits, ALL_SPLITS: every}}
+    return Dataset(dataset.root, manifest)
+
+
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,
                       names: Sequence[str] | None = None, which: str = "best", batch_size: int = 1,
                       overwrite: bool = False, example_case: str | None = None, mirror: bool = False,
@@ -46,7 +61,7 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     `names`; and when no case could be evaluated.
     """
     check_writable(out, overwrite)  # before the long work
-    dataset = Dataset.open(data)
+    dataset = with_all_split(Dataset.open(data), split)
     evaluation.load_references(dataset, split)  # an empty split, or predictions, fail before any model is loaded
     loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
     if names and len(names) != len(loaded):
@@ -95,7 +110,7 @@ def define_flags() -> None:
     flags.DEFINE_string("which", "best", "checkpoint to load: best or latest")
     flags.DEFINE_string("data", None, "dataset folder (with manifest.json) holding the reference doses; "
                         "default: the dataset the --workdir run trained on")
-    flags.DEFINE_string("split", "test", "which split to evaluate")
+    flags.DEFINE_string("split", "test", "which split to evaluate ('all': every case of every split)")
     flags.DEFINE_string("out", None, "report folder (CSV, summary.json, report.md, figures)")
     flags.DEFINE_string("case", None, "case id for the dose-slice/DVH figure (default: the median-Dice case)")
     flags.DEFINE_integer("batch_size", 1, "volumes per forward pass")

@@ -6,6 +6,9 @@ Prints a table per plan (structures with cc and dose coverage, dose type, prescr
 its source, grid) and writes it as DATASET/import_report.csv. Exit status: 0 every plan
 imported; 1 some plans failed (the summary lists them, the others are imported); 2 the
 import could not run (one ``flaxdose: error:`` line), e.g. DATASET is SRC or lies inside it.
+``--like WORKDIR`` imports on the grid that run's model predicts on (its training voxel spacing,
+the default 480 x 480 x 192 mm field of view), the grid ``predict --dicom`` reads: the dataset then
+fits ``predict``, ``evaluate`` and ``qa`` with that model without a spacing given by hand.
 See docs/dicom.md.
 """
 
@@ -28,6 +31,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("grid", "model", ["model", "dose", "ct"], "grid of the saved cases")
     flags.DEFINE_list("model_shape", [str(v) for v in MODEL_SHAPE], "model grid shape (x,y,z)")
     flags.DEFINE_list("model_spacing_mm", [str(v) for v in MODEL_SPACING_MM], "model grid spacing (x,y,z) mm")
+    flags.DEFINE_string("like", None, "a training workdir: import on the grid its model predicts on (its training "
+                        "voxel spacing, the default field of view), as predict --dicom reads; sets --grid model")
     flags.DEFINE_bool("include_ct", False, "also store the CT (HU) on the case grid")
     flags.DEFINE_bool("keep_ids", False, "use PatientID as case id (NOT de-identified)")
     flags.DEFINE_string("salt", None, "salt for the hashed case ids (default: random, ids not reproducible)")
@@ -49,17 +54,38 @@ def main(argv):
     if len(argv) != 2:
         raise FlaxdoseError(f"give exactly one SRC, the folder of DICOM exports (got {len(argv) - 1}); {usage}")
     cli.require(usage, out=(FLAGS.out, "the dataset folder to write"))
+    model_shape = [int(v) for v in FLAGS.model_shape]
+    model_spacing_mm = [float(v) for v in FLAGS.model_spacing_mm]
+    if FLAGS.like:
+        model_shape, model_spacing_mm = like_grid(FLAGS.like)
     summary = import_dicom(
         argv[1], FLAGS.out, FLAGS.structures, FLAGS.grid,
         aliases=AliasTable.from_file(FLAGS.aliases),
         keep_ids=FLAGS.keep_ids, salt=FLAGS.salt, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
         overwrite=FLAGS.overwrite, include_ct=FLAGS.include_ct, style=FLAGS.style,
         prescription_gy=FLAGS.prescription_gy, min_coverage=FLAGS.min_coverage,
-        model_shape=[int(v) for v in FLAGS.model_shape],
-        model_spacing_mm=[float(v) for v in FLAGS.model_spacing_mm],
+        model_shape=model_shape, model_spacing_mm=model_spacing_mm,
     )
     print(summary.report())
     return cli.PARTIAL_FAILURE if summary.failures else 0  # some plans skipped: the report names them
+
+
+def like_grid(workdir: str) -> tuple[list[int], list[float]]:
+    """(shape (x, y, z), spacing (x, y, z) mm) of the model grid the run at `workdir` predicts DICOM on
+    (`flaxdose.inference.dicom_grid`). Raises FlaxdoseError for a grid flag given with --like, or a
+    workdir without a trained model."""
+    from pathlib import Path
+
+    from flaxdose import inference
+
+    given = [name for name in ("model_shape", "model_spacing_mm", "grid") if FLAGS[name].present]
+    if given and not (given == ["grid"] and FLAGS.grid == "model"):
+        raise FlaxdoseError(f"--like sets the model grid; leave out {', '.join('--' + g for g in given)}")
+    if not Path(workdir).exists():
+        raise FlaxdoseError(f"--like {workdir} does not exist; give the training workdir of the model to predict with")
+    model = inference.Model.load(workdir)
+    shape, spacing = inference.dicom_grid([model.train_spacing_mm])
+    return list(shape), list(spacing)
 
 
 def run():

@@ -66,3 +66,14 @@ def rt_export_ct(tmp_path_factory):
     import dicom_factory
 
     return dicom_factory.write_export(tmp_path_factory.mktemp("rt_export_ct") / "p")
+
+
+@pytest.fixture(scope="session")
+def phantom_run(tmp_path_factory):
+    """One tiny model trained 30 steps on phantom plans (24 x 24 x 16 voxels of 4 x 4 x 5 mm), shared by the
+    prediction and clinical-path tests: read it, never train it further."""
+    from flaxdose import trainer
+
+    workdir = tmp_path_factory.mktemp("phantom_run")
+    trainer.train_and_evaluate(tiny_config(**{"train.steps": 30, "data.phantom_shape": (24, 24, 16)}), workdir)
+    return workdir

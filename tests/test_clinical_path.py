@@ -19,17 +19,12 @@ import pytest
 from independent_dvh import ROI_NAME, dvh, per_plane_doses, read_csv, rtdose_planes
 from pydicom.uid import generate_uid
 
-from flaxdose import trainer
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model on the phantom plans (4 x 4 x 5 mm): numbers need not be good, only traceable."""
-    from conftest import tiny_config
-
-    workdir = tmp_path_factory.mktemp("clinical_run")
-    trainer.train_and_evaluate(tiny_config(**{"train.steps": 6, "data.phantom_shape": (24, 24, 16)}), workdir)
-    return workdir
+def workdir(phantom_run):
+    """conftest's tiny phantom model (4 x 4 x 5 mm): numbers need not be good, only traceable."""
+    return phantom_run
 
 
 # ------------------------------------------------------------------ export helpers
@@ -116,6 +111,86 @@ def test_folder_in_folder_out(workdir, exports, tmp_path):
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".png"))
     assert b"ID_p" not in written and b"Doe" not in written and b"p1_hfs" not in written
 
-    again = subprocess.run([sys.executable, "-m", "flaxdose.predict", f"--workdir={workdir}", f"--dicom={root}",
-                            f"--out={out}", "--full_volume"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--overwrite" in again.stderr  # a rerun does not pile files up silently
+    from flaxdose.errors import FlaxdoseError
+    from flaxdose.inference import Model, predict_dicom_folder
+
+    with pytest.raises(FlaxdoseError, match="--overwrite"):  # a rerun neither piles files up nor mixes runs
+        predict_dicom_folder(Model.load(workdir), root, out)
+
+
+def rename_roi(rtstruct, old, new):
+    ds = pydicom.dcmread(rtstruct)
+    next(r for r in ds.StructureSetROISequence if r.ROIName == old).ROIName = new
+    ds.save_as(rtstruct)
+
+
+def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_path, monkeypatch):
+    """--aliases maps a clinic's ROI name (predict had no such flag); when a plan's RTDOSE cannot be written the
+    prediction is kept (prediction.npz), its metrics on the model grid, the plan listed as not exported (issue
+    25, item 5: never discard a computed prediction because the export step refused)."""
+    from flaxdose import inference
+    from flaxdose.data.case import Case
+    from flaxdose.dicom import AliasTable
+    from flaxdose.errors import FlaxdoseError
+
+    root = tmp_path / "exports"
+    renamed = F.write_export(root / "a_rektum")
+    rename_roi(renamed["struct"], "rectum", "Rektum_wall")
+    F.write_export(root / "b_refused", patient_id="P2")
+    model = inference.Model.load(workdir, full_volume=True)
+    real = inference.export_plan_rtdose
+
+    def refuse_b(predicted, plan, out, **kwargs):
+        if "b_refused" in str(plan.label):
+            raise FlaxdoseError("refused for the test")
+        return real(predicted, plan, out, **kwargs)
+
+    monkeypatch.setattr(inference, "export_plan_rtdose", refuse_b)
+    lines = []
+    results = inference.predict_dicom_folder(model, root, tmp_path / "out", figures=False, echo=lines.append,
+                                             aliases=AliasTable({"Rectum": ["Rektum_wall"]}))
+    first, second = results
+    assert not first.error and first.rtdose.is_file() and first.metrics["Rectum Dmean"] > 0
+    assert second.rtdose is None and "refused for the test" in second.error and "prediction.npz" in second.error
+    kept = Case.load(second.saved)
+    assert kept.dose is not None and kept.spacing_mm == (4.0, 4.0, 5.0) and kept.dose.max() > 0
+    assert second.grid.startswith("model grid 4x4x5 mm") and "NOT EXPORTED" in lines[1]
+    monkeypatch.setattr(inference, "export_plan_rtdose", real)
+    without = inference.predict_dicom_folder(model, root, tmp_path / "out2", figures=False)
+    assert "Rektum_wall" in without[0].error and "--aliases FILE" in without[0].error
+
+
+def test_true_reasons(workdir, tmp_path):
+    """An RTDOSE on another frame of reference is named as such (not "no RTDOSE"); a missing workdir is
+    missing (not "checkpoint path ... does not exist")."""
+    from flaxdose import planqa, predict
+    from flaxdose.errors import FlaxdoseError
+    from flaxdose.inference import Model
+
+    export = F.write_export(tmp_path / "p")
+    ds = pydicom.dcmread(export["dose"])
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.save_as(export["dose"])
+    with pytest.raises(FlaxdoseError, match="RTDOSE in .* is on frame of reference .* another plan or another CT"):
+        planqa.read_dicom_plans(export["folder"], planqa.Ensemble([Model.load(workdir)]))
+    with pytest.raises(FlaxdoseError, match="--workdir .*nonesuch does not exist; give a training workdir"):
+        predict.check_run_exists(str(tmp_path / "nonesuch"), "--workdir")
+
+
+def test_import_like_a_run_then_evaluate_every_split(workdir, tmp_path):
+    """import_dicom --like WORKDIR writes cases on the grid the run's model predicts on, so evaluate (--split all:
+    an import without a test split) runs on them with no spacing given by hand."""
+    from flaxdose.data.case import Dataset
+    from flaxdose.evaluate import evaluate_workdirs
+
+    F.write_export(tmp_path / "src" / "p1", "FFS")
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.import_dicom", str(tmp_path / "src"),
+                           f"--out={tmp_path / 'ds'}", f"--like={workdir}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dataset = Dataset.open(tmp_path / "ds")
+    assert "test" not in dataset.splits or not dataset.split("test")
+    cases = [dataset.load(i) for ids in dataset.splits.values() for i in ids]
+    assert len(cases) == 1 and all(c.spacing_mm == (4.0, 4.0, 5.0) and c.shape == (120, 120, 38) for c in cases)
+    summary = evaluate_workdirs([workdir], tmp_path / "ds", "all", tmp_path / "report", batch_size=64)
+    assert not summary.get("failed_cases"), summary.get("failed_cases")
+    assert (tmp_path / "report" / "report.md").is_file()

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 import dicom_factory as F
-from flaxdose import trainer
 from flaxdose.data.case import Dataset
 from flaxdose.data.pipeline import model_inputs
 from flaxdose.dicom import Grid, read_dose, resample
@@ -11,12 +10,8 @@ from flaxdose.inference import Model, export_rtdose, implausible, predict_datase
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from conftest import tiny_config
-
-    workdir = tmp_path_factory.mktemp("run")
-    trainer.train_and_evaluate(tiny_config(**{"train.steps": 30, "data.phantom_shape": (24, 24, 16)}), workdir)
-    return workdir
+def workdir(phantom_run):
+    return phantom_run  # conftest's session model, shared with tests/test_clinical_path.py
 
 
 def data_dir(workdir):

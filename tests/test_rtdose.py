@@ -186,3 +186,17 @@ def test_dciodvfy_accepts_the_export(model_case, export, tmp_path, bits):
     # without its RTPLAN a PLAN dose lacks the Type 1C ReferencedRTPlanSequence: the validator says so
     bare = write_rtdose(model_case, export["FFS"]["folder"], tmp_path / "bare.dcm", bits=16)
     assert "ReferencedRTPlanSequence" in _dciodvfy(bare)
+
+
+def test_an_invalid_value_of_the_ct_is_not_copied(model_case, export, tmp_path):
+    """A CT whose StudyDate is written 02.01.2024 (not a DICOM DA) gives an RTDOSE with that attribute empty
+    (Type 2), not an invalid file."""
+    folder = tmp_path / "ct"
+    shutil.copytree(export["FFS"]["folder"], folder)
+    for path in folder.glob("CT_*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = "02.01.2024"
+        ds.save_as(path)
+    path = write_rtdose(model_case, folder, tmp_path / "rd.dcm", plan_path=folder / "RP.dcm")
+    ds = _strict_read(path)
+    assert ds.StudyDate == "" and ds.StudyTime == "101010"

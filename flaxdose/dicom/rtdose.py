@@ -50,6 +50,23 @@ def dose_grid_scaling(max_dose_gy: float, bits: int = 32) -> str:
     return text
 
 
+def _valid_or_empty(keyword: str, value):
+    """`value` when it is valid for `keyword`'s VR, else "" (logged by attribute name, never the value)."""
+    import logging
+
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    try:
+        validate_value(dictionary_VR(keyword), value, config.RAISE)
+        return value
+    except (ValueError, TypeError, KeyError):
+        logging.getLogger("flaxdose").warning("the reference CT's %s is not a valid DICOM value: left empty in the "
+                                              "RTDOSE", keyword)
+        return ""
+
+
 def _reference_ct(reference_ct, ct_series_uid: str | None):
     files, damaged = scan(reference_ct)
     damage = plan_damage(damaged, where="in the reference CT")  # a cut slice must not silently shorten the series
@@ -201,10 +218,11 @@ def write_rtdose(
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = RTDOSE_STORAGE
     ds.SOPInstanceUID = sop_uid
-    # Patient + General Study: from the reference CT (type 2: present, possibly empty)
+    # Patient + General Study: from the reference CT (type 2: present, possibly empty); a value the CT holds
+    # in a form its VR does not allow (a date written 02.01.2024) is left empty, never copied into an invalid file
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-        setattr(ds, keyword, ct_ds.get(keyword, "") or "")
+        setattr(ds, keyword, _valid_or_empty(keyword, ct_ds.get(keyword, "") or ""))
     ds.StudyInstanceUID = ct_ds.StudyInstanceUID
     # RT Series
     ds.Modality = "RTDOSE"
