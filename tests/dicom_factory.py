@@ -562,3 +562,21 @@ def to_enhanced_ct(folder, legacy=False):
     out = Path(folder) / "CT_enhanced.dcm"
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
     return out
+
+
+def name_contour_images(struct_path, ct_folder):
+    """Reference from each contour of the RTSTRUCT at `struct_path` the CT image at its height
+    (ContourImageSequence), and drop the Type 3 ReferencedFrameOfReferenceSequence naming the series."""
+    at_z = {}
+    for path in Path(ct_folder).glob("CT_*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        at_z[round(float(ds.ImagePositionPatient[2]), 2)] = (ds.SOPClassUID, ds.SOPInstanceUID)
+
+    def change(ds):
+        del ds.ReferencedFrameOfReferenceSequence
+        for rc in ds.ROIContourSequence:
+            for contour in rc.get("ContourSequence") or []:
+                image = Dataset()
+                image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = at_z[round(float(contour.ContourData[2]), 2)]
+                contour.ContourImageSequence = Sequence([image])
+    _edit(struct_path, change)

@@ -374,3 +374,54 @@ def test_an_enhanced_ct_frame_without_its_position_is_refused_naming_the_file(rt
     ds.save_as(path)
     with pytest.raises(FlaxdoseError, match=r"CT_enhanced.dcm: required attribute ImagePositionPatient is missing"):
         read_rt(export["folder"], structures=F.STRUCTURES, grid="ct")
+
+
+def test_the_ct_series_the_contours_name_is_used_when_the_structure_set_names_no_series(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    F.name_contour_images(export["struct"], export["folder"])
+    other = tmp_path / "p" / "other_series"
+    other.mkdir()
+    for path in export["folder"].glob("CT_*.dcm"):
+        shutil.copy(path, other / path.name)
+    F.replace_ct_series(other)  # 400 HU
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+    np.testing.assert_array_equal(case.ct, stored_hu(case))  # the series of the contours' images
+    for path in export["folder"].glob("CT_*.dcm"):
+        path.unlink()
+    with pytest.raises(FlaxdoseError, match="which is not in the export.*another scan"):
+        read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+
+
+def test_a_plan_dose_of_one_fraction_group_is_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    F.two_fraction_groups(export["plan"])
+    F.write_dose(export, "RD.dcm", "PLAN", scale=(25 * 1.8) / F.PRESCRIPTION, fraction_group=1)  # group 1's 45 Gy
+    for rx in (None, 45.0):
+        with pytest.raises(FlaxdoseError, match=r"names fraction group 1 .* also delivers fraction group\(s\) \[2\]"):
+            read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=rx)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda ds: setattr(ds, "PlanIntent", "VERIFICATION"), r"a verification plan \(PlanIntent VERIFICATION\)"),
+    (lambda ds: setattr(ds, "RTPlanGeometry", "TREATMENT_DEVICE"), "RTPlanGeometry TREATMENT_DEVICE"),
+    (lambda ds: [setattr(b, "RadiationType", "ELECTRON") for b in ds.BeamSequence],
+     r"an electron beam plan \(RadiationType ELECTRON\)"),
+], ids=["verification", "treatment device", "electrons"])
+def test_plans_no_patient_receives_as_photons_are_left_out(rt_export, tmp_path, edit, match):
+    export = copy_export(rt_export, tmp_path / "p")
+    F._edit(export["plan"], edit)
+    with pytest.raises(NotExternalPhotonPlan, match=match):
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=F.PRESCRIPTION)
+
+
+def test_an_rtplan_without_dose_and_a_broken_link_are_listed_not_skipped_unseen(rt_export, tmp_path):
+    src = tmp_path / "src"
+    export = copy_export(rt_export, src / "p")
+    plan = pydicom.dcmread(export["plan"])  # a second plan on the same structure set, without its dose
+    plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    plan.save_as(export["folder"] / "RP_boost.dcm")
+    (export["folder"] / "RD_link.dcm").symlink_to(tmp_path / "gone.dcm")
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1 and not summary.failures
+    assert [(w.split("/")[-1], "no RTDOSE" in why) for w, why in summary.left_out] == [("RP_boost.dcm", True)]
+    assert [p.split("/")[-1] for p, _ in summary.not_read] == ["RD_link.dcm"]

@@ -75,9 +75,9 @@ def check_external_photon(plan: DicomFile | None, label: str) -> None:
     """Refuse (NotExternalPhotonPlan) a plan whose RTPLAN is not an external photon beam plan."""
     if plan is not None and plan.not_photon:
         raise NotExternalPhotonPlan(
-            f"the RTPLAN {plan.path.name} in {label} is {plan.not_photon}, not an external photon beam plan; "
-            "flaxdose models external photon plans (prostate VMAT), so it is left out whatever the prescription. "
-            "Import the photon plan's export"
+            f"the RTPLAN {plan.path.name} in {label} is {plan.not_photon}; flaxdose models patients' external "
+            "photon beam treatment plans (prostate VMAT), so it is left out whatever the prescription. Import the "
+            "photon treatment plan's export"
         )
 
 
@@ -282,11 +282,25 @@ def plan_dose(plan: PlanFiles, rtplan: RtPlan | None) -> PlanDose:
     read = [read_dose_file(f.path) for f in plan.doses]
     dose_type = _one_dose_type(read, plan.label)
     if kind == PLAN_DOSE:
+        _check_whole_plan(plan.dose, rtplan)
         return PlanDose(read[0].dose, read[0].grid, "PLAN", dose_type)
     if kind == "FRACTION":
         return _fraction_doses(read, plan, rtplan, dose_type)
     _check_all_beams(plan.doses, rtplan, plan.label)
     return PlanDose(_sum_on_first_grid(read, plan.doses), read[0].grid, f"sum of {len(read)} BEAM doses", dose_type)
+
+
+def _check_whole_plan(dose: DicomFile, rtplan: RtPlan | None) -> None:
+    """Refuse a PLAN dose that names one fraction group of an RTPLAN that delivers others too."""
+    if rtplan is None or dose.ref_fraction_group is None:
+        return
+    others = [g.number for g in rtplan.fraction_groups if g.delivers and g.number != dose.ref_fraction_group]
+    if others:
+        raise FlaxdoseError(
+            f"{dose.path}: the PLAN dose names fraction group {dose.ref_fraction_group} of the RTPLAN "
+            f"{rtplan.path.name}, which also delivers fraction group(s) {others}: it is that group's dose, not the "
+            "plan's. Export the dose of the whole plan"
+        )
 
 
 def _one_dose_type(read: Sequence[RtDose], label: str) -> str:

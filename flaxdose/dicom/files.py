@@ -48,6 +48,8 @@ KINDS = {CT_STORAGE: "CT", **{uid: "CT" for uid in ENHANCED_CT_STORAGES}, RTDOSE
 # DoseSummationType values by what the reader does with them (PS3.3 C.8.8.3.4)
 PLAN_DOSE, FRACTION_DOSES, BEAM_DOSE = "PLAN", ("FRACTION", "FRACTION_SESSION"), "BEAM"
 
+NOT_TREATMENT_INTENTS = ("VERIFICATION", "MACHINE_QA", "SERVICE")  # PlanIntent of plans no patient receives
+
 MAX_VOXELS = 600_000_000  # refuse pixel data larger than this (a damaged header)
 
 
@@ -140,6 +142,7 @@ class DicomFile:
     ref_plan_uid: str = ""  # RTDOSE: ReferencedRTPlanSequence
     ref_struct_uid: str = ""  # RTPLAN: ReferencedStructureSetSequence
     ref_series_uid: str = ""  # RTSTRUCT: the image series of RTReferencedSeriesSequence
+    ref_image_uids: frozenset[str] = frozenset()  # RTSTRUCT: images its contours name (ContourImageSequence)
     dose_summation: str = ""  # RTDOSE: DoseSummationType
     ref_fraction_group: int | None = None  # RTDOSE: ReferencedFractionGroupNumber
     ref_beams: tuple[int, ...] = ()  # RTDOSE: ReferencedBeamNumber of its ReferencedBeamSequence
@@ -248,6 +251,14 @@ def _structure_set_for(ds) -> str:
     return text(refs[0], "FrameOfReferenceUID") if refs else text(ds, "FrameOfReferenceUID")
 
 
+def _contour_images(ds) -> frozenset[str]:
+    """The CT images an RTSTRUCT's contours name (Type 3): the series they belong to is its CT."""
+    return frozenset(
+        uid for rc in ds.get("ROIContourSequence") or [] for contour in rc.get("ContourSequence") or []
+        for image in contour.get("ContourImageSequence") or [] if (uid := text(image, "ReferencedSOPInstanceUID"))
+    )
+
+
 def _dose_references(f: DicomFile, ds) -> None:
     plans = ds.get("ReferencedRTPlanSequence") or []
     if not plans:
@@ -267,8 +278,9 @@ def flaxdose_prediction(ds) -> bool:
 
 
 def plan_technique(ds, sop_class: str) -> str:
-    """'' for an external photon beam plan, else what the RTPLAN is ("a brachytherapy plan
-    (BrachyTreatmentType HDR)", "an RT Ion Plan", "an electron beam plan (RadiationType ELECTRON)")."""
+    """'' for an external photon beam treatment plan, else what the RTPLAN is ("a brachytherapy plan
+    (BrachyTreatmentType HDR)", "an RT Ion Plan", "an electron beam plan (RadiationType ELECTRON)",
+    "a verification plan (PlanIntent VERIFICATION)")."""
     if sop_class == RT_ION_PLAN_STORAGE or "IonBeamSequence" in ds:
         return "an RT Ion Plan (proton or ion beams)"
     brachy = text(ds, "BrachyTreatmentType")
@@ -276,7 +288,15 @@ def plan_technique(ds, sop_class: str) -> str:
         return f"a brachytherapy plan (BrachyTreatmentType {brachy or 'missing'})"
     kinds = {text(b, "RadiationType").upper() for b in ds.get("BeamSequence") or []
              if text(b, "TreatmentDeliveryType").upper() != "SETUP"} - {"", "PHOTON"}
-    return f"a {'/'.join(sorted(kinds)).lower()} beam plan (RadiationType {'/'.join(sorted(kinds))})" if kinds else ""
+    if kinds:
+        names = "/".join(sorted(kinds))
+        return f"{'an' if names[0] in 'AEIOU' else 'a'} {names.lower()} beam plan (RadiationType {names})"
+    intent = text(ds, "PlanIntent").upper()
+    if intent in NOT_TREATMENT_INTENTS:  # a dose computed on a phantom or for the machine
+        return f"a {intent.lower().replace('_', ' ')} plan (PlanIntent {intent}), not a patient's treatment plan"
+    if text(ds, "RTPlanGeometry").upper() == "TREATMENT_DEVICE":
+        return "a plan on a treatment device (RTPlanGeometry TREATMENT_DEVICE), not on the patient"
+    return ""
 
 
 def _claims_dicom(path: Path) -> bool:
@@ -335,6 +355,7 @@ def file_header(path: Path) -> DicomFile | None:
                     for study in ref.get("RTReferencedStudySequence") or []:
                         for series in study.get("RTReferencedSeriesSequence") or []:
                             f.ref_series_uid = f.ref_series_uid or text(series, "SeriesInstanceUID")
+                f.ref_image_uids = _contour_images(ds)
             elif f.kind == "RTDOSE":
                 f.dose_summation = text(ds, "DoseSummationType").upper()
                 f.dose_type = text(ds, "DoseType").upper()
@@ -364,14 +385,18 @@ class ScanResult:
     unpacked: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
-def _candidates(paths) -> list[Path]:
+def _candidates(paths, others: list | None = None) -> list[Path]:
+    """The files under `paths`; entries that are neither files nor folders (broken links) go to `others`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file())
+            found = sorted(p.rglob("*"))
+            out += [q for q in found if q.is_file()]
+            if others is not None:
+                others += [(str(q), "not a file (a broken link?)") for q in found if not q.is_file() and not q.is_dir()]
         elif p.is_file():
             out.append(p)
         else:
@@ -388,7 +413,7 @@ def scan_tree(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: 
     they are listed as not DICOM. Raises FlaxdoseError for a path that does not exist.
     """
     found = ScanResult()
-    queue = [(path, 0) for path in _candidates(paths)]
+    queue = [(path, 0) for path in _candidates(paths, found.not_read)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -519,6 +544,7 @@ class Grouping:
     patients: dict[str, list[PlanFiles] | str]
     copies: list[tuple[Path, Path]]  # (kept, identical copy set aside)
     ignored: list[tuple[Path, str]]  # (file, why): media directories, SOP classes flaxdose does not use
+    unused: list[tuple[Path, str]] = dataclasses.field(default_factory=list)  # (RTPLAN, why): plans without dose
 
     @property
     def plans(self) -> list[PlanFiles]:
@@ -547,7 +573,12 @@ def group_plans(files: Sequence[DicomFile]) -> Grouping:
     by_patient: dict[str, list[DicomFile]] = defaultdict(list)
     for f in used:
         by_patient[f.patient_id].append(f)
-    return Grouping({pid: _patient_plans(pid, pfiles) for pid, pfiles in by_patient.items()}, copies, ignored)
+    found = Grouping({pid: _patient_plans(pid, pfiles) for pid, pfiles in by_patient.items()}, copies, ignored)
+    taken = {p.plan.sop_uid for p in found.plans if p.plan is not None}
+    found.unused = [(f.path, "an RTPLAN that no RTDOSE in the export belongs to (no case: export its dose)")
+                    for f in used if f.kind == "RTPLAN" and f.sop_uid not in taken
+                    and isinstance(found.patients.get(f.patient_id), list)]
+    return found
 
 
 def _patient_plans(pid: str, files: list[DicomFile]) -> list[PlanFiles] | str:
@@ -617,6 +648,8 @@ def _dose_units(doses: list[DicomFile], rtplans: list[DicomFile], by_uid: dict[s
                   for t, v in sorted(by_type.items()) if v[0] not in chosen]
         if ref and plan is None:
             notes.append("the dose names an RTPLAN that is not in the export: no prescription, fractions or beams")
+        elif not ref and plan is not None:
+            notes.append("the dose names no RTPLAN: the only RTPLAN on its frame of reference is taken as its plan")
         notes += ["DoseSummationType missing: read as PLAN" for d in chosen if not d.dose_summation]
         if kind == PLAN_DOSE and not ref:  # doses that name no RTPLAN: one plan each
             units += [(plan, kind, [d], [], notes) for d in chosen]
@@ -661,7 +694,7 @@ def _ct_series(cts: list[DicomFile], struct: DicomFile) -> tuple[list[DicomFile]
     """(the plan's CT slices, problems, why the referenced CT is missing or ''): the series the structure
     set references; another series on the frame of reference is another scan and is never used instead."""
     series = sorted({c.series_uid for c in cts})
-    ref = struct.ref_series_uid
+    ref = struct.ref_series_uid or _series_of_images(cts, struct.ref_image_uids)
     if ref in series:
         return [c for c in cts if c.series_uid == ref], [], ""
     if ref and series:
@@ -673,6 +706,15 @@ def _ct_series(cts: list[DicomFile], struct: DicomFile) -> tuple[list[DicomFile]
         return cts, [], ""
     return cts, [f"{len(series)} CT series share the frame of reference and the structure set names none of "
                  "them; export only the planning CT"], ""
+
+
+def _series_of_images(cts: list[DicomFile], images: frozenset[str]) -> str:
+    """The one CT series holding images that contours name ('' when they name none; "not in the
+    export" when the export holds none of them)."""
+    if not images:
+        return ""
+    named = {c.series_uid for c in cts if c.sop_uid in images}
+    return next(iter(named)) if len(named) == 1 else "" if named else "(the series of the contours' CT images)"
 
 
 def _conflicts(files: Sequence[DicomFile | None]) -> list[str]:

@@ -117,7 +117,8 @@ class ImportSummary:
         lines += _grouped(self.set_aside, "file(s) set aside")
         lines += _grouped(self.not_read, "file(s) not read")
         if self.left_out:
-            lines.append(f"{len(self.left_out)} plan(s) left out (flaxdose models external photon beam plans):")
+            lines.append(f"{len(self.left_out)} plan(s) left out (flaxdose models external photon treatment plans "
+                         "with their dose):")
             lines += [f"  - {where}: {why}" for where, why in self.left_out]
         if self.failures:
             lines.append(f"{len(self.failures)} patient(s)/plan(s) FAILED and were skipped:")
@@ -248,7 +249,7 @@ def _import_plans(scanned: ScanResult, src, out, structures, grid, *, aliases, k
     salt = salt if salt is not None else secrets.token_hex(16)
     failures: list[tuple[str, str]] = [
         (path, f"{why}; a patient may be inside") for path, why in scanned.unreadable]  # exit 1: maybe missing
-    left_out: list[tuple[str, str]] = []
+    left_out: list[tuple[str, str]] = [(str(path), why) for path, why in found.unused]
     refused_beside: set[str] = set()  # damaged files in the folders of a refused plan (or patient)
     todo = []
     for pid, plans in found.patients.items():

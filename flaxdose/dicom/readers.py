@@ -459,12 +459,13 @@ def read_plan(
             raise FlaxdoseError(f"{plan.ct_missing}: export the referenced CT series, or import without "
                                 "--include_ct on --grid model or dose (the CT then is not needed)")
         raise FlaxdoseError(f"no CT series for the plan in {plan.label}; export the planning CT with the plan")
-    needs_plan = prescription_gy is None or (read_dose and plan.dose_kind in ("FRACTION", "BEAM"))
+    needs_plan = prescription_gy is None or (read_dose and (  # the RTPLAN says what the dose is part of
+        plan.dose_kind in ("FRACTION", "BEAM") or any(d.ref_fraction_group is not None for d in plan.doses)))
     rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
     dose = plan_dose(plan, rtplan) if plan.doses and read_dose else None
     if dose is None and grid == "dose":
         raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}" + ("" if read_dose else " (read_dose=False)")
-                            + ": grid='dose' needs the plan dose; export it, or use grid='model' or 'ct'")
+                            + ": the dose grid (--grid dose) needs the plan dose; export it, or use --grid model or ct")
     rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
                           ct.slice_spacing if ct is not None else None, plan.struct.path)
 
