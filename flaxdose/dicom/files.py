@@ -1,12 +1,14 @@
 """Reading DICOM files: pydicom access that turns damage into FlaxdoseError, headers, scanning, grouping.
 
-`scan` reads the header of every file under some folders (files that are not DICOM are
-ignored, damaged DICOM is listed); `group_plans` ties the files of each patient into plans
-(CT series, RTSTRUCT, RTDOSE, RTPLAN) by what they are (SOP class) and by the Type 1/2
-references between them, never by optional (Type 3) attributes alone:
+`scan_tree` reads the header of every file under some folders and lists what it did not read
+(files that are not DICOM, hidden files, archives it could not unpack; damaged DICOM apart);
+with an `Unpacker` it reads the files inside archives too. `group_plans` ties the files of each
+patient into plans (CT series, RTSTRUCT, RTDOSE, RTPLAN) by what they are (SOP class) and by
+the Type 1/2 references between them, never by optional (Type 3) attributes alone:
 
-- a file's kind is its SOP Class UID (Modality only where the class is missing); media
-  directories (DICOMDIR) and other SOP classes are set aside and listed;
+- a file's kind is its SOP Class UID (Modality only where the class is missing; Enhanced CT
+  is CT); media directories (DICOMDIR), other SOP classes and flaxdose's own predicted
+  RTDOSEs are set aside and listed, as are RTPLANs that no dose belongs to;
 - copies of one instance (same SOP Instance UID, same content) count once; differing files
   that share a SOP Instance UID stop the plans that use that UID;
 - an RTSTRUCT's frame of reference is the one its ROIs name (ReferencedFrameOfReferenceUID,
@@ -14,9 +16,12 @@ references between them, never by optional (Type 3) attributes alone:
   RTPLAN without one (the module is optional there) takes its structure set's or dose's;
 - an RTDOSE belongs to the RTPLAN its ReferencedRTPlanSequence names (else the frame of
   reference's only RTPLAN); an RTPLAN to the structure set its ReferencedStructureSetSequence
-  names (else the frame of reference's only RTSTRUCT);
-- per RTPLAN the dose is its PLAN dose; else its FRACTION dose; else all its BEAM doses
-  (the reader sums them after checking that every beam has its dose).
+  names (a plan whose structure set is missing is refused; without a reference, the frame of
+  reference's only RTSTRUCT); the CT is the series the structure set references, never
+  another series on the frame of reference;
+- per RTPLAN the dose is its PLAN dose; else its FRACTION doses; else all its BEAM doses
+  (the reader sums them after checking that every fraction group or beam has its dose);
+  PHYSICAL doses are chosen over EFFECTIVE ones.
 """
 
 from __future__ import annotations
