@@ -23,7 +23,7 @@ from pydicom.uid import (
 )
 
 from flaxdose.data import Dataset
-from flaxdose.dicom import AliasTable, import_dicom, read_rt, scan, write_rtdose
+from flaxdose.dicom import AliasTable, import_dicom, read_dose, read_rt, scan, write_rtdose
 from flaxdose.dicom.dose import NotExternalPhotonPlan
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dice
@@ -425,3 +425,15 @@ def test_an_rtplan_without_dose_and_a_broken_link_are_listed_not_skipped_unseen(
     assert len(summary.case_ids) == 1 and not summary.failures
     assert [(w.split("/")[-1], "no RTDOSE" in why) for w, why in summary.left_out] == [("RP_boost.dcm", True)]
     assert [p.split("/")[-1] for p, _ in summary.not_read] == ["RD_link.dcm"]
+
+
+def test_a_prediction_is_written_onto_an_enhanced_ct(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    F.to_enhanced_ct(export["folder"])
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct")
+    out = write_rtdose(case, export["folder"], tmp_path / "RD_pred.dcm")
+    dose, grid = read_dose(out)
+    assert grid.spacing_mm == F.CT_SPACING and np.allclose(grid.origin_mm, F.CT_ORIGIN)
+    true = F.true_dose(*np.meshgrid(*F.coords(grid.origin_mm, grid.spacing_mm, grid.shape), indexing="ij"))
+    inside = dose > 0  # the CT grid beyond the dose grid gets no dose
+    assert inside.sum() > 0.5 * dose.size and np.abs(dose - true)[inside].max() <= 0.005 * true.max()

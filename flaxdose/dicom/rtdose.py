@@ -146,7 +146,7 @@ def write_rtdose(
     cts = _reference_ct(reference_ct, ct_series_uid)
     ct = read_ct(cts, load_pixels=False)
     ct_ds = read_header(cts[0].path)
-    r, c, n = axial_directions([float(v) for v in ct_ds.ImageOrientationPatient], f"CT {cts[0].path}")
+    r, c, n = axial_directions(ct.orientation, f"CT {cts[0].path}")  # an Enhanced CT keeps it per frame
 
     if output_grid == "input":
         out_grid = src
