@@ -544,7 +544,8 @@ def to_enhanced_ct(folder, legacy=False):
     measures, orientation, rescale, shared = Dataset(), Dataset(), Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
     orientation.ImageOrientationPatient = first.ImageOrientationPatient
-    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = first.RescaleIntercept, first.RescaleSlope, "HU"
+    rescale.RescaleIntercept, rescale.RescaleSlope = first.RescaleIntercept, first.RescaleSlope
+    rescale.RescaleType = "HU"
     shared.PixelMeasuresSequence = Sequence([measures])
     shared.PlaneOrientationSequence = Sequence([orientation])
     shared.PixelValueTransformationSequence = Sequence([rescale])
@@ -577,6 +578,7 @@ def name_contour_images(struct_path, ct_folder):
         for rc in ds.ROIContourSequence:
             for contour in rc.get("ContourSequence") or []:
                 image = Dataset()
-                image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = at_z[round(float(contour.ContourData[2]), 2)]
+                z = round(float(contour.ContourData[2]), 2)
+                image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = at_z[z]
                 contour.ContourImageSequence = Sequence([image])
     _edit(struct_path, change)

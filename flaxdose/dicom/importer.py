@@ -112,8 +112,9 @@ class ImportSummary:
         if self.copies:
             lines.append(f"{self.copies} identical copy(ies) of DICOM instances counted once")
         if self.unpacked:
-            lines.append(f"{len(self.unpacked)} archive(s) unpacked and read: " + ", ".join(
-                f"{Path(a).name} ({n} files)" for a, n in self.unpacked[:10]) + (" ..." if len(self.unpacked) > 10 else ""))
+            shown = ", ".join(f"{Path(a).name} ({n} files)" for a, n in self.unpacked[:10])
+            more = " ..." if len(self.unpacked) > 10 else ""
+            lines.append(f"{len(self.unpacked)} archive(s) unpacked and read: {shown}{more}")
         lines += _grouped(self.set_aside, "file(s) set aside")
         lines += _grouped(self.not_read, "file(s) not read")
         if self.left_out:

@@ -480,8 +480,8 @@ def read_plan(
         reference = ct.grid if ct is not None else dose.grid if dose is not None else None
         if reference is None:
             missing = f" ({plan.ct_missing})" if plan.ct_missing else ""
-            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid on{missing}; "
-                                "export the planning CT with it")
+            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid "
+                                f"on{missing}; export the planning CT with it")
         target = _model_grid(rois[centre_name], reference, model_shape, model_spacing_mm)
 
     facts, warnings, notes = {}, [], list(plan.notes)
