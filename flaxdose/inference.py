@@ -830,6 +830,48 @@ def _predict_one_plan(model, entry: DicomPlan, folder: Path, result: PlanResult,
                                                f"({result.grid})")
 
 
+def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str | Path, *,
+                          prescription_gy: float | None = None, aliases=None, bits: int = 32,
+                          specs: Sequence[str] | None = None, overwrite: bool = False, reference=None,
+                          plan_path: str | Path | None = None, batch_size: int = 1) -> PlanResult:
+    """Predict the one plan of a patient's export folder and write its RTDOSE at `rtdose_out` (a ``.dcm`` file,
+    or a folder that gets `RTDOSE_NAME`: `resolve_rtdose_path`).
+
+    The RTDOSE goes onto the CT series and frame of reference the case was read from (the series its
+    structure set references) and references the export's RTPLAN, unless `reference` (a CT folder) or
+    `plan_path` (an RTPLAN file) say otherwise. The result's metrics (the paper's and `specs`) are
+    computed on the written RTDOSE's own grid. When the RTDOSE cannot be written, the prediction is
+    saved as prediction.npz beside `rtdose_out` and the error says so. Raises FlaxdoseError for a
+    folder without exactly one readable plan, an existing file without `overwrite` (before predicting),
+    and for what reading, predicting or writing refuses.
+    """
+    from flaxdose.metrics import PROSTATE_METRIC_SPECS
+
+    target = resolve_rtdose_path(rtdose_out)
+    if target.exists() and not overwrite:
+        raise FlaxdoseError(f"{target} exists; pass --overwrite to replace it, or choose another --rtdose_out")
+    entry = one_dicom_plan(patient_dir)
+    predicted = predict_dicom(model, entry.folder, prescription_gy, aliases=aliases, plan=entry.files,
+                              batch_size=batch_size)
+    try:
+        if reference is not None or plan_path is not None:
+            path = export_rtdose(predicted, reference or [f.path for f in entry.files.ct], target,
+                                 plan_path or (entry.files.plan.path if entry.files.plan else None), bits=bits,
+                                 ct_series_uid=None if reference or not entry.files.ct else entry.files.ct[0].series_uid,
+                                 overwrite=overwrite)
+        else:
+            path = export_plan_rtdose(predicted, entry.files, target, bits=bits, overwrite=overwrite)
+    except FlaxdoseError as e:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kept = predicted.save(target.parent / "prediction.npz")
+        raise FlaxdoseError(f"{e} (the prediction is kept as {kept}: a flaxdose Case, dose in Gy)") from None
+    on_grid = rtdose_case(entry.files, path, predicted.structures, predicted.prescription_gy, aliases)
+    rows = case_metric_rows(on_grid, tuple(PROSTATE_METRIC_SPECS if specs is None else specs), "")
+    return PlanResult("plan", entry.folder, rtdose=path, grid=grid_name(on_grid),
+                      prescription_gy=predicted.prescription_gy,
+                      metrics={f"{r['structure']} {r['metric']}": r["value"] for r in rows})
+
+
 def plan_line(result: PlanResult) -> str:
     """One console line for a plan: its folder and key metrics, or why it failed."""
     import math

@@ -137,39 +137,14 @@ def check_run_exists(path: str, flag: str) -> None:
 
 
 def _one_dicom_patient(model, aliases, bits: int) -> int:
-    """--dicom PATIENT_DIR --rtdose_out: the export's one plan, written onto the CT series and frame of
-    reference it was read from; when the RTDOSE cannot be written the prediction is saved beside it."""
-    entry = inference.one_dicom_plan(FLAGS.dicom)
-    predicted = inference.predict_dicom(model, entry.folder, FLAGS.prescription_gy, aliases=aliases, plan=entry.files,
-                                        batch_size=FLAGS.batch_size)
-    target = inference.resolve_rtdose_path(FLAGS.rtdose_out)
-    try:
-        if FLAGS.reference or FLAGS.plan:
-            path = inference.export_rtdose(predicted, FLAGS.reference or [f.path for f in entry.files.ct],
-                                           target, FLAGS.plan or (entry.files.plan.path if entry.files.plan else None),
-                                           bits=bits, ct_series_uid=None if FLAGS.reference else
-                                           (entry.files.ct[0].series_uid if entry.files.ct else None),
-                                           overwrite=FLAGS.overwrite)
-        else:
-            path = inference.export_plan_rtdose(predicted, entry.files, target, bits=bits, overwrite=FLAGS.overwrite)
-    except FlaxdoseError as e:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        kept = predicted.save(target.parent / "prediction.npz")
-        raise FlaxdoseError(f"{e} (the prediction is kept as {kept}: a flaxdose Case, dose in Gy)") from None
-    on_grid = inference.rtdose_case(entry.files, path, predicted.structures, predicted.prescription_gy, aliases)
-    result = inference.PlanResult("plan", entry.folder, rtdose=path, grid=inference.grid_name(on_grid),
-                                  prescription_gy=predicted.prescription_gy,
-                                  metrics={f"{r['structure']} {r['metric']}": r["value"] for r in
-                                           inference.case_metric_rows(on_grid, FLAGS.metrics or _default_specs(), "")})
+    """--dicom PATIENT_DIR --rtdose_out: `inference.predict_dicom_patient`, its line on the console."""
+    result = inference.predict_dicom_patient(model, FLAGS.dicom, FLAGS.rtdose_out, prescription_gy=FLAGS.prescription_gy,
+                                             aliases=aliases, bits=bits, specs=FLAGS.metrics, overwrite=FLAGS.overwrite,
+                                             reference=FLAGS.reference, plan_path=FLAGS.plan,
+                                             batch_size=FLAGS.batch_size)
     print(inference.plan_line(result))
-    print(json.dumps({"rtdose": str(path)}))
+    print(json.dumps({"rtdose": str(result.rtdose)}))
     return 0
-
-
-def _default_specs():
-    from flaxdose.metrics import PROSTATE_METRIC_SPECS
-
-    return PROSTATE_METRIC_SPECS
 
 
 def run():

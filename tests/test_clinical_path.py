@@ -194,3 +194,27 @@ def test_import_like_a_run_then_evaluate_every_split(workdir, tmp_path):
     summary = evaluate_workdirs([workdir], tmp_path / "ds", "all", tmp_path / "report", batch_size=64)
     assert not summary.get("failed_cases"), summary.get("failed_cases")
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_one_patient_rtdose_out(workdir, tmp_path):
+    """--rtdose_out: a .dcm name is that file (not a folder); a folder gets one fixed name; a rerun replaces
+    it only with --overwrite (refused before predicting), so files never pile up."""
+    from flaxdose.errors import FlaxdoseError
+    from flaxdose.inference import Model, predict_dicom_patient
+
+    export = F.write_export(tmp_path / "patient")
+    add_second_ct_series(export["folder"])  # the export of issue 25 item 5: two CT series, one referenced
+    model = Model.load(workdir, full_volume=True)
+    result = predict_dicom_patient(model, export["folder"], tmp_path / "out" / "pred.dcm", bits=16)
+    assert result.rtdose == tmp_path / "out" / "pred.dcm" and result.rtdose.is_file()
+    assert result.grid == "RTDOSE grid 2x2.5x2.5 mm, 64x48x32 voxels" and result.metrics["PTV D95"] > 0
+    with pytest.raises(FlaxdoseError, match="exists; pass --overwrite"):
+        predict_dicom_patient(model, export["folder"], tmp_path / "out" / "pred.dcm")
+    again = predict_dicom_patient(model, export["folder"], tmp_path / "out" / "pred.dcm", overwrite=True, bits=16)
+    folder = predict_dicom_patient(model, export["folder"], tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["RD_flaxdose.dcm", "pred.dcm"]
+    assert folder.rtdose.name == "RD_flaxdose.dcm" and again.rtdose == result.rtdose
+    ds = pydicom.dcmread(result.rtdose)
+    assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == export["plan_uid"]
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(result.rtdose) == []
