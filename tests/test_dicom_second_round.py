@@ -438,3 +438,73 @@ def test_a_prediction_is_written_onto_an_enhanced_ct(rt_export_ct, tmp_path):
     true = F.true_dose(*np.meshgrid(*F.coords(grid.origin_mm, grid.spacing_mm, grid.shape), indexing="ij"))
     inside = dose > 0  # the CT grid beyond the dose grid gets no dose
     assert inside.sum() > 0.5 * dose.size and np.abs(dose - true)[inside].max() <= 0.005 * true.max()
+
+
+# ------------------------------------------------------------ further inputs of the same kinds
+def test_a_fraction_dose_of_some_of_the_groups_beams_is_refused(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    F.write_dose(export, "RD.dcm", "FRACTION", scale=0.5 / F.FRACTIONS, beams=[1], fraction_group=1)
+    with pytest.raises(FlaxdoseError, match=r"names beams \[1\] of fraction group 1, which delivers beams \[1, 2\]"):
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=30.0)
+
+
+def test_a_brachy_dose_and_a_dose_naming_a_missing_ion_plan_are_left_out(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+    F.write_dose(export, "RD.dcm", "BRACHY")
+    with pytest.raises(NotExternalPhotonPlan, match="DoseSummationType BRACHY .* a brachytherapy dose"):
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=F.PRESCRIPTION)
+    export["plan"].unlink()
+    F.write_dose(export, "RD.dcm", plan_uid=pydicom.uid.generate_uid(),
+                 edit=lambda ds: setattr(ds.ReferencedRTPlanSequence[0], "ReferencedSOPClassUID",
+                                         "1.2.840.10008.5.1.4.1.1.481.8"))
+    with pytest.raises(NotExternalPhotonPlan, match="the RTDOSE names an RT Ion Plan"):
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=F.PRESCRIPTION)
+
+
+def test_stored_dose_bits_above_bits_stored_are_refused_not_masked(rt_export, tmp_path):
+    export = copy_export(rt_export, tmp_path / "p", skip=("RD.dcm",))
+
+    def twelve_bits(ds):
+        ds.BitsStored, ds.HighBit = 12, 11
+
+    path = F.write_dose(export, "RD.dcm", bits=16, edit=twelve_bits)  # values up to 65000 labelled 12-bit
+    raw = np.frombuffer(pydicom.dcmread(path).PixelData, "<u2")
+    beyond = int(np.count_nonzero(raw > 4095))
+    assert beyond > 1000 and pydicom.dcmread(path).pixel_array.max() <= 4095  # pydicom masks them silently
+    with pytest.raises(FlaxdoseError, match=rf"RD.dcm: {beyond} stored dose values have bits set above the 12 bits"):
+        read_rt(export["folder"], structures=F.STRUCTURES, prescription_gy=4.0)
+
+
+@pytest.mark.parametrize("alias", ["\uff28\uff41\uff52\uff4e\uff42\uff4c\uff41\uff53\uff45",  # full-width letters
+                                   "Harn\u200bblase"], ids=["full-width", "zero-width space"])
+def test_roi_aliases_match_across_compatibility_forms_and_invisible_characters(rt_export, tmp_path, alias):
+    export = copy_export(rt_export, tmp_path / "p")
+    F.rename_roi(export["struct"], "BLADDER", "Harnblase")
+    aliases_file = tmp_path / "aliases.json"
+    aliases_file.write_text('{"Bladder": ["%s"]}' % alias, encoding="utf-8")
+    case = read_rt(export["folder"], structures=F.STRUCTURES, aliases=AliasTable.from_file(aliases_file))
+    assert case.meta["structure_rois"]["Bladder"] == "Harnblase"
+
+
+@pytest.mark.parametrize("magic,what", [(b"\x28\xb5\x2f\xfd", "Zstandard"), (b"Rar!\x1a\x07\x00", "RAR")])
+def test_compressed_files_python_cannot_read_are_failures_not_silence(rt_export, tmp_path, magic, what):
+    src = tmp_path / "src"
+    copy_export(rt_export, src / "plain")
+    (src / "patient2.bin").write_bytes(magic + bytes(300))
+    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
+    assert len(summary.case_ids) == 1
+    assert [(w.split("/")[-1], what in why) for w, why in summary.failures] == [("patient2.bin", True)]
+
+
+def test_a_ct_in_a_transfer_syntax_the_damage_walk_does_not_know_is_not_called_damaged(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    slice_path = sorted(export["folder"].glob("CT_*.dcm"))[3]
+    ds = pydicom.dcmread(slice_path)
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.999.1"  # a private syntax: header readable only
+    ds.save_as(slice_path)
+    _, damaged = scan(export["folder"])
+    assert damaged == []
+    case = read_rt(export["folder"], structures=F.STRUCTURES)  # the CT only places the grid here
+    assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
+    with pytest.raises(FlaxdoseError, match=slice_path.name):  # its pixels cannot be decoded: named
+        read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)

@@ -22,7 +22,10 @@ from pathlib import Path
 
 # Leading bytes of the archives read here, and of those that need a tool outside Python's library.
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
-_UNREADABLE = {b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive", b"Rar!\x1a\x07": "a RAR archive"}
+_UNREADABLE = {b"7z\xbc\xaf\x27\x1c": "a 7-Zip archive", b"Rar!\x1a\x07": "a RAR archive",
+               b"\x28\xb5\x2f\xfd": "a Zstandard-compressed file", b"\x04\x22\x4d\x18": "an LZ4-compressed file",
+               b"\x1f\x9d": "a Unix-compressed (.Z) file"}
+ISO_MAGIC = (32769, b"CD001")  # an ISO 9660 disc image (a CD export as one file)
 MAX_DEPTH = 3  # archives inside archives inside archives: deeper is refused
 
 
@@ -43,9 +46,17 @@ def archive_kind(path: Path) -> str:
     for magic, what in _UNREADABLE.items():
         if head.startswith(magic):
             return what
+    if _at(path, *ISO_MAGIC):
+        return "an ISO disc image"
     if any(head.startswith(m) for m in _COMPRESSED):
         return "tar" if _is_tar(path) else "compressed"
     return ""
+
+
+def _at(path: Path, offset: int, magic: bytes) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(len(magic)) == magic
 
 
 def _is_tar(path: Path) -> bool:

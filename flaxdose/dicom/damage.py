@@ -162,8 +162,12 @@ def _walk_file(path: Path, implicit: bool, little: bool, deflated: bool) -> int 
         return walk.pixel_length
 
 
+NOT_WALKED = -1  # `_encoding_cut`'s pixel length when the encoding could not be walked
+
+
 def _encoding_cut(path: Path, ds) -> tuple[str | None, int | None]:
-    """(why the encoding is cut or broken, or None; the top-level PixelData's length, None if absent).
+    """(why the encoding is cut or broken, or None; the top-level PixelData's length: None if absent,
+    NOT_WALKED for an encoding this walk does not know, whose pixel data it cannot judge).
 
     Every transfer syntax pydicom reads is walked: implicit and explicit VR, little and big
     endian, encapsulated pixel data, and deflated files once inflated (their compressed bytes
@@ -172,10 +176,10 @@ def _encoding_cut(path: Path, ds) -> tuple[str | None, int | None]:
     try:
         syntax = ds.file_meta.TransferSyntaxUID
         if not syntax.is_transfer_syntax:
-            return None, None  # an unknown encoding: pydicom's reading is all we have
+            return None, NOT_WALKED  # an unknown encoding: pydicom's reading is all we have
         implicit, little, deflated = syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
     except (AttributeError, ValueError):
-        return None, None
+        return None, NOT_WALKED
     if Path(path).stat().st_size == 0:
         return "the file is empty", None
     try:
@@ -223,7 +227,7 @@ def file_damage(path: str | Path, ds, kind: str) -> str | None:
         if pixel_length is None:
             if (kind == "CT" or "Rows" in ds) and not any(t in ds for t in OTHER_PIXEL_DATA):
                 why = "its header describes an image but the file holds no PixelData (cut short)"
-        elif pixel_length != UNDEFINED:
+        elif pixel_length not in (UNDEFINED, NOT_WALKED):
             expected = _pixel_bytes(ds)
             if expected is not None and pixel_length < expected:
                 why = (f"PixelData holds {pixel_length} bytes, Rows x Columns x SamplesPerPixel x NumberOfFrames "

@@ -31,6 +31,7 @@ from flaxdose.data.grid import Grid
 from flaxdose.dicom.files import (
     BEAM_DOSE,
     PLAN_DOSE,
+    RT_ION_PLAN_STORAGE,
     DicomFile,
     PlanFiles,
     floats,
@@ -54,6 +55,7 @@ from flaxdose.errors import FlaxdoseError
 # A plan dose peaks near the prescription (prostate VMAT: 103-110 %); outside these bounds
 # (fractions of it, or multiples) the dose or the prescription is not what it says.
 DOSE_MAX_PER_PRESCRIPTION = (0.5, 2.0)
+BRACHY_DOSES = ("BRACHY", "BRACHY_SESSION")
 # DoseSummationType values that are not one plan's planned dose, and what they are.
 NOT_A_PLAN_DOSE = {
     "MULTI_PLAN": "the dose of several RT Plans",
@@ -71,8 +73,15 @@ class NotExternalPhotonPlan(FlaxdoseError):
     plan is left out of an import (listed), whatever its prescription."""
 
 
-def check_external_photon(plan: DicomFile | None, label: str) -> None:
-    """Refuse (NotExternalPhotonPlan) a plan whose RTPLAN is not an external photon beam plan."""
+def check_external_photon(plan: DicomFile | None, label: str, doses: Sequence[DicomFile] = ()) -> None:
+    """Refuse (NotExternalPhotonPlan) a plan whose RTPLAN is not an external photon beam plan, or whose
+    dose names an RT Ion Plan (the plan itself may be missing from the export)."""
+    ion = [d for d in doses if d.ref_plan_class == RT_ION_PLAN_STORAGE]
+    if plan is None and ion:
+        raise NotExternalPhotonPlan(
+            f"{ion[0].path}: the RTDOSE names an RT Ion Plan (proton or ion beams); flaxdose models external photon "
+            "beam treatment plans, so it is left out. Import the photon treatment plan's export"
+        )
     if plan is not None and plan.not_photon:
         raise NotExternalPhotonPlan(
             f"the RTPLAN {plan.path.name} in {label} is {plan.not_photon}; flaxdose models patients' external "
@@ -129,14 +138,14 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
         if offsets[0] == 0:
             s = offsets.copy()  # relative form: offsets along the normal from ImagePositionPatient
         else:  # absolute form: the z coordinates of the planes (standard orientation only)
-            if abs(offsets[0] - ipp[2]) > 1e-3 * max(1.0, abs(ipp[2])):
+            if abs(offsets[0] - ipp[2]) > max(POSITION_ROUNDING_MM, 1e-3 * abs(ipp[2])):  # the same z, rounded
                 raise FlaxdoseError(
                     f"{path}: GridFrameOffsetVector starts at {offsets[0]}, neither 0 (relative form) nor the "
                     f"z of ImagePositionPatient {ipp[2]} (absolute form); the file is damaged"
                 )
             s = (offsets - ipp[2]) * n[2]
         pixels = pixel_frames(ds, path, frames)
-        _check_sign(pixels, scaling, ds, path)
+        _check_stored(pixels, scaling, ds, path)
         order = np.argsort(s, kind="stable")
         s = s[order]
         if frames > 1:
@@ -161,13 +170,35 @@ def read_dose_file(path: str | os.PathLike, require_gy: bool = True) -> RtDose:
     return RtDose(dose, grid, dose_type)
 
 
-def _check_sign(pixels: np.ndarray, scaling: float, ds, path) -> None:
-    """Refuse negative stored doses: a physical dose is never negative, so data that read negative
-    contradict their header (unsigned values labelled signed, PixelRepresentation 1)."""
+def _beyond_bits_stored(ds) -> int:
+    """How many native unsigned values have bits set above BitsStored (pydicom masks them away silently)."""
+    try:
+        allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+        syntax = ds.file_meta.TransferSyntaxUID
+        if (syntax.is_encapsulated or not 0 < stored < allocated or allocated not in (8, 16, 32)
+                or int(ds.get("PixelRepresentation", 0) or 0)):
+            return 0
+        order = "<" if syntax.is_little_endian else ">"
+        raw = np.frombuffer(ds.PixelData, f"{order}u{allocated // 8}", count=len(ds.PixelData) // (allocated // 8))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return int(np.count_nonzero(raw >> stored))
+
+
+def _check_stored(pixels: np.ndarray, scaling: float, ds, path) -> None:
+    """Refuse stored doses that contradict the header: negative ones (a physical dose is never negative:
+    unsigned values labelled signed, PixelRepresentation 1), or unsigned ones beyond BitsStored bits."""
+    fields = ", ".join(f"{k} {ds.get(k)}" for k in ("PixelRepresentation", "BitsAllocated", "BitsStored", "HighBit"))
+    beyond = _beyond_bits_stored(ds)
+    if beyond:
+        raise FlaxdoseError(
+            f"{path}: {beyond} stored dose values have bits set above the {ds.get('BitsStored')} bits the header "
+            f"gives them ({fields}), which a reader drops; the data contradict the header: re-export the RTDOSE "
+            "from the planning system"
+        )
     negative = pixels < 0
     if not negative.any():
         return
-    fields = ", ".join(f"{k} {ds.get(k)}" for k in ("PixelRepresentation", "BitsAllocated", "BitsStored", "HighBit"))
     raise FlaxdoseError(
         f"{path}: {int(negative.sum())} dose voxels are negative (min {float(pixels.min()) * scaling:.2f} Gy) as the "
         f"header says to read them ({fields}); a physical dose is never negative, so the data contradict the header "
@@ -273,6 +304,11 @@ def plan_dose(plan: PlanFiles, rtplan: RtPlan | None) -> PlanDose:
         raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}; export the plan dose")
     kind = plan.dose_kind or PLAN_DOSE
     for name in kind.split("/"):
+        if name in BRACHY_DOSES:
+            raise NotExternalPhotonPlan(
+                f"{plan.dose.path}: DoseSummationType {name} is {NOT_A_PLAN_DOSE[name]}: a brachytherapy dose, left out "
+                "(flaxdose models external photon beam treatment plans). Import the photon treatment plan's export"
+            )
         if name in NOT_A_PLAN_DOSE or name not in (PLAN_DOSE, "FRACTION", BEAM_DOSE):
             raise FlaxdoseError(
                 f"{plan.dose.path}: DoseSummationType {name} ({NOT_A_PLAN_DOSE.get(name, 'not a DICOM term')}) is not "
@@ -333,6 +369,12 @@ def _fraction_doses(read: Sequence[RtDose], plan: PlanFiles, rtplan: RtPlan | No
         if group.number in groups:
             raise FlaxdoseError(f"{groups[group.number].name} and {f.path.name} are FRACTION doses of one fraction "
                                 f"group ({group.number}); export each group's dose once, or the PLAN dose")
+        if f.ref_beams and set(group.beams) - set(f.ref_beams):
+            raise FlaxdoseError(
+                f"{f.path}: the FRACTION dose names beams {sorted(f.ref_beams)} of fraction group {group.number}, "
+                f"which delivers beams {list(group.beams)}: a part of the fraction is not the plan dose. Export the "
+                "PLAN dose, or the whole fraction's dose"
+            )
         groups[group.number] = f.path
         scaled.append(RtDose(rt.dose * np.float32(group.fractions), rt.grid, rt.dose_type))
     missing = [g for g in rtplan.fraction_groups if g.delivers and g.number not in groups]

@@ -146,6 +146,7 @@ class DicomFile:
     series_uid: str
     for_uid: str
     ref_plan_uid: str = ""  # RTDOSE: ReferencedRTPlanSequence
+    ref_plan_class: str = ""  # RTDOSE: the SOP class it names there (RT Plan or RT Ion Plan)
     ref_struct_uid: str = ""  # RTPLAN: ReferencedStructureSetSequence
     ref_series_uid: str = ""  # RTSTRUCT: the image series of RTReferencedSeriesSequence
     ref_image_uids: frozenset[str] = frozenset()  # RTSTRUCT: images its contours name (ContourImageSequence)
@@ -270,6 +271,7 @@ def _dose_references(f: DicomFile, ds) -> None:
     if not plans:
         return
     f.ref_plan_uid = text(plans[0], "ReferencedSOPInstanceUID")
+    f.ref_plan_class = text(plans[0], "ReferencedSOPClassUID")
     groups = plans[0].get("ReferencedFractionGroupSequence") or []
     if groups:
         f.ref_fraction_group = _int_or_none(groups[0], "ReferencedFractionGroupNumber")

@@ -41,6 +41,7 @@ from flaxdose.dicom.dose import (
 )
 from flaxdose.dicom.archives import Unpacker
 from flaxdose.dicom.files import (
+    RT_ION_PLAN_STORAGE,
     DicomFile,
     PlanFiles,
     ScanResult,
@@ -217,7 +218,7 @@ def read_ct(files: Sequence[DicomFile], load_pixels: bool = True) -> CtSeries:
     order = np.argsort(s, kind="stable")
     images, s = [images[i] for i in order], s[order]
     inplane = np.array([im.ipp - np.dot(im.ipp, n) * n for im in images])
-    if np.abs(inplane - inplane[0]).max() > 0.01 * min(images[0].ps) + 1e-3:
+    if np.abs(inplane - inplane[0]).max() > max(0.01 * min(images[0].ps), POSITION_ROUNDING_MM):  # rounding, no tilt
         raise FlaxdoseError(
             f"CT slices of {images[0].file.path.parent} are not stacked along the slice normal (tilted gantry or "
             "mixed series); re-export the series reconstructed axially without tilt"
@@ -446,7 +447,7 @@ def read_plan(
         raise FlaxdoseError(f"grid must be 'dose', 'model' or 'ct', got {grid!r}")
     if not 0.0 <= min_coverage <= 1.0:
         raise FlaxdoseError(f"min_coverage must be in [0, 1], got {min_coverage}")
-    check_external_photon(plan.plan, plan.label)  # first: no other refusal's advice applies to it
+    check_external_photon(plan.plan, plan.label, plan.doses)  # first: no other refusal's advice applies to it
     if plan.problems:
         raise FlaxdoseError(f"plan in {plan.label}: " + "; ".join(plan.problems))
     if plan.struct is None:
@@ -579,9 +580,10 @@ def _one_plan(scanned: ScanResult, paths) -> PlanFiles:
         reason = (f"no complete DICOM-RT plan (CT + RTSTRUCT [+ RTDOSE]) found in {paths}"
                   + (f": {reasons[0]}" if reasons else ""))
         raise FlaxdoseError(f"{damage}; without them: {reason}" if damage else reason)
-    photon = [p for p in plans if not (p.plan is not None and p.plan.not_photon)]
+    photon = [p for p in plans if not (p.plan is not None and p.plan.not_photon)
+              and not any(d.ref_plan_class == RT_ION_PLAN_STORAGE for d in p.doses)]
     if not photon:
-        check_external_photon(plans[0].plan, plans[0].label)
+        check_external_photon(plans[0].plan, plans[0].label, plans[0].doses)
     if len(photon) > 1:
         raise FlaxdoseError(
             f"{len(photon)} plans found in {paths} ({len(found.patients)} patient(s)); read_rt reads one plan: pass "

@@ -1,7 +1,8 @@
 """Structure-name aliases: map the ROI names of a clinical RTSTRUCT onto the model's structures.
 
-Names are compared after normalization: Unicode NFC (macOS writes "ü" as "u" + U+0308, most
-planning systems as one character), case-folded, with spaces, underscores, hyphens and dots
+Names are compared after normalization: Unicode NFKC (macOS writes "ü" as "u" + U+0308, most
+planning systems as one character; full-width letters and ligatures fold too), case-folded,
+without invisible format characters (U+200B), with spaces, underscores, hyphens and dots
 removed, so ``"Femur Head L"``, ``"femur_head_l"`` and ``"FEMUR-HEAD-L"`` are one name.
 
 Matching one canonical structure against the ROIs of a structure set, in order:
@@ -32,8 +33,11 @@ from flaxdose.errors import FlaxdoseError
 
 
 def normalize(name: str) -> str:
-    """Unicode-form-, case-, space- and separator-insensitive form of an ROI name."""
-    return re.sub(r"[\s_\-.]+", "", unicodedata.normalize("NFC", str(name)).casefold())
+    """Unicode-form-, case-, space- and separator-insensitive form of an ROI name (NFKC: NFC, and
+    full-width letters and ligatures folded; invisible format characters such as U+200B dropped)."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", str(name)).casefold())
+    visible = "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")
+    return re.sub(r"[\s_\-.]+", "", visible)
 
 
 def _femur(side_words: Sequence[str]) -> list[str]:
