@@ -508,3 +508,34 @@ def test_a_ct_in_a_transfer_syntax_the_damage_walk_does_not_know_is_not_called_d
     assert np.abs(case.dose - true_dose_on(case)).max() <= 1e-3 * F.PRESCRIPTION
     with pytest.raises(FlaxdoseError, match=slice_path.name):  # its pixels cannot be decoded: named
         read_rt(export["folder"], structures=F.STRUCTURES, grid="ct", include_ct=True)
+
+
+def test_fuzzed_deflated_enhanced_and_archived_files_raise_only_flaxdose_errors(rt_export_ct, rt_export, tmp_path):
+    """The new readers (inflating, multi-frame, unpacking) on cut and mutated files: FlaxdoseError or a case."""
+    rng = np.random.default_rng(25)
+    deflated = copy_export(rt_export, tmp_path / "deflated")
+    F.reencode(deflated["struct"], DeflatedExplicitVRLittleEndian)
+    enhanced = copy_export(rt_export_ct, tmp_path / "enhanced")
+    ct = F.to_enhanced_ct(enhanced["folder"])
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    archive = _zip(rt_export["folder"], zipped / "patient.zip")
+    errors = 0
+    for folder, victim, kwargs in ((deflated["folder"], deflated["struct"], {}),
+                                   (enhanced["folder"], ct, {"grid": "ct", "include_ct": True}),
+                                   (zipped, archive, {})):
+        original = victim.read_bytes()
+        for _ in range(8):
+            data = bytearray(original)
+            if rng.integers(2):
+                data = data[: int(rng.integers(0, len(data)))]
+            else:
+                for pos in rng.integers(128, len(data), size=20):
+                    data[pos] ^= 0xFF
+            victim.write_bytes(bytes(data))
+            try:
+                read_rt(folder, structures=F.STRUCTURES, **kwargs)
+            except FlaxdoseError:
+                errors += 1
+        victim.write_bytes(original)
+    assert errors > 5

@@ -139,8 +139,7 @@ class Unpacker(contextlib.AbstractContextManager):
                 raise ValueError(f"it unpacks to {need / 1e9:.1f} GB and the temporary folder has {free / 1e9:.1f} "
                                  "GB free: unpack it elsewhere (or set TMPDIR) and import again")
             _extract(path, kind, into)
-        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, lzma.LZMAError, ValueError,
-                RuntimeError) as e:  # zipfile raises RuntimeError for encrypted members
+        except Exception as e:  # noqa: BLE001 - a damaged archive raises anything (zlib.error, encrypted: RuntimeError)
             shutil.rmtree(into, ignore_errors=True)
             why = str(e) if isinstance(e, ValueError) else f"it is damaged or encrypted ({type(e).__name__}: {e})"
             raise ValueError(f"a {kind} archive that could not be unpacked: {why}") from None

@@ -306,8 +306,8 @@ def plan_dose(plan: PlanFiles, rtplan: RtPlan | None) -> PlanDose:
     for name in kind.split("/"):
         if name in BRACHY_DOSES:
             raise NotExternalPhotonPlan(
-                f"{plan.dose.path}: DoseSummationType {name} is {NOT_A_PLAN_DOSE[name]}: a brachytherapy dose, left out "
-                "(flaxdose models external photon beam treatment plans). Import the photon treatment plan's export"
+                f"{plan.dose.path}: DoseSummationType {name} is {NOT_A_PLAN_DOSE[name]}: a brachytherapy dose, left "
+                "out (flaxdose models external photon beam treatment plans). Import the photon treatment plan's export"
             )
         if name in NOT_A_PLAN_DOSE or name not in (PLAN_DOSE, "FRACTION", BEAM_DOSE):
             raise FlaxdoseError(
