@@ -50,10 +50,11 @@ def with_all_split(dataset: Dataset, split: str) -> Dataset:
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,
                       names: Sequence[str] | None = None, which: str = "best", batch_size: int = 1,
                       overwrite: bool = False, example_case: str | None = None, mirror: bool = False,
-                      keep_going: bool = True) -> dict:
+                      keep_going: bool = True, specs: Sequence[str] | None = None) -> dict:
     """Load each workdir's model, evaluate the split of `data`, write the report folder `out`; the summary.
 
-    `mirror`: each model averages its prediction with that of the left-right mirrored case.
+    `mirror`: each model averages its prediction with that of the left-right mirrored case. `specs`: the
+    metrics of clinical_metrics.csv (`write_clinical_metrics`; default prostate constraints).
     `keep_going`: cases that cannot be evaluated are left out and listed in the summary's
     ``failed_cases`` (`flaxdose.evaluation.evaluate_models`). Raises FlaxdoseError before any
     long work for an `out` that holds files (unless `overwrite`), an empty split or one whose
@@ -61,6 +62,11 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     `names`; and when no case could be evaluated.
     """
     check_writable(out, overwrite)  # before the long work
+    if specs:
+        from flaxdose.metrics import parse_metric_spec
+
+        for spec in specs:
+            parse_metric_spec(spec)  # a typo refused before any model is loaded
     dataset = with_all_split(Dataset.open(data), split)
     evaluation.load_references(dataset, split)  # an empty split, or predictions, fail before any model is loaded
     loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
@@ -71,8 +77,41 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     failed = f" ({len(result.failed)} more not evaluated, see Notes)" if result.failed else ""
     note = f"Split {split!r} of {Path(data).resolve()}: {len(result.references)} cases{failed}; models: " + ", ".join(
         f"{n} ({Path(w).resolve()})" for n, w in zip(models, workdirs))
-    return evaluation.write_report(result.rows, out, result.references, result.predictions, overwrite=overwrite,
-                                   example_case=example_case, note=note, failed=result.failed)
+    summary = evaluation.write_report(result.rows, out, result.references, result.predictions, overwrite=overwrite,
+                                      example_case=example_case, note=note, failed=result.failed)
+    write_clinical_metrics(result.references, result.predictions, Path(out) / CLINICAL_CSV, specs)
+    return summary
+
+
+CLINICAL_CSV = "clinical_metrics.csv"
+CLINICAL_COLUMNS = ("case_id", "model", "structure", "metric", "unit", "reference", "predicted", "difference", "grid")
+
+
+def write_clinical_metrics(references: Sequence, predictions: dict, path: str | Path,
+                           specs: Sequence[str] | None = None) -> Path:
+    """Write, per case and model, the metric specs (`flaxdose.metrics.PROSTATE_METRIC_SPECS` by default, e.g.
+    ``Rectum V70Gy[%]``, ``PTV D95[%]``) of the reference and the predicted dose with the case's masks on the
+    case's grid (`CLINICAL_COLUMNS`; values in the spec's unit, empty for an empty structure), atomically."""
+    import csv
+    import io
+    import math
+
+    from flaxdose.inference import grid_name
+    from flaxdose.io import atomic_write_text
+    from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CLINICAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for model, cases in predictions.items():
+        for ref, pred in zip(references, cases):
+            for row in compare_specs(ref.dose, pred.dose, ref.masks, ref.structures, ref.spacing_mm, ref.prescription_gy,
+                                     PROSTATE_METRIC_SPECS if specs is None else specs):
+                values = {k: "" if not math.isfinite(row[k]) else f"{row[k]:.4f}"
+                          for k in ("reference", "predicted", "difference")}
+                writer.writerow({"case_id": ref.case_id, "model": model, "structure": row["structure"],
+                                 "metric": row["metric"], "unit": row["unit"], **values, "grid": grid_name(ref)})
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, out: str | Path, *,
@@ -117,6 +156,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_bool("openkbp", False, "score like the OpenKBP challenge (dose and DVH score, submission CSVs)")
     flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.baseline) to score too")
+    flags.DEFINE_list("metrics", None, "clinical_metrics.csv: DVH metrics as physicists write them, e.g. "
+                      "'Rectum V70Gy[%],Bladder V65Gy[cc],PTV D95[%]' (default: prostate constraints)")
     flags.DEFINE_bool("mirror", False, "average each prediction with that of the left-right mirrored case (test-time augmentation)")
 
 
@@ -144,7 +185,7 @@ def main(argv):
     data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
     summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
                                 batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
-                                mirror=FLAGS.mirror)
+                                mirror=FLAGS.mirror, specs=FLAGS.metrics)
     brief = {m: summary["metrics"][m]["dice_mean"]["mean"] for m in summary["models"]}
     failed = summary["failed_cases"]
     print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "mean_dice": brief, "failed": failed}))

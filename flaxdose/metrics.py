@@ -278,6 +278,22 @@ def spec_metrics(dose: np.ndarray, masks: np.ndarray, structures: Sequence[str],
     return out
 
 
+def compare_specs(reference: np.ndarray, predicted: np.ndarray, masks: np.ndarray, structures: Sequence[str],
+                  spacing_mm: Sequence[float], prescription_gy: float | None,
+                  specs: Iterable[str | MetricSpec] = PROSTATE_METRIC_SPECS) -> list[dict]:
+    """One row per spec (of a structure present): ``structure``, ``metric``, ``unit``, ``reference``,
+    ``predicted``, ``difference`` (predicted - reference, in the spec's unit), both doses (Gy, same
+    grid as `masks` (S, ...)) taken with the same masks."""
+    ref = spec_metrics(reference, masks, structures, spacing_mm, prescription_gy, specs)
+    pred = spec_metrics(predicted, masks, structures, spacing_mm, prescription_gy, specs)
+    rows = []
+    for text, value in ref.items():
+        structure, _, metric = text.rpartition(" ")
+        rows.append({"structure": structure, "metric": metric, "unit": spec_unit(text), "reference": value,
+                     "predicted": pred[text], "difference": pred[text] - value})
+    return rows
+
+
 def spec_unit(spec: str | MetricSpec) -> str:
     """The unit of a spec's value: "Gy", "%Rx", "%" (of the structure) or "cc"."""
     return (parse_metric_spec(spec) if isinstance(spec, str) else spec).unit

@@ -554,19 +554,46 @@ def markdown(info: dict, figures: Mapping[str, str], skipped: Sequence[str]) -> 
     return "\n".join(lines)
 
 
-def write_report(result: QAResult, calibration: Calibration, out_dir: str | Path, *, skipped: Sequence[str] = (),
-                 note: str = "", overwrite: bool = False, max_figures: int = 50) -> dict:
-    """Write qa.csv, summary.json, calibration.json, report.md and plan_<id>.png per flagged plan, atomically.
+CLINICAL_COLUMNS = ("case_id", "structure", "metric", "unit", "plan", "predicted", "difference", "grid")
 
-    qa.csv: one row per plan x DVH metric in rank order (ROW_COLUMNS; Gy). Figures: the plan's
-    DVH curves over the members' DVH range and the metric bands (`flaxdose.plots.plan_bands`),
-    for the first `max_figures` flagged plans. Returns the summary dict.
+
+def clinical_rows(result: QAResult, specs: Sequence[str] | None = None) -> list[dict]:
+    """Per plan, the metric specs (`flaxdose.metrics.PROSTATE_METRIC_SPECS` by default, e.g. ``Rectum V70Gy[%]``)
+    of the plan's dose and of the ensemble's mean predicted dose, both on the plan's grid with its masks
+    (`CLINICAL_COLUMNS`; no bands: these are not calibrated)."""
+    from flaxdose.inference import grid_name
+    from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
+
+    rows = []
+    for plan in result.plans:
+        case = result.cases[plan["case_id"]]
+        predicted = result.predictions[plan["case_id"]].case.dose
+        for row in compare_specs(case.dose, predicted, case.masks, case.structures, case.spacing_mm,
+                                 case.prescription_gy, PROSTATE_METRIC_SPECS if specs is None else specs):
+            rows.append({"case_id": case.case_id, **row, "plan": row["reference"], "grid": grid_name(case)})
+    return rows
+
+
+def write_report(result: QAResult, calibration: Calibration, out_dir: str | Path, *, skipped: Sequence[str] = (),
+                 note: str = "", overwrite: bool = False, max_figures: int = 50,
+                 specs: Sequence[str] | None = None) -> dict:
+    """Write qa.csv, clinical_metrics.csv, summary.json, calibration.json, report.md and plan_<id>.png per
+    flagged plan, atomically.
+
+    qa.csv: one row per plan x DVH metric in rank order (ROW_COLUMNS; Gy). clinical_metrics.csv:
+    `clinical_rows` of the metric `specs`. Figures: the plan's DVH curves over the members' DVH range
+    and the metric bands (`flaxdose.plots.plan_bands`), for the first `max_figures` flagged plans.
+    Returns the summary dict.
     """
     from flaxdose import plots
 
     info = summary(result, calibration, note)
     with atomic_folder(out_dir, overwrite) as tmp:
         write_rows_csv(result.rows, tmp / "qa.csv")
+        with open(tmp / "clinical_metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CLINICAL_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in clinical_rows(result, specs))
         calibration.save(tmp / "calibration.json")
         figures = {}
         for plan in [p for p in result.plans if p["flagged"]][:max_figures]:

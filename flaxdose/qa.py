@@ -15,6 +15,7 @@ does not fit it) is checked: OAR Dmean/D2 above the band or PTV D95/D98 below it
 structures rasterized there (the numbers its planning system shows), the members' predictions
 resampled onto that grid (`flaxdose.planqa.on_plan_grid`); qa.csv's ``grid`` column and report.md
 name the grid. ``--aliases FILE`` maps the export's ROI names onto the models' structures. OUT gets qa.csv,
+clinical_metrics.csv (``--metrics`` specs such as ``Rectum V70Gy[%]``, plan vs prediction, no bands),
 summary.json, report.md and one figure per flagged plan (see flaxdose/planqa.py).
 
 Exit status: 0 every plan checked, none flagged; 3 every plan checked, at least one flagged
@@ -57,6 +58,8 @@ def define_flags() -> None:
     flags.DEFINE_list("model_spacing_mm", None, "--dicom: model grid spacing (x,y,z) mm; default: "
                       f"{'x'.join(f'{v:g}' for v in MODEL_SPACING_MM)}, or the models' training spacing when that "
                       "does not fit them")
+    flags.DEFINE_list("metrics", None, "clinical_metrics.csv: DVH metrics as physicists write them, plan vs "
+                      "prediction, e.g. 'Rectum V70Gy[%],PTV D95[%]' (default: prostate constraints)")
     flags.DEFINE_float("level", planqa.DEFAULT_LEVEL, "band level, two-sided (0.95: 95 % of good plans inside)")
     flags.DEFINE_float("tolerance_gy", planqa.DEFAULT_TOLERANCE_GY, "flag only beyond the band by more than this")
     flags.DEFINE_string("out", None, "report folder")
@@ -101,6 +104,11 @@ def main(argv):
     if not (FLAGS.data or FLAGS.dicom or FLAGS.calibration_data):
         raise FlaxdoseError(f"nothing to do: give --data or --dicom (or --calibration_data alone to calibrate); {USAGE}")
     planqa.check_level(FLAGS.level)
+    if FLAGS.metrics:
+        from flaxdose.metrics import parse_metric_spec
+
+        for spec in FLAGS.metrics:
+            parse_metric_spec(spec)  # a typo refused before the long work
     check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
     if FLAGS.aliases and not FLAGS.dicom:
         raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
@@ -143,7 +151,8 @@ def main(argv):
         note = f"Split {FLAGS.split!r} of {Path(FLAGS.data).resolve()}: {len(plans)} plans, DVH metrics on each plan's grid"
     result = planqa.run_qa(ensemble, calibration, plans, FLAGS.level, FLAGS.tolerance_gy, predictions=predictions,
                            batch_size=FLAGS.batch_size, progress=True)
-    info = planqa.write_report(result, calibration, FLAGS.out, skipped=skipped, note=note, overwrite=FLAGS.overwrite)
+    info = planqa.write_report(result, calibration, FLAGS.out, skipped=skipped, note=note, overwrite=FLAGS.overwrite,
+                               specs=FLAGS.metrics)
     flagged = [{"case_id": p["case_id"], "score_gy": round(p["score_gy"], 2), "flags": p["flags"]}
                for p in result.plans if p["flagged"]]
     print(json.dumps({"out": str(Path(FLAGS.out).resolve()), "plans": info["num_plans"], "flagged": flagged,

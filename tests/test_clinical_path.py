@@ -194,6 +194,13 @@ def test_import_like_a_run_then_evaluate_every_split(workdir, tmp_path):
     summary = evaluate_workdirs([workdir], tmp_path / "ds", "all", tmp_path / "report", batch_size=64)
     assert not summary.get("failed_cases"), summary.get("failed_cases")
     assert (tmp_path / "report" / "report.md").is_file()
+    rows = {(r["structure"], r["metric"]): r for r in read_csv(tmp_path / "report" / "clinical_metrics.csv")}
+    case = cases[0]
+    rectum = case.dose[case.mask("Rectum")]
+    assert float(rows["Rectum", "V50Gy[%]"]["reference"]) == pytest.approx(100 * np.mean(rectum >= 50), abs=1e-3)
+    assert rows["Rectum", "V50Gy[%]"]["grid"] == "model grid 4x4x5 mm, 120x120x38 voxels"
+    assert float(rows["PTV", "D95[%]"]["reference"]) == pytest.approx(
+        100 * dvh(case.dose[case.mask("PTV")])["D95"] / case.prescription_gy, abs=1e-3)
 
 
 def test_one_patient_rtdose_out(workdir, tmp_path):

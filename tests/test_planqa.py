@@ -201,6 +201,10 @@ def test_qa_cli_on_a_dataset_then_a_dicom_export(members, qa_data, tmp_path):
         for metric in ("Dmean", "D2", "D95", "D98") if structure == "PTV" else ("Dmean", "D2"):
             assert got[structure, metric] == pytest.approx(expected[metric], abs=0.05), (structure, metric)
     assert got["PTV", "D95"] > 0.5 * F.PRESCRIPTION
+    clinical = {(r["structure"], r["metric"]): r for r in read_csv(dicom_out / "clinical_metrics.csv")}
+    assert clinical["Rectum", "V50Gy[%]"]["grid"] == "RTDOSE grid 3x3x2.5 mm, 41x39x32 voxels"
+    rectum = per_plane_doses(export["dose"], export["struct"], ROI_NAME["Rectum"])
+    assert float(clinical["Rectum", "V50Gy[%]"]["plan"]) == pytest.approx(100 * np.mean(rectum >= 50), abs=1e-3)
 
 
 def test_generator_plans_twins_of_one_anatomy():
