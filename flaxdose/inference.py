@@ -230,9 +230,10 @@ def spacing_fixes(case: Case, record: Mapping) -> str:
         return (f"synthetic data: python -m flaxdose.synth --style {style} --n N --out DIR --scale {scale:g} "
                 f"(a run's built-in data: --config.data.scale={scale:g})")
     shape = field_of_view_shape(spacing)
-    return (f"DICOM: python -m flaxdose.import_dicom SRC --out DATASET --grid model --model_spacing_mm "
-            f"{','.join(f'{v:g}' for v in spacing)} --model_shape {','.join(str(n) for n in shape)} (this shape keeps "
-            "the default 480x480x192 mm field of view); OpenKBP: python -m flaxdose.convert_openkbp with the "
+    return (f"DICOM: python -m flaxdose.import_dicom SRC --out DATASET --like <the model's workdir>, which is "
+            f"--grid model --model_spacing_mm {','.join(f'{v:g}' for v in spacing)} --model_shape "
+            f"{','.join(str(n) for n in shape)} (this shape keeps the default 480x480x192 mm field of view), or predict "
+            "and qa straight from the export with --dicom; OpenKBP: python -m flaxdose.convert_openkbp with the "
             "--downsample of the training data")
 
 
