@@ -618,7 +618,7 @@ def _patient_plans(pid: str, files: list[DicomFile]) -> list[PlanFiles] | str:
                 )
             continue
         for plan, dose_kind, doses, problems, notes in _dose_units(kinds["RTDOSE"], kinds["RTPLAN"], by_uid):
-            struct, struct_problems = _structure_set(structs, plan)
+            struct, struct_problems = _structure_set(structs, plan, by_uid)
             cts, ct_problems, ct_missing = _ct_series(kinds["CT"], struct)
             problems = problems + struct_problems + ct_problems + _conflicts([struct, plan, *doses, *cts])
             if ct_missing:  # the case metadata names no UIDs
@@ -680,15 +680,18 @@ def _physical_first(doses: list[DicomFile]) -> tuple[list[DicomFile], list[str]]
                       "has a PHYSICAL dose"]
 
 
-def _structure_set(structs: list[DicomFile], plan: DicomFile | None) -> tuple[DicomFile, list[str]]:
+def _structure_set(structs: list[DicomFile], plan: DicomFile | None,
+                   by_uid: dict[str, DicomFile]) -> tuple[DicomFile, list[str]]:
     if plan is not None and plan.ref_struct_uid:
         named = [s for s in structs if s.sop_uid == plan.ref_struct_uid]
         if named:
             return named[0], []
+        elsewhere = by_uid.get(plan.ref_struct_uid)
+        where, fix = ((f"{elsewhere.path}, on another frame of reference than the dose", "its dose on its frame")
+                      if elsewhere is not None else ("which is not in the export", "the plan's structure set with it"))
         return structs[0], [  # another structure set on the frame may hold other contours: never guessed
-            f"the RTPLAN {plan.path.name} references structure set {plan.ref_struct_uid}, which is not in the "
-            f"export; {[s.path.name for s in structs]} on its frame of reference is another one: export the plan's "
-            "structure set with it"
+            f"the RTPLAN {plan.path.name} references structure set {plan.ref_struct_uid}, {where}; "
+            f"{[s.path.name for s in structs]} on the dose's frame of reference is another one: export {fix}"
         ]
     if len(structs) == 1:
         return structs[0], []
