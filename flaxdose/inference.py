@@ -773,14 +773,19 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
     holds no DICOM.
     """
     from flaxdose import plots
-    from flaxdose.dicom.importer import check_out_apart
     from flaxdose.io import atomic_folder
     from flaxdose.metrics import PROSTATE_METRIC_SPECS, parse_metric_spec
 
     specs = tuple(PROSTATE_METRIC_SPECS if specs is None else specs)
     for spec in specs:
         parse_metric_spec(spec)  # a typo refused before any work
-    check_out_apart(root, out)
+    where, target = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
+    if target == where or where in target.parents:
+        raise FlaxdoseError(f"--out {out} lies inside the export root {root}: the results would be mixed with the "
+                            "patients' files; choose an output folder outside it")
+    if target in where.parents:
+        raise FlaxdoseError(f"--out {out} holds the export root {root}: writing it would replace the exports; choose "
+                            "an output folder outside it")
     check_writable(out, overwrite)
     plans = find_dicom_plans(root)
     echo = echo or (lambda line: None)

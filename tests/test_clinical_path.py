@@ -109,13 +109,16 @@ def test_folder_in_folder_out(workdir, exports, tmp_path):
     _, _, _, z = rtdose_planes(out / "plan_02" / "RD_flaxdose.dcm")
     assert np.allclose(sorted(z), made["ct_z_p2"])
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".png"))
-    assert b"ID_p" not in written and b"Doe" not in written and b"p1_hfs" not in written
+    assert b"ID_p" not in written and b"Doe" not in written and b"p1_hfs" not in written and b"p3_broken" not in written
+    assert "<plan_03 folder>" in summary[2]["error"]
 
     from flaxdose.errors import FlaxdoseError
     from flaxdose.inference import Model, predict_dicom_folder
 
     with pytest.raises(FlaxdoseError, match="--overwrite"):  # a rerun neither piles files up nor mixes runs
         predict_dicom_folder(Model.load(workdir), root, out)
+    with pytest.raises(FlaxdoseError, match="inside the export root"):
+        predict_dicom_folder(Model.load(workdir), root, root / "p1_hfs" / "out")
 
 
 def rename_roi(rtstruct, old, new):
