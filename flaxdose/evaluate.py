@@ -36,6 +36,14 @@ FLAGS = flags.FLAGS
 ALL_SPLITS = "all"  # --split all: every case of every split (an import with --test_fraction 0 has only "train")
 
 
+def check_workdirs(workdirs: Sequence[str | Path]) -> None:
+    """Refuse a workdir that does not exist, saying so (not as a missing checkpoint inside it)."""
+    for workdir in workdirs:
+        if not Path(workdir).exists():
+            raise FlaxdoseError(f"the workdir {workdir} does not exist; give a training workdir (python -m "
+                                "flaxdose.train --config=quick --workdir W makes one)")
+
+
 def with_all_split(dataset: Dataset, split: str) -> Dataset:
     """`dataset` itself, or for `split` "all" (`ALL_SPLITS`) when the dataset has no split of that name, a
     copy whose manifest (in memory only; nothing is written) adds "all": every case of every split, each
@@ -68,7 +76,11 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
         for spec in specs:
             parse_metric_spec(spec)  # a typo refused before any model is loaded
     dataset = with_all_split(Dataset.open(data), split)
+    if split not in dataset.splits:
+        raise FlaxdoseError(f"dataset {dataset.root} has no split {split!r}; it has {sorted(dataset.splits)}: choose "
+                            f"one with --split, or --split {ALL_SPLITS} for every case")
     evaluation.load_references(dataset, split)  # an empty split, or predictions, fail before any model is loaded
+    check_workdirs(workdirs)
     loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
     if names and len(names) != len(loaded):
         raise FlaxdoseError(f"--names gives {len(names)} names for {len(loaded)} models; give one per model")
@@ -182,6 +194,8 @@ def main(argv):
         print(json.dumps({"out": str(Path(FLAGS.out).resolve()), **summary["scores"]}))
         return
     workdirs = [FLAGS.workdir] + ([FLAGS.compare] if FLAGS.compare else [])
+    if not FLAGS.data:  # the run's own dataset is found through the workdir
+        check_workdirs(workdirs)
     data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
     summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
                                 batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
