@@ -259,26 +259,32 @@ DVH_POINT_VOLUME_PCT = {"D2": 2.0, "D95": 95.0, "D98": 98.0}  # where a Dx metri
 
 
 def plan_bands(plan, member_doses: np.ndarray, rows: Sequence[Mapping], path: str | Path) -> Path:
-    """Plan QA figure: the plan's DVHs over the predicted range, and every DVH metric against its band.
+    """Plan QA figure: the plan's DVHs over the predicted ones, every DVH metric against its band, and where
+    the plan's dose differs from the prediction.
 
-    Left: the plan's cumulative DVH per structure (solid), the range of the ensemble members'
-    DVHs (shaded: model spread only, uncalibrated) and the calibrated bands of D2/D95/D98 as
-    horizontal bars at their volumes. Right: each metric's band (bar, tick at the centre) and
-    the plan's value (dot; red when flagged). `member_doses`: (M, X, Y, Z) Gy; `rows`: the plan's
-    rows of `flaxdose.planqa.check_plan`.
+    Left: the plan's cumulative DVH per structure (solid), the ensemble's mean predicted DVH (dashed),
+    the range of the members' DVHs (shaded: model spread only, uncalibrated) and the calibrated bands
+    of D2/D95/D98 as horizontal bars at their volumes; legend below the axes, clear of the bands.
+    Middle: each metric's band (bar, tick at the centre) and the plan's value (dot; red when flagged).
+    Right: plan minus mean predicted dose (Gy) on the axial slice through the target centre, in
+    patient mm (x right->left, y anterior->posterior), structure outlines. `plan`: a Case with dose
+    (Gy, [x, y, z]); `member_doses`: (M, X, Y, Z) Gy on the plan's grid; `rows`: the plan's rows of
+    `flaxdose.planqa.check_plan`.
     """
     structures = [n for n in plan.structures if n != BODY]
     colors = _structure_colors(structures)
+    mean_dose = np.mean(member_doses, axis=0)
     vmax = 1.1 * max(float(np.max(plan.dose)), float(np.max(member_doses)), plan.prescription_gy)
     grid = np.linspace(0.0, vmax, 300)
-    fig = _new_figure(12.5, 5.2)
-    dvh_ax, band_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1.0], "wspace": 0.45})
+    fig = _new_figure(17.5, 5.6)
+    dvh_ax, band_ax, diff_ax = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.4, 1.0, 1.1], "wspace": 0.5})
     for structure in structures:
         mask = plan.mask(structure)
         if not mask.any():
             continue
         members = np.stack([cumulative_dvh(d, mask, grid) for d in member_doses])
         dvh_ax.fill_between(grid, members.min(axis=0), members.max(axis=0), color=colors[structure], alpha=0.2, lw=0)
+        dvh_ax.plot(grid, cumulative_dvh(mean_dose, mask, grid), color=colors[structure], lw=1.2, linestyle="--")
         dvh_ax.plot(grid, cumulative_dvh(plan.dose, mask, grid), color=colors[structure], lw=1.6, label=structure)
     banded = [r for r in rows if r.get("position", "n/a") != "n/a"]
     for r in banded:
@@ -291,8 +297,12 @@ def plan_bands(plan, member_doses: np.ndarray, rows: Sequence[Mapping], path: st
     if plan.prescription_gy > 0:
         dvh_ax.axvline(plan.prescription_gy, color="0.5", lw=0.8, linestyle="--")
     dvh_ax.set(xlim=(0, vmax), ylim=(0, 102), xlabel="Dose (Gy)", ylabel="Volume (%)")
-    dvh_ax.set_title("Plan DVH (line), members' range (shaded), metric bands (bars)", fontsize="small")
-    dvh_ax.legend(loc="upper right", fontsize="x-small")
+    dvh_ax.set_title("DVH: plan (solid), predicted mean (dashed), members (shaded), bands (bars)", fontsize="small")
+    handles = [Line2D([], [], color=colors[s], lw=2, label=s) for s in structures if plan.mask(s).any()]
+    handles += [Line2D([], [], color="k", lw=1.6, label="plan"),
+                Line2D([], [], color="k", lw=1.2, linestyle="--", label="predicted (mean)"),
+                Patch(color="0.6", alpha=0.4, label="members' range")]
+    dvh_ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize="x-small")
     dvh_ax.grid(alpha=0.3)
     for y, r in enumerate(banded):
         color = colors[r["structure"]]
@@ -304,9 +314,32 @@ def plan_bands(plan, member_doses: np.ndarray, rows: Sequence[Mapping], path: st
     band_ax.set_xlabel("Dose (Gy)")
     band_ax.set_title("Band (bar, centre tick) and plan (dot; red = flagged)", fontsize="small")
     band_ax.grid(alpha=0.3, axis="x")
+    _difference_panel(diff_ax, plan, plan.dose - mean_dose, colors, fig)
     flagged = sum(bool(r["flagged"]) for r in rows)
-    fig.suptitle(f"Plan {plan.case_id}: {flagged} metric(s) flagged")
+    grid_note = f" ({rows[0]['grid']})" if rows and rows[0].get("grid") else ""
+    fig.suptitle(f"Plan {plan.case_id}: {flagged} metric(s) flagged{grid_note}")
     return _save(fig, path)
+
+
+def _difference_panel(ax, case, difference: np.ndarray, colors: Mapping[str, str], fig) -> None:
+    """Axial slice through the target centre of `difference` (Gy, [x, y, z]), symmetric diverging scale, mm axes."""
+    _, _, k = _slice_index(case)
+    xs = [case.origin_mm[a] + case.spacing_mm[a] * np.array([-0.5, case.shape[a] - 0.5]) for a in range(2)]
+    extent = (xs[0][0], xs[0][1], xs[1][1], xs[1][0])  # anterior (small y) at the top
+    plane = difference[:, :, k].T
+    limit = float(np.max(np.abs(plane))) or 1.0
+    image = ax.imshow(plane, cmap="RdBu_r", vmin=-limit, vmax=limit, extent=extent, origin="upper",
+                      interpolation="nearest")
+    for structure, color in colors.items():
+        mask = case.mask(structure)[:, :, k].T.astype(float)
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors=color, linewidths=1.0, extent=extent, origin="upper")
+    z = case.origin_mm[2] + k * case.spacing_mm[2]
+    ax.set_title(f"plan - predicted (Gy), axial z = {z:.1f} mm", fontsize="small")
+    ax.set_xlabel("x (mm, R→L)", fontsize="x-small")
+    ax.set_ylabel("y (mm, A→P)", fontsize="x-small")
+    ax.tick_params(labelsize="x-small")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("Gy", fontsize="x-small")
 
 
 ISODOSE_LINES_PCT = (95, 80, 50, 20)  # of the prescription, as a planning system shows them
