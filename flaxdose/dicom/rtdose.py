@@ -4,9 +4,16 @@
 Frame of Reference, General Equipment, General Image, Image Plane, Image Pixel,
 Multi-frame, RT Dose, SOP Common modules) that a planning system and 3D Slicer load on the
 reference CT: Study Instance UID and Frame of Reference UID (and the patient module) come
-from the CT, SOP Instance and Series Instance UIDs are new. Dose is stored as 32-bit
+from the CT, SOP Instance and Series Instance UIDs are new. Dose is stored as 32-bit (or 16-bit)
 unsigned integers x DoseGridScaling, the scaling chosen so the maximum does not clip;
 negative predicted doses are stored as 0. The file is written atomically.
+
+A PLAN dose must reference its RTPLAN (ReferencedRTPlanSequence, Type 1C): give `plan_path`
+(`flaxdose.inference.export_plan_rtdose` passes the export's RTPLAN). Manufacturer "flaxdose" and
+SeriesDescription "flaxdose predicted dose" mark the file as a prediction, so flaxdose's readers
+never take it for a plan's dose. A patient or study value of the CT that is invalid for its VR
+(a date written 02.01.2024) is left empty rather than copied into an invalid file. Files written
+with a plan pass dciodvfy (dicom3tools) without an error (tests/test_rtdose.py).
 """
 
 from __future__ import annotations
@@ -82,7 +89,9 @@ def _reference_ct(reference_ct, ct_series_uid: str | None):
             raise FlaxdoseError(f"{reference_ct} holds no CT series {ct_series_uid}; it holds {series}")
     elif len(series) > 1:
         raise FlaxdoseError(
-            f"{reference_ct} holds {len(series)} CT series {series}; pass ct_series_uid to choose the planning CT"
+            f"{reference_ct} holds {len(series)} CT series {series}: write onto the planning CT, e.g. with predict "
+            "--dicom PATIENT_DIR (the series its structure set references), a --reference folder holding that series "
+            "alone, or ct_series_uid= in Python"
         )
     return cts
 
