@@ -789,6 +789,7 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
     check_writable(out, overwrite)
     plans = find_dicom_plans(root)
     echo = echo or (lambda line: None)
+    echo(f"{len(plans)} plan(s) under {root}; writing {out}")
     results = []
     with atomic_folder(out, overwrite) as tmp:
         for entry in plans:

@@ -162,7 +162,7 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
     assert second.rtdose is None and "refused for the test" in second.error and "prediction.npz" in second.error
     kept = Case.load(second.saved)
     assert kept.dose is not None and kept.spacing_mm == (4.0, 4.0, 5.0) and kept.dose.max() > 0
-    assert second.grid.startswith("model grid 4x4x5 mm") and "NOT EXPORTED" in lines[1]
+    assert second.grid.startswith("model grid 4x4x5 mm") and "NOT EXPORTED" in lines[2] and lines[0].startswith("2 plan(s) under")
     monkeypatch.setattr(inference, "export_plan_rtdose", real)
     without = inference.predict_dicom_folder(model, root, tmp_path / "out2", figures=False)
     assert "Rektum_wall" in without[0].error and "--aliases FILE" in without[0].error
