@@ -549,13 +549,15 @@ def _common_folder(paths: Iterable[Path]) -> str:
     return os.path.commonpath(folders) if folders else "?"
 
 
-def find_dicom_plans(root: str | Path) -> list[DicomPlan]:
+def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[DicomPlan]:
     """Every plan of every patient under `root` (files and folders searched recursively), in folder order.
 
     A plan is a CT series + RTSTRUCT (+ RTPLAN, + RTDOSE), grouped by `flaxdose.dicom.group_plans`
     (references between the files, never file names). Entries with a `problem` stand for what could
     not become a readable plan: damaged files (stopping the plan beside them), a patient whose files
-    form no plan (e.g. no RTSTRUCT). Raises FlaxdoseError when `root` does not exist or holds no DICOM.
+    form no plan (e.g. no RTSTRUCT). `skipped`, when given, gets (path, why) of the files set aside that
+    stop no plan (other SOP classes, flaxdose's own predictions, RTPLANs no dose belongs to). Raises
+    FlaxdoseError when `root` does not exist or holds no DICOM.
     """
     from flaxdose.dicom import group_plans, scan
     from flaxdose.dicom.damage import damaged_among, plan_damage
@@ -567,6 +569,8 @@ def find_dicom_plans(root: str | Path) -> list[DicomPlan]:
     if not files and not damaged:
         raise FlaxdoseError(f"no DICOM files found under {root}; give the folder of the DICOM-RT exports")
     grouping = group_plans(files)
+    if skipped is not None:
+        skipped += [(str(path), why) for path, why in [*grouping.ignored, *getattr(grouping, "unused", [])]]
     found = []
     claimed = set()
     for plan in grouping.plans:
@@ -787,9 +791,12 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
         raise FlaxdoseError(f"--out {out} holds the export root {root}: writing it would replace the exports; choose "
                             "an output folder outside it")
     check_writable(out, overwrite)
-    plans = find_dicom_plans(root)
+    skipped = []
+    plans = find_dicom_plans(root, skipped)
     echo = echo or (lambda line: None)
     echo(f"{len(plans)} plan(s) under {root}; writing {out}")
+    for path, why in skipped:
+        echo(f"not read: {path}: {why}")
     results = []
     with atomic_folder(out, overwrite) as tmp:
         for entry in plans:
