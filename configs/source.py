@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict(
-        dict(PRESETS["paper"], in_channels=len(PROSTATE_STRUCTURES), norm_order="relu_norm", dtype="float32")
+        dict(PRESETS["paper"], in_channels=len(PROSTATE_STRUCTURES), norm_order="relu_norm", dtype="float32",
+             conv="auto")  # 3x3x3 form: auto = 2D rewrite on CPU, cuDNN's 3D on GPU; the parameters do not depend on it
     )
     c.data = ml_collections.ConfigDict(
         dict(

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from flaxdose.convolution import CONV_FORMS, conv_general_dilated_2d, resolve_form
 from flaxdose.errors import FlaxdoseError
 
 NORM_ORDERS = ("relu_norm", "norm_relu")
 SUBTREES = ("encoder", "bottleneck", "decoder", "head")
+COMPUTE_ONLY = ("conv",)  # model settings that change how the network is computed, not its parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class UNetSpec:
     in_channels: int = 6
     norm_order: str = "relu_norm"  # paper: "group normalization after each set of conv and ReLU"
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    conv: str = "auto"  # 3x3x3 convolution form (flaxdose.convolution): "auto", "3d" or "2d"; same parameters
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
@@ -62,6 +65,8 @@ class UNetSpec:
             raise FlaxdoseError(f"model.norm_order must be one of {NORM_ORDERS}, got {self.norm_order!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise FlaxdoseError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.conv not in CONV_FORMS:
+            raise FlaxdoseError(f"model.conv must be one of {CONV_FORMS}, got {self.conv!r}")
         if self.convs_per_level < 1 or self.in_channels < 1:
             raise FlaxdoseError("model.convs_per_level and model.in_channels must be >= 1")
 
@@ -118,18 +123,20 @@ class Upsample(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """`n` times: 3x3x3 conv, then ReLU and GroupNorm in the configured order."""
+    """`n` times: 3x3x3 conv (in the resolved `conv` form), then ReLU and GroupNorm in the configured order."""
 
     features: int
     n: int
     groups: int
     norm_order: str
     dtype: jnp.dtype = jnp.float32
+    conv: str = "3d"
 
     @nn.compact
     def __call__(self, x):
+        conv_fn = conv_general_dilated_2d if resolve_form(self.conv) == "2d" else None  # None: lax's 3D
         for i in range(self.n):
-            x = nn.Conv(self.features, (3, 3, 3), dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.Conv(self.features, (3, 3, 3), dtype=self.dtype, conv_general_dilated=conv_fn, name=f"conv{i}")(x)
             norm = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, name=f"norm{i}")
             x = norm(nn.relu(x)) if self.norm_order == "relu_norm" else nn.relu(norm(x))
         return x
@@ -145,7 +152,7 @@ class Encoder(nn.Module):
         s, dtype = self.spec, jnp.dtype(self.spec.dtype)
         skips = []
         for level, f in enumerate(s.features[:-1]):
-            x = ConvBlock(f, s.convs_per_level, s.groups, s.norm_order, dtype, name=f"level{level}")(x)
+            x = ConvBlock(f, s.convs_per_level, s.groups, s.norm_order, dtype, s.conv, name=f"level{level}")(x)
             skips.append(x)
             x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
         return x, skips
@@ -163,7 +170,7 @@ class Decoder(nn.Module):
             f = s.features[level]
             x = Upsample(f, dtype, name=f"up{level}")(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
-            x = ConvBlock(f, s.convs_per_level, s.groups, s.norm_order, dtype, name=f"level{level}")(x)
+            x = ConvBlock(f, s.convs_per_level, s.groups, s.norm_order, dtype, s.conv, name=f"level{level}")(x)
         return x
 
 
@@ -180,7 +187,7 @@ class UNet3D(nn.Module):
         s = self.spec
         self.encoder = Encoder(s)
         self.bottleneck = ConvBlock(
-            s.features[-1], s.convs_per_level, s.groups, s.norm_order, jnp.dtype(s.dtype)
+            s.features[-1], s.convs_per_level, s.groups, s.norm_order, jnp.dtype(s.dtype), s.conv
         )
         self.decoder = Decoder(s)
         self.head = nn.Conv(1, (1, 1, 1), dtype=jnp.float32)

@@ -40,7 +40,7 @@ from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset, target_names
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import SPACING_KEY, Model, spacing_record, validation_mse
-from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
+from flaxdose.model import COMPUTE_ONLY, UNet3D, UNetSpec, count_params, init_params
 
 AXIS = "devices"
 log = logging.getLogger("flaxdose")
@@ -253,7 +253,8 @@ def check_workdir(workdir: Path, config) -> list[str]:
         return []
     old = json.loads(saved.read_text()).get("model", {})
     new = json.loads(config_lib.to_json(config))["model"]
-    diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and k not in COMPUTE_ONLY]
     if diffs:
         raise FlaxdoseError(
             f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxdose.convolution import conv3x3x3_2d, conv_general_dilated_2d, resolve_form
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNet3D, UNetSpec, Upsample, count_params, init_params, preset
 
@@ -83,3 +84,57 @@ def test_bad_specs_raise_flaxdose_error():
     params = init_params(spec, jax.random.key(0))
     with pytest.raises(FlaxdoseError, match="model input"):
         UNet3D(spec).apply({"params": params}, jnp.ones((1, 4, 4, 4, 3)))
+
+
+# ---------------------------------------------------------------- convolution forms
+def _rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize("shape, c_in, c_out", [((5, 7, 3), 3, 4), ((1, 2, 9), 6, 2), ((4, 4, 4), 16, 8)])
+def test_2d_form_equals_lax_3d_convolution(shape, c_in, c_out):
+    x = jax.random.normal(jax.random.key(0), (2, *shape, c_in))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 3, c_in, c_out))
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME",  # noqa: E731 - the 3D reference
+                                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731 - a non-linear loss exercises both gradients
+    assert _rel_err(conv3x3x3_2d(x, k), ref(x, k)) < 1e-5
+    for ours, theirs in zip(jax.grad(loss(conv3x3x3_2d), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+        assert _rel_err(ours, theirs) < 1e-5
+
+
+def test_2d_form_leaves_other_convolutions_to_lax():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4, 3))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 3, 5))  # a 1x1x1 projection: not rewritten
+    dn = ("NDHWC", "DHWIO", "NDHWC")
+    ours = conv_general_dilated_2d(x, k, (1, 1, 1), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(ours, jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=dn), rtol=1e-6)
+
+
+def test_auto_form_per_backend_and_bad_form():
+    assert resolve_form("auto", "cpu") == "2d" and resolve_form("auto", "gpu") == "3d"
+    assert resolve_form("3d", "cpu") == "3d"
+    with pytest.raises(FlaxdoseError, match="model.conv"):
+        preset("tiny", conv="winograd")
+
+
+@pytest.mark.parametrize("name, shape, grad_shape", [("tiny", (5, 6, 7), (5, 6, 7)), ("small", (9, 8, 5), (9, 8, 5)),
+                                                    ("paper", (17, 16, 9), (16, 16, 16))])
+def test_every_layer_of_every_preset_equal_in_both_forms(name, shape, grad_shape):
+    """The whole UNet (every layer shape of the preset) with the 2D rewrite equals the 3D convolution to
+    float32 rounding, on one parameter tree: the forward on masks of an odd size (padded by the model), the
+    parameter gradients too. For the paper preset the gradients are compared on a continuous input that
+    needs no padding: its 4 max-pools break near-ties (padding, equal mask neighbourhoods) by float32
+    rounding, so the two forms may route a pooled gradient to different but equally valid voxels."""
+    spec3, spec2 = preset(name, conv="3d"), preset(name, conv="2d")
+    params = init_params(spec3, jax.random.key(0))
+    x = jax.random.bernoulli(jax.random.key(1), 0.3, (1, *shape, spec3.in_channels)).astype(jnp.float32)
+    y3, y2 = UNet3D(spec3).apply({"params": params}, x), UNet3D(spec2).apply({"params": params}, x)
+    assert _rel_err(y2, y3) < 1e-4  # up to 17 layers deep: float32 rounding adds up (one layer: 1e-5 above)
+    if grad_shape != shape:
+        x = jax.random.normal(jax.random.key(1), (1, *grad_shape, spec3.in_channels))
+    target = jax.random.uniform(jax.random.key(2), (1, *grad_shape))
+    loss = lambda s: lambda p: jnp.mean((UNet3D(s).apply({"params": p}, x) - target) ** 2)  # noqa: E731
+    g3, g2 = jax.grad(loss(spec3))(params), jax.grad(loss(spec2))(params)
+    worst = max(jax.tree_util.tree_leaves(jax.tree.map(_rel_err, g2, g3)))
+    assert worst < 1e-4, worst  # per-tensor max error relative to the tensor's largest entry

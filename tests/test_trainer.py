@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -85,6 +86,22 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, make_config):
     (tmp_path / "config.json").unlink()  # even without config.json the parameter shapes are checked
     with pytest.raises(FlaxdoseError, match="parameter shapes differ"):
         trainer.train_and_evaluate(make_config(**{"model.features": (4, 12), "train.steps": 6}), tmp_path)
+
+
+def test_a_run_of_one_conv_form_resumes_and_predicts_in_the_other(tmp_path, make_config):
+    """The 3x3x3 convolution form changes how the UNet is computed, not its parameters: a run trained with
+    the 3D form resumes with the 2D rewrite, and its checkpoint predicts the same dose in both forms."""
+    trainer.train_and_evaluate(make_config(**{"train.steps": 3, "model.conv": "3d"}), tmp_path)
+    assert trainer.train_and_evaluate(make_config(**{"model.conv": "2d"}), tmp_path)["step"] == 6
+    model = Model.load(tmp_path, full_volume=True)
+    case = phantom_cases(5, 1, shape=(16, 16, 8))[0]
+    doses = {}
+    for form in ("3d", "2d"):
+        other = Model(dataclasses.replace(model.spec, conv=form), model.params, model.structures,
+                      with_distance=model.with_distance, window=model.window)
+        doses[form] = other.predict([case])[0].dose
+    assert np.abs(doses["2d"] - doses["3d"]).max() <= 1e-5 * np.abs(doses["3d"]).max()
+    assert doses["3d"].max() > 0
 
 
 def test_bad_data_settings_are_clear_errors(tmp_path, make_config):

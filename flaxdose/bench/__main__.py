@@ -39,6 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_list("flax_step", ["jit"], "jit (donated state) and/or pmap on one device")
     flags.DEFINE_bool("donate", True, "lever: donate the train state buffers (--nodonate: do not)")
     flags.DEFINE_string("groupnorm", "flax", "lever: flax (nn.GroupNorm) or fused (one-pass stats, hand-written backward)")
+    flags.DEFINE_list("conv", ["auto"], "lever: 3x3x3 convolution forms, each measured: auto (2d on CPU, 3d on GPU), 3d, 2d")
     flags.DEFINE_string("optimizer", "adam", "lever: adam (optax.adam) or adam_flat (optax.flatten(adam))")
     flags.DEFINE_string("xla_flags", "default", "lever: XLA flag preset (default, autotune0, cmdbuf_off, runtime_fusion, "
                         "lhs, no_triton_gemm) or raw flags, written --xla_flags='--xla_...'")
@@ -109,7 +110,7 @@ def bench() -> int:
         preset=FLAGS.preset, batches=_ints(FLAGS.batch, "batch"), dtypes=tuple(FLAGS.dtypes),
         frameworks=tuple(FLAGS.frameworks), tasks=tuple(FLAGS.tasks), torch_variants=tuple(variants), steps=FLAGS.steps,
         warmup=FLAGS.warmup, patch=_ints(FLAGS.patch, "patch"), volume=_ints(FLAGS.volume, "volume"),
-        norm_order=FLAGS.norm_order, flax_step=tuple(FLAGS.flax_step), donate=FLAGS.donate, groupnorm=FLAGS.groupnorm,
+        norm_order=FLAGS.norm_order, flax_step=tuple(FLAGS.flax_step), donate=FLAGS.donate, groupnorm=FLAGS.groupnorm, convs=tuple(FLAGS.conv),
         optimizer=FLAGS.optimizer, xla_flags=FLAGS.xla_flags, prefetch=FLAGS.prefetch, workers=FLAGS.workers,
         torch_compile_mode=FLAGS.torch_compile_mode, tag=FLAGS.tag,
     )

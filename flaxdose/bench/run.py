@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -72,6 +73,7 @@ class BenchOptions:
     flax_step: tuple[str, ...] = ("jit",)
     donate: bool = True
     groupnorm: str = "flax"
+    convs: tuple[str, ...] = ("auto",)  # 3x3x3 convolution forms (flaxdose.convolution), each measured
     optimizer: str = "adam"
     xla_flags: str = "default"
     prefetch: int = 2
@@ -83,6 +85,7 @@ class BenchOptions:
 
     def __post_init__(self):
         from flaxdose.bench.levers import GROUPNORM_VARIANTS, OPTIMIZERS, xla_flags_for
+        from flaxdose.convolution import CONV_FORMS
         from flaxdose.model import PRESETS
 
         if self.preset not in PRESETS or self.preset not in PRESET_SHAPES:
@@ -101,6 +104,8 @@ class BenchOptions:
             for v in values:
                 _check_choice(allowed, v, name)
         _check_choice(GROUPNORM_VARIANTS, self.groupnorm, "--groupnorm")
+        for form in self.convs:
+            _check_choice(CONV_FORMS, form, "--conv")
         _check_choice(OPTIMIZERS, self.optimizer, "--optimizer")
         xla_flags_for(self.xla_flags)
         if any(b < 1 for b in self.batches) or self.steps < 1 or self.warmup < 0:
@@ -221,17 +226,21 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
 
     from flaxdose import inference, trainer
     from flaxdose.bench.levers import make_optimizer, with_groupnorm
+    from flaxdose.convolution import resolve_form
     from flaxdose.model import count_params, init_params, preset
 
     devices = jax.devices()[:1]
     block = jax.block_until_ready
     rng = np.random.default_rng(opts.seed)
-    levers = dict(
+    base_levers = dict(
         donate=opts.donate, groupnorm=opts.groupnorm, optimizer=opts.optimizer, xla_flags=opts.xla_flags
     )
     fresh = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)  # noqa: E731 - donation-safe copy
-    for dtype in opts.dtypes:
-        spec = preset(opts.preset, dtype=dtype, **({"norm_order": opts.norm_order} if opts.norm_order else {}))
+    for dtype, conv in itertools.product(opts.dtypes, opts.convs):
+        form = resolve_form(conv)
+        levers = {**base_levers, "conv": form}
+        tag = "" if len(opts.convs) == 1 else f"_{form}"  # variant names stay short when one form is measured
+        spec = preset(opts.preset, dtype=dtype, conv=form, **({"norm_order": opts.norm_order} if opts.norm_order else {}))
         params = jax.jit(init_params, static_argnums=0)(spec, jax.random.key(opts.seed))
         n_params = count_params(params)
         tx = make_optimizer(opts.optimizer, opts.learning_rate)
@@ -264,12 +273,12 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
                     levers=levers,
                 )
                 if "train" in opts.tasks:
-                    emit(make_row("flax", f"{kind}_{_short(dtype)}", "train", dtype, batch, opts.patch, summarize(times), **common))
+                    emit(make_row("flax", f"{kind}_{_short(dtype)}{tag}", "train", dtype, batch, opts.patch, summarize(times), **common))
                 if "e2e" in opts.tasks:
                     e2e_s = _flax_e2e(opts, spec, compiled, state, put, batch, tmp_root)
                     ratio = pipelined / e2e_s
                     row = make_row(
-                        "flax", f"{kind}_{_short(dtype)}", "train_e2e", dtype, batch, opts.patch,
+                        "flax", f"{kind}_{_short(dtype)}{tag}", "train_e2e", dtype, batch, opts.patch,
                         {"ms_per_step": e2e_s * 1e3, "ms_p10": None, "ms_p90": None, "steps": opts.steps},
                         **{**common, "e2e_fraction_of_resident": ratio, "workers": opts.workers, "prefetch": opts.prefetch},
                     )
@@ -285,7 +294,7 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
             run = lambda s, b: (s, compiled(p, b))  # noqa: E731
             _, times, pipelined = _timed_loop(run, None, [x], opts.warmup, opts.steps, block)
             emit(make_row(
-                "flax", f"jit_{_short(dtype)}", "infer", dtype, 1, opts.volume, summarize(times),
+                "flax", f"jit_{_short(dtype)}{tag}", "infer", dtype, 1, opts.volume, summarize(times),
                 compile_s=compile_s, warmup_s=None, peak_mem_bytes=_jax_peak_bytes(),
                 compiled_mem_bytes=_compiled_bytes(compiled), params=n_params,
                 pipelined_ms_per_step=pipelined * 1e3, levers=levers,

@@ -1,0 +1,70 @@
+"""The UNet's 3x3x3 convolution in two exact forms, and the backend choice between them.
+
+- ``"3d"``: ``lax.conv_general_dilated`` on the 5-D input, as ``flax.linen.Conv`` does. cuDNN's
+  3D convolution is fast; XLA:CPU's is not (4-9x slower than its own 2D convolution, measured
+  in docs/performance.md).
+- ``"2d"``: the same convolution as one 2D convolution. The input is shifted by -1, 0, +1 along
+  the first spatial axis X, the three copies are stacked as 3*C channels, X is folded into
+  the batch, and a 3x3 convolution over (Y, Z) with the kernel reshaped to (3, 3, 3*C, D)
+  finishes the sum over the X taps. Autodiff gives its gradient; a hand-written kernel
+  gradient (nine matrix products of shifted inputs) was measured slower (docs/performance.md).
+
+Both take the same kernel tensor (kx, ky, kz, C_in, C_out), so a checkpoint trained with one
+form restores and predicts with the other; both equal the 3D convolution to float32
+rounding (tests/test_model.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxdose.errors import FlaxdoseError
+
+CONV_FORMS = ("auto", "3d", "2d")
+_DN2 = ("NHWC", "HWIO", "NHWC")
+_DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def resolve_form(form: str, backend: str | None = None) -> str:
+    """``"auto"`` -> ``"2d"`` on the CPU backend (measured faster there), else ``"3d"`` (cuDNN);
+    other forms are returned as given. Raises FlaxdoseError for an unknown form."""
+    if form not in CONV_FORMS:
+        raise FlaxdoseError(f"model.conv must be one of {CONV_FORMS}, got {form!r}")
+    if form != "auto":
+        return form
+    return "2d" if (backend or jax.default_backend()) == "cpu" else "3d"
+
+
+def _shifted(x: jax.Array) -> jax.Array:
+    """(N, X, Y, Z, C) -> (N, X, Y, Z, 3C): x[i-1], x[i], x[i+1] along X (zero outside), stacked."""
+    n = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    return jnp.concatenate([xp[:, t:t + n] for t in range(3)], axis=-1)
+
+
+def conv3x3x3_2d(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """'SAME' 3x3x3 convolution (stride 1) of (N, X, Y, Z, C) by (3, 3, 3, C, D) in the ``"2d"`` form."""
+    n, sx, sy, sz, c = x.shape
+    stacked = _shifted(x).reshape(n * sx, sy, sz, 3 * c)
+    k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, kernel.shape[-1])  # channel = tap_x * C + c
+    y = lax.conv_general_dilated(stacked, k2, (1, 1), "SAME", dimension_numbers=_DN2, precision=precision)
+    return y.reshape(n, sx, sy, sz, kernel.shape[-1])
+
+
+def conv_general_dilated_2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                            dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """A drop-in for ``lax.conv_general_dilated`` as ``flax.linen.Conv`` calls it (channels-last 5-D
+    input, (3, 3, 3, C, D) kernel, stride 1, 'SAME'); any other use goes to lax unchanged."""
+    plain = (
+        lhs.ndim == 5 and rhs.shape[:3] == (3, 3, 3) and tuple(window_strides) == (1, 1, 1)
+        and padding in ("SAME", ((1, 1),) * 3, [(1, 1)] * 3) and feature_group_count == 1
+        and all(d in (None, 1, (1, 1, 1)) for d in (lhs_dilation, rhs_dilation)) and not kwargs
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN3)
+    )
+    if not plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    return conv3x3x3_2d(lhs, rhs, precision)
