@@ -89,3 +89,12 @@ def test_same_seed_gives_identical_arrays():
     np.testing.assert_array_equal(a.masks, b.masks)
     np.testing.assert_array_equal(a.dose, b.dose)
     assert a.dose.dtype == np.float32 and a.masks.dtype == bool
+
+
+def test_ptv_mask_is_the_first_structure_mask():
+    """The optimizer's full-grid PTV (`ptv_mask`, without the other organs) is the case's PTV."""
+    for scale in (0.5, 1.0):
+        grid = anatomy.grid_for_scale(scale)
+        for index in (0, 1, synth.TEST_ANATOMY_BASE):
+            patient = anatomy.sample_anatomy(2, index)
+            np.testing.assert_array_equal(anatomy.ptv_mask(patient, grid), anatomy.structure_masks(patient, grid)[0])

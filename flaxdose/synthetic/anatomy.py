@@ -156,12 +156,8 @@ def _capsule(x, y, z, p0, p1, radius):
     return (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2 <= radius**2
 
 
-def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
-    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order on `grid`; organs are clipped to the body.
-
-    Shapes are evaluated at the voxel centres (mm), so the same anatomy gives consistent masks
-    at every grid scale.
-    """
+def _body_and_ptv(anatomy: Anatomy, grid: Grid):
+    """Voxel-centre coordinates (broadcastable x, y, z), the body and the PTV (not yet clipped to the body)."""
     ax, ay, az = grid.axes()
     x, y, z = ax[:, None, None], ay[None, :, None], az[None, None, :]
     ell = anatomy.body_ellipse(az)
@@ -174,6 +170,24 @@ def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
     if anatomy.sv:
         dy, dz, rx, ry, rz = anatomy.sv
         ptv = ptv | (((x - ix) / rx) ** 2 + ((y - iy - dy) / ry) ** 2 + ((z - iz - dz) / rz) ** 2 <= 1.0)
+    return x, y, z, body, ptv
+
+
+def ptv_mask(anatomy: Anatomy, grid: Grid) -> np.ndarray:
+    """(X, Y, Z) bool: the PTV clipped to the body, equal to `structure_masks(anatomy, grid)[0]` (without
+    the other organs: the optimizer's full-grid PTV costs a fraction of all six masks)."""
+    _, _, _, body, ptv = _body_and_ptv(anatomy, grid)
+    return ptv & body
+
+
+def structure_masks(anatomy: Anatomy, grid: Grid) -> np.ndarray:
+    """Masks (S, X, Y, Z) bool in `PROSTATE_STRUCTURES` order on `grid`; organs are clipped to the body.
+
+    Shapes are evaluated at the voxel centres (mm), so the same anatomy gives consistent masks
+    at every grid scale.
+    """
+    x, y, z, body, ptv = _body_and_ptv(anatomy, grid)
+    ix, iy, iz = anatomy.iso
 
     (bx, by, bz), (brx, bry, brz) = anatomy.bladder_centre, anatomy.bladder_radii
     bladder = ((x - bx) / brx) ** 2 + ((y - by) / bry) ** 2 + ((z - bz) / brz) ** 2 <= 1.0

@@ -223,7 +223,7 @@ def optimization_data(anatomy: anat.Anatomy, angles: np.ndarray, beam_profile: n
     # Coarse voxels at least PTV_FILL full of full-grid PTV count as PTV, not normal tissue
     # or OAR, for the coarse objectives (the PTV objectives use the full-grid PTV box below).
     fine = anat.grid_for_scale(1.0)
-    ptv_fine = anat.structure_masks(anatomy, fine)[0]
+    ptv_fine = anat.ptv_mask(anatomy, fine)
     f = [n // c for n, c in zip(fine.shape, grid.shape)]
     ptv = ptv_fine.reshape(grid.shape[0], f[0], grid.shape[1], f[1], grid.shape[2], f[2]).mean(axis=(1, 3, 5)) >= PTV_FILL
     ptv &= body
@@ -286,15 +286,19 @@ def aperture_mask(ptv: np.ndarray, grid: Grid, iso: np.ndarray, angles: np.ndarr
     pts = np.argwhere(ptv)
     x, y, z = ax[pts[:, 0]] - iso[0], ay[pts[:, 1]] - iso[1], az[pts[:, 2]] - iso[2]
     out = np.zeros((len(angles), BEAMLETS_U, BEAMLETS_Z), np.float32)
-    for b, theta in enumerate(angles):
-        s = -x * np.sin(theta) + y * np.cos(theta)
-        u = (x * np.cos(theta) + y * np.sin(theta)) * SAD_MM / (SAD_MM + s)
-        # A beamlet opens when the PTV reaches within half a beamlet of its centre.
-        for du in (-0.5, 0.0, 0.5):
-            for dz in (-0.5, 0.0, 0.5):
-                iu = np.clip(np.round((u - _U_BINS[0]) / BEAMLET_MM + du).astype(int), 0, BEAMLETS_U - 1)
-                iz = np.clip(np.round((z - _Z_BINS[0]) / BEAMLET_MM + dz).astype(int), 0, BEAMLETS_Z - 1)
-                out[b, iu, iz] = 1.0
+    # All beams at once ((B, 1) against the points); the sines and cosines per beam as before,
+    # so every element is the same float32 arithmetic as the per-beam loop it replaced.
+    sin = np.array([np.sin(theta) for theta in angles])[:, None]
+    cos = np.array([np.cos(theta) for theta in angles])[:, None]
+    s = -x * sin + y * cos
+    u = (x * cos + y * sin) * SAD_MM / (SAD_MM + s)
+    beam = np.arange(len(angles))[:, None]
+    # A beamlet opens when the PTV reaches within half a beamlet of its centre.
+    for du in (-0.5, 0.0, 0.5):
+        iu = np.clip(np.round((u - _U_BINS[0]) / BEAMLET_MM + du).astype(int), 0, BEAMLETS_U - 1)
+        for dz in (-0.5, 0.0, 0.5):
+            iz = np.clip(np.round((z - _Z_BINS[0]) / BEAMLET_MM + dz).astype(int), 0, BEAMLETS_Z - 1)
+            out[beam, iu, iz[None, :]] = 1.0
     size = 2 * APERTURE_MARGIN_BEAMLETS + 1
     grown = ndimage.binary_dilation(out > 0, structure=np.ones((1, size, size), bool))
     return ndimage.binary_fill_holes(grown, structure=np.ones((1, 3, 3), bool)).astype(np.float32)
