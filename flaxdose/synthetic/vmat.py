@@ -118,7 +118,7 @@ def _dose(fluence, z_rel, geometry):
     The same sum as `jnp.sum` over the stacked (B, P, S) beam doses (the generator before
     issue 24), without materializing the stack: XLA:CPU's reduction over the beam axis and the
     fusions around it took ~70 % of an optimization step; the scan makes a plan ~4x faster
-    (docs/performance.md, "synthetic generator").
+    (docs/performance.md, "Lever: the synthetic generator").
     Not bit for bit: XLA fuses a beam's a0 * f0 + a1 * f1 into a multiply-add here, so optimized
     doses differ from the stacked form's by a few float32 roundings (<= 1e-4 Gy on 70 Gy plans;
     tests/test_synth_fast.py checks it against the stacked form kept in tests/synthetic_reference.py).
