@@ -6,7 +6,7 @@ import pytest
 
 from flaxdose.convolution import conv3x3x3_2d, conv_general_dilated_2d, resolve_form
 from flaxdose.errors import FlaxdoseError
-from flaxdose.model import SUBTREES, UNet3D, UNetSpec, Upsample, count_params, init_params, preset
+from flaxdose.model import SUBTREES, GroupNorm, UNet3D, UNetSpec, Upsample, count_params, init_params, preset
 
 PAPER_PARAMS = 7_870_177
 
@@ -93,8 +93,12 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("shape, c_in, c_out", [((5, 7, 3), 3, 4), ((1, 2, 9), 6, 2), ((4, 4, 4), 16, 8)])
 def test_2d_form_equals_lax_3d_convolution(shape, c_in, c_out):
-    x = jax.random.normal(jax.random.key(0), (2, *shape, c_in))
-    k = jax.random.normal(jax.random.key(1), (3, 3, 3, c_in, c_out))
+    _assert_forms_agree((2, *shape, c_in), (3, 3, 3, c_in, c_out))
+
+
+def _assert_forms_agree(x_shape, k_shape):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    k = jax.random.normal(jax.random.key(1), k_shape) / np.sqrt(np.prod(k_shape[:4]))  # outputs O(1), as at init
     ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME",  # noqa: E731 - the 3D reference
                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731 - a non-linear loss exercises both gradients
@@ -118,23 +122,47 @@ def test_auto_form_per_backend_and_bad_form():
         preset("tiny", conv="winograd")
 
 
-@pytest.mark.parametrize("name, shape, grad_shape", [("tiny", (5, 6, 7), (5, 6, 7)), ("small", (9, 8, 5), (9, 8, 5)),
-                                                    ("paper", (17, 16, 9), (16, 16, 16))])
-def test_every_layer_of_every_preset_equal_in_both_forms(name, shape, grad_shape):
-    """The whole UNet (every layer shape of the preset) with the 2D rewrite equals the 3D convolution to
-    float32 rounding, on one parameter tree: the forward on masks of an odd size (padded by the model), the
-    parameter gradients too. For the paper preset the gradients are compared on a continuous input that
-    needs no padding: its 4 max-pools break near-ties (padding, equal mask neighbourhoods) by float32
-    rounding, so the two forms may route a pooled gradient to different but equally valid voxels."""
+def _conv_layer_shapes(spec, x):
+    """(input shape, kernel shape) of every 3x3x3 convolution the UNet runs on `x`, read off the model."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.module.kernel_size == (3, 3, 3):
+            seen.append((args[0].shape, (3, 3, 3, args[0].shape[-1], context.module.features)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: UNet3D(spec).apply({"params": p}, x), init_params(spec, jax.random.key(0)))
+    return sorted(set(seen))
+
+
+@pytest.mark.parametrize("name, shape", [("tiny", (5, 6, 7)), ("small", (9, 8, 5)), ("paper", (17, 16, 9))])
+def test_every_layer_of_every_preset_equal_in_both_forms(name, shape):
+    """Every 3x3x3 convolution the preset runs on an odd-sized input (padded by the model): the 2D rewrite's
+    output and both gradients equal the 3D convolution's to float32 rounding; then the whole UNet's output.
+    (Whole-network gradients are not compared here: max-pool near-ties may be broken by float32 rounding
+    differently in the two forms, routing a gradient to another, equally valid voxel.)"""
     spec3, spec2 = preset(name, conv="3d"), preset(name, conv="2d")
-    params = init_params(spec3, jax.random.key(0))
     x = jax.random.bernoulli(jax.random.key(1), 0.3, (1, *shape, spec3.in_channels)).astype(jnp.float32)
+    layers = _conv_layer_shapes(spec2, x)
+    assert len(layers) >= 2 * (len(spec3.features) - 1) + 1  # every level, both paths, the bottleneck
+    for x_shape, k_shape in layers:
+        _assert_forms_agree(x_shape, k_shape)
+    params = init_params(spec3, jax.random.key(0))
     y3, y2 = UNet3D(spec3).apply({"params": params}, x), UNet3D(spec2).apply({"params": params}, x)
-    assert _rel_err(y2, y3) < 1e-4  # up to 17 layers deep: float32 rounding adds up (one layer: 1e-5 above)
-    if grad_shape != shape:
-        x = jax.random.normal(jax.random.key(1), (1, *grad_shape, spec3.in_channels))
-    target = jax.random.uniform(jax.random.key(2), (1, *grad_shape))
-    loss = lambda s: lambda p: jnp.mean((UNet3D(s).apply({"params": p}, x) - target) ** 2)  # noqa: E731
-    g3, g2 = jax.grad(loss(spec3))(params), jax.grad(loss(spec2))(params)
-    worst = max(jax.tree_util.tree_leaves(jax.tree.map(_rel_err, g2, g3)))
-    assert worst < 1e-4, worst  # per-tensor max error relative to the tensor's largest entry
+    assert _rel_err(y2, y3) < 1e-4  # up to 17 layers deep: float32 rounding adds up (one layer: 1e-5)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 5, 6, 7, 8), 4), ((1, 2, 1, 1, 12), 3), ((1, 9, 4, 3, 16), 8)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+    """The model's GroupNorm (two-stage sums) has flax.linen.GroupNorm's parameters, values and gradients."""
+    x = 3.0 + jax.random.normal(jax.random.key(0), shape)  # an offset exercises E[x^2] - E[x]^2
+    ours, theirs = GroupNorm(num_groups=groups), nn.GroupNorm(num_groups=groups)
+    params = theirs.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)  # not the identity
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                    jax.tree.leaves(jax.grad(loss(theirs), (0, 1))(params, x))):
+        assert _rel_err(a, b) < 1e-4

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxdose import optim
+from flaxdose import model, optim
 from flaxdose.errors import FlaxdoseError
 
 # Flag names checked against the jaxlib of the dev machine (an unknown flag aborts XLA).
@@ -127,11 +127,11 @@ group_norm.defvjp(_gn_fwd, _gn_bwd)
 def _fused_groupnorm_interceptor(next_fun, args, kwargs, context):
     module = context.module
     if (
-        not isinstance(module, nn.GroupNorm)
+        not isinstance(module, (nn.GroupNorm, model.GroupNorm))
         or context.method_name != "__call__"
         or module.is_initializing()
-        or module.group_size is not None
-        or not (module.use_scale and module.use_bias)
+        or getattr(module, "group_size", None) is not None
+        or not (getattr(module, "use_scale", True) and getattr(module, "use_bias", True))
     ):
         return next_fun(*args, **kwargs)
     x = args[0]
