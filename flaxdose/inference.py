@@ -559,14 +559,22 @@ def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[Dico
     stop no plan (other SOP classes, flaxdose's own predictions, RTPLANs no dose belongs to). Raises
     FlaxdoseError when `root` does not exist or holds no DICOM.
     """
-    from flaxdose.dicom import group_plans, scan
+    from flaxdose.dicom import group_plans
+    from flaxdose.dicom.archives import archive_kind
     from flaxdose.dicom.damage import damaged_among, plan_damage
+    from flaxdose.dicom.files import scan_tree
 
     if not Path(root).exists():
         raise FlaxdoseError(f"the DICOM export root {root} does not exist; give the folder holding the patients' "
                             "CT, RTSTRUCT and RTPLAN files")
-    files, damaged = scan(root)
-    if not files and not damaged:
+    scanned = scan_tree(root)
+    files, damaged = scanned.files, scanned.damaged
+    # Archives are not unpacked here (their files would have to outlive the scan): each one may hold a
+    # patient, so it is a failed entry (exit 1) naming the fix, never skipped unseen.
+    archives = [DicomPlan("", str(path), None, f"{path} is an archive ({kind}), which predict --dicom does not "
+                          "unpack: unpack it into the export root and run again (import_dicom reads archives)")
+                for path, _ in scanned.not_read if (kind := archive_kind(Path(path)))]
+    if not files and not damaged and not archives:
         raise FlaxdoseError(f"no DICOM files found under {root}; give the folder of the DICOM-RT exports")
     grouping = group_plans(files)
     if skipped is not None:
@@ -589,6 +597,7 @@ def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[Dico
     for folder in sorted({str(Path(p).parent) for p, _ in rest}):
         found.append(DicomPlan("", folder, None, plan_damage([d for d in rest if str(Path(d[0]).parent) == folder],
                                                              where="here") or "damaged files"))
+    found += archives
     used = {d.sop_uid for p in grouping.plans for d in p.doses}
     for entry in found:
         if entry.files is not None:

@@ -232,3 +232,23 @@ def test_one_patient_rtdose_out(workdir, tmp_path):
     ds = pydicom.dcmread(result.rtdose)
     assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == export["plan_uid"]
     assert dciodvfy_errors(result.rtdose) == []
+
+
+def test_an_archived_patient_under_an_export_root_is_a_failure_not_skipped(tmp_path):
+    """predict --dicom does not unpack archives: a zipped patient beside a folder is a failed entry naming the
+    zip (so the command exits 1), never left out unseen."""
+    import zipfile
+
+    from flaxdose.inference import find_dicom_plans
+
+    root = tmp_path / "root"
+    F.write_export(root / "p1", with_ct=False)
+    F.write_export(tmp_path / "p2", with_ct=False, patient_id="PAT002")
+    with zipfile.ZipFile(root / "p2.zip", "w") as z:
+        for f in sorted((tmp_path / "p2").rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(tmp_path))
+    plans = find_dicom_plans(root)
+    assert len(plans) == 2  # the folder's plan and the zip
+    failed = [p for p in plans if p.problem]
+    assert len(failed) == 1 and "p2.zip" in failed[0].problem and "unpack" in failed[0].problem
