@@ -33,13 +33,41 @@ log = logging.getLogger("flaxdose")
 
 
 def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to replace a non-empty folder (or a file) unless asked to; call before long work.
+    """Refuse to replace a non-empty folder unless asked to; call before long work.
 
-    Raises FlaxdoseError when `root` is a file or a non-empty folder and not `overwrite`.
+    Raises FlaxdoseError when `root` is a file; when it is a non-empty folder and not `overwrite`; and,
+    with `overwrite`, when it is, holds or lies inside a training workdir (config.json + checkpoints/):
+    --overwrite replaces earlier outputs, never a trained model or the data inside its workdir.
     """
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
+    if root.exists() and not root.is_dir():
+        raise FlaxdoseError(f"{root} is a file, not a folder; give a folder path for the output")
+    run = _training_run_at_or_around(root) if overwrite and root.exists() else None
+    if run is not None:  # --overwrite never deletes a trained model (nor data or outputs inside its workdir)
+        raise FlaxdoseError(f"{root} {'is' if run == root else 'holds' if root in run.parents else 'lies inside'} the "
+                            f"training run {run}; choose an output folder outside every training workdir")
+    if root.exists() and any(root.iterdir()) and not overwrite:
         raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
+
+
+def _is_training_run(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
+
+
+def _training_run_at_or_around(root: Path, depth: int = 3) -> Path | None:
+    """A training workdir (config.json + checkpoints/) that `root` is, lies inside, or holds within `depth`
+    levels; None when there is none."""
+    root = root.resolve()
+    for folder in (root, *root.parents):
+        if _is_training_run(folder):
+            return folder
+    level = [root] if root.is_dir() else []
+    for _ in range(depth):
+        level = [c for f in level for c in f.iterdir() if c.is_dir() and not c.is_symlink()]
+        run = next((c for c in level if _is_training_run(c)), None)
+        if run is not None:
+            return run
+    return None
 
 
 def _host() -> str:

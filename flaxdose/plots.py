@@ -199,13 +199,18 @@ def _dvh_panel(ax, reference, doses: Mapping[str, np.ndarray], colors: Mapping[s
     legend = dict(loc="upper left", fontsize="x-small", title_fontsize="small")
     ax.add_artist(ax.legend(handles=structure_handles, bbox_to_anchor=(1.02, 1.0), title="Structure", **legend))
     ax.legend(handles=source_handles, bbox_to_anchor=(1.02, 0.45), title="Dose (line)", **legend)
-    if reference.prescription_gy > 0:
-        ax.axvline(reference.prescription_gy, color="0.5", lw=0.8, linestyle="--")
-    ax.set_xlim(0, grid[-1])
+    _dvh_axes(ax, reference.prescription_gy, grid[-1], "Cumulative DVH")
+
+
+def _dvh_axes(ax, prescription_gy: float, max_gy: float, title: str) -> None:
+    """A cumulative DVH's axes: 0..max_gy Gy by 0..102 % volume, the prescription dashed (when > 0), a grid."""
+    if prescription_gy > 0:
+        ax.axvline(prescription_gy, color="0.5", lw=0.8, linestyle="--")
+    ax.set_xlim(0, max_gy)
     ax.set_ylim(0, 102)
     ax.set_xlabel("Dose (Gy)")
     ax.set_ylabel("Volume (%)")
-    ax.set_title("Cumulative DVH", fontsize="small")
+    ax.set_title(title, fontsize="small")
     ax.grid(alpha=0.3)
 
 
@@ -400,13 +405,7 @@ def plan_dose_figure(case, path: str | Path, title: str = "") -> Path:
         mask = case.mask(structure)
         if mask.any():
             ax.plot(doses, cumulative_dvh(dose, mask, doses), color=colors[structure], lw=1.4)
-    ax.axvline(rx, color="0.5", lw=0.8, linestyle="--")
-    ax.set_xlim(0, doses[-1])
-    ax.set_ylim(0, 102)
-    ax.set_xlabel("Dose (Gy)")
-    ax.set_ylabel("Volume (%)")
-    ax.set_title("Cumulative DVH (prescription dashed)", fontsize="small")
-    ax.grid(alpha=0.3)
+    _dvh_axes(ax, rx, doses[-1], "Cumulative DVH (prescription dashed)")
     handles = [Line2D([], [], color=colors[s], lw=2, label=s) for s in structures]
     handles += [Line2D([], [], color=c, lw=1, label=f"{p} % Rx ({p / 100 * rx:.1f} Gy)")
                 for p, c in zip(ISODOSE_LINES_PCT, ISODOSE_LINE_COLORS)]

@@ -234,3 +234,29 @@ def test_overwrite_interrupted_between_the_two_renames_keeps_one_complete_copy(t
         _fill(tmp, "newest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "out"]
     assert _contents(root)["b.txt"] == "newest b.txt"
+
+
+def test_overwrite_never_deletes_a_training_run_or_a_file(tmp_path):
+    """--overwrite replaces an earlier output; a file, a training workdir, a folder holding one or a folder
+    inside one is refused, and left as it was."""
+    from flaxdose.errors import FlaxdoseError
+    from flaxdose.io import atomic_folder
+
+    run = tmp_path / "runs" / "quick"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "data" / "ds").mkdir(parents=True)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for out, why in [(run, "is the training run"), (tmp_path / "runs", "holds the training run"),
+                     (run / "data" / "ds", "lies inside the training run"), (a_file, "is a file")]:
+        with pytest.raises(FlaxdoseError, match=why):
+            with atomic_folder(out, overwrite=True):
+                pass
+    assert (run / "config.json").read_text() == "{}" and a_file.read_text() == "mine"
+    earlier = tmp_path / "eval"
+    (earlier / "old.csv").parent.mkdir()
+    (earlier / "old.csv").write_text("x")
+    with atomic_folder(earlier, overwrite=True) as tmp:  # an earlier output is replaced
+        (tmp / "new.csv").write_text("y")
+    assert sorted(p.name for p in earlier.iterdir()) == ["new.csv"]
