@@ -37,7 +37,7 @@ def define_flags() -> None:
     flags.DEFINE_string("curve_mode", None, "the curve's mode (e.g. full); default: the best one")
     flags.DEFINE_float("alpha", assess.DEFAULT_ALPHA, "significance level of the style-difference tests")
     flags.DEFINE_string("out", None, "report folder")
-    flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
+    flags.DEFINE_integer("batch_size", 1, "windows per forward pass", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
 

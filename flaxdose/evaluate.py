@@ -164,7 +164,7 @@ def define_flags() -> None:
     flags.DEFINE_string("split", "test", "which split to evaluate ('all': every case of every split)")
     flags.DEFINE_string("out", None, "report folder (CSV, summary.json, report.md, figures)")
     flags.DEFINE_string("case", None, "case id for the dose-slice/DVH figure (default: the median-Dice case)")
-    flags.DEFINE_integer("batch_size", 1, "volumes per forward pass")
+    flags.DEFINE_integer("batch_size", 1, "volumes per forward pass", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_bool("openkbp", False, "score like the OpenKBP challenge (dose and DVH score, submission CSVs)")
     flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.baseline) to score too")

@@ -40,7 +40,7 @@ def define_flags() -> None:
     flags.DEFINE_string("data", None, "dataset folder (with manifest.json); default: the dataset the run trained on")
     flags.DEFINE_string("split", "test", "which split to predict")
     flags.DEFINE_string("out", None, "output dataset folder for the predicted cases")
-    flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
+    flags.DEFINE_integer("batch_size", 1, "windows per forward pass", lower_bound=1)
     flags.DEFINE_bool("full_volume", False, "one whole-volume pass per case instead of sliding windows")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_string("dicom", None, "a DICOM-RT export: with --out, a root whose every plan is predicted; with "

@@ -63,7 +63,7 @@ def define_flags() -> None:
     flags.DEFINE_float("level", planqa.DEFAULT_LEVEL, "band level, two-sided (0.95: 95 % of good plans inside)")
     flags.DEFINE_float("tolerance_gy", planqa.DEFAULT_TOLERANCE_GY, "flag only beyond the band by more than this")
     flags.DEFINE_string("out", None, "report folder")
-    flags.DEFINE_integer("batch_size", 1, "windows per forward pass")
+    flags.DEFINE_integer("batch_size", 1, "windows per forward pass", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
 
 

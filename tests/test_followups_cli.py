@@ -201,3 +201,10 @@ def test_warmup_and_decay_scale_down_with_a_short_run_by_hand(caplog):
     trainer.check_setup(fitted, spec, devices)  # valid now
     unchanged = config_lib.load_config("quick")  # its own warmup and decay fit its steps
     assert optim.fit_schedule(unchanged) is unchanged
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "qa"])
+def test_a_batch_size_below_1_is_a_one_line_flag_error(command, tmp_path):
+    result = run_cli(command, "--batch_size=0", f"--out={tmp_path / 'o'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--batch_size=0" in result.stderr and "positive" in result.stderr
