@@ -40,7 +40,8 @@ def require_torch():
     if torch is None:
         raise FlaxdoseError(
             "the PyTorch baseline needs torch, which is not installed; "
-            "install it with `pip install flaxdose[bench]` (or pip install torch)"
+            "install it from the flaxdose checkout with `pip install -e \".[bench]\"` (or pip install torch), "
+            "or measure flaxdose alone with --frameworks=flax"
         )
     return torch
 
