@@ -27,11 +27,16 @@ _DN2 = ("NHWC", "HWIO", "NHWC")
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 
 
+def check_form(form: str) -> None:
+    """Raises FlaxdoseError unless `form` is one of `CONV_FORMS`."""
+    if form not in CONV_FORMS:
+        raise FlaxdoseError(f"model.conv must be one of {CONV_FORMS}, got {form!r}")
+
+
 def resolve_form(form: str, backend: str | None = None) -> str:
     """``"auto"`` -> ``"2d"`` on the CPU backend (measured faster there), else ``"3d"`` (cuDNN);
     other forms are returned as given. Raises FlaxdoseError for an unknown form."""
-    if form not in CONV_FORMS:
-        raise FlaxdoseError(f"model.conv must be one of {CONV_FORMS}, got {form!r}")
+    check_form(form)
     if form != "auto":
         return form
     return "2d" if (backend or jax.default_backend()) == "cpu" else "3d"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from flaxdose.convolution import CONV_FORMS, conv_general_dilated_2d, resolve_form
+from flaxdose.convolution import check_form, conv_general_dilated_2d, resolve_form
 from flaxdose.errors import FlaxdoseError
 
 NORM_ORDERS = ("relu_norm", "norm_relu")
@@ -65,8 +65,7 @@ class UNetSpec:
             raise FlaxdoseError(f"model.norm_order must be one of {NORM_ORDERS}, got {self.norm_order!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise FlaxdoseError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.conv not in CONV_FORMS:
-            raise FlaxdoseError(f"model.conv must be one of {CONV_FORMS}, got {self.conv!r}")
+        check_form(self.conv)
         if self.convs_per_level < 1 or self.in_channels < 1:
             raise FlaxdoseError("model.convs_per_level and model.in_channels must be >= 1")
 
