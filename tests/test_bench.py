@@ -116,7 +116,7 @@ def test_missing_torch_says_how_to_install(monkeypatch):
     from flaxdose.bench import torch_unet
 
     monkeypatch.setattr(torch_unet, "torch", None)
-    with pytest.raises(FlaxdoseError, match=r"pip install flaxdose\[bench\]"):
+    with pytest.raises(FlaxdoseError, match=r"pip install -e \"\.\[bench\]\"|pip install torch"):
         torch_unet.require_torch()
 
 
