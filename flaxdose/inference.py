@@ -47,6 +47,12 @@ def run_config_file(path: str | Path, which: str = "best") -> Path:
 
     Raises FlaxdoseError when there is no checkpoint under `path` or no config.json above it.
     """
+    from flaxdose.package import is_package
+
+    if is_package(path):  # a package has weights and metadata, no run to read data or checkpoints from
+        raise FlaxdoseError(f"{path} is a model package: it holds the model, not its training run (no dataset, no "
+                            "checkpoints); pass --data DIR for the cases, or use the training workdir it was exported "
+                            "from")
     directory, _ = find_checkpoint(Path(path), which)
     config_file = next((p / "config.json" for p in [directory, *directory.parents] if (p / "config.json").is_file()), None)
     if config_file is None:
@@ -330,7 +336,8 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
-        """From a training workdir, or a checkpoint path inside one (config.json is found above it).
+        """From a training workdir, a checkpoint path inside one (config.json is found above it), or a model
+        package (`flaxdose.package`, hash-checked; it holds one set of weights, so `which` is ignored).
 
         `which`: "best" (lowest validation loss, else the latest) or "latest". The checkpoint's
         training spacing (`SPACING_KEY`) is checked against every case predicted; for a checkpoint
@@ -339,7 +346,11 @@ class Model:
         be checked. Raises
         FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
         """
+        from flaxdose import package
+
         path = Path(path)
+        if package.is_package(path):
+            return package.load_model(path, full_volume=full_volume, mirror=mirror)
         config_file = run_config_file(path, which)
         config = config_lib.load_config_json(config_file)
         spec = UNetSpec.from_config(config.model)
@@ -427,9 +438,15 @@ def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> 
                           for p, c in zip(predicted, cases)]))
 
 
+ALL_SPLITS = "all"  # predict_dataset's split: every case of every split (as evaluate --split all)
+
+
 def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
                     overwrite: bool = False, keep_going: bool = False) -> Dataset:
     """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.
+
+    `split` "all" (`ALL_SPLITS`, unless the dataset has a split of that name): every case of every
+    split, each once, in split order, written as the split "all".
 
     The written cases are copies of the inputs whose `dose` is the prediction (Gy), with the
     split's name and ids. `keep_going`: a case that cannot be read or predicted (a FlaxdoseError:
@@ -441,7 +458,10 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
     """
     check_writable(out, overwrite)
     dataset = Dataset.open(data)
-    ids = dataset.split(split)
+    if split == ALL_SPLITS and ALL_SPLITS not in dataset.splits:  # every case of every split, each once
+        ids = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
+    else:
+        ids = dataset.split(split)
     if not ids:
         raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; nothing to predict")
     if not keep_going:
@@ -646,8 +666,16 @@ def missing_dose_reason(entry: DicomPlan) -> str:
 def resolve_rtdose_path(out: str | Path) -> Path:
     """Where `--rtdose_out OUT` writes: OUT itself when it ends in ``.dcm`` (its folder is created),
     else OUT/`RTDOSE_NAME` (OUT created): one fixed name, so a rerun replaces the file instead of
-    adding another. Raises FlaxdoseError when a ``.dcm`` OUT is an existing folder."""
+    adding another. Raises FlaxdoseError when a ``.dcm`` OUT is an existing folder, and when a folder on
+    the way to it is an existing file (``notes.txt/out.dcm``)."""
     out = Path(out)
+    for above in out.parents:  # the nearest existing folder on the way must be a folder, not a file
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise FlaxdoseError(f"--rtdose_out {out}: {above} is a file, not a folder, so nothing can be written "
+                                    f"under it; give a .dcm file or a folder elsewhere, e.g. "
+                                    f"{above.parent / 'rtdose' / RTDOSE_NAME}")
+            break
     if out.suffix.lower() == ".dcm":
         if out.is_dir():
             raise FlaxdoseError(f"--rtdose_out {out} is a folder; give a file name ending in .dcm or a folder")

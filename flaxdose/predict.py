@@ -2,7 +2,10 @@
 
 ``python -m flaxdose.predict --workdir W [--data DIR] --split test --out OUT`` predicts every
 case of a split and writes them as a dataset of Cases whose `dose` is the prediction (Gy);
-``--data`` defaults to the dataset the run trained on.
+``--data`` defaults to the dataset the run trained on; ``--split all`` predicts every case of every split
+(e.g. an import with only "train"). ``--workdir`` also takes a model package (``flaxdose.export_model``:
+hash-checked, then predicting exactly what its workdir predicts); a package holds no data, so give
+``--data`` with it.
 
 DICOM-RT, folder in, folder out: ``--dicom EXPORT_ROOT --out OUT`` predicts every plan found
 under EXPORT_ROOT (CT + RTSTRUCT [+ RTPLAN] per plan, any folder layout) and writes per plan
@@ -35,10 +38,11 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
-    flags.DEFINE_string("workdir", None, "training workdir to load the model from (best checkpoint)")
+    flags.DEFINE_string("workdir", None, "training workdir to load the model from (best checkpoint), or a model package "
+                        "(python -m flaxdose.export_model)")
     flags.DEFINE_string("checkpoint", None, "a checkpoint path instead of --workdir")
     flags.DEFINE_string("data", None, "dataset folder (with manifest.json); default: the dataset the run trained on")
-    flags.DEFINE_string("split", "test", "which split to predict")
+    flags.DEFINE_string("split", "test", "which split to predict ('all': every case of every split)")
     flags.DEFINE_string("out", None, "output dataset folder for the predicted cases")
     flags.DEFINE_integer("batch_size", 1, "windows per forward pass", lower_bound=1)
     flags.DEFINE_bool("full_volume", False, "one whole-volume pass per case instead of sliding windows")
@@ -61,7 +65,7 @@ def main(argv):
     (every plan into `--out`, or one into `--rtdose_out`); exit status 1 when some cases or plans could not
     be predicted. Raises FlaxdoseError for missing or conflicting flags, or when nothing could be predicted."""
     del argv
-    usage = ("usage: python -m flaxdose.predict --workdir W (or --checkpoint C) "
+    usage = ("usage: python -m flaxdose.predict --workdir W|PKG (or --checkpoint C) "
              "(--out OUT [--data DIR] | --dicom EXPORT_ROOT --out OUT | --dicom PATIENT_DIR --rtdose_out FILE_OR_DIR)")
     if FLAGS.dicom and not (FLAGS.out or FLAGS.rtdose_out):
         raise FlaxdoseError("--dicom needs --out OUT (every plan under an export root: RTDOSE, metrics, figure per "
@@ -130,10 +134,11 @@ def _aliases():
 
 
 def check_run_exists(path: str, flag: str) -> None:
-    """Refuse a workdir or checkpoint that does not exist, saying so (not a missing checkpoint inside it)."""
+    """Refuse a workdir, package or checkpoint that does not exist, saying so (not a missing checkpoint inside it)."""
     if not Path(path).exists():
         raise FlaxdoseError(f"{flag} {path} does not exist; give a training workdir (python -m flaxdose.train "
-                            "--config=quick --workdir W makes one)")
+                            "--config=quick --workdir W makes one) or a model package (python -m "
+                            "flaxdose.export_model --workdir W --out PKG makes one)")
 
 
 def _one_dicom_patient(model, aliases, bits: int) -> int:

@@ -4,8 +4,8 @@
     python -m flaxdose.qa --workdirs W1,W2,W3 --calibration CAL/calibration.json --data DIR [--split all] --out QA
     python -m flaxdose.qa --workdirs 'SWEEP/runs/internal_a_n010_full_seed*' --calibration C.json --dicom PATIENT --out QA
 
-An ensemble of trained models (workdirs, or glob patterns such as a sweep's runs of one
-setting) predicts each plan's DVH metrics; held-out plans of the models' style calibrate the
+An ensemble of trained models (workdirs, model packages of ``flaxdose.export_model``, or glob
+patterns such as a sweep's runs of one setting) predicts each plan's DVH metrics; held-out plans of the models' style calibrate the
 bands (``--calibration_data``, written to OUT/calibration.json for reuse with ``--calibration``).
 Every plan of ``--data`` (a dataset, e.g. one written by ``flaxdose-import``) or the one plan of
 ``--dicom`` (a patient's CT + RTSTRUCT + RTDOSE [+ RTPLAN] export, read on the grid that
@@ -26,6 +26,7 @@ have no dose and were not checked (listed), whatever the others gave; 2 bad inpu
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from absl import flags
@@ -34,15 +35,18 @@ from flaxdose import cli, planqa
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder, check_writable
+from flaxdose.package import is_package
 
 FLAGS = flags.FLAGS
+log = logging.getLogger("flaxdose")
 USAGE = ("usage: python -m flaxdose.qa --workdirs W1,W2 (--calibration FILE | --calibration_data DIR) "
          "[--data DIR [--split all] | --dicom PATIENT_DIR] --out OUT")
 
 
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
-    flags.DEFINE_list("workdirs", None, "the ensemble: training workdirs or glob patterns, comma-separated")
+    flags.DEFINE_list("workdirs", None, "the ensemble: training workdirs, model packages (flaxdose.export_model) or "
+                      "glob patterns, comma-separated")
     flags.DEFINE_string("which", "best", "checkpoint of each member: best or latest")
     flags.DEFINE_string("calibration", None, "a calibration.json written earlier for these members")
     flags.DEFINE_string("calibration_data", None, "dataset of held-out plans of the models' style to calibrate on")
@@ -87,8 +91,18 @@ def calibration_for(ensemble: planqa.Ensemble) -> planqa.Calibration:
         calibration.check_members(ensemble)
         return calibration
     references, _ = planqa.load_plans(FLAGS.calibration_data, FLAGS.calibration_split)
-    planqa.check_held_out(planqa.expand_workdirs(FLAGS.workdirs), references)
+    members = planqa.expand_workdirs(FLAGS.workdirs)
+    # a package lists no training cases (never patient IDs), so only workdirs are checked for calibration plans
+    # they trained on; the report says which members were not
+    packages = [m for m in members if is_package(m)]
+    planqa.check_held_out([m for m in members if not is_package(m)], references)
     note = f"split {FLAGS.calibration_split!r} of {Path(FLAGS.calibration_data).resolve()}"
+    if packages:
+        unchecked = ", ".join(str(m) for m in packages)
+        log.warning("model package(s) %s list no training cases: make sure the calibration plans were not among "
+                    "their training plans (bands would come out too narrow)", unchecked)
+        note += (f"; not checked to be held out from the model package(s) {unchecked} (a package lists no "
+                 "training cases): the calibration plans must not be among their training plans")
     return planqa.calibrate(ensemble, references, note, FLAGS.batch_size, progress=True)
 
 
@@ -119,7 +133,8 @@ def main(argv):
     for workdir in workdirs:
         if not Path(workdir).exists():
             raise FlaxdoseError(f"--workdirs: {workdir} does not exist; give training workdirs (python -m "
-                                "flaxdose.train --config=quick --workdir W makes one)")
+                                "flaxdose.train --config=quick --workdir W makes one) or model packages (python -m "
+                                "flaxdose.export_model --workdir W --out PKG makes one)")
     ensemble = planqa.Ensemble.load(workdirs, FLAGS.which)
     plans, own = [], None
     if FLAGS.dicom:  # read (and checked against the members) before the long calibration

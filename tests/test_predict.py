@@ -153,3 +153,33 @@ def test_a_dicom_export_that_is_not_a_folder_is_refused_before_it_is_read(make, 
     with caplog.at_level("INFO", logger="flaxdose"), pytest.raises(FlaxdoseError, match=problem):
         read_dicom_case([], make(tmp_path))
     assert "reading" not in caplog.text
+
+
+def test_split_all_predicts_every_case_of_every_split(tmp_path, workdir):
+    """As evaluate --split all: an import with only a "train" split can be predicted whole (issue 30)."""
+    data = Dataset.open(data_dir(workdir))
+    every = [i for ids in data.splits.values() for i in ids]
+    assert len(every) == len(set(every)) == 8 and "all" not in data.splits
+    out = predict_dataset(Model.load(workdir), data_dir(workdir), "all", tmp_path / "pred")
+    assert out.split("all") == every and sorted(out.splits) == ["all"]
+
+
+def test_rtdose_out_under_an_existing_file_names_the_path_and_the_fix(tmp_path, workdir):
+    """--rtdose_out notes.txt/out.dcm (or notes.txt/sub/) was a raw OS error from deep inside the export."""
+    import subprocess
+    import sys
+
+    from flaxdose.inference import resolve_rtdose_path
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out in (notes / "out.dcm", notes / "sub" / "folder"):
+        with pytest.raises(FlaxdoseError, match=f"{notes} is a file, not a folder.*give a .dcm file or a folder"):
+            resolve_rtdose_path(out)
+    assert resolve_rtdose_path(tmp_path / "new" / "x.dcm") == tmp_path / "new" / "x.dcm"  # folders made later
+    result = subprocess.run([sys.executable, "-m", "flaxdose.predict", f"--workdir={workdir}", f"--dicom={tmp_path}",
+                             f"--rtdose_out={notes / 'out.dcm'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"flaxdose: error: --rtdose_out {notes / 'out.dcm'}: "
+                                                             f"{notes} is a file")
+    assert notes.read_text() == "keep me"
