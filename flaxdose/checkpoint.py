@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,33 +120,96 @@ class WorkdirCheckpoints:
 
 
 def read_or_refuse(read: Callable, step_dir: Path):
-    """`read()`, with any failure of orbax/TensorStore on damaged files (a truncated or
-    half-copied array file) turned into a FlaxdoseError naming the step folder."""
+    """`read()`, with any failure of orbax/TensorStore on damaged or missing files (a truncated or
+    half-copied array file, a lost metadata file) turned into one FlaxdoseError naming the step folder
+    and the fix (`damaged`)."""
     try:
         return read()
     except FlaxdoseError:
         raise
-    except Exception as e:  # TensorStore and orbax raise ValueError, OSError or plain Exception
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise FlaxdoseError(
-            f"checkpoint {step_dir} cannot be read ({first[:200]}); its files are damaged: restore them, "
-            "or delete that step folder to fall back to an earlier checkpoint"
-        ) from None
+    except Exception as e:  # TensorStore and orbax raise ValueError, OSError, JSONDecodeError or plain Exception
+        raise damaged(step_dir, _missing_files(Path(step_dir)) or _failure_detail(e)) from None
+
+
+# The files orbax writes into every item folder of a step (`_manager`'s handlers), which it needs to read it.
+_ITEM_FILES = {"params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADATA", "manifest.ocdbt"),
+               "meta": ("metadata",)}
+
+
+def _missing_files(step_dir: Path) -> str:
+    """"missing file(s) params/_METADATA, ..." of a step folder's item folders (those present), or ""."""
+    missing = [f"{item}/{name}" for item, names in _ITEM_FILES.items() if (step_dir / item).is_dir()
+               for name in names if not (step_dir / item / name).exists()]
+    return f"missing file{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing else ""
+
+
+def _failure_detail(error: BaseException) -> str:
+    """What orbax/TensorStore said, short: the damaged file where it names one, else its first line."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 8:  # orbax wraps TensorStore's error, which names the file
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(str(c) for c in reversed(chain))
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    first = first.split(" See full TensorStore details")[0].split(" [tensorstore_spec=")[0]
+    kind = next((k for k in ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE") if k in text), "")
+    what = {"NOT_FOUND": "missing", "OUT_OF_RANGE": "truncated"}.get(kind, "unreadable")
+    array = re.findall(r'Error reading "([^"/]+)/([^"]+)" in OCDBT database', text)
+    files = re.findall(r'local file "([^"]+)"', text)
+    if array and not array[-1][1].startswith(".") and files:  # an array's data, not its .zarray header
+        kind_of = "parameter" if files[-1].rstrip("/").endswith("params") else "array"
+        return f"{what} data of {kind_of} {array[-1][0].replace('.', '/')} in {files[-1]}"
+    missing = re.findall(r"File (\S+) not found", text)
+    if missing:
+        return f"missing file {missing[-1]}"
+    if files:
+        return f"{what} files in {files[-1]}" if files[-1].endswith("/") else f"{what} file {files[-1]}"
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def damaged(step_dir: Path, detail: str) -> FlaxdoseError:
+    """The error for a checkpoint step folder whose files are damaged or incomplete: it names the folder,
+    `detail` (what is wrong), and what deleting that folder falls back to (`_fallback`)."""
+    step_dir = Path(step_dir)
+    return FlaxdoseError(
+        f"checkpoint {step_dir} is damaged ({detail}); delete that step folder (rm -r {shlex.quote(str(step_dir))}) "
+        f"{_fallback(step_dir)}, or copy it again whole if it came from elsewhere"
+    )
+
+
+def _fallback(step_dir: Path) -> str:
+    """What a workdir falls back to once the damaged `step_dir` is deleted, as the rest of a sentence."""
+    folder, step = step_dir.parent, int(step_dir.name) if step_dir.name.isdigit() else None
+    earlier = [s for s in saved_steps(folder) if step is None or s < step]
+    if folder.name == BEST:
+        latest = saved_steps(folder.parent / CHECKPOINTS)
+        if latest:
+            return f"to fall back to the latest training checkpoint ({CHECKPOINTS}/{max(latest)})"
+        return "and retrain (no other checkpoint is left in that workdir)"
+    if earlier:
+        return f"to fall back to the previous checkpoint (step {max(earlier)}; rerunning training resumes from it)"
+    return "and retrain (no earlier checkpoint is left: rerunning training starts that run again from step 0)"
 
 
 def _best_val(manager) -> float | None:
     step = manager.latest_step()
     if step is None:
         return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return meta.get("val_loss")
+    meta = read_or_refuse(lambda: manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta,
+                          Path(manager.directory) / str(step))
+    return (meta or {}).get("val_loss")
 
 
 def check_shapes(manager, step: int, params, what: str,
                  fix: str = "use the model config it was trained with, or another workdir") -> None:
-    """Raise a FlaxdoseError naming every parameter whose stored shape differs from `params`, and `fix`."""
-    stored = manager.item_metadata(step)["params"]
+    """Raise a FlaxdoseError naming every parameter whose stored shape differs from `params`, and `fix`;
+    for a step folder whose parameter metadata is missing or damaged, the `damaged` error instead."""
+    step_dir = Path(manager.directory) / str(step)
+    stored = read_or_refuse(lambda: manager.item_metadata(step)["params"], step_dir)
     stored = getattr(stored, "tree", stored)
+    if not jax.tree_util.tree_leaves(stored):  # orbax reads a missing params/_METADATA as no parameters at all
+        raise damaged(step_dir, (_missing_files(step_dir) or "no parameter metadata") + ": the folder is incomplete, "
+                                "no parameter can be read")
     flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
     flat_new = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)

@@ -11,8 +11,9 @@ The command line is `flaxdose.evaluate`. `write_report` writes into a report fol
   dropped) of each model against the first, per metric; ``empty_structures``: structures
   empty in some evaluated cases (their DVH metrics average the other cases), and
   ``failed_cases``: {case id: why} of the cases that could not be predicted or scored;
-- ``report.md``: the short table, notes on empty structures and failed cases; ``dice.png``,
-  ``dvh_errors.png`` and ``case_<id>.png`` (see flaxdose.plots).
+- ``report.md``: the short table, notes on empty structures and failed cases, and the figures
+  ``dice.png``, ``dvh_errors.png`` and ``case_<id>.png`` (see flaxdose.plots), shown in place
+  through links relative to the report (the folder stays readable when moved).
 
 Metric conventions are those of flaxdose.metrics. Isodose Dice is restricted to the
 reference case's dose region (`Case.dose_region`: the body, or OpenKBP's possible-dose
@@ -135,14 +136,22 @@ def unique_names(names: Sequence[str]) -> list[str]:
 
 def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
     """``cases a, b: reason; case c: reason (and 3 more)``: {case id: reason}, cases with the same reason
-    together (each reason once), the first `limit` case ids of each."""
+    together (each reason once), the first `limit` case ids of each. A reason that names its case is the
+    same reason for another case; such a group shows the first case's reason as it was given, then the
+    others: ``case a: case 'a' has spacing 4x4x3 mm; likewise case b``."""
     by_reason: dict[str, list[str]] = {}
-    for case_id, reason in failed.items():  # a reason that names its case is the same reason for another case
-        by_reason.setdefault(str(reason).replace(repr(case_id), "<case>"), []).append(case_id)
+    for case_id, reason in failed.items():
+        by_reason.setdefault(str(reason).replace(repr(case_id), "\0"), []).append(case_id)
     items = []
-    for reason, ids in by_reason.items():
-        more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-        items.append(f"case{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {reason}")
+    for template, ids in by_reason.items():
+        if "\0" not in template or len(ids) == 1:  # the reason as given (it names its one case, if any)
+            more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+            items.append(f"case{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {failed[ids[0]]}")
+            continue
+        others = ids[1:]
+        more = f" and {len(others) - (limit - 1)} more" if len(others) > limit - 1 else ""
+        items.append(f"case {ids[0]}: {failed[ids[0]]}; likewise case{'s' if len(others) > 1 else ''} "
+                     f"{', '.join(others[:limit - 1])}{more}")
     return "; ".join(items)
 
 
@@ -352,12 +361,32 @@ def report_notes(summary: dict) -> list[str]:
     return notes
 
 
+FIGURE_CAPTIONS = {"dice.png": "Isodose Dice per dose level, mean over the cases, per model",
+                   "dvh_errors.png": "DVH-metric errors per structure (prediction − reference, % of prescription)"}
+
+
+def figure_lines(figures: Sequence[str]) -> list[str]:
+    """Markdown that shows each figure of the report folder in place (links relative to report.md, so the
+    folder can be moved or shared whole), each under its caption."""
+    from urllib.parse import quote
+
+    lines = []
+    for name in figures:
+        caption = FIGURE_CAPTIONS.get(name) or (
+            f"Dose slices and DVHs of case {name.removeprefix('case_').removesuffix('.png')} (reference and each "
+            "model's prediction)" if name.startswith("case_") else name)
+        lines += [f"**{caption}**\n", f"![{caption}]({quote(name)})\n"]
+    return lines
+
+
 def _markdown(summary: dict, split_note: str) -> str:
     notes = report_notes(summary)
+    figures = summary.get("figures") or []
     return "\n".join([f"# Dose-prediction evaluation\n\n{split_note}\n",
                       "Dice: isodose volumes at % of prescription. DVH errors: prediction − reference, % of prescription.",
                       "Values: mean ± SD over cases.\n", markdown_table(summary),
-                      *(["\n## Notes\n", *notes] if notes else [])]) + "\n"
+                      *(["\n## Notes\n", *notes] if notes else []),
+                      *(["\n## Figures\n", *figure_lines(figures)] if figures else [])]) + "\n"
 
 
 def _figures(rows: Sequence[dict], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],

@@ -109,7 +109,14 @@ def test_evaluate_cli_function_writes_report(trained, tmp_path):
     assert summary["figures"][:2] == ["dice.png", "dvh_errors.png"] and summary["figures"][2].startswith("case_")
     for name in summary["figures"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
-    assert "| dice_mean |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| dice_mean |" in report
+    # the report shows every figure in place, through links relative to report.md that resolve in the folder
+    import re
+    from urllib.parse import unquote
+
+    shown = [unquote(link) for link in re.findall(r"!\[[^\]]+\]\(([^)]+)\)", report)]
+    assert shown == summary["figures"] and all((out / name).is_file() for name in shown)
     with pytest.raises(FlaxdoseError, match="overwrite"):
         evaluate.evaluate_workdirs([model], data, "test", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
@@ -185,3 +192,57 @@ def test_run_dataset_defaults_to_the_data_the_run_trained_on(trained, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(data.resolve()) in json.loads((out / "summary.json").read_text())["note"]
+
+
+def damaged_copy(trained, tmp_path, folder="best"):
+    """A copy of the trained workdir and its newest step folder under `folder` (best/ or checkpoints/)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("data"))
+    step_dir = max((p for p in (workdir / folder).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return workdir, step_dir
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_its_step_folder_and_the_fix(trained, tmp_path):
+    """A truncated array file (a half-copied checkpoint) is one FlaxdoseError naming the step folder and what
+    deleting it falls back to; after that deletion the model loads from the fallback. A step folder missing its
+    parameter metadata says so (it was reported as "a different model")."""
+    import shutil
+
+    from flaxdose.inference import Model
+
+    workdir, step_dir = damaged_copy(trained, tmp_path)
+    biggest = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    with pytest.raises(FlaxdoseError) as error:
+        Model.load(workdir)
+    message = str(error.value)
+    assert f"checkpoint {step_dir} is damaged" in message and f"rm -r {step_dir}" in message
+    assert f"fall back to the latest training checkpoint (checkpoints/{latest})" in message
+    shutil.rmtree(step_dir)  # the fix the message gives
+    assert Model.load(workdir).params is not None
+
+    latest_dir = workdir / "checkpoints" / str(latest)
+    (latest_dir / "params" / "_METADATA").unlink()
+    with pytest.raises(FlaxdoseError, match=r"missing file params/_METADATA") as error:
+        Model.load(workdir, "latest")
+    assert "different model" not in str(error.value)
+    assert f"previous checkpoint (step {latest - 1}; rerunning training resumes from it)" in str(error.value)
+
+
+def test_evaluate_stops_once_on_a_damaged_checkpoint(trained, tmp_path):
+    """The command line: one `flaxdose: error:` line, exit 2, no traceback (orbax's were printed per thread)."""
+    workdir, step_dir = damaged_copy(trained, tmp_path)
+    (step_dir / "params" / "manifest.ocdbt").write_bytes(b"not an ocdbt manifest")
+    result = subprocess.run([sys.executable, "-m", "flaxdose.evaluate", f"--workdir={workdir}",
+                             f"--data={trained[1]}", f"--out={tmp_path / 'report'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"flaxdose: error: checkpoint {step_dir} is damaged (unreadable file "
+                      f"{step_dir / 'params' / 'manifest.ocdbt'}); delete that step folder (rm -r {step_dir}) to fall "
+                      "back to the latest training checkpoint (checkpoints/2), or copy it again whole if it came from "
+                      "elsewhere"], result.stderr[-3000:]
+    assert not (tmp_path / "report").exists()
