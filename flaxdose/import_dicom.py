@@ -3,7 +3,8 @@
 ``python -m flaxdose.import_dicom SRC --out DATASET [--aliases FILE] [--grid model|dose|ct] ...``
 
 Prints a table per plan (structures with cc and dose coverage, dose type, prescription and
-its source, grid) and writes it as DATASET/import_report.csv. Exit status: 0 every plan
+its source, grid) and writes it as DATASET/import_report.csv, then the plans per split ("0 test
+patients" when none was held out: ``--test_fraction`` is 0 by default). Exit status: 0 every plan
 imported; 1 some plans failed (the summary lists them, the others are imported); 2 the
 import could not run (one ``flaxdose: error:`` line), e.g. DATASET is SRC or lies inside it.
 ``--like WORKDIR`` imports on the grid that run's model predicts on (its training voxel spacing,
@@ -67,7 +68,21 @@ def main(argv):
         model_shape=model_shape, model_spacing_mm=model_spacing_mm,
     )
     print(summary.report())
+    print(split_line(summary.dataset, FLAGS.test_fraction))
     return cli.PARTIAL_FAILURE if summary.failures else 0  # some plans skipped: the report names them
+
+
+def split_line(dataset: str, test_fraction: float) -> str:
+    """The written dataset's splits in one line, saying "0 test patients" outright when none was held out
+    (the default, ``--test_fraction 0``), and how to evaluate such an import."""
+    from flaxdose.data.case import Dataset
+
+    splits = Dataset.open(dataset).splits
+    counts = ", ".join(f"{name} {len(ids)} plan(s)" for name, ids in splits.items())
+    if splits.get("test"):
+        return f"splits: {counts} (the plans of one patient stay in one split)"
+    return (f"splits: {counts}; 0 test patients (--test_fraction {test_fraction:g}): evaluate the import with "
+            "--split all, or import again with --test_fraction 0.2 to hold patients out for testing")
 
 
 def like_grid(workdir: str) -> tuple[list[int], list[float]]:

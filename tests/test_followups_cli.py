@@ -208,3 +208,18 @@ def test_a_batch_size_below_1_is_a_one_line_flag_error(command, tmp_path):
     result = run_cli(command, "--batch_size=0", f"--out={tmp_path / 'o'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--batch_size=0" in result.stderr and "positive" in result.stderr
+
+
+def test_the_import_summary_says_0_test_patients(tmp_path):
+    """An import without a test split says so outright (was silent), and how to evaluate it; with one, the counts."""
+    from flaxdose.import_dicom import split_line
+    from flaxdose.synthetic.phantom import phantom_case
+
+    cases = [phantom_case(0, i, shape=(8, 8, 4)) for i in range(3)]
+    ids = [c.case_id for c in cases]
+    write_dataset(tmp_path / "none", cases, {"train": ids})
+    line = split_line(str(tmp_path / "none"), 0.0)
+    assert line.startswith("splits: train 3 plan(s); 0 test patients (--test_fraction 0)") and "--split all" in line
+    write_dataset(tmp_path / "some", cases, {"train": ids[:2], "test": ids[2:]})
+    assert split_line(str(tmp_path / "some"), 0.3) == ("splits: train 2 plan(s), test 1 plan(s) (the plans of one "
+                                                       "patient stay in one split)")
