@@ -240,6 +240,12 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
                      "steps_planned": int(config.train.steps) if "train" in config else None,
                      "data": training_summary(workdir, config)},
     }
+    transfer = config.get("transfer") or {}
+    if transfer.get("mode", "none") != "none":  # as flaxdose.transfer.is_transfer
+        metadata["training"]["fine_tuned"] = {
+            "mode": transfer.get("mode"), "source_model": Path(str(transfer.get("source", ""))).name,
+            "note": "fine-tuned from a source model: the data summary counts the fine-tuning plans only, not the "
+                    "source model's training plans"}
     with atomic_folder(out, overwrite) as tmp:
         (tmp / CONFIG).write_text(config_lib.to_json(kept))
         write_params(params, tmp / PARAMS)

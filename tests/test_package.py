@@ -182,3 +182,14 @@ def test_cli_export_then_predict_and_qa_from_the_package(workdir, tmp_path):
     assert qa.returncode == 0, qa.stderr[-2000:]
     note = json.loads((tmp_path / "qa" / "calibration.json").read_text())["note"]
     assert "not checked to be held out from the model package" in note
+
+
+def test_a_fine_tuned_model_says_its_data_summary_is_the_fine_tuning_data(workdir, tmp_path):
+    run = tmp_path / "finetuned"
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("tensorboard"))
+    config = json.loads((run / "config.json").read_text())
+    config["transfer"] = {**config.get("transfer", {}), "mode": "decoder", "source": "/somewhere/source_run"}
+    (run / "config.json").write_text(json.dumps(config))
+    tuned = package.export_model(run, tmp_path / "pkg")["training"]["fine_tuned"]
+    assert tuned["mode"] == "decoder" and tuned["source_model"] == "source_run" and "only" in tuned["note"]
+    assert "fine_tuned" not in package.export_model(workdir, tmp_path / "plain")["training"]
