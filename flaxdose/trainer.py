@@ -39,7 +39,7 @@ from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset, target_names
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import SPACING_KEY, Model, spacing_record, validation_mse
+from flaxdose.inference import SPACING_KEY, Model, spacing_record
 from flaxdose.model import COMPUTE_ONLY, UNet3D, UNetSpec, count_params, init_params
 
 AXIS = "devices"
@@ -244,9 +244,13 @@ def check_workdir(workdir: Path, config) -> list[str]:
     before writing anything; returns notes on the changes accepted (to log).
 
     Settings are compared as the runs use them (`optimisation_settings`), so re-running the same
-    command resumes. One change is accepted: another ``train.steps`` for a ``"constant"``
-    schedule (extending or shortening a run; nothing else depends on the step count). Raises FlaxdoseError
-    naming each difference, and the settings that resume the stored run.
+    command resumes. One change is accepted: another ``train.steps``, (a) for a ``"constant"``
+    schedule (extending or shortening a run; nothing else depends on the step count), (b) for a
+    finished run on any schedule (extending it: from its last step on it follows the schedule of the
+    longer run, warmup and decay as `optim.fit_schedule` fits them to it; `extension_note`), and (c)
+    a count at or below the steps already trained (nothing to train). A scheduled run that has not
+    finished is refused: its rate would change mid-run. Raises FlaxdoseError naming each difference,
+    and the settings that resume the stored run.
     """
     saved = workdir / "config.json"
     if not saved.is_file() or not (workdir / "checkpoints").is_dir():
@@ -263,26 +267,62 @@ def check_workdir(workdir: Path, config) -> list[str]:
     done = saved_steps(workdir / "checkpoints")
     if not done:
         return []  # nothing trained yet: nothing to keep consistent
-    old, new = optimisation_settings(config_lib.load_config_json(saved)), optimisation_settings(config)
+    old_config = config_lib.load_config_json(saved)
+    old, new = optimisation_settings(old_config), optimisation_settings(config)
     notes = []
     steps = old.get("train.steps"), new.get("train.steps")
-    if old.get("train.schedule") == new.get("train.schedule") == "constant" and None not in steps and steps[1] != steps[0]:
-        if steps[1] > max(done):
-            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
-        else:  # nothing to train; the checkpoints stay as they are
+    if None not in steps and steps[1] != steps[0]:
+        finished = max(done) >= steps[0]
+        constant = old.get("train.schedule") == new.get("train.schedule") == "constant"
+        if steps[1] <= max(done):  # nothing to train; the checkpoints stay as they are
             notes.append(f"train.steps {steps[0]} -> {steps[1]}: the run in {workdir} has already trained to step "
                          f"{max(done)}; nothing to train (its checkpoints are kept as they are)")
-        old["train.steps"] = steps[1]
+        elif constant:
+            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
+        elif finished and old.get("train.schedule") == new.get("train.schedule"):
+            notes.append(extension_note(old_config, config, max(done), workdir))
+            for key in _FITTED_TO_STEPS:  # the new length's schedule, as `optim.fit_schedule` fitted it
+                if key in new:
+                    old[key] = new[key]
+        if constant or finished or steps[1] <= max(done):
+            old["train.steps"] = steps[1]
     changed = [k for k in OPTIMISATION_SETTINGS if (k in old or k in new) and old.get(k) != new.get(k)]
     if changed:
         stored = " ".join(_flag(k, old[k]) for k in changed if old.get(k) is not None)
+        extend = (f"; to train longer, let the run finish at step {old['train.steps']} first: a finished run "
+                  "extends with a larger --config.train.steps" if "train.steps" in changed else "")
         raise FlaxdoseError(
             f"workdir {workdir} holds checkpoints trained with other settings "
             f"({'; '.join(f'{k}: {_shown(old, k)} there vs {_shown(new, k)} now' for k in changed)}): resuming would "
             f"change the learning-rate schedule, the loss or the patches drawn mid-run; use a new --workdir, or resume with the stored "
-            f"settings ({stored or 'see ' + str(saved)})"
+            f"settings ({stored or 'see ' + str(saved)}){extend}"
         )
     return notes
+
+
+# The schedule settings `optim.fit_schedule` derives from train.steps: an extended run takes the new length's.
+_FITTED_TO_STEPS = ("train.warmup_steps", "train.decay_steps")
+
+
+def learning_rate(config, step: int) -> float:
+    """The learning rate that update number `step` (1-based) of a run of `config` applies: the run's base rate
+    (``train.learning_rate``, or ``transfer.learning_rate`` for transfer) times its schedule's factor
+    (`optim.schedule_factor`) of the step count before the update."""
+    base = float(config.transfer.learning_rate if transfer.is_transfer(config) else config.train.learning_rate)
+    schedule = optim.schedule_factor(config.train)
+    return base if schedule is None else base * float(schedule(max(int(step) - 1, 0)))
+
+
+def extension_note(old_config, config, done: int, workdir: Path) -> str:
+    """The log line of a finished run with a scheduled learning rate extended to more steps: from step `done` on
+    it follows the schedule of the longer run, so the rate returns from where the run ended to that schedule's."""
+    old_steps, new_steps = int(old_config.train.steps), int(config.train.steps)
+    ended, resumes = learning_rate(old_config, done), learning_rate(config, done + 1)
+    decay = config.train.get("decay_steps") if config.train.get("schedule") == "warmup_stable_decay" else None
+    tail = f", then decays again over its last {decay} steps" if decay else ", following it to the end"
+    return (f"train.steps {old_steps} -> {new_steps}: the finished run in {workdir} continues from step {done} on the "
+            f"{config.train.schedule} schedule of a {new_steps}-step run: the learning rate goes from {ended:.3g} (where "
+            f"it ended) to {resumes:.3g} at step {done + 1}{tail}")
 
 
 class NoMetricWriter:
@@ -291,18 +331,34 @@ class NoMetricWriter:
     def write(self, step: int, **scalars):
         pass
 
+    def image(self, tag: str, step: int, png: Path):
+        pass
+
     def close(self):
         pass
 
 
-class MetricWriter:
-    """metrics.jsonl plus TensorBoard event files (tensorboardX) in the workdir."""
+METRICS_JSONL, TENSORBOARD = "metrics.jsonl", "tensorboard"
 
-    def __init__(self, workdir: Path):
+
+class MetricWriter:
+    """metrics.jsonl (one JSON record per logged step) plus TensorBoard event files (tensorboardX) in the workdir.
+
+    A run that starts at `start_step` (the restored checkpoint's step; 0 for a fresh run) first removes what an
+    interrupted earlier attempt logged after that step (`truncate_logs`), from metrics.jsonl and the event files,
+    and tells TensorBoard to purge it too (``purge_step``), so the logs read as one continuous run with every
+    step once: the steps after the checkpoint are trained, and logged, again.
+    """
+
+    def __init__(self, workdir: Path, start_step: int = 0):
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(workdir / "metrics.jsonl", "a")
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        removed = truncate_logs(workdir, start_step)
+        if removed:
+            log.info("removed %d records after step %d from %s and TensorBoard (logged by an interrupted run; "
+                     "those steps are trained again)", removed, start_step, METRICS_JSONL)
+        self._jsonl = open(workdir / METRICS_JSONL, "a")
+        self._tb = SummaryWriter(str(workdir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, **scalars):
         self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
@@ -310,9 +366,81 @@ class MetricWriter:
         for key, value in scalars.items():
             self._tb.add_scalar(key, float(value), int(step))
 
+    def image(self, tag: str, step: int, png: Path):
+        """The PNG file `png` as TensorBoard image `tag` at `step`."""
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(str(png))  # float RGBA in [0, 1]
+        self._tb.add_image(tag, pixels[..., :3], int(step), dataformats="HWC")
+        self._tb.flush()
+
     def close(self):
         self._jsonl.close()
         self._tb.close()
+
+
+def truncate_logs(workdir: Path, step: int) -> int:
+    """Remove every record logged after `step` from a workdir's metrics.jsonl and TensorBoard event files
+    (each rewritten atomically; a line or record cut short by a kill is dropped too); the number of
+    metrics.jsonl records removed (TensorBoard holds the same steps, or fewer: it writes in batches)."""
+    from flaxdose.io import atomic_file, atomic_write_text
+
+    removed = 0
+    path = workdir / METRICS_JSONL
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+            if record_step <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            removed += len(lines) - len(kept)
+    for events in sorted((workdir / TENSORBOARD).glob("events.out.tfevents*")):
+        records = read_event_records(events)
+        kept = [r for r in records if event_step(r) <= step]
+        if len(kept) == len(records) and events.stat().st_size == sum(16 + len(r) for r in records):
+            continue
+        with atomic_file(events, "wb") as f:
+            for record in kept:
+                f.write(event_frame(record))
+    return removed
+
+
+def read_event_records(path: Path) -> list[bytes]:
+    """The serialized `Event` protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, its
+    CRC); a record cut short at the end (a killed writer) is left out."""
+    import struct
+
+    data, pos, records = path.read_bytes(), 0, []
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break
+        records.append(data[pos + 12:pos + 12 + length])
+        pos = end
+    return records
+
+
+def event_frame(record: bytes) -> bytes:
+    """`record` framed as a TFRecord, as tensorboardX writes it."""
+    import struct
+
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(record))
+    return header + struct.pack("<I", masked_crc32c(header)) + record + struct.pack("<I", masked_crc32c(record))
+
+
+def event_step(record: bytes) -> int:
+    from tensorboardX.proto.event_pb2 import Event
+
+    return int(Event.FromString(record).step)
 
 
 # ---------------------------------------------------------------- the loop
@@ -426,13 +554,17 @@ class RunFolder:
             log.info("resumed from step %d in %s", step, self.workdir)
         if self.primary and step < self.config.train.steps:
             (self.workdir / "config.json").write_text(config_lib.to_json(self.config))
-            self.writer = MetricWriter(self.workdir)
+            self.writer = MetricWriter(self.workdir, step)
         self.last = {"step": step}
         return TrainState(np.int32(step), params, opt_state), tx
 
     def log(self, step: int, **scalars) -> None:
         self.writer.write(step, **scalars)
         self.last.update(step=step, **{k: float(v) for k, v in scalars.items()})
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of update `step` of this run (`learning_rate`)."""
+        return learning_rate(self.config, step)
 
     def save(self, step: int, host: TrainState, data_state, val_loss: float | None = None) -> None:
         """Checkpoint the host state after `step`, with the pipeline position of the last batch it consumed."""
@@ -467,18 +599,23 @@ def train_steps(step_fn, state, batches, runs: Sequence[RunFolder], start: int, 
         if bar is not None:
             bar.update(len(runs))
         is_last = step == total
+        logged = [{} for _ in runs]  # one record per run and logged step
         if step % train_cfg.log_every == 0 or is_last:
             mean = np.mean([losses(x) for x in window], axis=0)
             rate = len(window) * batch_size / (time.perf_counter() - tick)
-            for run, loss in zip(runs, mean):
-                run.log(step, loss=loss, patches_per_s=rate)
+            for run, loss, scalars in zip(runs, mean, logged):
+                scalars.update(loss=loss, learning_rate=run.learning_rate(step), patches_per_s=rate)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean[0]:.4g}", patches_s=f"{rate:.1f}")
             window, tick = [], time.perf_counter()
         do_ckpt = step % train_cfg.checkpoint_every == 0 or is_last
         do_eval = validate is not None and (do_ckpt or step % train_cfg.eval_every == 0)
         if do_eval:
-            runs[0].log(step, val_loss=validate(state))
+            scores = validate(state)
+            logged[0].update(scores if isinstance(scores, dict) else {"val_loss": scores})
+        for run, scalars in zip(runs, logged):
+            if scalars:
+                run.log(step, **scalars)
         if do_ckpt:
             data_states = data_state if isinstance(data_state, list) else [data_state]
             val = runs[0].last.get("val_loss") if validate is not None else None
@@ -487,6 +624,24 @@ def train_steps(step_fn, state, batches, runs: Sequence[RunFolder], start: int, 
         if do_ckpt or do_eval:
             tick = time.perf_counter()  # evaluation and saving time is not training throughput
     return state
+
+
+def validation_scores(model: Model, cases, batch_size: int = 1) -> dict[str, float]:
+    """{"val_loss": `flaxdose.inference.validation_mse`, "val_dice": the mean over the cases of the mean isodose
+    Dice (10..100 % of the prescription, in the dose region)}, from one prediction of the cases (NaN for
+    none). Raises FlaxdoseError for cases without a dose (and see `Model.predict`)."""
+    from flaxdose.metrics import isodose_dice
+
+    if not cases:
+        return {"val_loss": float("nan"), "val_dice": float("nan")}
+    missing = [c.case_id for c in cases if c.dose is None]
+    if missing:
+        raise FlaxdoseError(f"validation cases {missing[:5]} have no reference dose")
+    predicted = model.predict(cases, batch_size=batch_size, check=False)  # mid-training models are far off
+    pairs = list(zip(predicted, cases))
+    mse = np.mean([np.mean(((p.dose - c.dose) / c.prescription_gy) ** 2, dtype=np.float64) for p, c in pairs])
+    dice = np.mean([isodose_dice(p.dose, c.dose, c.prescription_gy, body=c.dose_region())["mean"] for p, c in pairs])
+    return {"val_loss": float(mse), "val_dice": float(dice)}
 
 
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
@@ -522,12 +677,13 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         steps = f"steps {start + 1}..{total}" if start < total else f"nothing to train (already at step {start})"
         log.info("training %s parameters on %d devices, %d train / %d val cases, %s",
                  f"{count_params(host.params):,}", len(devices), n_train, len(val_cases), steps)
-        def validate(state) -> float:
+        def validate(state) -> dict[str, float]:
             # The evaluation's own inference (sliding windows, clipping, dose region), so `best` is
             # the checkpoint evaluation would rank best.
             model = Model.from_config(config, jax.tree.map(lambda x: x[0], state.params), name="validation")
-            val = validation_mse(model, val_cases, batch_size=config.train.batch_size)
-            return distributed.broadcast_float(val)  # every process must agree on saving a new `best`
+            scores = validation_scores(model, val_cases, batch_size=config.train.batch_size)
+            # every process must agree on saving a new `best`
+            return {key: distributed.broadcast_float(value) for key, value in scores.items()}
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not primary)
@@ -538,15 +694,16 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
                                 validate=validate if val_cases else None, bar=bar)
         finally:
             bar.close()
+        result = {**run.last, "best_val_loss": run.ckpt.best_val}
+        if val_cases and primary and (start < total or not (workdir / "preview.png").is_file()):  # also after an interrupted end
+            model = Model.from_config(config, unreplicate(state.params), name="prediction")
+            result["preview"] = str(write_preview(workdir, model, val_cases[0]))
+            run.writer.image("preview", total, Path(result["preview"]))
     finally:
         run.close()
         close = getattr(data_iter, "close", None)
         if close:
             close()
-    result = {**run.last, "best_val_loss": run.ckpt.best_val}
-    if val_cases and primary and (start < total or not (workdir / "preview.png").is_file()):  # also after an interrupted end
-        model = Model.from_config(config, unreplicate(state.params), name="prediction")
-        result["preview"] = str(write_preview(workdir, model, val_cases[0]))
     return result
 
 

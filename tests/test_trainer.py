@@ -152,14 +152,23 @@ def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
 
     config = make_config(**{"train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3})
     trainer.train_and_evaluate(config, tmp_path)
-    logged = [json.loads(l)["val_loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
     dataset = Dataset.open(next((tmp_path / "data").iterdir()))
     val_cases = [dataset.load(i) for i in dataset.split("train")[-2:]]  # data.val_cases=2: the last two
     model = Model.load(tmp_path, "latest")
     assert model.window == tuple(config.data.patch_shape)  # sliding windows, as evaluation predicts
     predicted = model.predict(val_cases)
     mse = np.mean([np.mean(((p.dose.astype(np.float64) - c.dose) / c.prescription_gy) ** 2) for p, c in zip(predicted, val_cases)])
-    assert logged == [pytest.approx(mse, rel=1e-5)]
+    assert [r["val_loss"] for r in records] == [pytest.approx(mse, rel=1e-5)]
+    # the validation Dice beside it: isodose volumes at 10..100 % of Rx inside the body, by hand
+    def dice_by_hand(pred, case):
+        body, rx, scores = case.dose_region(), case.prescription_gy, []
+        for level in np.arange(1, 11) / 10:
+            a, b = (pred >= level * rx) & body, (case.dose >= level * rx) & body
+            scores.append(1.0 if a.sum() + b.sum() == 0 else 2 * (a & b).sum() / (a.sum() + b.sum()))
+        return np.mean(scores)
+    by_hand = np.mean([dice_by_hand(p.dose, c) for p, c in zip(predicted, val_cases)])
+    assert [r["val_dice"] for r in records] == [pytest.approx(by_hand, abs=1e-6)]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -224,3 +233,68 @@ def test_target_distance_model_trains_and_predicts_with_its_seventh_channel(tmp_
     blind = inputs.copy()
     blind[..., 6] = 0  # the prediction does use the distance channel
     assert not np.allclose(model.predict_relative(blind), model.predict_relative(inputs), atol=1e-4)
+
+
+def tensorboard_values(folder):
+    """[(tag, step, kind)] of every summary value in a TensorBoard folder's event files, in file order, read here
+    from the TFRecord framing (8-byte length, 4-byte CRC, the Event proto, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = []
+    for path in sorted(folder.glob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime_ns):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            values += [(v.tag, event.step, v.WhichOneof("value")) for v in event.summary.value]
+    return values
+
+
+def test_interrupted_then_extended_run_logs_every_step_once(tmp_path, make_config, monkeypatch, caplog):
+    """A run stopped after logging step 6 but before its step-6 checkpoint resumes from step 3: metrics.jsonl and
+    TensorBoard read as one continuous run (steps 4 and 6 once, not twice). A finished run extends with a larger
+    train.steps, also on a warmup-stable-decay schedule, whose rate goes back up and decays again (the logged
+    learning rate, by hand); an unfinished one is refused with how to extend it."""
+    schedule = {"train.schedule": "warmup_stable_decay", "train.warmup_steps": 1, "train.decay_steps": 2,
+                "train.end_lr_fraction": 0.01}
+    config = make_config(**schedule)  # 6 steps, logs every 2, validates and saves every 3
+    real_save = trainer.RunFolder.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 6:
+            raise KeyboardInterrupt  # Ctrl-C between the step-6 logs and its checkpoint
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.RunFolder, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, tmp_path)
+    monkeypatch.undo()
+    read = lambda: [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in read()] == [2, 3, 4, 6]  # logged past the last checkpoint (3)
+    with pytest.raises(FlaxdoseError, match="let the run finish at step 6 first: a finished run extends"):
+        trainer.train_and_evaluate(make_config(**schedule, **{"train.steps": 9}), tmp_path)
+
+    trainer.train_and_evaluate(config, tmp_path)  # resumes from step 3
+    records = read()
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    assert {k for r in records for k in r} == {"step", "loss", "learning_rate", "patches_per_s", "val_loss", "val_dice"}
+    # warmup 1 step, stable, then a cosine to 1 % over the last 2: update t applies 3e-3 * factor(t - 1)
+    assert [r["learning_rate"] for r in records if "learning_rate" in r] == pytest.approx([3e-3, 3e-3, 3e-3 * 0.505])
+
+    with caplog.at_level("INFO", logger="flaxdose"):
+        trainer.train_and_evaluate(make_config(**schedule, **{"train.steps": 9}), tmp_path)
+    assert "continues from step 6 on the warmup_stable_decay schedule of a 9-step run" in caplog.text
+    records = read()
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9]
+    assert [r["learning_rate"] for r in records if r["step"] > 6] == pytest.approx([3e-3, 3e-3 * 0.505])
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 9
+    assert checkpoint.saved_steps(tmp_path / "checkpoints")[-1] == 9
+
+    values = tensorboard_values(tmp_path / "tensorboard")
+    for tag in ("loss", "learning_rate", "patches_per_s", "val_loss", "val_dice"):
+        steps = [step for t, step, _ in values if t == tag]
+        assert steps == [r["step"] for r in records if tag in r], tag  # each step once, in order
+    assert [(step, kind) for t, step, kind in values if t == "preview"] == [(6, "image"), (9, "image")]
