@@ -274,3 +274,39 @@ def test_a_calibration_on_fewer_than_10_plans_is_warned_about(anatomy, caplog):
             "tolerance_gy": 1.0, "num_flagged": 0, "num_plans": 0, "inside_band": {}, "plans": []}
     assert "**Warning: calibrated on 4 held-out plans" in planqa.markdown(info, {}, [])
     assert "Warning" not in planqa.markdown({**info, "calibration_cases": 12}, {}, [])
+
+
+def test_the_qa_figure_draws_the_prediction_keeps_its_legend_off_the_bands_and_shows_the_difference(tmp_path,
+                                                                                                  monkeypatch):
+    """plots.plan_bands: the ensemble's mean predicted DVH is drawn (dashed, values by hand), the DVH legend lies
+    outside the DVH axes (clear of the bands), and a panel shows plan - predicted dose on an axial slice."""
+    from flaxdose import plots
+
+    plan = phantom_case(0, 0, shape=SHAPE)
+    members = np.stack([plan.dose * f for f in (0.9, 1.0, 1.05)]).astype(np.float32)
+    mean = members.mean(axis=0)
+    rows = [{"structure": "PTV", "metric": "D95", "position": "inside", "lower_gy": 60.0, "upper_gy": 70.0,
+             "plan_gy": 66.0, "predicted_gy": 65.0, "flagged": False, "grid": "model grid"},
+            {"structure": "Rectum", "metric": "D2", "position": "above", "lower_gy": 30.0, "upper_gy": 40.0,
+             "plan_gy": 45.0, "predicted_gy": 35.0, "flagged": True, "grid": "model grid"}]
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), real_save(fig, path))[1])
+    assert plots.plan_bands(plan, members, rows, tmp_path / "qa.png").read_bytes()[:4] == b"\x89PNG"
+    fig = figures[0]
+    dvh_ax, _, diff_ax = fig.axes[:3]
+    renderer = fig.canvas.get_renderer()
+    legend = dvh_ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(dvh_ax.get_window_extent(renderer))  # below the axes, not over the bands
+    rectum = plan.mask("Rectum")
+    dashed = [line for line in dvh_ax.get_lines() if line.get_linestyle() == "--" and len(line.get_xdata()) > 2]
+    drawn = [s for s in plan.structures if s != "Body" and plan.mask(s).any()]
+    assert len(dashed) == len(drawn)
+    doses_gy, volumes = dashed[drawn.index("Rectum")].get_data()
+    by_hand = [100.0 * np.mean(mean[rectum] >= d) for d in doses_gy]  # % of the rectum receiving at least d
+    np.testing.assert_allclose(volumes, by_hand, atol=1e-6)
+    shown = diff_ax.get_images()[0]
+    k = int(round(np.argwhere(plan.mask("PTV"))[:, 2].mean()))  # the axial slice through the PTV centre
+    np.testing.assert_allclose(np.asarray(shown.get_array()), (plan.dose - mean)[:, :, k].T, atol=1e-5)
+    low, high = shown.get_clim()
+    assert low == -high and high == pytest.approx(np.abs(plan.dose - mean)[:, :, k].max(), rel=1e-6)
