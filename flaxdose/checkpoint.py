@@ -128,7 +128,39 @@ def read_or_refuse(read: Callable, step_dir: Path):
     except FlaxdoseError:
         raise
     except Exception as e:  # TensorStore and orbax raise ValueError, OSError, JSONDecodeError or plain Exception
-        raise damaged(step_dir, _missing_files(Path(step_dir)) or _failure_detail(e)) from None
+        _quiet_abandoned_reads()
+        detail = _missing_files(Path(step_dir)) or _unreadable_json(Path(step_dir)) or _failure_detail(e)
+        raise damaged(step_dir, detail) from None
+
+
+def _quiet_abandoned_reads() -> None:
+    """Silence the echoes of a failed orbax read, once it is reported as one error: orbax closes its event loop
+    at the first failed array, and each read still in flight then fails to call back into it (a traceback
+    per array, "RuntimeError: Event loop is closed", through `sys.unraisablehook`), the abandoned read
+    coroutines of the other damaged arrays raise when they are collected (through the same hook), and
+    asyncio logs "Future exception was never retrieved". Only those are dropped; everything else passes
+    as before."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_flaxdose_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)  # an abandoned read coroutine of orbax, closed
+        if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed") \
+                or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename):
+            return
+        previous(unraisable)
+
+    hook._flaxdose_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_DropAbandonedFutures())
+
+
+class _DropAbandonedFutures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Future exception was never retrieved")
 
 
 # The files orbax writes into every item folder of a step (`_manager`'s handlers), which it needs to read it.
@@ -137,10 +169,28 @@ _ITEM_FILES = {"params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADA
 
 
 def _missing_files(step_dir: Path) -> str:
-    """"missing file(s) params/_METADATA, ..." of a step folder's item folders (those present), or ""."""
-    missing = [f"{item}/{name}" for item, names in _ITEM_FILES.items() if (step_dir / item).is_dir()
-               for name in names if not (step_dir / item / name).exists()]
-    return f"missing file{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing else ""
+    """"missing folder meta; missing file(s) params/_METADATA, ..." of a step folder (a `best/` step holds no
+    opt_state), or ""."""
+    items = [i for i in _ITEM_FILES if not (i == "opt_state" and step_dir.parent.name == BEST)]
+    folders = [i for i in items if not (step_dir / i).is_dir()]
+    files = [f"{i}/{name}" for i in items if i not in folders for name in _ITEM_FILES[i] if not (step_dir / i / name).exists()]
+    parts = ([f"missing folder{'s' if len(folders) > 1 else ''} {', '.join(folders)}"] if folders else []) + \
+            ([f"missing file{'s' if len(files) > 1 else ''} {', '.join(files)}"] if files else [])
+    return "; ".join(parts)
+
+
+def _unreadable_json(step_dir: Path) -> str:
+    """"unreadable file params/_METADATA (...)" for the first of a step folder's JSON files that does not parse, or ""."""
+    import json
+
+    for name in ("params/_METADATA", "opt_state/_METADATA", "meta/metadata"):
+        path = step_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                return f"unreadable file {name}: not valid JSON, cut short or overwritten"
+    return ""
 
 
 def _failure_detail(error: BaseException) -> str:
@@ -240,7 +290,8 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
 
     For a workdir, `which="best"` prefers ``best/`` and falls back to ``checkpoints/``; any other
     value takes ``checkpoints/`` (the latest step). Raises FlaxdoseError when `path` does not
-    exist or holds no finished checkpoint.
+    exist or holds no finished checkpoint, and (`damaged`) when the newest step folder lacks its
+    parameters (it is never passed over for an older checkpoint unseen).
     """
     path = Path(path)
     if not path.exists():
@@ -250,6 +301,10 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
     candidates = [path / BEST, path / CHECKPOINTS] if which == "best" else [path / CHECKPOINTS]
     for directory in [*candidates, path]:
         steps = saved_steps(directory)
+        broken = [p for p in directory.glob("[0-9]*") if p.name.isdigit() and p.is_dir() and int(p.name) not in steps]
+        newest = max(broken, key=lambda p: int(p.name), default=None)
+        if newest is not None and (not steps or int(newest.name) > max(steps)):  # never passed over unseen
+            raise damaged(newest, _missing_files(newest) or "missing folder params")
         if steps:
             return directory, max(steps)
     raise FlaxdoseError(
