@@ -358,7 +358,8 @@ class MetricWriter:
             log.info("removed %d records after step %d from %s and TensorBoard (logged by an interrupted run; "
                      "those steps are trained again)", removed, start_step, METRICS_JSONL)
         self._jsonl = open(workdir / METRICS_JSONL, "a")
-        self._tb = SummaryWriter(str(workdir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
+        earlier = any((workdir / TENSORBOARD).glob("events.out.tfevents*"))  # a TensorBoard open on them purges too
+        self._tb = SummaryWriter(str(workdir / TENSORBOARD), purge_step=start_step + 1 if earlier else None)
 
     def write(self, step: int, **scalars):
         self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
