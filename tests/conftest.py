@@ -1,10 +1,20 @@
 """Test setup: 4 simulated CPU devices (set before jax is imported) and tiny configs."""
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test session, its xdist workers and the CLIs the tests
+# start in subprocesses: they compile the same tiny programs again and again. Fresh per session (no
+# stale entries), removed at exit by the process that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flaxdose-test-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
