@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint, restore_params
+from flaxdose.convolution import resolve_form
 from flaxdose.data.case import Case, Dataset, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
@@ -87,7 +88,9 @@ def trained_cases(path: str | Path) -> tuple[Dataset, list[str]]:
 
 @functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
 def make_predict_fn(spec: UNetSpec) -> Callable:
-    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> (N, X, Y, Z) dose / prescription."""
+    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> (N, X, Y, Z) dose / prescription;
+    ``model.conv="auto"`` takes the fastest forward-only convolution form (`resolve_form`)."""
+    spec = dataclasses.replace(spec, conv=resolve_form(spec.conv, inference=True))
     return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
 
 

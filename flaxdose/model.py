@@ -46,7 +46,7 @@ class UNetSpec:
     in_channels: int = 6
     norm_order: str = "relu_norm"  # paper: "group normalization after each set of conv and ReLU"
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    conv: str = "auto"  # 3x3x3 convolution form (flaxdose.convolution): "auto", "3d" or "2d"; same parameters
+    conv: str = "auto"  # 3x3x3 convolution form (flaxdose.convolution.CONV_FORMS); same parameters in every form
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
@@ -170,7 +170,8 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv_fn = conv_general_dilated_2d if resolve_form(self.conv) == "2d" else None  # None: lax's 3D
+        form = resolve_form(self.conv)
+        conv_fn = None if form == "3d" else functools.partial(conv_general_dilated_2d, taps=form == "2d_taps")
         for i in range(self.n):
             x = nn.Conv(self.features, (3, 3, 3), dtype=self.dtype, conv_general_dilated=conv_fn, name=f"conv{i}")(x)
             norm = GroupNorm(num_groups=self.groups, dtype=self.dtype, name=f"norm{i}")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxdose.convolution import conv3x3x3_2d, conv_general_dilated_2d, resolve_form
+from flaxdose.convolution import conv3x3x3_2d, conv3x3x3_2d_taps, conv_general_dilated_2d, resolve_form
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, GroupNorm, UNet3D, UNetSpec, Upsample, count_params, init_params, preset
 
@@ -101,8 +101,9 @@ def _conv3d(x, k):
 
 
 def _assert_forms_agree(*shapes):
-    """For each (input shape, kernel shape): the 2D form's output and both gradients (of a non-linear loss)
-    equal the 3D convolution's to float32 rounding. One jitted program per form for all shapes (fast)."""
+    """For each (input shape, kernel shape): the "2d" and "2d_taps" forms' outputs and both gradients (of a
+    non-linear loss) equal the 3D convolution's to float32 rounding. One jitted program per form for all
+    shapes (fast)."""
     xs = [jax.random.normal(jax.random.key(0), x) for x, _ in shapes]
     ks = [jax.random.normal(jax.random.key(1), k) / np.sqrt(np.prod(k[:4])) for _, k in shapes]  # outputs O(1)
 
@@ -110,9 +111,11 @@ def _assert_forms_agree(*shapes):
         loss = lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # noqa: E731
         return jax.jit(lambda xs, ks: [(conv(x, k), *jax.grad(loss, (0, 1))(x, k)) for x, k in zip(xs, ks)])(xs, ks)
 
-    for ours, theirs in zip(outputs_and_grads(conv3x3x3_2d), outputs_and_grads(_conv3d)):
-        for a, b in zip(ours, theirs):
-            assert _rel_err(a, b) < 1e-5
+    reference = outputs_and_grads(_conv3d)
+    for form in (conv3x3x3_2d, conv3x3x3_2d_taps):
+        for ours, theirs in zip(outputs_and_grads(form), reference):
+            for a, b in zip(ours, theirs):
+                assert _rel_err(a, b) < 1e-5, form.__name__
 
 
 def test_2d_form_leaves_other_convolutions_to_lax():
@@ -125,7 +128,8 @@ def test_2d_form_leaves_other_convolutions_to_lax():
 
 def test_auto_form_per_backend_and_bad_form():
     assert resolve_form("auto", "cpu") == "2d" and resolve_form("auto", "gpu") == "3d"
-    assert resolve_form("3d", "cpu") == "3d"
+    assert resolve_form("auto", "cpu", inference=True) == "2d_taps" and resolve_form("auto", "gpu", inference=True) == "3d"
+    assert resolve_form("3d", "cpu") == "3d" and resolve_form("2d", "cpu", inference=True) == "2d"
     with pytest.raises(FlaxdoseError, match="model.conv"):
         preset("tiny", conv="winograd")
 
@@ -152,14 +156,16 @@ def test_every_layer_of_every_preset_equal_in_both_forms(name, shape):
     output and both gradients equal the 3D convolution's to float32 rounding; then the whole UNet's output.
     (Whole-network gradients are not compared here: max-pool near-ties may be broken by float32 rounding
     differently in the two forms, routing a gradient to another, equally valid voxel.)"""
-    spec3, spec2 = preset(name, conv="3d"), preset(name, conv="2d")
+    spec3 = preset(name, conv="3d")
     x = jax.random.bernoulli(jax.random.key(1), 0.3, (1, *shape, spec3.in_channels)).astype(jnp.float32)
-    layers = _conv_layer_shapes(spec2, x)
+    layers = _conv_layer_shapes(spec3, x)
     assert len(layers) >= 2 * (len(spec3.features) - 1) + 1  # every level, both paths, the bottleneck
     _assert_forms_agree(*layers)
     params = init_params(spec3, jax.random.key(0))
-    y3, y2 = (jax.jit(UNet3D(s).apply)({"params": params}, x) for s in (spec3, spec2))
-    assert _rel_err(y2, y3) < 1e-4  # up to 17 layers deep: float32 rounding adds up (one layer: 1e-5)
+    y3 = jax.jit(UNet3D(spec3).apply)({"params": params}, x)
+    for form in ("2d", "2d_taps"):
+        y = jax.jit(UNet3D(preset(name, conv=form)).apply)({"params": params}, x)
+        assert _rel_err(y, y3) < 1e-4, form  # up to 17 layers deep: float32 rounding adds up (one layer: 1e-5)
 
 
 @pytest.mark.parametrize("shape, groups", [((2, 5, 6, 7, 8), 4), ((1, 2, 1, 1, 12), 3), ((1, 9, 4, 3, 16), 8)])

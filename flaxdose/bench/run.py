@@ -285,7 +285,10 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
                     emit(row)
                 del state, dev_batches, compiled
         if "infer" in opts.tasks:
-            predict = jax.jit(with_groupnorm(inference.make_predict_fn(spec), opts.groupnorm))
+            infer_form = resolve_form(conv, inference=True)  # "auto" predicts with the fastest forward-only form
+            infer_spec = dataclasses.replace(spec, conv=infer_form)
+            infer_tag = "" if len(opts.convs) == 1 else f"_{infer_form}"
+            predict = jax.jit(with_groupnorm(inference.make_predict_fn(infer_spec), opts.groupnorm))
             x = jax.device_put(_random_batch(rng, 1, opts.volume, spec.in_channels)["inputs"], devices[0])
             p = jax.device_put(params, devices[0])
             t = time.perf_counter()
@@ -294,10 +297,10 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
             run = lambda s, b: (s, compiled(p, b))  # noqa: E731
             _, times, pipelined = _timed_loop(run, None, [x], opts.warmup, opts.steps, block)
             emit(make_row(
-                "flax", f"jit_{_short(dtype)}{tag}", "infer", dtype, 1, opts.volume, summarize(times),
+                "flax", f"jit_{_short(dtype)}{infer_tag}", "infer", dtype, 1, opts.volume, summarize(times),
                 compile_s=compile_s, warmup_s=None, peak_mem_bytes=_jax_peak_bytes(),
                 compiled_mem_bytes=_compiled_bytes(compiled), params=n_params,
-                pipelined_ms_per_step=pipelined * 1e3, levers=levers,
+                pipelined_ms_per_step=pipelined * 1e3, levers={**levers, "conv": infer_form},
             ))
 
 
