@@ -6,12 +6,16 @@
 - ``<workdir>/best/<step>/``: params + meta of the lowest validation loss so far, for
   prediction and transfer learning.
 
+Every meta holds ``params_sha256`` (`params_digest`); a restore recomputes it, so a changed byte in
+the stored weights is refused, never predicted with (orbax checks no content on its own).
+
 States are stored unreplicated, so a checkpoint written with N devices restores on any
 device count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -75,7 +79,7 @@ class WorkdirCheckpoints:
         `meta` must be JSON-serializable; `step` and `val_loss` are added to it. Saves may finish
         asynchronously: call `wait` before reading them back.
         """
-        meta = {**meta, "step": int(step), "val_loss": val_loss}
+        meta = {**meta, "step": int(step), "val_loss": val_loss, "params_sha256": params_digest(params)}
         self.latest.save(
             step,
             args=ocp.args.Composite(
@@ -105,7 +109,9 @@ class WorkdirCheckpoints:
             opt_state=ocp.args.StandardRestore(opt_state),
             meta=ocp.args.JsonRestore(),
         )
-        restored = read_or_refuse(lambda: self.latest.restore(step, args=args), Path(self.latest.directory) / str(step))
+        step_dir = Path(self.latest.directory) / str(step)
+        restored = read_or_refuse(lambda: self.latest.restore(step, args=args), step_dir)
+        check_params_content(restored.params, restored.meta, step_dir)
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self):
@@ -215,6 +221,29 @@ def _failure_detail(error: BaseException) -> str:
     if files:
         return f"{what} files in {files[-1]}" if files[-1].endswith("/") else f"{what} file {files[-1]}"
     return f"{type(error).__name__}: {first[:160]}"
+
+
+def params_digest(params) -> str:
+    """SHA-256 (hex) over every parameter's tree path, dtype, shape and float bytes, in tree order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def check_params_content(params, meta: dict | None, step_dir: Path) -> None:
+    """Refuses restored `params` holding non-finite values or differing from the ``params_sha256``
+    their checkpoint recorded at save (checkpoints written before the digest skip that check):
+    the `damaged` FlaxdoseError, so a corrupted weight never becomes a silently wrong dose."""
+    bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not np.isfinite(np.asarray(v)).all()]
+    if bad:
+        raise damaged(step_dir, f"non-finite weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    recorded = (meta or {}).get("params_sha256")
+    if recorded and recorded != params_digest(params):
+        raise damaged(step_dir, "its weights differ from the SHA-256 recorded when it was saved: a changed byte")
 
 
 def damaged(step_dir: Path, detail: str) -> FlaxdoseError:
@@ -349,4 +378,6 @@ def restore_params(path: str | os.PathLike, params_template=None, which: str = "
         restored = read_or_refuse(lambda: manager.restore(step, args=args), directory / str(step))
     finally:
         manager.close()
-    return jax.tree.map(np.asarray, restored.params), dict(restored.meta or {})
+    params = jax.tree.map(np.asarray, restored.params)
+    check_params_content(params, restored.meta, directory / str(step))
+    return params, dict(restored.meta or {})

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -270,3 +271,33 @@ def test_what_a_damaged_step_folder_lacks_is_named(trained, tmp_path, damage, de
     damage(step_dir)
     with pytest.raises(FlaxdoseError, match=f"checkpoint {step_dir} is damaged \\({detail}\\); delete that step"):
         Model.load(workdir)
+
+
+def test_a_flipped_byte_in_the_weights_is_refused_never_predicted_with(trained, tmp_path):
+    """A single changed byte anywhere in the stored weights (bit rot, a bad copy): every load either refuses
+    the checkpoint as damaged or returns exactly the weights that were saved, never other values silently
+    (orbax checks no content; the meta's params_sha256 does). The intact load is the reference."""
+    import shutil
+
+    from flaxdose.checkpoint import restore_params
+
+    reference, _ = restore_params(trained[0])
+    workdir, step_dir = damaged_copy(trained, tmp_path)
+    data = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    original = data.read_bytes()
+    refused = 0
+    for offset in np.linspace(0, len(original) - 1, 9).astype(int):
+        flipped = bytearray(original)
+        flipped[offset] ^= 0x08
+        data.write_bytes(bytes(flipped))
+        try:
+            params, _ = restore_params(workdir)
+        except FlaxdoseError as error:
+            assert f"checkpoint {step_dir} is damaged" in str(error)
+            refused += 1
+            continue
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(a, b)
+    data.write_bytes(original)
+    assert refused >= 5  # most bytes of the file are weights; the rest (headers, padding) may go unread
+    shutil.rmtree(workdir)
