@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose.checkpoint import find_checkpoint, restore_params
+from flaxdose.checkpoint import CHECKPOINTS, find_checkpoint, restore_params, saved_steps
 from flaxdose.convolution import resolve_form
 from flaxdose.data.case import Case, Dataset, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
@@ -371,6 +371,10 @@ class Model:
                             "(%s): the spacing of the cases it predicts cannot be checked, and on another spacing "
                             "its dose is wrong in scale. Predict only data on the training spacing, or retrain it "
                             "with this flaxdose (runs now store the spacing)", name, config_file.parent, e)
+        trained, planned = max(saved_steps(config_file.parent / CHECKPOINTS), default=None), int(config.train.steps)
+        if trained is not None and trained < planned:
+            log.warning("model %s: its training stopped at step %d of %d (an unfinished run); rerun the training "
+                        "command to finish it", name, trained, planned)
         return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
                                train_spacing_mm=spacing)
 
@@ -409,6 +413,10 @@ class Model:
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
             relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
+            if not np.isfinite(relative).all():  # the inputs are masks: the model is at fault, not the case
+                raise FlaxdoseError(f"model {self.name!r} predicted NaN or infinite dose for case {case.case_id!r}: "
+                                    "its weights are broken (a diverged training run?); predict with another "
+                                    "checkpoint (--which latest) or retrain")
             dose = np.clip(relative, 0.0, None) * case.prescription_gy
             region = case.dose_region()
             if region is not None:  # no dose in the air around the patient

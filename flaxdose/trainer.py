@@ -449,6 +449,9 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
     """Settings that cannot work together, refused before anything is read or written."""
     if int(config.train.steps) < 1:
         raise FlaxdoseError(f"train.steps={config.train.steps}; train at least one step")
+    if int(config.train.batch_size) < 1:
+        raise FlaxdoseError(f"train.batch_size={config.train.batch_size}; a batch holds at least one patch "
+                            "(e.g. --config.train.batch_size=2)")
     if config.data.get("path") and config.data.kind != "folder":
         raise FlaxdoseError(f"data.path={config.data.path!r} is read only with data.kind=folder (it is "
                             f"{config.data.kind!r}); add --config.data.kind=folder")

@@ -301,3 +301,30 @@ def test_a_flipped_byte_in_the_weights_is_refused_never_predicted_with(trained, 
     data.write_bytes(original)
     assert refused >= 5  # most bytes of the file are weights; the rest (headers, padding) may go unread
     shutil.rmtree(workdir)
+
+
+def test_an_unfinished_run_is_named_and_a_model_predicting_nan_is_blamed_not_the_case(trained, tmp_path, caplog):
+    """A new-user pass: a run stopped at step 250 of 1000 predicted without a word, and weights giving NaN
+    were reported as "case ...: dose holds NaN or infinite values; fix or drop this case"."""
+    import logging
+    import shutil
+
+    from flaxdose.inference import Model
+
+    case = phantom_case(7, 0, shape=(16, 16, 8))
+    with caplog.at_level(logging.WARNING):
+        model = Model.load(trained[0])  # finished: its 2 planned steps ran
+    assert "unfinished" not in caplog.text
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("data"))
+    config = json.loads((workdir / "config.json").read_text())
+    config["train"]["steps"] = 5  # as if stopped at step 2 of 5
+    (workdir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        Model.load(workdir)
+    assert "training stopped at step 2 of 5 (an unfinished run)" in caplog.text
+
+    broken = Model(model.spec, jax.tree.map(lambda p: np.full_like(p, np.nan), model.params), model.structures,
+                   with_distance=model.with_distance, window=model.window)
+    with pytest.raises(FlaxdoseError, match="predicted NaN or infinite dose for case .*its weights are broken"):
+        broken.predict([case])

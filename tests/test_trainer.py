@@ -174,6 +174,7 @@ def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.steps": -5}, "train at least one step"),
+    ({"train.batch_size": 0}, "at least one patch"),  # was a traceback from grain, exit 1
     ({"data.path": "/somewhere"}, "data.kind=folder"),
     ({"transfer.mode": "paper", "transfer.source": "/no/such/run"}, "does not exist"),
     ({"transfer.mode": "encoder", "transfer.source": "/no/such/run"}, "unknown transfer mode"),
