@@ -41,6 +41,10 @@ def test_damaged_case_file_is_a_clear_error(tmp_path):
         Case.load(path)
     with pytest.raises(FlaxdoseError, match="does not exist"):
         Case.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "junk.npz", format=np.array([{"a": 1}], dtype=object))  # a pickle, not a case
+    with pytest.raises(FlaxdoseError, match=r"holds pickled objects\); it is damaged") as error:
+        Case.load(tmp_path / "junk.npz")
+    assert "you trust the file" not in str(error.value)
 
 
 def test_dataset_write_open_and_refusals(tmp_path):

@@ -214,7 +214,10 @@ class Case:
         except FileNotFoundError:
             raise FlaxdoseError(f"case file {path} does not exist") from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
+            # numpy's own text for a pickle (an object array) invites unsafe loading; flaxdose never writes one
+            detail = "it holds pickled objects" if "allow_pickle" in str(e) else str(e)
+            raise FlaxdoseError(f"cannot read case file {path} ({detail}); it is damaged or not a flaxdose case "
+                                "(flaxdose writes no pickles: never load it with allow_pickle)") from None
 
 
 def _what_to_do(root: Path) -> str:
