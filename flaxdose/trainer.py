@@ -319,7 +319,9 @@ def extension_note(old_config, config, done: int, workdir: Path) -> str:
     old_steps, new_steps = int(old_config.train.steps), int(config.train.steps)
     ended, resumes = learning_rate(old_config, done), learning_rate(config, done + 1)
     decay = config.train.get("decay_steps") if config.train.get("schedule") == "warmup_stable_decay" else None
-    tail = f", then decays again over its last {decay} steps" if decay else ", following it to the end"
+    left = new_steps - done
+    tail = (", following it to the end" if not decay else f", then decays again over its last {decay} steps"
+            if decay < left else f", decaying over the {left} steps left")  # the new end may fall inside the decay
     return (f"train.steps {old_steps} -> {new_steps}: the finished run in {workdir} continues from step {done} on the "
             f"{config.train.schedule} schedule of a {new_steps}-step run: the learning rate goes from {ended:.3g} (where "
             f"it ended) to {resumes:.3g} at step {done + 1}{tail}")

@@ -157,7 +157,7 @@ def test_the_same_command_resumes_and_other_settings_are_refused(trained, caplog
     # on the 8-step run's schedule from step 4 on (trained so in tests/test_trainer.py; here only checked)
     notes = trainer.check_workdir(workdir, optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 8})))
     assert len(notes) == 1 and "continues from step 4 on the warmup_stable_decay schedule of a 8-step run" in notes[0]
-    assert "decays again over its last 5 steps" in notes[0]
+    assert "decaying over the 4 steps left" in notes[0]  # its 5-step decay began at step 3, before step 4
     assert (workdir / "config.json").read_text() == before
     # a scheduled run that has not finished is refused: its rate would change mid-run
     unfinished = fake_run(tmp_path / "unfinished", tiny_config(**{**WSD, "train.steps": 20}))
