@@ -792,7 +792,8 @@ KEY_METRICS = ("PTV D95", "PTV D2", "Rectum Dmean", "Bladder Dmean")  # shown on
 class PlanResult:
     """What `predict_dicom_folder` did with one plan: `rtdose` / `metrics_csv` / `figure` paths (None
     when not written), `metrics` {"<structure> <metric>": value} on `grid`, `error` ("" when done),
-    `saved` (the prediction as a Case .npz when the RTDOSE could not be written)."""
+    `saved` (the prediction as a Case .npz when the RTDOSE could not be written), `warning` (why the
+    prediction is implausible, `implausible`; "" when it is not)."""
 
     name: str
     folder: str
@@ -804,6 +805,7 @@ class PlanResult:
     prescription_gy: float = float("nan")
     error: str = ""
     saved: Path | None = None
+    warning: str = ""
 
 
 def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, prescription_gy: float | None = None,
@@ -876,6 +878,7 @@ def _predict_one_plan(model, entry: DicomPlan, folder: Path, result: PlanResult,
         return
     folder.mkdir(parents=True, exist_ok=True)
     result.prescription_gy = predicted.prescription_gy
+    result.warning = predicted.meta.get("prediction_warning", "")
     try:
         result.rtdose = export_plan_rtdose(predicted, entry.files, folder / RTDOSE_NAME, bits=bits)
         on_grid = rtdose_case(entry.files, result.rtdose, predicted.structures, predicted.prescription_gy, aliases)
@@ -930,7 +933,7 @@ def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str
     on_grid = rtdose_case(entry.files, path, predicted.structures, predicted.prescription_gy, aliases)
     rows = case_metric_rows(on_grid, tuple(PROSTATE_METRIC_SPECS if specs is None else specs), "")
     return PlanResult("plan", entry.folder, rtdose=path, grid=grid_name(on_grid),
-                      prescription_gy=predicted.prescription_gy,
+                      prescription_gy=predicted.prescription_gy, warning=predicted.meta.get("prediction_warning", ""),
                       metrics={f"{r['structure']} {r['metric']}": r["value"] for r in rows})
 
 
@@ -942,12 +945,14 @@ def plan_line(result: PlanResult) -> str:
         return f"{result.name} ({result.folder}): FAILED: {result.error}"
     shown = ", ".join(f"{k} {result.metrics[k]:.2f} Gy" for k in KEY_METRICS
                       if k in result.metrics and math.isfinite(result.metrics[k]))
-    tail = f"; NOT EXPORTED: {result.error}" if result.error else ""
+    tail = (f"; NOT EXPORTED: {result.error}" if result.error else "") + (
+        f"; IMPLAUSIBLE: {result.warning}" if result.warning else "")
     return f"{result.name} ({result.folder}): Rx {result.prescription_gy:g} Gy, {shown} [{result.grid}]{tail}"
 
 
 def write_summary(results: Sequence[PlanResult], path: str | Path) -> Path:
-    """One CSV row per plan: name, status ("ok", "not exported", "failed"), error, Rx, grid, files and
+    """One CSV row per plan: name, status ("ok", "not exported", "failed"), error, warning (an implausible
+    prediction's reason), Rx, grid, files and
     every metric of the plans (one column each, in first-seen order). No folder names (they may name
     the patient)."""
     import csv
@@ -957,14 +962,14 @@ def write_summary(results: Sequence[PlanResult], path: str | Path) -> Path:
     from flaxdose.io import atomic_write_text
 
     keys = list(dict.fromkeys(k for r in results for k in r.metrics))
-    columns = ["plan", "status", "prescription_gy", "grid", "rtdose", "error", *keys]
+    columns = ["plan", "status", "prescription_gy", "grid", "rtdose", "error", "warning", *keys]
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in results:
         status = "ok" if not r.error else "not exported" if r.metrics else "failed"
         error = r.error.replace(r.folder, f"<{r.name} folder>") if r.folder not in ("", "?") else r.error
-        row = {"plan": r.name, "status": status, "grid": r.grid, "error": error.replace("\n", " "),
+        row = {"plan": r.name, "status": status, "grid": r.grid, "error": error.replace("\n", " "), "warning": r.warning,
                "prescription_gy": "" if math.isnan(r.prescription_gy) else f"{r.prescription_gy:g}",
                "rtdose": f"{r.name}/{Path(r.rtdose).name}" if r.rtdose else ""}
         row.update({k: "" if not math.isfinite(v) else f"{v:.4f}" for k, v in r.metrics.items()})

@@ -92,6 +92,14 @@ def test_folder_in_folder_out(workdir, exports, tmp_path):
     summary = read_csv(out / "summary.csv")
     assert [r["plan"] for r in summary] == ["plan_01", "plan_02", "plan_03"]
     assert [r["status"] for r in summary] == ["ok", "ok", "failed"]
+    # an implausible prediction (this tiny model's peaks are ~1.6 x Rx) is said in the summary and on the console,
+    # not only logged: each warning the log gives is in its plan's row, and the console line says IMPLAUSIBLE
+    logged = [line.split("x the prescription")[0].split("predicted maximum")[1] for line in proc.stderr.splitlines()
+              if "predicted maximum" in line]
+    warned = [row for row in summary[:2] if row["warning"]]
+    assert len(warned) == len(logged) >= 1
+    for row, text in zip(warned, logged):
+        assert text in row["warning"] and "IMPLAUSIBLE" in console.split(f"{row['plan']} (")[1].splitlines()[0]
     for name, patient in (("plan_01", "p1_hfs"), ("plan_02", "p2_ffs")):
         rd = out / name / "RD_flaxdose.dcm"
         ds = pydicom.dcmread(rd)
