@@ -265,7 +265,8 @@ class Dataset:
         root = Path(root)
         manifest_path = root / MANIFEST
         if not root.is_dir():
-            raise FlaxdoseError(f"dataset folder {root} does not exist; create one or check the path")
+            raise FlaxdoseError(f"dataset folder {root} does not exist; check the path (datasets are written by "
+                                "python -m flaxdose.synth, flaxdose.import_dicom or flaxdose.convert_openkbp)")
         if not manifest_path.is_file():
             raise FlaxdoseError(f"{root} has no {MANIFEST}, so it is not a flaxdose dataset; {_what_to_do(root)}")
         try:
