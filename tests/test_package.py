@@ -138,6 +138,8 @@ def test_a_tampered_incomplete_or_newer_package_is_refused(pkg, tmp_path):
         "edited": (wider_spacing, r"flaxdose_model.json was changed after export.* do not use it"),
         "incomplete": (lambda c: (c / package.PARAMS).unlink(), r"incomplete: params.npz missing; copy the whole"),
         "newer": (newer, r"format version 2, .* reads versions up to 1: upgrade flaxdose"),
+        "no_metadata": (lambda c: (c / package.METADATA).unlink(),
+                        r"holds params.npz but no flaxdose_model.json: a model package copied incompletely"),
     }
     for name, (change, message) in cases.items():
         with pytest.raises(FlaxdoseError, match=message):
