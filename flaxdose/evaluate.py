@@ -79,7 +79,10 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     if split not in dataset.splits:
         raise FlaxdoseError(f"dataset {dataset.root} has no split {split!r}; it has {sorted(dataset.splits)}: choose "
                             f"one with --split, or --split {ALL_SPLITS} for every case")
-    evaluation.load_references(dataset, split)  # an empty split, or predictions, fail before any model is loaded
+    if keep_going:  # an empty split fails before any model is loaded; an unreadable case file fails that case only
+        evaluation.split_ids(dataset, split)
+    else:  # an empty split, an unreadable case or predictions fail before any model is loaded
+        evaluation.load_references(dataset, split)
     check_workdirs(workdirs)
     loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
     if names and len(names) != len(loaded):

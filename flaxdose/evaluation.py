@@ -107,11 +107,18 @@ def evaluate_predictions(predictions: Mapping[str, Sequence[Case]], references: 
 
 
 # ---------------------------------------------------------------- models and datasets
-def load_references(dataset: Dataset, split: str) -> list[Case]:
+def split_ids(dataset: Dataset, split: str) -> list[str]:
+    """The case ids of a split; FlaxdoseError for an empty one."""
     ids = dataset.split(split)
     if not ids:
         raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; choose a split with cases (e.g. 'test')")
-    cases = [dataset.load(i) for i in ids]
+    return ids
+
+
+def load_references(dataset: Dataset, split: str, ids: Sequence[str] | None = None) -> list[Case]:
+    """The planned cases `ids` (default: the whole split) of `dataset`; FlaxdoseError for a case file that cannot be
+    read, a case without a reference dose, or a dataset of predictions."""
+    cases = [dataset.load(i) for i in (split_ids(dataset, split) if ids is None else ids)]
     missing = [c.case_id for c in cases if c.dose is None]
     if missing:
         raise FlaxdoseError(f"cases {missing[:5]} of {dataset.root} have no reference dose; evaluate only planned cases")
@@ -186,21 +193,21 @@ def evaluate_models(models: Mapping[str, object], dataset: Dataset, split: str, 
     stops the evaluation. Raises FlaxdoseError for an empty split, cases without a reference
     dose, or (`keep_going`) when no case could be evaluated.
     """
-    references = load_references(dataset, split)
     if not keep_going:
+        references = load_references(dataset, split)
         predictions = {name: m.predict(references, batch_size=batch_size, progress=True) for name, m in models.items()}
         return Evaluation(evaluate_predictions(predictions, references), references, predictions)
-    by_id = {ref.case_id: ref for ref in references}  # ids are unique in a dataset (write_dataset refuses repeats)
 
-    def predict_and_score(case_id: str) -> tuple[dict[str, Case], list[dict]]:
-        done = {name: m.predict([by_id[case_id]], batch_size=batch_size)[0] for name, m in models.items()}
-        return done, [evaluate_case(p, by_id[case_id], name) for name, p in done.items()]
+    def predict_and_score(case_id: str) -> tuple[Case, dict[str, Case], list[dict]]:
+        reference = load_references(dataset, split, [case_id])[0]  # a missing or damaged file fails this case only
+        done = {name: m.predict([reference], batch_size=batch_size)[0] for name, m in models.items()}
+        return reference, done, [evaluate_case(p, reference, name) for name, p in done.items()]
 
-    results, failed = each_case(list(by_id), predict_and_score, action="evaluated",
+    results, failed = each_case(split_ids(dataset, split), predict_and_score, action="evaluated",
                                 what=f"split {split!r} of {dataset.root}")
-    kept = [by_id[i] for i in results]
-    predictions = {name: [done[name] for done, _ in results.values()] for name in models}
-    rows = [row for _, case_rows in results.values() for row in case_rows]
+    kept = [reference for reference, _, _ in results.values()]
+    predictions = {name: [done[name] for _, done, _ in results.values()] for name in models}
+    rows = [row for _, _, case_rows in results.values() for row in case_rows]
     rows.sort(key=lambda r: list(models).index(r["model"]))  # model by model, as evaluate_predictions orders them
     return Evaluation(rows, kept, predictions, failed)
 

@@ -328,3 +328,17 @@ def test_an_unfinished_run_is_named_and_a_model_predicting_nan_is_blamed_not_the
                    with_distance=model.with_distance, window=model.window)
     with pytest.raises(FlaxdoseError, match="predicted NaN or infinite dose for case .*its weights are broken"):
         broken.predict([case])
+
+
+def test_a_missing_case_file_is_listed_and_the_others_are_scored(trained, tmp_path):
+    """A new-user pass: evaluate stopped at the first missing case file (exit 2, no report) where predict lists it
+    and goes on; now it is one failed case beside the scored ones."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(trained[1], data)
+    ids = Dataset.open(data).split("test")
+    (data / f"{ids[0]}.npz").unlink() if (data / f"{ids[0]}.npz").exists() else next(data.rglob(f"{ids[0]}*")).unlink()
+    summary = evaluate.evaluate_workdirs([trained[0]], data, "test", tmp_path / "report")
+    assert list(summary["failed_cases"]) == [ids[0]] and "does not exist" in summary["failed_cases"][ids[0]]
+    assert summary["num_cases"] == {trained[0].name: len(ids) - 1}
