@@ -26,14 +26,13 @@ from absl import flags
 from flaxdose import cli, evaluation, inference, openkbp, openkbp_eval
 from flaxdose import config as config_lib
 from flaxdose.baseline import DistanceBaseline
-from flaxdose.data.case import Dataset
+from flaxdose.data.case import ALL_SPLITS, Dataset, with_all_split
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 
 FLAGS = flags.FLAGS
 
 
-ALL_SPLITS = "all"  # --split all: every case of every split (an import with --test_fraction 0 has only "train")
 
 
 def check_workdirs(workdirs: Sequence[str | Path]) -> None:
@@ -42,17 +41,6 @@ def check_workdirs(workdirs: Sequence[str | Path]) -> None:
         if not Path(workdir).exists():
             raise FlaxdoseError(f"the workdir {workdir} does not exist; give a training workdir (python -m "
                                 "flaxdose.train --config=quick --workdir W makes one)")
-
-
-def with_all_split(dataset: Dataset, split: str) -> Dataset:
-    """`dataset` itself, or for `split` "all" (`ALL_SPLITS`) when the dataset has no split of that name, a
-    copy whose manifest (in memory only; nothing is written) adds "all": every case of every split, each
-    once, in split order."""
-    if split != ALL_SPLITS or ALL_SPLITS in dataset.splits:
-        return dataset
-    every = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
-    manifest = {**dataset.manifest, "splits": {**dataset.splits, ALL_SPLITS: every}}
-    return Dataset(dataset.root, manifest)
 
 
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,

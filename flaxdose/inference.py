@@ -33,7 +33,7 @@ from tqdm import tqdm
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import CHECKPOINTS, find_checkpoint, restore_params, saved_steps
 from flaxdose.convolution import resolve_form
-from flaxdose.data.case import Case, Dataset, write_dataset
+from flaxdose.data.case import Case, Dataset, with_all_split, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation import each_case
@@ -449,14 +449,11 @@ def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> 
                           for p, c in zip(predicted, cases)]))
 
 
-ALL_SPLITS = "all"  # predict_dataset's split: every case of every split (as evaluate --split all)
-
-
 def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
                     overwrite: bool = False, keep_going: bool = False) -> Dataset:
     """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.
 
-    `split` "all" (`ALL_SPLITS`, unless the dataset has a split of that name): every case of every
+    `split` "all" (`data.case.ALL_SPLITS`, unless the dataset has a split of that name): every case of every
     split, each once, in split order, written as the split "all".
 
     The written cases are copies of the inputs whose `dose` is the prediction (Gy), with the
@@ -468,11 +465,8 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
     half-written is left.
     """
     check_writable(out, overwrite)
-    dataset = Dataset.open(data)
-    if split == ALL_SPLITS and ALL_SPLITS not in dataset.splits:  # every case of every split, each once
-        ids = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
-    else:
-        ids = dataset.split(split)
+    dataset = with_all_split(Dataset.open(data), split)
+    ids = dataset.split(split)
     if not ids:
         raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; nothing to predict")
     if not keep_going:

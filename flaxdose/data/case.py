@@ -357,3 +357,17 @@ def write_dataset(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Dataset.open(root)
+
+
+ALL_SPLITS = "all"  # --split all: every case of every split (an import with --test_fraction 0 has only "train")
+
+
+def with_all_split(dataset: Dataset, split: str) -> Dataset:
+    """`dataset` itself, or for `split` "all" (`ALL_SPLITS`) when the dataset has no split of that name, a
+    copy whose manifest (in memory only; nothing is written) adds "all": every case of every split, each
+    once, in split order."""
+    if split != ALL_SPLITS or ALL_SPLITS in dataset.splits:
+        return dataset
+    every = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
+    manifest = {**dataset.manifest, "splits": {**dataset.splits, ALL_SPLITS: every}}
+    return Dataset(dataset.root, manifest)
