@@ -1,4 +1,4 @@
-"""Shared shape of the sweep configs (`python -m launch.sweep --config=sweep_NAME`).
+"""Shared shape of the sweep configs (`python -m flaxdose.launch.sweep --config=sweep_NAME`).
 
 A sweep config holds:
 - `base`: the run config every fine-tune starts from (model, patches, steps, batch size);

@@ -1,4 +1,4 @@
-"""Scales of the OpenKBP study (`python -m launch.openkbp_study --scale NAME`).
+"""Scales of the OpenKBP study (`python -m flaxdose.launch.openkbp_study --scale NAME`).
 
 Each scale overrides `configs/openkbp.py`. `downsample` is the training grid: the challenge's
 128^3 grid divided by it along every axis (`flaxdose.openkbp.downsample_case`); scores are

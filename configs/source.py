@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
             steps=20000,
             batch_size=8,  # global; split over local devices
             learning_rate=1e-4,
-            schedule="constant",  # or "warmup_cosine" / "warmup_stable_decay" (flaxdose.optim.schedule_factor)
+            schedule="constant",  # or "warmup_cosine" / "warmup_stable_decay" (flaxdose.training.optim.schedule_factor)
             warmup_steps=0,
             decay_steps=0,  # warmup_stable_decay: the last steps, decaying to end_lr_fraction
             end_lr_fraction=0.01,

@@ -1,4 +1,4 @@
-"""Style check before adapting a model (``flaxdose-assess``); the library is `flaxdose.assess`.
+"""Style check before adapting a model (``flaxdose-assess``); the library is `flaxdose.planqa.assess`.
 
     python -m flaxdose.assess_style --workdirs W[,W2,...] --own_data SRC [--own_split test] \\
         --data CLINIC [--split all] [--curve SWEEP_DIR_or_results.csv --curve_style STYLE [--curve_mode full]] --out REPORT
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from absl import flags
 
-from flaxdose import assess, cli, planqa
+from flaxdose import cli, planqa
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
+from flaxdose.planqa import assess
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +50,7 @@ def main(argv):
     """absl main: assess the clinic's style against the model's own, write `--out`, print the verdict.
 
     Raises FlaxdoseError naming every missing required flag, for positional arguments, or for
-    --curve without --curve_style (and see `flaxdose.assess`).
+    --curve without --curve_style (and see `flaxdose.planqa.assess`).
     """
     if len(argv) > 1:
         raise FlaxdoseError(f"unexpected arguments {argv[1:]} (every input is a flag); {USAGE}")

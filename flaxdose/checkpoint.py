@@ -336,7 +336,7 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Path,
             raise damaged(newest, _missing_files(newest) or "missing folder params")
         if steps:
             return directory, max(steps)
-    broken_package = (path / "params.npz").is_file()  # flaxdose.package's weights without its metadata file
+    broken_package = (path / "params.npz").is_file()  # flaxdose.inference.package's weights without its metadata file
     raise FlaxdoseError(
         f"no orbax checkpoint found under {path}; pass a training workdir, its checkpoints/ or best/ "
         "folder, or one step folder" + ("; it holds params.npz but no flaxdose_model.json: a model package "

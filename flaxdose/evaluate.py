@@ -25,9 +25,9 @@ from absl import flags
 
 from flaxdose import cli, evaluation, inference, openkbp, openkbp_eval
 from flaxdose import config as config_lib
-from flaxdose.baseline import DistanceBaseline
 from flaxdose.data.case import ALL_SPLITS, Dataset, with_all_split
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.baseline import DistanceBaseline
 from flaxdose.io import check_writable
 
 FLAGS = flags.FLAGS
@@ -99,7 +99,7 @@ def write_clinical_metrics(references: Sequence, predictions: dict, path: str | 
     import io
     import math
 
-    from flaxdose.inference import grid_name
+    from flaxdose.inference.dicom_plans import grid_name
     from flaxdose.io import atomic_write_text
     from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
 
@@ -158,7 +158,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 1, "volumes per forward pass", lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "replace an existing --out folder")
     flags.DEFINE_bool("openkbp", False, "score like the OpenKBP challenge (dose and DVH score, submission CSVs)")
-    flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.baseline) to score too")
+    flags.DEFINE_string("baseline", None, "with --openkbp: a distance-to-target reference (flaxdose.inference.baseline) to score too")
     flags.DEFINE_list("metrics", None, "clinical_metrics.csv: DVH metrics as physicists write them, e.g. "
                       "'Rectum V70Gy[%],Bladder V65Gy[cc],PTV D95[%]' (default: prostate constraints)")
     flags.DEFINE_bool("mirror", False, "average each prediction with that of the left-right mirrored case (test-time augmentation)")

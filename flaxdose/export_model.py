@@ -1,4 +1,4 @@
-"""Export a trained model as a model package (``flaxdose-export-model``); the library is `flaxdose.package`.
+"""Export a trained model as a model package (``flaxdose-export-model``); the library is `flaxdose.inference.package`.
 
     python -m flaxdose.export_model --workdir W --out PKG [--which best|latest] [--name NAME] [--overwrite]
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from absl import flags
 
-from flaxdose import cli, package
+from flaxdose import cli
+from flaxdose.inference import package
 
 FLAGS = flags.FLAGS
 USAGE = "usage: python -m flaxdose.export_model --workdir W --out PKG"

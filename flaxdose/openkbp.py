@@ -412,7 +412,7 @@ def predict_openkbp(model, cases: Sequence[Case], factor: int = 1, progress: boo
     """Each case's predicted dose on the challenge's grid, masked by its possible-dose mask.
 
     `model` is anything with ``predict(cases) -> cases`` (`flaxdose.inference.Model`, the
-    `flaxdose.baseline` reference); it sees each case on the grid `factor` times coarser it
+    `flaxdose.inference.baseline` reference); it sees each case on the grid `factor` times coarser it
     was trained on, cropped to `crop_box` (grown to the model's ``window``, if it has one:
     dose outside the possible-dose mask is never scored, so windows of empty air are
     skipped), and its dose is brought back with `upsample_dose`. Returns copies of `cases`

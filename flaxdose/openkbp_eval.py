@@ -2,7 +2,7 @@
 
 `evaluate_openkbp` predicts the reference cases with every model (anything with
 ``predict(cases) -> cases``: the network's `flaxdose.inference.Model`, the
-`flaxdose.baseline.DistanceBaseline`) on the grid it was trained on, brings the dose back to
+`flaxdose.inference.baseline.DistanceBaseline`) on the grid it was trained on, brings the dose back to
 the challenge's 128^3 grid, masks it with the possible-dose mask and writes into `out`:
 
 - ``patients.csv``: model, case_id, dose score and DVH score of each patient (Gy);
@@ -31,8 +31,15 @@ import numpy as np
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder, check_writable
-from flaxdose.openkbp import OPENKBP_STRUCTURES, OPENKBP_TARGETS, Scores, predict_openkbp, score_predictions, write_submission
 from flaxdose.metrics import OPENKBP_OAR_METRICS, OPENKBP_TARGET_METRICS
+from flaxdose.openkbp import (
+    OPENKBP_STRUCTURES,
+    OPENKBP_TARGETS,
+    Scores,
+    predict_openkbp,
+    score_predictions,
+    write_submission,
+)
 
 # The names of the two models in tables, figures and submission folders.
 NETWORK, DISTANCE_REFERENCE = "network", "distance-to-target"

@@ -34,8 +34,8 @@ from absl import flags
 from flaxdose import cli, planqa
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.package import is_package
 from flaxdose.io import atomic_folder, check_writable
-from flaxdose.package import is_package
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("flaxdose")
@@ -151,7 +151,7 @@ def main(argv):
         return 0
     predictions = None
     if FLAGS.dicom:
-        from flaxdose.inference import grid_name
+        from flaxdose.inference.dicom_plans import grid_name
 
         skipped = []
         # plan metrics on the plan's own RTDOSE grid (what the planning system shows), the prediction brought there

@@ -2,7 +2,7 @@
 
 ``--config`` is a name in configs/ (``source``, ``quick``, ``transfer:external``, ...) or a
 path to a config file; ``--config.section.key=value`` overrides any value. Rerunning on the
-same workdir resumes. The library function is `flaxdose.trainer.train_and_evaluate`.
+same workdir resumes. The library function is `flaxdose.training.trainer.train_and_evaluate`.
 
 Multi-process (multi-host) data parallelism: run one process per machine with the same
 ``--coordinator=HOST:PORT`` (process 0's machine) and ``--num_processes``, and its own
@@ -37,15 +37,15 @@ def main(argv):
         raise FlaxdoseError("--workdir is required: the folder for checkpoints and logs")
     config = FLAGS.config
     if "grid" in config:
-        raise FlaxdoseError("this config is a sweep; run it with python -m launch.sweep --config=...")
+        raise FlaxdoseError("this config is a sweep; run it with python -m flaxdose.launch.sweep --config=...")
     if FLAGS.source:
         with config.unlocked():
             config.transfer.source = FLAGS.source
-    from flaxdose import distributed
+    from flaxdose.training import distributed
 
     # before the trainer import and anything else that could create a JAX backend
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    from flaxdose import trainer  # after flag parsing: jax reads XLA_FLAGS on import
+    from flaxdose.training import trainer  # after flag parsing: jax reads XLA_FLAGS on import
 
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
     if distributed.is_primary():

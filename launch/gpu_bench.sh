@@ -89,7 +89,7 @@ levers|pipeline)
   ;;
 sweep)
   W=$OUT/sweep
-  SW="$PY -m launch.sweep --config=${SWEEP_CONFIG:-sweep_gpu8}"
+  SW="$PY -m flaxdose.launch.sweep --config=${SWEEP_CONFIG:-sweep_gpu8}"
   # The sequential sweep reuses the packed sweep's data and source model: only the fine-tunes differ.
   SEQ="--config.runs_per_device=1 --config.source.path=$W/packed/source --config.data.folders={'internal_a':'$W/packed/data/internal_a'}"
   timeout 240 $SW --workdir "$W/packed" --stage=prepare > "$OUT/sweep_prepare.log" 2>&1; log "prepare done (rc $?)"
@@ -110,7 +110,7 @@ result = {"packed_s": round(t1 - t0, 1), "sequential_s": round(t2 - t1, 1), "rat
 json.dump(result, open(sys.argv[6], "w"), indent=1)
 print(result)
 PY
-  $PY -m launch.sweep --config="${SWEEP_CONFIG:-sweep_gpu8}" --workdir "$W/packed" --stage=report > /dev/null 2>&1
+  $PY -m flaxdose.launch.sweep --config="${SWEEP_CONFIG:-sweep_gpu8}" --workdir "$W/packed" --stage=report > /dev/null 2>&1
   cp -r "$W/packed/report" "$OUT/sweep_report" 2>/dev/null
   tail -n 3 "$OUT/sweep_packed.log" "$OUT/sweep_sequential.log"
   ;;

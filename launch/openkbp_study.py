@@ -1,11 +1,11 @@
-"""The OpenKBP study in one command: ``python -m launch.openkbp_study --scale openkbp_cpu --src provided-data --workdir DIR``.
+"""The OpenKBP study in one command: ``python -m flaxdose.launch.openkbp_study --scale openkbp_cpu --src provided-data --workdir DIR``.
 
 `--src` is the challenge's `provided-data` folder (with `train-pats` and `validation-pats`;
 docs/openkbp.md shows how to rebuild it). Stages (each recorded in ``DIR/stages.json`` when
 done; a rerun skips finished stages and training resumes from its checkpoints):
 1. convert: validation-pats on the challenge's 128^3 grid (what is scored), and every
    patient on the scale's training grid (`--downsample`; one dataset when that is 128^3); no CT;
-2. distance-to-target: fit the non-learned reference model (flaxdose.baseline) on train-pats;
+2. distance-to-target: fit the non-learned reference model (flaxdose.inference.baseline) on train-pats;
 3. train: the network on train-pats, validated on validation-pats (best checkpoint);
 4. evaluate: both models on validation-pats, scored like the challenge on its own grid
    against the original doses (flaxdose.openkbp_eval), submission CSVs, figures;
@@ -27,14 +27,15 @@ import time
 from pathlib import Path
 
 from absl import flags
-
-from flaxdose import cli, provenance, trainer
-from flaxdose import config as config_lib
-from flaxdose.baseline import DistanceBaseline
 from flaxdose.configs.openkbp_study import SCALES
+from flaxdose.launch.paper_study import Stages, results_folder, timing_and_settings
+
+from flaxdose import cli, provenance
+from flaxdose import config as config_lib
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model
+from flaxdose.inference.baseline import DistanceBaseline
+from flaxdose.inference.predictor import Model
 from flaxdose.openkbp import (
     TARGET_PRESCRIPTION_GY,
     convert_openkbp,
@@ -42,9 +43,8 @@ from flaxdose.openkbp import (
     score_predictions,
 )
 from flaxdose.openkbp_eval import DISTANCE_REFERENCE, NETWORK, evaluate_openkbp
-from flaxdose.launch.paper_study import Stages, results_folder, timing_and_settings
+from flaxdose.training import trainer
 
-REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
 # The challenge's best test-phase scores (Babier et al., Med Phys 48:5549, 2021; models using the CT).
 PUBLISHED = {"dose_score": 2.43, "dvh_score": 1.48}
@@ -194,7 +194,7 @@ def write_report(scale: str, settings: dict, configs: list, network: Path, workd
     mean_load = lambda key: ", ".join(f"{x:.1f}" for x in load[key])
     lines = [
         f"# OpenKBP, scale `{scale}`", "",
-        f"Produced by `python -m launch.openkbp_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
+        f"Produced by `python -m flaxdose.launch.openkbp_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
         f"commit `{provenance.commit() or 'unknown'}`, machine: {provenance.machine()}. "
         f"Load average (1, 5, 15 min) at the start {mean_load('before')}, at the end {mean_load('after')} "
         f"(the machine's cores are shared; a load above the core count slows every stage).", "",
@@ -214,7 +214,7 @@ def write_report(scale: str, settings: dict, configs: list, network: Path, workd
         "| model | dose score (Gy) | DVH score (Gy) | patients |", "|---|---|---|---|", *rows, "",
         "The distance-to-target model predicts each voxel's dose from its signed distance to the nearest target, a step "
         "function of distance fitted on train-pats (median dose / target level per 2.5 mm; "
-        "`flaxdose.baseline.DistanceBaseline`).", "",
+        "`flaxdose.inference.baseline.DistanceBaseline`).", "",
         "## Per metric", "",
         (workdir / "eval" / "report.md").read_text().split("Mean absolute error of each DVH metric (Gy):", 1)[1].strip(),
         "",
@@ -248,21 +248,21 @@ def define_flags() -> None:
     flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
     flags.DEFINE_string("src", None, "the challenge's provided-data folder (train-pats, validation-pats)")
     flags.DEFINE_string("workdir", None, "study folder (datasets, models, evaluation)")
-    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: docs/results of the "
-                      "repository for the committed scales, WORKDIR/report for smoke)")
+    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: WORKDIR/report; "
+                      "--results docs/results updates the committed reports)")
     flags.DEFINE_integer("seed", 0, "seed of the initialisation and the patches")
     flags.DEFINE_bool("data_only", False, "stop after converting: prepare a workdir to carry to a GPU machine")
 
 
 def main(argv):
     del argv
-    usage = "usage: python -m launch.openkbp_study --scale openkbp_cpu --src PROVIDED_DATA --workdir DIR"
+    usage = "usage: python -m flaxdose.launch.openkbp_study --scale openkbp_cpu --src PROVIDED_DATA --workdir DIR"
     if not FLAGS.workdir:
         raise FlaxdoseError(f"--workdir is missing: the study's folder; {usage}")
     if not (FLAGS.src or (Path(FLAGS.workdir) / "stages.json").is_file()):
         raise FlaxdoseError(f"--src is missing: the challenge's provided-data folder (train-pats, validation-pats; "
                             f"for --scale smoke: ../shared/openkbp-sample); {usage}")
-    results = results_folder(FLAGS.results, FLAGS.scale, FLAGS.workdir)
+    results = results_folder(FLAGS.results, FLAGS.workdir)
     done = run_study(FLAGS.scale, FLAGS.src, FLAGS.workdir, results, FLAGS.seed, FLAGS.data_only)
     print(f"[openkbp_study] {'data' if FLAGS.data_only else 'report'}: {done}")
 

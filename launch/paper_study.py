@@ -1,4 +1,4 @@
-"""The paper's study in one command: ``python -m launch.paper_study --scale cpu --workdir DIR``.
+"""The paper's study in one command: ``python -m flaxdose.launch.paper_study --scale cpu --workdir DIR``.
 
 Stages (each recorded in ``DIR/stages.json`` when done; a rerun skips finished stages and
 training resumes from its checkpoints; ``--until STAGE`` stops after a stage, so a study can
@@ -30,22 +30,22 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-
-from flaxdose import cli, evaluation, provenance, trainer
-from flaxdose import config as config_lib
 from flaxdose.configs.paper_study import SCALES
+
+from flaxdose import cli, evaluation, provenance
+from flaxdose import config as config_lib
 from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model
+from flaxdose.inference.predictor import Model
 from flaxdose.metrics import dvh_metrics
 from flaxdose.synthetic import generator as synth
+from flaxdose.training import trainer
 
 SOURCE = "source"
 TARGETS = ("internal_a", "internal_b", "internal_c", "external")
 CONTROL, ORACLE = "control", "oracle"
 SOURCE_MODEL, TARGET_MODEL = "source model", "target model"
 CONTROL_MODEL, ORACLE_MODEL = "control (source -> source)", "oracle (source plan)"
-REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
 
 
@@ -296,7 +296,7 @@ def write_report(scale: str, settings: dict, workdir: Path, results: Path, summa
     figures.mkdir(parents=True)
     femoral = femoral_sd_ratio(workdir)
     lines = [f"# Paper study, scale `{scale}`", "",
-             f"Produced by `python -m launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
+             f"Produced by `python -m flaxdose.launch.paper_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, "
              f"commit `{commit}`, machine: {provenance.machine()}; load average "
              f"(1/5/15 min) at the start {loads.get('start')}, at the end {loads.get('end')}.", "",
              recipe_line(settings), "",
@@ -362,20 +362,19 @@ def timing_and_settings(times: dict, settings: dict) -> list[str]:
             json.dumps(settings, indent=1, default=list), "```", ""]
 
 
-def results_folder(results: str | None, scale: str, workdir: str | Path) -> Path:
-    """Where a study's report goes: `results` if given; a smoke run's stays in its workdir, so
-    trying a study does not write into the repository's committed docs/results."""
-    if results:
-        return Path(results)
-    return Path(workdir) / "report" if scale == "smoke" else REPO / "docs" / "results"
+def results_folder(results: str | None, workdir: str | Path) -> Path:
+    """Where a study's report goes: `results` if given (``--results docs/results`` updates the
+    repository's committed reports), else ``WORKDIR/report``: an installed flaxdose has no source
+    tree to write into, and trying a study never overwrites the committed docs."""
+    return Path(results) if results else Path(workdir) / "report"
 
 
 def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "study size")
     flags.DEFINE_string("workdir", None, "study folder (data, models, evaluations)")
-    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: docs/results of the "
-                      "repository for the committed scales, WORKDIR/report for smoke)")
+    flags.DEFINE_string("results", None, "where the Markdown report and figures go (default: WORKDIR/report; "
+                      "--results docs/results updates the committed reports)")
     flags.DEFINE_integer("seed", 0, "seed of the data, the initialisation and the patches")
     flags.DEFINE_string("until", None, "stop after this stage (e.g. source); a rerun continues from there")
 
@@ -384,7 +383,7 @@ def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for the study's data, models and evaluations")
-    report = run_study(FLAGS.scale, FLAGS.workdir, results_folder(FLAGS.results, FLAGS.scale, FLAGS.workdir), FLAGS.seed,
+    report = run_study(FLAGS.scale, FLAGS.workdir, results_folder(FLAGS.results, FLAGS.workdir), FLAGS.seed,
                        FLAGS.until)
     if report is not None:
         print(f"[paper_study] report: {report}")

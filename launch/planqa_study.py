@@ -1,4 +1,4 @@
-"""Plan QA on synthetic data, where the truth is known: ``python -m launch.planqa_study --workdir DIR``.
+"""Plan QA on synthetic data, where the truth is known: ``python -m flaxdose.launch.planqa_study --workdir DIR``.
 
 Stages (recorded in ``DIR/stages.json``; a rerun skips finished stages, training resumes):
 1. data: half-size synthetic plans. Source style: training plans (anatomies 0..), a calibration
@@ -6,7 +6,7 @@ Stages (recorded in ``DIR/stages.json``; a rerun skips finished stages, training
    OAR weight lowered (the worse twins: rectum weight / 10, bladder weight / 10); internal_c
    plans of other patients (anatomy seed 1) for the worked example and the style check;
 2. members: small UNets on the source training plans, seeds 0, 1, 2, one after another;
-3. curve: a small fine-tuning sweep (`flaxdose.sweep`) of member 0 on internal_c: the learning
+3. curve: a small fine-tuning sweep (`flaxdose.sweeps.runner`) of member 0 on internal_c: the learning
    curve the style check reads its recommendation from;
 4. report: calibrate the bands on the calibration split; on the test split the coverage per
    metric and level, the false-flag rate (unchanged plans) and the sensitivity (worse twins);
@@ -30,18 +30,19 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-
-from flaxdose import assess, cli, evaluation, planqa, plots, provenance, trainer
-from flaxdose import config as config_lib
 from flaxdose.configs import quick
 from flaxdose.configs._sweep import sweep_config
+from flaxdose.launch.paper_study import Stages, results_folder
+
+from flaxdose import cli, evaluation, planqa, plots, provenance
+from flaxdose import config as config_lib
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.launch.paper_study import Stages
+from flaxdose.planqa import assess
 from flaxdose.synthetic import generator as synth
 from flaxdose.synthetic.styles import STYLE_TABLE
+from flaxdose.training import trainer
 
-REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
 CPU = dict(
     scale=0.5,
@@ -106,7 +107,7 @@ def member_config(workdir: Path, s: dict, seed: int):
 
 
 def curve_sweep(workdir: Path, s: dict):
-    from flaxdose.sweep import Sweep
+    from flaxdose.sweeps.runner import Sweep
 
     base = member_config(workdir, s, 0)
     base.train.update(steps=s["curve"]["steps"], eval_every=s["curve"]["steps"], checkpoint_every=s["curve"]["steps"])
@@ -293,7 +294,7 @@ def write_report(numbers: dict, s: dict, times: dict, loads: dict, results: Path
     effects = {organ: np.asarray(v) for organ, v in numbers["twin_effect_gy"].items()}
     lines = [
         f"# Plan QA with predicted DVH bands, scale `{scale}`", "",
-        f"Produced by `python -m launch.planqa_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, commit "
+        f"Produced by `python -m flaxdose.launch.planqa_study --scale {scale}` on {time.strftime('%Y-%m-%d')}, commit "
         f"`{provenance.commit() or 'unknown'}`, machine: {provenance.machine()}. "
         f"Wall time {sum(times.values()) / 60:.1f} min, CPU time "
         f"{sum(v[3] for v in loads.values() if len(v) > 3) / 60:.1f} min (stages below), while other sessions shared the machine "
@@ -339,7 +340,7 @@ def write_report(numbers: dict, s: dict, times: dict, loads: dict, results: Path
         lines += ["", f"![{style}]({figures[style]})"]
     lines += ["", f"## Style check: {style} against the source model", "",
               f"The ensemble's mean dose on the {n} source test plans vs the {s['clinic']['n_train']} {style} training "
-              f"plans; the learning curve is a `flaxdose.sweep` of member seed 0 fine-tuned ({s['curve']['mode']}, "
+              f"plans; the learning curve is a `flaxdose.sweeps.runner` of member seed 0 fine-tuned ({s['curve']['mode']}, "
               f"{s['curve']['steps']} steps, learning rate {s['curve']['learning_rate']:g}, one seed) on "
               f"{list(s['curve']['n'])} of those plans.", ""]
     lines += style_lines(numbers["style_check"], s["clinic"]["n_test"])
@@ -389,14 +390,15 @@ def define_flags() -> None:
     """The command's flags (defined only when run as a program, so tests can import the module)."""
     flags.DEFINE_enum("scale", "cpu", sorted(SCALES), "study size (smoke: every stage in a few minutes)")
     flags.DEFINE_string("workdir", None, "study folder (data, models, sweep)")
-    flags.DEFINE_string("results", str(REPO / "docs" / "results"), "where planqa_cpu.md and its figures go")
+    flags.DEFINE_string("results", None, "where planqa_cpu.md and its figures go (default: WORKDIR/report; "
+                      "--results docs/results updates the committed report)")
 
 
 def main(argv):
     del argv
     if not FLAGS.workdir:
         raise FlaxdoseError("--workdir is required: the folder for the study's data and models")
-    print(f"[planqa_study] report: {run_study(FLAGS.workdir, FLAGS.results, FLAGS.scale)}")
+    print(f"[planqa_study] report: {run_study(FLAGS.workdir, results_folder(FLAGS.results, FLAGS.workdir), FLAGS.scale)}")
 
 
 def run():

@@ -1,4 +1,4 @@
-"""Fine-tuning sweeps: ``python -m launch.sweep --config=sweep_cpu --workdir=DIR``.
+"""Fine-tuning sweeps: ``python -m flaxdose.launch.sweep --config=sweep_cpu --workdir=DIR``.
 
 Stages (``--stage``, default ``all``): ``prepare`` (data, source model, unadapted baselines),
 ``train`` (every unfinished run of this shard, packed onto the local devices), ``report``
@@ -61,7 +61,9 @@ def main(argv):
     config = FLAGS.config
     if "grid" not in config:
         raise FlaxdoseError("this config is a training config, not a sweep; use a configs/sweep_*.py config")
-    from flaxdose.sweep import Sweep  # after flag parsing: jax reads XLA_FLAGS on import
+    from flaxdose.sweeps.runner import (
+        Sweep,  # after flag parsing: jax reads XLA_FLAGS on import
+    )
 
     index, count = shard()
     sweep = Sweep(config, FLAGS.workdir)

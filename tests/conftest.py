@@ -82,7 +82,7 @@ def rt_export_ct(tmp_path_factory):
 def phantom_run(tmp_path_factory):
     """One tiny model trained 30 steps on phantom plans (24 x 24 x 16 voxels of 4 x 4 x 5 mm), shared by the
     prediction and clinical-path tests: read it, never train it further."""
-    from flaxdose import trainer
+    from flaxdose.training import trainer
 
     workdir = tmp_path_factory.mktemp("phantom_run")
     trainer.train_and_evaluate(tiny_config(**{"train.steps": 30, "data.phantom_shape": (24, 24, 16)}), workdir)

@@ -1,4 +1,4 @@
-"""Style check (flaxdose.assess): distance and Welch test by hand, learning-curve recommendation by hand."""
+"""Style check (flaxdose.planqa.assess): distance and Welch test by hand, learning-curve recommendation by hand."""
 
 import csv
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flaxdose import assess
 from flaxdose.errors import FlaxdoseError
+from flaxdose.planqa import assess
 
 
 def rows(dice, femur_err_pct, rectum_err_pct):

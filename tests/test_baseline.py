@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from flaxdose.baseline import DistanceBaseline
 from flaxdose.data import Case
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.baseline import DistanceBaseline
 
 SPACING = (2.0, 2.0, 2.0)  # voxels along x are 2 mm apart
 G = lambda d: np.where(np.asarray(d) < 0, 1.0, 1.0 - 0.04 * np.asarray(d))  # the true relative dose

@@ -20,7 +20,6 @@ from independent_dvh import ROI_NAME, dvh, per_plane_doses, read_csv, rtdose_pla
 from pydicom.uid import generate_uid
 
 
-
 @pytest.fixture(scope="module")
 def workdir(phantom_run):
     """conftest's tiny phantom model (4 x 4 x 5 mm): numbers need not be good, only traceable."""
@@ -126,7 +125,8 @@ def test_folder_in_folder_out(workdir, exports, tmp_path):
     assert "<plan_03 folder>" in summary[2]["error"]
 
     from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference import Model, predict_dicom_folder
+    from flaxdose.inference.dicom_plans import predict_dicom_folder
+    from flaxdose.inference.predictor import Model
 
     with pytest.raises(FlaxdoseError, match="--overwrite"):  # a rerun neither piles files up nor mixes runs
         predict_dicom_folder(Model.load(workdir), root, out)
@@ -145,6 +145,7 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
     prediction is kept (prediction.npz), its metrics on the model grid, the plan listed as not exported (issue
     25, item 5: never discard a computed prediction because the export step refused)."""
     from flaxdose import inference
+    from flaxdose.inference import dicom_plans
     from flaxdose.data.case import Case
     from flaxdose.dicom import AliasTable
     from flaxdose.errors import FlaxdoseError
@@ -161,7 +162,7 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
             raise FlaxdoseError("refused for the test")
         return real(predicted, plan, out, **kwargs)
 
-    monkeypatch.setattr(inference, "export_plan_rtdose", refuse_b)
+    monkeypatch.setattr(dicom_plans, "export_plan_rtdose", refuse_b)
     lines = []
     results = inference.predict_dicom_folder(model, root, tmp_path / "out", figures=False, echo=lines.append,
                                              aliases=AliasTable({"Rectum": ["Rektum_wall"]}))
@@ -171,7 +172,7 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
     kept = Case.load(second.saved)
     assert kept.dose is not None and kept.spacing_mm == (4.0, 4.0, 5.0) and kept.dose.max() > 0
     assert second.grid.startswith("model grid 4x4x5 mm") and "NOT EXPORTED" in lines[2] and lines[0].startswith("2 plan(s) under")
-    monkeypatch.setattr(inference, "export_plan_rtdose", real)
+    monkeypatch.setattr(dicom_plans, "export_plan_rtdose", real)
     without = inference.predict_dicom_folder(model, root, tmp_path / "out2", figures=False)
     assert "Rektum_wall" in without[0].error and "--aliases FILE" in without[0].error
 
@@ -181,7 +182,7 @@ def test_true_reasons(workdir, tmp_path):
     missing (not "checkpoint path ... does not exist")."""
     from flaxdose import planqa, predict
     from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
 
     export = F.write_export(tmp_path / "p")
     ds = pydicom.dcmread(export["dose"])
@@ -223,7 +224,8 @@ def test_one_patient_rtdose_out(workdir, tmp_path):
     """--rtdose_out: a .dcm name is that file (not a folder); a folder gets one fixed name; a rerun replaces
     it only with --overwrite (refused before predicting), so files never pile up."""
     from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference import Model, predict_dicom_patient
+    from flaxdose.inference.dicom_plans import predict_dicom_patient
+    from flaxdose.inference.predictor import Model
 
     export = F.write_export(tmp_path / "patient")
     add_second_ct_series(export["folder"])  # the export of issue 25 item 5: two CT series, one referenced
@@ -247,7 +249,7 @@ def test_an_archived_patient_under_an_export_root_is_a_failure_not_skipped(tmp_p
     zip (so the command exits 1), never left out unseen."""
     import zipfile
 
-    from flaxdose.inference import find_dicom_plans
+    from flaxdose.inference.dicom_plans import find_dicom_plans
 
     root = tmp_path / "root"
     F.write_export(root / "p1", with_ct=False)

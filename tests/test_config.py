@@ -63,9 +63,8 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, tmp_path):
 
 def test_every_shipped_config_loads_and_builds_a_model():
     from flaxdose.model import UNetSpec
-
-    from flaxdose import optim
-    from flaxdose.sweep import check_grid
+    from flaxdose.sweeps.runner import check_grid
+    from flaxdose.training import optim
 
     names = [n for n in config_lib.available_configs() if n != "transfer"]
     names += [f"transfer:{style}" for style in ("internal_a", "internal_b", "internal_c", "external")]

@@ -1,4 +1,4 @@
-"""Multi-process data parallelism: flaxdose.distributed and the trainer run as 2 processes."""
+"""Multi-process data parallelism: flaxdose.training.distributed and the trainer run as 2 processes."""
 
 import json
 import logging
@@ -11,22 +11,24 @@ import jax
 import numpy as np
 import pytest
 
-from flaxdose import checkpoint, distributed, trainer
+from flaxdose import checkpoint
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import UNetSpec, init_params
+from flaxdose.training import distributed, trainer
 
 # Run by each of the 2 processes: 2 CPU devices each (4 in all), phase 1 stops at step 2 with a
 # checkpoint, phase 2 resumes from it, so resuming in a multi-process run is exercised too.
 WORKER = """
 import json, logging, sys
-from flaxdose import config as config_lib, distributed
+from flaxdose import config as config_lib
+from flaxdose.training import distributed
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("flaxdose").setLevel(logging.INFO)
 coordinator, process_id, config_path, workdir = sys.argv[1:]
 assert distributed.initialize(coordinator, 2, int(process_id))
 import jax
-from flaxdose import trainer
+from flaxdose.training import trainer
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
 config = config_lib.load_config_json(config_path)
 first = config_lib.load_config_json(config_path)

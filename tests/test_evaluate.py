@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxdose import evaluate, evaluation, trainer
+from flaxdose import evaluate, evaluation
 from flaxdose.data import Dataset, write_dataset
-from flaxdose.synthetic.phantom import phantom_case
 from flaxdose.errors import FlaxdoseError
+from flaxdose.synthetic.phantom import phantom_case
+from flaxdose.training import trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -211,7 +212,7 @@ def test_a_damaged_checkpoint_is_one_error_naming_its_step_folder_and_the_fix(tr
     parameter metadata says so (it was reported as "a different model")."""
     import shutil
 
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
 
     workdir, step_dir = damaged_copy(trained, tmp_path)
     biggest = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -265,7 +266,7 @@ def test_evaluate_stops_once_on_a_damaged_checkpoint(trained, tmp_path, what):
 ], ids=["no_params", "no_meta", "cut_json"])
 def test_what_a_damaged_step_folder_lacks_is_named(trained, tmp_path, damage, detail):
     """Never passed over for an older checkpoint unseen (a best/ step without params fell back to checkpoints/)."""
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
 
     workdir, step_dir = damaged_copy(trained, tmp_path)
     damage(step_dir)
@@ -309,7 +310,7 @@ def test_an_unfinished_run_is_named_and_a_model_predicting_nan_is_blamed_not_the
     import logging
     import shutil
 
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
 
     case = phantom_case(7, 0, shape=(16, 16, 8))
     with caplog.at_level(logging.WARNING):

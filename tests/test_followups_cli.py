@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-from flaxdose import evaluate, evaluation, inference, optim, trainer
 from flaxdose import config as config_lib
+from flaxdose import evaluate, evaluation, inference
 from flaxdose.data import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference import predictor
 from flaxdose.synthetic.phantom import phantom_case
+from flaxdose.training import optim, trainer
 
 PHANTOM_SPACING = [4.0, 4.0, 5.0]  # phantom_case's default voxel size (x, y, z) mm
 
@@ -86,8 +88,8 @@ def test_a_run_stores_its_spacing_and_prediction_refuses_another(trained):
 
 def test_a_model_from_before_the_spacing_was_stored_recovers_it_from_its_data(trained, monkeypatch, caplog):
     workdir, data = trained
-    restore = inference.restore_params
-    monkeypatch.setattr(inference, "restore_params", lambda *a, **k: (restore(*a, **k)[0], {"step": 2}))
+    restore = predictor.restore_params
+    monkeypatch.setattr(predictor, "restore_params", lambda *a, **k: (restore(*a, **k)[0], {"step": 2}))
     with caplog.at_level(logging.WARNING, logger="flaxdose"):
         model = inference.Model.load(workdir)
     assert model.train_spacing_mm == {"min": PHANTOM_SPACING, "max": PHANTOM_SPACING}
@@ -193,6 +195,7 @@ def test_warmup_and_decay_scale_down_with_a_short_run_by_hand(caplog):
     assert (config.train.warmup_steps, config.train.decay_steps) == (40, 250)  # the caller's config is untouched
     assert "warmup 2 and decay 17 steps (both scaled down" in caplog.text
     import jax
+
     from flaxdose.model import UNetSpec
 
     spec, devices = UNetSpec.from_config(config.model), jax.local_devices()[:1]

@@ -173,7 +173,7 @@ def test_finished_folders_and_files_get_the_umasks_mode(tmp_path):
 
 
 def test_failure_list_names_a_shared_reason_once():
-    from flaxdose.evaluation import failure_list
+    from flaxdose.data.case import failure_list
 
     failed = {"a": "case 'a' has voxel spacing 4x4x3 mm", "b": "case 'b' has voxel spacing 4x4x3 mm", "c": "no PTV"}
     assert failure_list(failed) == "case a: case 'a' has voxel spacing 4x4x3 mm; likewise case b; case c: no PTV"

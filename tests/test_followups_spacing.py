@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dicom_factory as F
 import pytest
 
-import dicom_factory as F
 from flaxdose import config as config_lib
-from flaxdose import inference, optim, planqa, trainer
+from flaxdose import inference, planqa
 from flaxdose.data import Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.synthetic.phantom import phantom_case
+from flaxdose.training import optim, trainer
 
 PHANTOM = {"min": [4.0, 4.0, 5.0], "max": [4.0, 4.0, 5.0]}  # phantom_case's voxel size (x, y, z) mm
 # A short warmup-stable-decay run: warmup 3 + decay 250 > 4 steps -> warmup 3 kept, decay 4 - 3 = 1.

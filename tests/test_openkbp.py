@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from flaxdose.data import Case, Dataset
+from flaxdose.errors import FlaxdoseError
+from flaxdose.metrics import openkbp_dose_score, openkbp_dvh_metrics, openkbp_scores
 from flaxdose.openkbp import (
     OPENKBP_OARS,
     OPENKBP_SHAPE,
@@ -26,8 +28,6 @@ from flaxdose.openkbp import (
     write_openkbp_dose,
     write_submission,
 )
-from flaxdose.errors import FlaxdoseError
-from flaxdose.metrics import openkbp_dose_score, openkbp_dvh_metrics, openkbp_scores
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp-sample"
 if not SAMPLE.is_dir():
@@ -264,7 +264,7 @@ def test_mirror_averaged_prediction_is_left_right_symmetric():
     """Model(mirror=True) averages the prediction with that of the mirrored case (parotids swapped)."""
     import jax
 
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
     from flaxdose.model import UNetSpec, init_params
 
     spec = UNetSpec(features=(4, 8), convs_per_level=1, groups=2, in_channels=3)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from flaxdose.launch import openkbp_study
+from test_openkbp import SAMPLE, needs_sample
 
 from flaxdose.openkbp import read_sparse_csv
-from launch import openkbp_study
-from test_openkbp import SAMPLE, needs_sample
 
 
 @needs_sample

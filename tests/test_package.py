@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from flaxdose import config as config_lib
-from flaxdose import package
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model
+from flaxdose.inference import package
+from flaxdose.inference.predictor import Model
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_export_refuses_a_package_a_missing_run_and_an_occupied_out(workdir, pkg
     with pytest.raises(FlaxdoseError, match="already holds files"):
         package.export_model(workdir, pkg)
     with pytest.raises(FlaxdoseError, match="is a model package: .* pass --data DIR"):
-        from flaxdose.inference import run_dataset
+        from flaxdose.inference.runs import run_dataset
 
         run_dataset(pkg)
 

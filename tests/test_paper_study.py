@@ -4,10 +4,10 @@ evaluation with the oracle, the report with the paper's statistics."""
 import json
 
 import pytest
+from flaxdose.launch import paper_study
 
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from launch import paper_study
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,17 @@ import json
 import subprocess
 import sys
 
+import dicom_factory as F
 import numpy as np
 import pytest
-
-import dicom_factory as F
 from independent_dvh import ROI_NAME, dvh, per_plane_doses
-from flaxdose import planqa, trainer
+
+from flaxdose import planqa
 from flaxdose.data import write_dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import plan_dvh_metrics
 from flaxdose.synthetic.phantom import phantom_case
+from flaxdose.training import trainer
 
 SHAPE = (16, 16, 8)
 T3_95 = 2.353363  # Student t, 3 degrees of freedom, 95th percentile (two-sided 90 %), from tables
@@ -249,7 +250,7 @@ def test_style_check_cli(members, qa_data, tmp_path):
 
 
 def test_calibration_on_a_members_training_plans_is_refused(members, qa_data):
-    from flaxdose.inference import trained_cases
+    from flaxdose.inference.runs import trained_cases
 
     data, _ = qa_data
     references, _ = planqa.load_plans(data, "calibration")

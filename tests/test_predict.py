@@ -1,12 +1,19 @@
+import dicom_factory as F
 import numpy as np
 import pytest
 
-import dicom_factory as F
 from flaxdose.data.case import Dataset
 from flaxdose.data.pipeline import model_inputs
 from flaxdose.dicom import Grid, read_dose, resample
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import Model, export_rtdose, implausible, predict_dataset, predict_dicom, sliding_window, window_starts
+from flaxdose.inference.dicom_plans import export_rtdose, predict_dicom
+from flaxdose.inference.predictor import (
+    Model,
+    implausible,
+    predict_dataset,
+    sliding_window,
+    window_starts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +155,7 @@ def test_implausible_predictions_are_flagged_not_silent(workdir, caplog):
 @pytest.mark.parametrize("make, problem", [(lambda p: p / "nonesuch", "does not exist"),
                                            (lambda p: (p / "a.dcm").write_bytes(b"x") and p / "a.dcm", "is not a folder")])
 def test_a_dicom_export_that_is_not_a_folder_is_refused_before_it_is_read(make, problem, tmp_path, caplog):
-    from flaxdose.inference import read_dicom_case
+    from flaxdose.inference.dicom_plans import read_dicom_case
 
     with caplog.at_level("INFO", logger="flaxdose"), pytest.raises(FlaxdoseError, match=problem):
         read_dicom_case([], make(tmp_path))
@@ -169,7 +176,7 @@ def test_rtdose_out_under_an_existing_file_names_the_path_and_the_fix(tmp_path, 
     import subprocess
     import sys
 
-    from flaxdose.inference import resolve_rtdose_path
+    from flaxdose.inference.dicom_plans import resolve_rtdose_path
 
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")

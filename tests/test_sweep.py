@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 
 from flaxdose import config as config_lib
-from flaxdose import trainer
 from flaxdose.checkpoint import restore_params
 from flaxdose.errors import FlaxdoseError
-from flaxdose.sweep import Run, Sweep, check_grid, expand_grid, plan_waves, shard_of, wave_layout
+from flaxdose.sweeps.runner import (
+    Run,
+    Sweep,
+    check_grid,
+    expand_grid,
+    plan_waves,
+    shard_of,
+    wave_layout,
+)
+from flaxdose.training import trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -132,7 +140,7 @@ def test_several_runs_per_device_with_vmap_give_the_same_runs(smoke_sweep, tmp_p
 def test_a_killed_sweep_resumes_without_redoing_finished_runs(smoke_sweep, tmp_path):
     config_file = reuse_prepared(smoke_sweep, tmp_path)
     workdir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "launch.sweep", f"--config={config_file}", f"--workdir={workdir}"]
+    cmd = [sys.executable, "-m", "flaxdose.launch.sweep", f"--config={config_file}", f"--workdir={workdir}"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     second_wave = [workdir / "runs" / r.run_id / "checkpoints" / "2" for r in smoke_sweep.runs if r.mode == "full"]
@@ -173,7 +181,7 @@ def test_shards_need_a_prepared_folder(tmp_path):
 
 
 def test_cli_refuses_a_training_config():
-    out = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=quick", "--workdir=/tmp/unused"],
+    out = subprocess.run([sys.executable, "-m", "flaxdose.launch.sweep", "--config=quick", "--workdir=/tmp/unused"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not a sweep" in out.stderr
 
@@ -185,7 +193,7 @@ def test_two_processes_split_a_sweep(smoke_sweep, tmp_path):
     Sweep(config_lib.load_config(str(config_file)), workdir).prepare()  # one process prepares first
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "launch.sweep", f"--config={config_file}", f"--workdir={workdir}", "--stage=train",
+        [sys.executable, "-m", "flaxdose.launch.sweep", f"--config={config_file}", f"--workdir={workdir}", "--stage=train",
          f"--shard_index={i}", "--shard_count=2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -202,7 +210,7 @@ def test_two_processes_split_a_sweep(smoke_sweep, tmp_path):
 
 
 def test_plans_needed_skips_plan_counts_without_dice():
-    from flaxdose.sweep_report import plans_needed
+    from flaxdose.sweeps.report import plans_needed
 
     nan = float("nan")
     # means: n=5 -> 0.81, n=10 -> 0.82 (best); 0.81 is within the 0.01 margin, so 5 plans are enough

@@ -11,12 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from flaxdose import checkpoint, trainer
+from flaxdose import checkpoint
 from flaxdose.data import pipeline
-from flaxdose.inference import Model
-from flaxdose.synthetic.phantom import phantom_cases
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.predictor import Model
 from flaxdose.model import init_params, preset
+from flaxdose.synthetic.phantom import phantom_cases
+from flaxdose.training import trainer
 
 
 def assert_trees_close(a, b, **tol):
@@ -149,7 +150,7 @@ def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
     """The loss that picks `best` is the MSE of exactly what evaluation scores: sliding windows,
     clipped at 0, zero outside the body; recomputed here by hand from Model.predict's doses."""
     from flaxdose.data.case import Dataset
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
 
     config = make_config(**{"train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3})
     trainer.train_and_evaluate(config, tmp_path)

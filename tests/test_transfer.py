@@ -6,9 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from flaxdose import checkpoint, optim, trainer, transfer
+from flaxdose import checkpoint
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import init_params, preset
+from flaxdose.training import optim, trainer, transfer
 
 
 @pytest.fixture(scope="module")

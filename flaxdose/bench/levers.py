@@ -8,7 +8,7 @@
   (sum and sum of squares), the affine folded into one multiply-add per element, and a
   hand-written backward (`jax.custom_vjp`) that needs two per-group reductions instead of
   what autodiff of the forward generates. The math is GroupNorm's; tests check it against flax.
-- `make_optimizer(name, lr)`: `adam` (flaxdose.optim.adam, what the trainer uses) or `adam_flat`
+- `make_optimizer(name, lr)`: `adam` (flaxdose.training.optim.adam, what the trainer uses) or `adam_flat`
   (optax.flatten: one concatenated vector, so the update is a few large kernels instead of a
   few per parameter).
 """
@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxdose import model, optim
+from flaxdose import model
 from flaxdose.errors import FlaxdoseError
+from flaxdose.training import optim
 
 # Flag names checked against the jaxlib of the dev machine (an unknown flag aborts XLA).
 XLA_FLAG_PRESETS: dict[str, str] = {
@@ -53,7 +54,7 @@ def xla_flags_for(name_or_flags: str) -> str:
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """The trainer's Adam (`flaxdose.optim.adam`), or the same on one flattened parameter vector."""
+    """The trainer's Adam (`flaxdose.training.optim.adam`), or the same on one flattened parameter vector."""
     if name == "adam":
         return optim.adam(learning_rate)
     if name == "adam_flat":

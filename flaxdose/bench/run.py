@@ -224,10 +224,11 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
     import jax
     import jax.numpy as jnp
 
-    from flaxdose import inference, trainer
+    from flaxdose import inference
     from flaxdose.bench.levers import make_optimizer, with_groupnorm
     from flaxdose.convolution import resolve_form
     from flaxdose.model import count_params, init_params, preset
+    from flaxdose.training import trainer
 
     devices = jax.devices()[:1]
     block = jax.block_until_ready
@@ -324,8 +325,7 @@ def _flax_e2e(opts, spec, compiled, state, put, batch, root: Path) -> float:
     """Seconds per step feeding `compiled` from the grain pipeline through a device prefetch queue."""
     import jax
 
-    from flaxdose.data import PROSTATE_STRUCTURES, Dataset
-    from flaxdose.data import pipeline
+    from flaxdose.data import PROSTATE_STRUCTURES, Dataset, pipeline
 
     dataset = Dataset.open(_phantom_dataset(opts, root))
     source = pipeline.CaseSource(dataset, dataset.split("train"), PROSTATE_STRUCTURES)
@@ -380,7 +380,11 @@ def bench_torch(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
     """
     import jax
 
-    from flaxdose.bench.torch_unet import count_torch_params, require_torch, torch_model_from_flax
+    from flaxdose.bench.torch_unet import (
+        count_torch_params,
+        require_torch,
+        torch_model_from_flax,
+    )
     from flaxdose.model import init_params, preset
 
     torch = require_torch()

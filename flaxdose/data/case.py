@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_file, atomic_folder
@@ -31,6 +33,7 @@ CASES_DIR = "cases"
 DATASET_FORMAT = "flaxdose-dataset"
 DATASET_VERSION = 1
 _CASE_FORMAT = "flaxdose-case-v1"
+log = logging.getLogger("flaxdose")
 
 
 def is_target(structure: str) -> bool:
@@ -371,3 +374,47 @@ def with_all_split(dataset: Dataset, split: str) -> Dataset:
     every = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids))
     manifest = {**dataset.manifest, "splits": {**dataset.splits, ALL_SPLITS: every}}
     return Dataset(dataset.root, manifest)
+
+
+# ---------------------------------------------------------------- keep going over cases
+def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
+    """``cases a, b: reason; case c: reason (and 3 more)``: {case id: reason}, cases with the same reason
+    together (each reason once), the first `limit` case ids of each. A reason that names its case is the
+    same reason for another case; such a group shows the first case's reason as it was given, then the
+    others: ``case a: case 'a' has spacing 4x4x3 mm; likewise case b``."""
+    by_reason: dict[str, list[str]] = {}
+    for case_id, reason in failed.items():
+        by_reason.setdefault(str(reason).replace(repr(case_id), "\0"), []).append(case_id)
+    items = []
+    for template, ids in by_reason.items():
+        if "\0" not in template or len(ids) == 1:  # the reason as given (it names its one case, if any)
+            more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+            items.append(f"case{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {failed[ids[0]]}")
+            continue
+        others = ids[1:]
+        more = f" and {len(others) - (limit - 1)} more" if len(others) > limit - 1 else ""
+        items.append(f"case {ids[0]}: {failed[ids[0]]}; likewise case{'s' if len(others) > 1 else ''} "
+                     f"{', '.join(others[:limit - 1])}{more}")
+    return "; ".join(items)
+
+
+def each_case(case_ids: Sequence[str], fn: Callable[[str], object], *, action: str, what: str
+              ) -> tuple[dict[str, object], dict[str, str]]:
+    """Run ``fn(case_id)`` for every case, keeping going over cases that fail.
+
+    A case whose `fn` raises FlaxdoseError is logged ("case X not <action>: why") and left out.
+    Returns ({case id: result} in order, {case id: reason}). Raises FlaxdoseError naming every
+    reason (`failure_list`) when no case succeeded; `what` names the cases ("split 'test' of D").
+    """
+    results, failed = {}, {}
+    for case_id in tqdm(case_ids, desc=f"cases {action}", unit="case"):
+        try:
+            results[case_id] = fn(case_id)
+        except FlaxdoseError as e:
+            log.warning("case %s not %s: %s", case_id, action, e)
+            failed[case_id] = str(e)
+    if not results:
+        raise FlaxdoseError(f"no case of {what} could be {action}: " + failure_list(failed))
+    return results, failed
+
+

@@ -10,7 +10,7 @@ so a run resumes on any device count (see `flaxdose.checkpoint`).
 `RunFolder` is the one place that decides how a run starts (resume from its checkpoint,
 fine-tune from a source model, or fresh init) and that writes a run's config.json, logs and
 checkpoints; `train_steps` is the one loop. `train_and_evaluate` uses both for one run, and
-`flaxdose.sweep` for many runs stacked on the devices.
+`flaxdose.sweeps.runner` for many runs stacked on the devices.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from flax import struct
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose import distributed, optim, transfer
 from flaxdose.checkpoint import WorkdirCheckpoints, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset, target_names
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import SPACING_KEY, Model, spacing_record
+from flaxdose.inference.predictor import Model
+from flaxdose.inference.spacing import SPACING_KEY, spacing_record
 from flaxdose.model import COMPUTE_ONLY, UNet3D, UNetSpec, count_params, init_params
+from flaxdose.training import distributed, optim, transfer
 
 AXIS = "devices"
 log = logging.getLogger("flaxdose")

@@ -12,10 +12,10 @@ on the clinic's plans means the clinic's plans give more dose there than the mod
 `recommend(distance, curve)`: adapting is recommended when the model does significantly worse
 on the clinic's plans (p < alpha in either test, in the worse direction) and the learning
 curve shows a gain. The number of plans is the fewest on the curve whose mean Dice is within
-`flaxdose.sweep_report.ENOUGH_DICE_MARGIN` of its best (`sweep_report.fewest_plans`); the
+`flaxdose.sweeps.report.ENOUGH_DICE_MARGIN` of its best (`sweep_report.fewest_plans`); the
 expected gain is that point's mean Dice minus the unadapted model's Dice on the same test plans
 (the sweep's baseline; the clinic's measured Dice when the sweep has none, said so). The curve
-is a sweep's (`flaxdose.sweep`): measured, not guessed, on the sweep's target style, which
+is a sweep's (`flaxdose.sweeps.runner`): measured, not guessed, on the sweep's target style, which
 is the clinic's own only when the sweep ran on the clinic's plans (``data.folders``).
 """
 
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxdose import evaluation, sweep_report
+from flaxdose import evaluation
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder
+from flaxdose.sweeps import report as sweep_report
 
 DEFAULT_ALPHA = 0.05
 SCORES = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "mean absolute DVH error (% of Rx)"}

@@ -125,7 +125,7 @@ def model_config(config) -> ml_collections.ConfigDict:
 def training_summary(workdir: Path, config) -> dict:
     """Counts of the run's training data, never case ids or paths: cases per role, styles, grids, voxel
     spacings and prescriptions of the cases it saw. ``{"available": False, ...}`` when the data is gone."""
-    from flaxdose.inference import trained_cases
+    from flaxdose.inference.runs import trained_cases
 
     summary = {"kind": str(config.data.kind)}
     try:
@@ -136,7 +136,7 @@ def training_summary(workdir: Path, config) -> dict:
                 "note": "the training dataset could not be read when the package was exported"}
     if "val" in dataset.splits:
         n_val = len(dataset.split("val"))
-    else:  # carved off the end of the training cases, as flaxdose.trainer.split_ids does
+    else:  # carved off the end of the training cases, as flaxdose.training.trainer.split_ids does
         n_val = min(int(config.data.get("val_cases", 0)), max(len(seen) - 1, 0))
     styles, shapes, spacings, prescriptions = {}, {}, set(), []
     for case_id in seen:
@@ -178,7 +178,8 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
     from flaxdose import provenance
     from flaxdose.checkpoint import restore_params
     from flaxdose.data.pipeline import DISTANCE_RANGE, DISTANCE_SCALE_MM
-    from flaxdose.inference import SPACING_KEY, accepted_spacing, recovered_spacing, run_config_file
+    from flaxdose.inference.runs import recovered_spacing, run_config_file
+    from flaxdose.inference.spacing import SPACING_KEY, accepted_spacing
     from flaxdose.io import atomic_folder, check_writable
     from flaxdose.model import UNetSpec, init_params
 
@@ -241,7 +242,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
                      "data": training_summary(workdir, config)},
     }
     transfer = config.get("transfer") or {}
-    if transfer.get("mode", "none") != "none":  # as flaxdose.transfer.is_transfer
+    if transfer.get("mode", "none") != "none":  # as flaxdose.training.transfer.is_transfer
         metadata["training"]["fine_tuned"] = {
             "mode": transfer.get("mode"), "source_model": Path(str(transfer.get("source", ""))).name,
             "note": "fine-tuned from a source model: the data summary counts the fine-tuning plans only, not the "
@@ -299,7 +300,7 @@ def load_model(path: str | os.PathLike, full_volume: bool = False, mirror: bool 
     """The `flaxdose.inference.Model` of the package at `path` (checked by `read_metadata` first), named by
     its metadata, checking every case against its training voxel spacing. Raises FlaxdoseError for a
     package `read_metadata` refuses or weights that do not fit its model."""
-    from flaxdose.inference import Model
+    from flaxdose.inference.predictor import Model
     from flaxdose.model import UNetSpec, init_params
 
     root = package_root(path)

@@ -11,7 +11,7 @@ and ``jax.vmap`` over the runs on a device, with no gradient averaging between r
 run keeps its own seed, case subset, grain pipeline, learning rate and checkpoints, and
 ends with the parameters it would have had trained alone (a test checks this).
 
-Learning rates: each run's rate lives in its optimizer state (`flaxdose.optim`), so the
+Learning rates: each run's rate lives in its optimizer state (`flaxdose.training.optim`), so the
 stacked states carry one rate per run and one compiled step trains them all.
 
 Folder layout (``--workdir``):
@@ -45,14 +45,16 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose import evaluation, trainer, transfer
+from flaxdose import evaluation
 from flaxdose.checkpoint import CHECKPOINTS, saved_steps
 from flaxdose.data import pipeline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference import SPACING_KEY, Model
+from flaxdose.inference.predictor import Model
+from flaxdose.inference.spacing import SPACING_KEY
 from flaxdose.io import atomic_write_text
 from flaxdose.model import UNetSpec
+from flaxdose.training import trainer, transfer
 
 SCRATCH = "scratch"
 MODES = (*transfer.MODES, SCRATCH)
@@ -405,7 +407,7 @@ class Sweep:
 
         Returns the path of summary.md.
         """
-        from flaxdose import sweep_report
+        from flaxdose.sweeps import report as sweep_report
 
         rows, baselines = self.collect()
         return sweep_report.write(self.root / "report", rows, baselines, len(self.runs), self.config, title)

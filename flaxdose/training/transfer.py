@@ -4,7 +4,7 @@ The paper's recipe (mode ``paper``): load the source model, freeze the first hal
 network (here the `encoder` and `bottleneck` subtrees: everything before the first
 up-sampling), train the second half (`decoder` + `head`) and randomly re-initialize the
 very last layer (`head`), with the learning rate reduced to 1e-5. Frozen parameters get
-`optax.set_to_zero()` through `optax.multi_transform` (`flaxdose.optim`), so they stay
+`optax.set_to_zero()` through `optax.multi_transform` (`flaxdose.training.optim`), so they stay
 bit-identical and carry no Adam moments.
 
 Further modes, beyond the paper:
@@ -99,7 +99,7 @@ def check_source_inputs(config, source) -> None:
     """Refuse a fine-tune whose inputs (structures, the target-distance channel) differ from the source's,
     naming the settings that fix it (the parameter shapes alone would not say which)."""
     from flaxdose import config as config_lib
-    from flaxdose.inference import run_config_file
+    from flaxdose.inference.runs import run_config_file
 
     theirs = config_lib.load_config_json(run_config_file(source, "latest")).data
     fixes = []
@@ -117,7 +117,7 @@ def check_source_inputs(config, source) -> None:
 def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:
     """(params, metadata) of a fine-tune's start: the source model's params, the head re-initialized per mode.
 
-    The optimizer comes from `flaxdose.optim.make_optimizer`. Raises FlaxdoseError without a
+    The optimizer comes from `flaxdose.training.optim.make_optimizer`. Raises FlaxdoseError without a
     source (``transfer.source``), for an unknown mode, or a source of another architecture.
     """
     mode = get_mode(config.transfer.mode)

@@ -8,7 +8,7 @@ JAX backend (``jax.devices()``, any computation), because the backends are built
 process group.
 
 Once started, `jax.pmap` spans the devices of all processes: each process feeds its own
-devices and `lax.pmean` averages over the global device axis (see `flaxdose.trainer`).
+devices and `lax.pmean` averages over the global device axis (see `flaxdose.training.trainer`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _start(kwargs: dict, one_per_node: bool) -> None:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # RuntimeError (called too late or twice), coordinator unreachable, ...
         raise FlaxdoseError(
-            f"could not start the multi-process runtime ({e}); call flaxdose.distributed.initialize once, before any "
+            f"could not start the multi-process runtime ({e}); call flaxdose.training.distributed.initialize once, before any "
             "other JAX use, and check that process 0 runs and its --coordinator address is reachable from every process"
         ) from None
     if one_per_node and not os.environ.get("JAX_LOCAL_DEVICE_IDS"):

@@ -1,5 +1,5 @@
 """The one optimizer builder: Adam, an optional learning-rate schedule, and freezing for transfer
-learning (see `flaxdose.transfer`).
+learning (see `flaxdose.training.transfer`).
 
 The learning rate lives in the optimizer state (`optax.inject_hyperparams`), so runs with
 different rates have states of one structure: a sweep stacks them and trains them with one
@@ -17,8 +17,8 @@ import math
 
 import optax
 
-from flaxdose import transfer
 from flaxdose.errors import FlaxdoseError
+from flaxdose.training import transfer
 
 SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay")
 log = logging.getLogger("flaxdose")

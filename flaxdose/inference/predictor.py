@@ -1,0 +1,290 @@
+"""Inference: a trained model as an object that predicts dose for cases.
+
+`Model` holds the architecture, parameters, the structures it expects and its training
+patch size; build it from a workdir (`Model.load`) or from a config and parameters
+(`Model.from_config`). Prediction runs sliding windows of the training patch size with
+50 % overlap and Gaussian blending, so the network always sees inputs like those it was
+trained on: with GroupNorm, a whole-volume pass normalizes over a different extent than
+the training patches and shifts the dose (``window=None`` still does that, for
+comparison). Dose is clipped at 0, converted from units of the prescription to Gy, and
+zeroed outside the case's dose region (`Case.dose_region`: the body, or OpenKBP's
+possible-dose mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from flaxdose import config as config_lib
+from flaxdose.checkpoint import CHECKPOINTS, restore_params, saved_steps
+from flaxdose.convolution import resolve_form
+from flaxdose.data.case import Case, Dataset, each_case, with_all_split, write_dataset
+from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
+from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.runs import recovered_spacing, run_config_file
+from flaxdose.inference.spacing import SPACING_KEY, check_spacing, describe_spacing
+from flaxdose.io import check_writable
+from flaxdose.model import UNet3D, UNetSpec, init_params
+
+log = logging.getLogger("flaxdose")
+
+
+@functools.lru_cache(maxsize=16)  # one compiled function per model, however many Models use it
+def make_predict_fn(spec: UNetSpec) -> Callable:
+    """jit-compiled (params, uint8 or float inputs (N, X, Y, Z, C)) -> (N, X, Y, Z) dose / prescription;
+    ``model.conv="auto"`` takes the fastest forward-only convolution form (`resolve_form`)."""
+    spec = dataclasses.replace(spec, conv=resolve_form(spec.conv, inference=True))
+    return jax.jit(lambda params, inputs: UNet3D(spec).apply({"params": params}, inputs.astype(jnp.float32)))
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window offsets along one axis: stride window*(1-overlap), the last window flush with the end."""
+    if window >= size:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, size - window + 1, stride))
+    return starts if starts[-1] == size - window else [*starts, size - window]
+
+
+def gaussian_weights(window: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
+    """Blending weights peaking at the window centre (edges, with the least context, count least)."""
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / max(n * sigma_fraction, 1e-6)) ** 2) for n in window]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def sliding_window(run, volume: np.ndarray, window: Sequence[int], overlap: float = 0.5, batch_size: int = 1) -> np.ndarray:
+    """Predict a (X, Y, Z, C) `volume` window by window and blend the windows.
+
+    `run` maps (B, *window, C) inputs to (B, *window) outputs; windows of at most `window`
+    voxels overlap by `overlap` along each axis (`window_starts`) and are blended with
+    `gaussian_weights`. Returns float32 (X, Y, Z) in `run`'s units.
+    """
+    shape = volume.shape[:3]
+    window = tuple(min(w, n) for w, n in zip(window, shape))
+    corners = [(i, j, k) for i in window_starts(shape[0], window[0], overlap)
+               for j in window_starts(shape[1], window[1], overlap) for k in window_starts(shape[2], window[2], overlap)]
+    weights = gaussian_weights(window)
+    total, norm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for chunk in range(0, len(corners), batch_size):
+        members = corners[chunk : chunk + batch_size]
+        slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in members]
+        crops = np.stack([volume[s] for s in slices])
+        if len(members) < batch_size:  # one batch shape: one compilation
+            crops = np.concatenate([crops, np.zeros((batch_size - len(members), *crops.shape[1:]), crops.dtype)])
+        predicted = np.asarray(run(crops))
+        for row, s in enumerate(slices):
+            total[s] += predicted[row] * weights
+            norm[s] += weights
+    return total / norm
+
+
+# ---------------------------------------------------------------- plausibility
+# A prostate plan's maximum is ~105-115 % of the prescription; far above it the input is unlike
+# anything the model was trained on. Prescriptions beyond these bounds look like cGy or a typo.
+IMPLAUSIBLE_MAX_RELATIVE = 1.5
+PLAUSIBLE_PRESCRIPTION_GY = (1.0, 120.0)
+
+
+def implausible(case: Case, relative: np.ndarray) -> str:
+    """Why a prediction (dose / prescription, (X, Y, Z)) should not be trusted, or "" (checks: its maximum
+    against `IMPLAUSIBLE_MAX_RELATIVE`, the prescription against `PLAUSIBLE_PRESCRIPTION_GY`)."""
+    lo, hi = PLAUSIBLE_PRESCRIPTION_GY
+    if not lo <= case.prescription_gy <= hi:
+        return (f"prescription {case.prescription_gy:g} Gy is outside {lo:g}-{hi:g} Gy (cGy given as Gy?); the "
+                "predicted dose scales with it: check prescription_gy")
+    peak = float(np.max(relative)) if relative.size else 0.0
+    if peak > IMPLAUSIBLE_MAX_RELATIVE:
+        return (f"predicted maximum {peak * case.prescription_gy:.1f} Gy is {peak:.2f} x the prescription: either "
+                "the case is unlike the model's training data (structure names and order, grid, spacing?) or the "
+                "model is under-trained (few steps; see its validation loss); do not use it")
+    return ""
+
+
+class Model:
+    """A trained model: architecture, parameters, the structures it expects and its training patch size.
+
+    `predict` runs sliding windows of the training patch size (50 % overlap, Gaussian
+    blending): every window is exactly the input the model was trained on, including its
+    GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
+    (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
+    the left-right mirrored case (paired structures swapped, as the training flips do) and
+    averages the two (test-time augmentation; twice the work). `with_distance`: the model also
+    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`). `train_spacing_mm`:
+    the training cases' spacing (`spacing_record`), checked against each case (`check_spacing`);
+    None checks nothing (a model trained before runs stored it, or one built mid-training).
+    """
+
+    def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
+                 window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
+                 with_distance: bool = False, train_spacing_mm: Mapping | None = None):
+        self.spec, self.structures, self.name = spec, tuple(structures), name
+        self.with_distance = bool(with_distance)
+        self.train_spacing_mm = None if train_spacing_mm is None else dict(train_spacing_mm)
+        self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
+        self.params = jax.device_put(params)
+        self._predict = make_predict_fn(spec)
+
+    @classmethod
+    def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False,
+                    train_spacing_mm: Mapping | None = None) -> Model:
+        """The model a run config trains (`config.model`, `config.data.structures` and `target_distance`, its
+        patch size), with `params` (and the training spacing to check cases against, if known)."""
+        window = None if full_volume else tuple(config.data.patch_shape)
+        return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
+                   mirror=mirror, with_distance=config.data.get("target_distance", False),
+                   train_spacing_mm=train_spacing_mm)
+
+    @classmethod
+    def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
+        """From a training workdir, a checkpoint path inside one (config.json is found above it), or a model
+        package (`flaxdose.package`, hash-checked; it holds one set of weights, so `which` is ignored).
+
+        `which`: "best" (lowest validation loss, else the latest) or "latest". The checkpoint's
+        training spacing (`SPACING_KEY`) is checked against every case predicted; for a checkpoint
+        without one (trained before runs stored it) it is recovered from the training data
+        (`recovered_spacing`), and only when that cannot be read is a warning logged that it cannot
+        be checked. Raises
+        FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
+        """
+        from flaxdose.inference import package
+
+        path = Path(path)
+        if package.is_package(path):
+            return package.load_model(path, full_volume=full_volume, mirror=mirror)
+        config_file = run_config_file(path, which)
+        config = config_lib.load_config_json(config_file)
+        spec = UNetSpec.from_config(config.model)
+        template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
+        params, meta = restore_params(path, template, which)
+        name = config_file.parent.name
+        spacing = meta.get(SPACING_KEY)
+        if spacing is None:
+            try:
+                spacing = recovered_spacing(path)
+                log.info("model %s: training voxel spacing %s mm recovered from its training data (its checkpoint "
+                         "predates stored spacings)", name, describe_spacing(spacing))
+            except FlaxdoseError as e:
+                log.warning("model %s (%s) stores no training voxel spacing and its training data cannot be read "
+                            "(%s): the spacing of the cases it predicts cannot be checked, and on another spacing "
+                            "its dose is wrong in scale. Predict only data on the training spacing, or retrain it "
+                            "with this flaxdose (runs now store the spacing)", name, config_file.parent, e)
+        trained, planned = max(saved_steps(config_file.parent / CHECKPOINTS), default=None), int(config.train.steps)
+        if trained is not None and trained < planned:
+            log.warning("model %s: its training stopped at step %d of %d (an unfinished run); rerun the training "
+                        "command to finish it", name, trained, planned)
+        return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
+                               train_spacing_mm=spacing)
+
+    def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
+        """(X, Y, Z, C) `model_inputs` -> (X, Y, Z) dose in units of the prescription."""
+        run = lambda x: self._predict(self.params, x)
+        one = lambda v: (np.asarray(run(v[None]))[0] if self.window is None
+                         else sliding_window(run, v, self.window, self.overlap, batch_size))
+        if not self.mirror:
+            return one(inputs)
+        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
+        return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
+
+    def check_case(self, case: Case, what: str | None = None) -> None:
+        """Raise FlaxdoseError unless the model can predict `case`: the model's structures in its order, a
+        prescription, and a voxel spacing within the training spacing's tolerance (`check_spacing`; the
+        error names the case as `what`, default its id)."""
+        case.check_structures(self.structures)
+        if not case.prescription_gy > 0:
+            raise FlaxdoseError(f"{what or f'case {case.case_id!r}'} has no prescription; set prescription_gy to "
+                                "predict Gy")
+        check_spacing(case, self.train_spacing_mm, f"model {self.name!r}", what)
+
+    def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False,
+                check: bool = True) -> list[Case]:
+        """Predicted dose for each case, as copies of the cases with `dose` replaced.
+
+        The dose is float32 (X, Y, Z) in Gy: the network's output x the case's prescription,
+        clipped at 0 and zero outside `Case.dose_region`. With `check`, an `implausible` prediction is
+        logged and noted in the case's meta (``prediction_warning``). Raises FlaxdoseError for a case
+        `check_case` refuses (before predicting any), and for one without target voxels when the model
+        takes the target distance.
+        """
+        for case in cases:
+            self.check_case(case)
+        out = []
+        for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
+            relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
+            if not np.isfinite(relative).all():  # the inputs are masks: the model is at fault, not the case
+                raise FlaxdoseError(f"model {self.name!r} predicted NaN or infinite dose for case {case.case_id!r}: "
+                                    "its weights are broken (a diverged training run?); predict with another "
+                                    "checkpoint (--which latest) or retrain")
+            dose = np.clip(relative, 0.0, None) * case.prescription_gy
+            region = case.dose_region()
+            if region is not None:  # no dose in the air around the patient
+                dose = dose * region
+            dose = dose.astype(np.float32)
+            meta = {**case.meta, "predicted_by": self.name}
+            doubt = implausible(case, dose / case.prescription_gy) if check else ""
+            if doubt:
+                log.warning("case %s: %s", case.case_id, doubt)
+                meta["prediction_warning"] = doubt
+            out.append(case.replace(dose=dose, meta=meta))
+        return out
+
+
+def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> float:
+    """Mean over `cases` of the voxel mean of ((predicted - reference dose) / prescription)^2.
+
+    The prediction is exactly what `Model.predict` returns (and evaluation scores): sliding
+    windows, clipped at 0, zero outside the dose region. The training loop selects its
+    `best` checkpoint with this. NaN for no cases; raises FlaxdoseError for cases without a
+    dose (and see `Model.predict`).
+    """
+    if not cases:
+        return float("nan")
+    missing = [c.case_id for c in cases if c.dose is None]
+    if missing:
+        raise FlaxdoseError(f"validation cases {missing[:5]} have no reference dose")
+    predicted = model.predict(cases, batch_size=batch_size, check=False)  # mid-training models are far off
+    return float(np.mean([np.mean(((p.dose - c.dose) / c.prescription_gy) ** 2, dtype=np.float64)
+                          for p, c in zip(predicted, cases)]))
+
+
+def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
+                    overwrite: bool = False, keep_going: bool = False) -> Dataset:
+    """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.
+
+    `split` "all" (`data.case.ALL_SPLITS`, unless the dataset has a split of that name): every case of every
+    split, each once, in split order, written as the split "all".
+
+    The written cases are copies of the inputs whose `dose` is the prediction (Gy), with the
+    split's name and ids. `keep_going`: a case that cannot be read or predicted (a FlaxdoseError:
+    no target, other structures or spacing, ...) is logged and left out, and the manifest's
+    ``failed`` maps its id to the reason (always present, {} when none failed); otherwise the
+    first such case stops the run. Raises FlaxdoseError for an empty split, an `out` that holds
+    files (unless `overwrite`), or when no case could be predicted (naming why); nothing
+    half-written is left.
+    """
+    check_writable(out, overwrite)
+    dataset = with_all_split(Dataset.open(data), split)
+    ids = dataset.split(split)
+    if not ids:
+        raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; nothing to predict")
+    if not keep_going:
+        predictions, done, failed = model.predict([dataset.load(i) for i in ids], batch_size=batch_size,
+                                                  progress=True), ids, {}
+    else:
+        results, failed = each_case(ids, lambda i: model.predict([dataset.load(i)], batch_size=batch_size)[0],
+                                    action="predicted", what=f"split {split!r} of {dataset.root}")
+        predictions, done = list(results.values()), list(results)
+    return write_dataset(out, predictions, {split: done}, overwrite=overwrite,
+                         extra={"predicted_by": str(model.name), "source_dataset": str(Path(data).resolve()),
+                                "failed": failed})
+
+

@@ -1,0 +1,2 @@
+"""Training: the loop (`trainer`), transfer learning (`transfer`), the optimizer (`optim`) and multi-host
+set-up (`distributed`)."""
