@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
@@ -37,7 +38,6 @@ INTERRUPTED = 130  # the shell's convention for a Ctrl-C (128 + SIGINT)
 
 def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):
     """Define ``--config`` (a `ml_collections.config_flags` config file flag) with a default config name."""
-    from ml_collections import config_flags
 
     return config_flags.DEFINE_config_file("config", config_lib.config_path(default), help_string)
 

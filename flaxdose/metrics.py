@@ -13,6 +13,7 @@ Conventions (voxel-based, every voxel of a structure has equal weight):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -189,7 +190,6 @@ class MetricSpec:
 def parse_metric_spec(text: str) -> MetricSpec:
     """Parse ``"<structure> <metric>"`` (e.g. ``"Rectum V70Gy[%]"``, ``"PTV D95[%]"``, ``"Dmax[0.03cc]"``
     after a structure). Raises FlaxdoseError naming the forms accepted."""
-    import re
 
     text = " ".join(str(text).split())
     structure, _, metric = text.rpartition(" ")

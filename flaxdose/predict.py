@@ -31,7 +31,9 @@ from pathlib import Path
 from absl import flags
 
 from flaxdose import cli, inference
+from flaxdose.dicom import AliasTable
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import check_writable
 
 FLAGS = flags.FLAGS
 
@@ -88,8 +90,6 @@ def main(argv):
     run = FLAGS.checkpoint or FLAGS.workdir
     check_run_exists(run, "--checkpoint" if FLAGS.checkpoint else "--workdir")
     if FLAGS.dicom and FLAGS.out:
-        from flaxdose.io import check_writable
-
         check_writable(FLAGS.out, FLAGS.overwrite)
         model = inference.Model.load(run, full_volume=FLAGS.full_volume)
         results = inference.predict_dicom_folder(model, FLAGS.dicom, FLAGS.out, prescription_gy=FLAGS.prescription_gy,
@@ -126,8 +126,6 @@ def main(argv):
 
 
 def _aliases():
-    from flaxdose.dicom import AliasTable
-
     if FLAGS.aliases and not FLAGS.dicom:
         raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
     return AliasTable.from_file(FLAGS.aliases)

@@ -24,7 +24,7 @@ def commit() -> str | None:
 
 def machine() -> str:
     """One line: the JAX devices, CPU cores, architecture and versions."""
-    import jax
+    import jax  # here, not at import: commands import this module before their XLA flags are set
 
     devices = jax.local_devices()
     kind = devices[0].device_kind if devices else "?"

@@ -33,9 +33,12 @@ from absl import flags
 
 from flaxdose import cli, planqa
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
+from flaxdose.dicom import AliasTable
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.dicom_plans import grid_name
 from flaxdose.inference.package import is_package
 from flaxdose.io import atomic_folder, check_writable
+from flaxdose.metrics import parse_metric_spec
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("flaxdose")
@@ -119,14 +122,11 @@ def main(argv):
         raise FlaxdoseError(f"nothing to do: give --data or --dicom (or --calibration_data alone to calibrate); {USAGE}")
     planqa.check_level(FLAGS.level)
     if FLAGS.metrics:
-        from flaxdose.metrics import parse_metric_spec
-
         for spec in FLAGS.metrics:
             parse_metric_spec(spec)  # a typo refused before the long work
     check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
     if FLAGS.aliases and not FLAGS.dicom:
         raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
-    from flaxdose.dicom import AliasTable
 
     aliases = AliasTable.from_file(FLAGS.aliases)
     workdirs = planqa.expand_workdirs(FLAGS.workdirs)
@@ -151,8 +151,6 @@ def main(argv):
         return 0
     predictions = None
     if FLAGS.dicom:
-        from flaxdose.inference.dicom_plans import grid_name
-
         skipped = []
         # plan metrics on the plan's own RTDOSE grid (what the planning system shows), the prediction brought there
         made = ensemble.predict_cases(plans, FLAGS.batch_size, progress=True)

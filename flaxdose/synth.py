@@ -13,6 +13,7 @@ from absl import flags
 
 from flaxdose import cli
 from flaxdose.errors import FlaxdoseError
+from flaxdose.synthetic import generator
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +38,6 @@ def main(argv):
     """
     if len(argv) > 1:
         raise FlaxdoseError(f"unexpected arguments: {argv[1:]}")
-    from flaxdose.synthetic import generator
 
     modes = [m for m in ("out", "study", "report") if getattr(FLAGS, m)]
     if len(modes) != 1:

@@ -32,10 +32,12 @@ from flaxdose.launch.paper_study import Stages, results_folder, timing_and_setti
 
 from flaxdose import cli, provenance
 from flaxdose import config as config_lib
+from flaxdose.checkpoint import find_checkpoint
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.baseline import DistanceBaseline
 from flaxdose.inference.predictor import Model
+from flaxdose.model import count_params
 from flaxdose.openkbp import (
     TARGET_PRESCRIPTION_GY,
     convert_openkbp,
@@ -167,9 +169,6 @@ def _row(name: str, scores: dict, note: str) -> str:
 
 def write_report(scale: str, settings: dict, configs: list, network: Path, workdir: Path, results: Path, times: dict,
                  load: dict) -> Path:
-    from flaxdose.checkpoint import find_checkpoint
-    from flaxdose.model import count_params
-
     name = report_name(scale)
     figures = results / name
     if figures.exists():

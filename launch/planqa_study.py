@@ -33,12 +33,14 @@ from absl import flags
 from flaxdose.configs import quick
 from flaxdose.configs._sweep import sweep_config
 from flaxdose.launch.paper_study import Stages, results_folder
+from scipy import stats
 
 from flaxdose import cli, evaluation, planqa, plots, provenance
 from flaxdose import config as config_lib
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.planqa import assess
+from flaxdose.sweeps.runner import Sweep
 from flaxdose.synthetic import generator as synth
 from flaxdose.synthetic.styles import STYLE_TABLE
 from flaxdose.training import trainer
@@ -107,8 +109,6 @@ def member_config(workdir: Path, s: dict, seed: int):
 
 
 def curve_sweep(workdir: Path, s: dict):
-    from flaxdose.sweeps.runner import Sweep
-
     base = member_config(workdir, s, 0)
     base.train.update(steps=s["curve"]["steps"], eval_every=s["curve"]["steps"], checkpoint_every=s["curve"]["steps"])
     c = s["clinic"]
@@ -220,8 +220,6 @@ def style_check(workdir: Path, s: dict, own, own_predictions, clinic, clinic_pre
 
 # ---------------------------------------------------------------- report
 def binomial_ci(k: int, n: int) -> str:
-    from scipy import stats
-
     ci = stats.binomtest(k, n).proportion_ci(0.95)
     return f"{ci.low:.2f}-{ci.high:.2f}"
 

@@ -6,14 +6,19 @@ the compile/warm-up time apart from it. `train` and `infer` use data resident on
 device; `train_e2e` feeds the same flax train step from the real grain pipeline (phantom
 cases written to a temporary dataset) through a device prefetch queue. See
 docs/performance.md for the method and the numbers.
+
+jax, and every flaxdose module that imports it, is imported inside the functions that need it:
+`--xla_flags` must reach XLA_FLAGS before jax loads (`flaxdose.bench.__main__`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
+import importlib.metadata as md
 import itertools
 import json
 import math
@@ -478,8 +483,6 @@ def bench_torch(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
 # ---------------------------------------------------------------- report
 def environment() -> dict:
     """Where the numbers come from: UTC date, git commit, host CPUs, machine, package versions, XLA_FLAGS."""
-    import importlib.metadata as md
-
     versions = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "optax", "grain", "numpy", "torch"):
         try:
@@ -588,8 +591,6 @@ def keep_host_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))

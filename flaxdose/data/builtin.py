@@ -10,6 +10,8 @@ from pathlib import Path
 
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.synthetic import generator as synth
+from flaxdose.synthetic.phantom import phantom_cases
 
 KINDS = ("synthetic", "phantom", "folder")
 
@@ -28,8 +30,6 @@ def resolve_dataset(data_cfg, workdir: str | Path) -> Dataset:
         return Dataset.open(data_cfg.path)
     cache = Path(data_cfg.cache_dir or Path(workdir) / "data")
     if kind == "synthetic":
-        from flaxdose.synthetic import generator as synth  # the VMAT generator pulls in more JAX code; load on demand
-
         name = f"{data_cfg.style}_scale{data_cfg.scale:g}_seed{data_cfg.seed}_{data_cfg.n_train}-{data_cfg.n_test}"
         root = synth.ensure_dataset(
             cache / name, data_cfg.style, data_cfg.n_train, data_cfg.n_test, seed=data_cfg.seed, scale=data_cfg.scale
@@ -41,8 +41,6 @@ def resolve_dataset(data_cfg, workdir: str | Path) -> Dataset:
 
 
 def _phantom_dataset(cache: Path, data_cfg) -> Dataset:
-    from flaxdose.synthetic.phantom import phantom_cases
-
     shape = tuple(data_cfg.phantom_shape)
     root = cache / f"phantom_{'x'.join(map(str, shape))}_seed{data_cfg.seed}_{data_cfg.n_train}-{data_cfg.n_test}"
     if (root / "manifest.json").is_file():

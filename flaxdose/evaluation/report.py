@@ -27,6 +27,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -86,7 +87,6 @@ FIGURE_CAPTIONS = {"dice.png": "Isodose Dice per dose level, mean over the cases
 def figure_lines(figures: Sequence[str]) -> list[str]:
     """Markdown that shows each figure of the report folder in place (links relative to report.md, so the
     folder can be moved or shared whole), each under its caption."""
-    from urllib.parse import quote
 
     lines = []
     for name in figures:

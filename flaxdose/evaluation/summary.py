@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation.scoring import DICE_KEYS, ERROR_SUFFIXES
@@ -49,7 +50,6 @@ def describe(values: Sequence[float]) -> dict:
 
 def paired_ttest(rows: Sequence[dict], model_a: str, model_b: str) -> dict:
     """scipy.stats.ttest_rel of model_b vs model_a per metric over the cases both evaluated."""
-    from scipy import stats
 
     by_model = rows_by_model(rows)
     cases = [c for c in by_model[model_a] if c in by_model[model_b]]

@@ -4,12 +4,20 @@ plans of an export, writing RTDOSE files, per-plan DVH metrics and a summary tab
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
+import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from flaxdose.data.case import Case
+from flaxdose.dicom import group_plans, read_plan, read_rt, write_rtdose
+from flaxdose.dicom.archives import archive_kind
+from flaxdose.dicom.damage import damaged_among, plan_damage
+from flaxdose.dicom.files import RTDOSE_STORAGE, DicomFile, scan_tree
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.predictor import Model
 from flaxdose.inference.spacing import (
@@ -18,7 +26,8 @@ from flaxdose.inference.spacing import (
     field_of_view_shape,
     spacing_fits,
 )
-from flaxdose.io import check_writable
+from flaxdose.io import atomic_folder, atomic_write_text, check_writable
+from flaxdose.metrics import PROSTATE_METRIC_SPECS, parse_metric_spec, plan_dvh_metrics, spec_metrics, spec_unit
 
 log = logging.getLogger("flaxdose")
 
@@ -37,7 +46,6 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     prescription (give one), or a model cannot predict it (structures, spacing; naming the folder,
     not the case's anonymous id).
     """
-    from flaxdose.dicom import read_plan, read_rt
 
     if plan is None and not Path(patient_dir).is_dir():  # before any log line says it is being read
         problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
@@ -110,8 +118,6 @@ class DicomPlan:
 
 
 def _common_folder(paths: Iterable[Path]) -> str:
-    import os
-
     folders = [str(Path(p).parent) for p in paths]
     return os.path.commonpath(folders) if folders else "?"
 
@@ -126,10 +132,6 @@ def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[Dico
     stop no plan (other SOP classes, flaxdose's own predictions, RTPLANs no dose belongs to). Raises
     FlaxdoseError when `root` does not exist or holds no DICOM.
     """
-    from flaxdose.dicom import group_plans
-    from flaxdose.dicom.archives import archive_kind
-    from flaxdose.dicom.damage import damaged_among, plan_damage
-    from flaxdose.dicom.files import scan_tree
 
     if not Path(root).exists():
         raise FlaxdoseError(f"the DICOM export root {root} does not exist; give the folder holding the patients' "
@@ -242,7 +244,6 @@ def export_rtdose(predicted: Case, reference_ct, out: str | Path, plan: str | Pa
     dose); `bits`: 16 or 32 per stored value. Raises FlaxdoseError when the file exists and not
     `overwrite`, and for what `write_rtdose` refuses.
     """
-    from flaxdose.dicom import write_rtdose
 
     path = resolve_rtdose_path(out)
     if path.exists() and not overwrite:
@@ -268,8 +269,6 @@ def rtdose_case(plan, rtdose_path: str | Path, structures: Sequence[str], prescr
     """The dose of the RTDOSE file at `rtdose_path` (one written for `plan`) on its own grid, with `plan`'s
     structures rasterized on that grid (as a planning system computes a DVH), as a Case with the
     prescription `prescription_gy`. Raises FlaxdoseError when the file or structures cannot be read."""
-    from flaxdose.dicom import read_plan
-    from flaxdose.dicom.files import RTDOSE_STORAGE, DicomFile
 
     rd = DicomFile(Path(rtdose_path), "RTDOSE", RTDOSE_STORAGE, "", "", "", "", plan.for_uid, dose_summation="PLAN")
     on_file = dataclasses.replace(plan, doses=[rd], dose_kind="PLAN", problems=[], notes=[])
@@ -286,7 +285,6 @@ def grid_name(case: Case) -> str:
 
 def case_metric_rows(case: Case, specs: Sequence[str], name: str) -> list[dict]:
     """Rows (`METRIC_COLUMNS`) of the paper's DVH metrics (Gy) and the metric `specs` of `case`'s dose."""
-    from flaxdose.metrics import plan_dvh_metrics, spec_metrics, spec_unit
 
     grid = grid_name(case)
     rows = []
@@ -306,13 +304,9 @@ def case_metric_rows(case: Case, specs: Sequence[str], name: str) -> list[dict]:
 
 def write_metric_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
     """Write metric rows (`METRIC_COLUMNS`; values with 4 decimals, empty for NaN) as CSV at `path`."""
-    import csv
-    import io as _io
-    import math
 
-    from flaxdose.io import atomic_write_text
 
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -362,9 +356,7 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
     Raises FlaxdoseError when `out` holds files (and not `overwrite`), lies inside `root`, or `root`
     holds no DICOM.
     """
-    from flaxdose import plots
-    from flaxdose.io import atomic_folder
-    from flaxdose.metrics import PROSTATE_METRIC_SPECS, parse_metric_spec
+    from flaxdose import plots  # matplotlib only when figures are drawn
 
     specs = tuple(PROSTATE_METRIC_SPECS if specs is None else specs)
     for spec in specs:
@@ -446,7 +438,6 @@ def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str
     folder without exactly one readable plan, an existing file without `overwrite` (before predicting),
     and for what reading, predicting or writing refuses.
     """
-    from flaxdose.metrics import PROSTATE_METRIC_SPECS
 
     target = resolve_rtdose_path(rtdose_out)
     if target.exists() and not overwrite:
@@ -475,7 +466,6 @@ def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str
 
 def plan_line(result: PlanResult) -> str:
     """One console line for a plan: its folder and key metrics, or why it failed."""
-    import math
 
     if result.error and not result.metrics:
         return f"{result.name} ({result.folder}): FAILED: {result.error}"
@@ -491,15 +481,11 @@ def write_summary(results: Sequence[PlanResult], path: str | Path) -> Path:
     prediction's reason), Rx, grid, files and
     every metric of the plans (one column each, in first-seen order). No folder names (they may name
     the patient)."""
-    import csv
-    import io as _io
-    import math
 
-    from flaxdose.io import atomic_write_text
 
     keys = list(dict.fromkeys(k for r in results for k in r.metrics))
     columns = ["plan", "status", "prescription_gy", "grid", "rtdose", "error", "warning", *keys]
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in results:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from flaxdose import evaluation
 from flaxdose.data.case import Case
@@ -53,7 +54,6 @@ def case_scores(rows: Sequence[dict]) -> list[dict]:
 
 def welch(own: Sequence[float], clinic: Sequence[float]) -> dict:
     """Both groups described (evaluation.describe), clinic - own mean difference, Welch t-test p (None if n < 2)."""
-    from scipy import stats
 
     own, clinic = (np.asarray([v for v in x if math.isfinite(v)], float) for x in (own, clinic))
     p = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy import stats
 
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
@@ -61,7 +62,6 @@ class MetricCalibration:
 
     def band(self, mean: float, variance: float, level: float) -> Band:
         """The band of a case whose members give `mean` and `variance` (module docstring)."""
-        from scipy import stats
 
         check_level(level)
         sigma = math.sqrt(self.spread_scale * variance + self.extra_variance + self.residual_sd_gy**2 / self.n)

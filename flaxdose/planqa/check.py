@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.dicom_plans import grid_name
 from flaxdose.metrics import OAR_METRICS
 from flaxdose.planqa.calibration import Calibration, check_level
 from flaxdose.planqa.ensemble import (
@@ -47,7 +48,6 @@ def check_plan(plan: Case, prediction: EnsemblePrediction, calibration: Calibrat
     its own RTDOSE grid for a DICOM export, `on_plan_grid`). ``position`` is "inside", "above", "below", or
     "n/a" (no band: the calibration lacks the metric, or the structure is empty).
     """
-    from flaxdose.inference.dicom_plans import grid_name
 
     check_same_anatomy(prediction, plan)
     grid = grid_name(plan)

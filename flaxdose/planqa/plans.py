@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose.data.case import ALL_SPLITS, Case, Dataset
+from flaxdose.data.grid import Grid
+from flaxdose.dicom import read_plan, resample
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference.dicom_plans import read_dicom_case
+from flaxdose.inference.dicom_plans import missing_dose_reason, one_dicom_plan, read_dicom_case
 from flaxdose.planqa.ensemble import Ensemble, EnsemblePrediction, case_metrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,6 @@ def read_dicom_plans(patient_dir: str | Path, ensemble: Ensemble, prescription_g
     planning system computes its DVH: QA's plan metrics come from it (`on_plan_grid`). Both have the
     same case id. Raises FlaxdoseError as `read_dicom_plan`.
     """
-    from flaxdose.dicom import read_plan
-    from flaxdose.inference.dicom_plans import missing_dose_reason, one_dicom_plan
 
     entry = one_dicom_plan(patient_dir)
     if not entry.files.doses:
@@ -76,8 +76,6 @@ def on_plan_grid(prediction: EnsemblePrediction, plan: Case) -> EnsemblePredicti
     dose resampled trilinearly (0 outside the model grid), the metrics recomputed with `plan`'s masks, the
     mean dose as the prediction's case. Plan and prediction metrics are then both taken on the plan's
     grid, the numbers a planning system shows for the plan."""
-    from flaxdose.data.grid import Grid
-    from flaxdose.dicom import resample
 
     src = prediction.case
     src_grid, dst_grid = Grid(src.origin_mm, src.spacing_mm, src.shape), Grid(plan.origin_mm, plan.spacing_mm, plan.shape)

@@ -10,7 +10,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from flaxdose.inference.dicom_plans import grid_name
 from flaxdose.io import atomic_folder
+from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
 from flaxdose.planqa.calibration import MIN_CALIBRATION_PLANS, Calibration, few_plans
 from flaxdose.planqa.check import ROW_COLUMNS, QAResult, coverage
 
@@ -74,8 +76,6 @@ def clinical_rows(result: QAResult, specs: Sequence[str] | None = None) -> list[
     """Per plan, the metric specs (`flaxdose.metrics.PROSTATE_METRIC_SPECS` by default, e.g. ``Rectum V70Gy[%]``)
     of the plan's dose and of the ensemble's mean predicted dose, both on the plan's grid with its masks
     (`CLINICAL_COLUMNS`; no bands: these are not calibrated)."""
-    from flaxdose.inference.dicom_plans import grid_name
-    from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
 
     rows = []
     for plan in result.plans:
@@ -98,7 +98,7 @@ def write_report(result: QAResult, calibration: Calibration, out_dir: str | Path
     and the metric bands (`flaxdose.plots.plan_bands`), for the first `max_figures` flagged plans.
     Returns the summary dict.
     """
-    from flaxdose import plots
+    from flaxdose import plots  # matplotlib only when figures are drawn
 
     info = summary(result, calibration, note)
     with atomic_folder(out_dir, overwrite) as tmp:

@@ -117,7 +117,7 @@ def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: i
 
 def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str = "") -> Path:
     """Write results.csv, learning_curve.png and summary.md into `out_dir`; returns summary.md."""
-    from flaxdose import plots
+    from flaxdose import plots  # matplotlib only when figures are drawn
 
     out_dir.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
