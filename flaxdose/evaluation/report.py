@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -36,8 +35,6 @@ from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation.scoring import DICE_KEYS, ID_COLUMNS
 from flaxdose.evaluation.summary import rows_by_model, summarize
 from flaxdose.io import atomic_folder
-
-log = logging.getLogger("flaxdose")
 
 
 # ---------------------------------------------------------------- report

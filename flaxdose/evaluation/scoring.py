@@ -6,7 +6,6 @@ flaxdose.metrics.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -19,7 +18,6 @@ from flaxdose.metrics import ISODOSE_LEVELS, dvh_errors, isodose_dice, plan_dvh_
 DICE_KEYS = tuple(f"dice_{round(level * 100)}" for level in ISODOSE_LEVELS) + ("dice_mean",)
 ERROR_SUFFIXES = ("err_gy", "err_pct", "abs_err_gy", "abs_err_pct")
 ID_COLUMNS = ("case_id", "model", "style", "prescription_gy")
-log = logging.getLogger("flaxdose")
 
 
 class Evaluation(NamedTuple):

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -15,8 +14,6 @@ from scipy import stats
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation.scoring import DICE_KEYS, ERROR_SUFFIXES
 from flaxdose.metrics import ISODOSE_LEVELS
-
-log = logging.getLogger("flaxdose")
 
 
 # ---------------------------------------------------------------- statistics

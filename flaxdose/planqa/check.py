@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -22,7 +21,6 @@ from flaxdose.planqa.ensemble import (
     split_key,
 )
 
-log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 0.95  # two-sided: about 2.5 % of good plans lie above an OAR band, per metric
 DEFAULT_TOLERANCE_GY = 1.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from flaxdose.evaluation.scoring import unique_names
 from flaxdose.inference.predictor import Model
 from flaxdose.metrics import plan_dvh_metrics
 
-log = logging.getLogger(__name__)
 
 def metric_key(structure: str, metric: str) -> str:
     """The key of `plan_dvh_metrics`: ``"<structure> <metric>"``."""

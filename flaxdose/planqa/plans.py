@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.dicom_plans import missing_dose_reason, one_dicom_plan, read_dicom_case
 from flaxdose.planqa.ensemble import Ensemble, EnsemblePrediction, case_metrics
 
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- plans in
 def load_plans(data: str | Path, split: str = ALL_SPLITS) -> tuple[list[Case], list[str]]:

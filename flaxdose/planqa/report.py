@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
 from flaxdose.planqa.calibration import MIN_CALIBRATION_PLANS, Calibration, few_plans
 from flaxdose.planqa.check import ROW_COLUMNS, QAResult, coverage
 
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- report
 def _fmt(value) -> str:
