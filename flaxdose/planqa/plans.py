@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxdose.data.case import ALL_SPLITS, Case, Dataset
+from flaxdose.data.case import ALL_SPLITS, Case, Dataset, with_all_split
 from flaxdose.data.grid import Grid
-from flaxdose.dicom import read_plan, resample
+from flaxdose.dicom import ReadOptions, read_plan, resample
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.dicom_plans import missing_dose_reason, one_dicom_plan, read_dicom_case
 from flaxdose.planqa.ensemble import Ensemble, EnsemblePrediction, case_metrics
@@ -22,9 +22,8 @@ def load_plans(data: str | Path, split: str = ALL_SPLITS) -> tuple[list[Case], l
 
     Raises FlaxdoseError for an empty split or a dataset whose plans all lack a dose.
     """
-    dataset = Dataset.open(data)
-    ids = list(dict.fromkeys(i for ids in dataset.splits.values() for i in ids)) if split == ALL_SPLITS \
-        else dataset.split(split)
+    dataset = with_all_split(Dataset.open(data), split)
+    ids = dataset.split(split)
     if not ids:
         raise FlaxdoseError(f"split {split!r} of {dataset.root} is empty; choose a split with plans (or 'all')")
     cases = [dataset.load(i) for i in ids]
@@ -64,8 +63,8 @@ def read_dicom_plans(patient_dir: str | Path, ensemble: Ensemble, prescription_g
         raise FlaxdoseError(f"{missing_dose_reason(entry)}; plan QA compares the plan's dose with the prediction")
     case = read_dicom_case(ensemble.models, entry.folder, prescription_gy, read_dose=True, model_shape=model_shape,
                            model_spacing_mm=model_spacing_mm, aliases=aliases, plan=entry.files)
-    own = read_plan(entry.files, ensemble.structures, grid="dose", prescription_gy=case.prescription_gy,
-                    aliases=aliases, case_id=case.case_id)
+    own = read_plan(entry.files, ReadOptions(ensemble.structures, "dose", aliases=aliases,
+                                             prescription_gy=case.prescription_gy), case.case_id)
     return case, own
 
 
