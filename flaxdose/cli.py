@@ -37,9 +37,13 @@ INTERRUPTED = 130  # the shell's convention for a Ctrl-C (128 + SIGINT)
 
 
 def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):
-    """Define ``--config`` (a `ml_collections.config_flags` config file flag) with a default config name."""
+    """Define ``--config`` (a `ml_collections.config_flags` config file flag) with a default config name.
 
-    return config_flags.DEFINE_config_file("config", config_lib.config_path(default), help_string)
+    The flag is also a key flag of the command being run, so its ``--help`` lists it (absl lists only
+    the main module's flags, and this one is defined here)."""
+    holder = config_flags.DEFINE_config_file("config", config_lib.config_path(default), help_string)
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
+    return holder
 
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:

@@ -1,8 +1,12 @@
+"""Configs and the command line every command shares (flaxdose.config, flaxdose.cli): names, overrides, one-line
+errors, -h, missing and bad flags."""
+
 import subprocess
 import sys
 
 import pytest
 
+from conftest import run_cli
 from flaxdose import cli
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
@@ -114,3 +118,45 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.startswith("flaxdose: interrupted") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- -h is --help
+COMMANDS = ("train", "predict", "evaluate", "qa", "import_dicom", "assess_style", "convert_openkbp", "synth")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_short_h_is_help(command):
+    short, long = run_cli(command, "-h", timeout=120), run_cli(command, "--help", timeout=120)
+    assert short.returncode == long.returncode == 0, short.stderr[-1000:]
+    assert short.stdout == long.stdout and f"flaxdose.{command}" in short.stdout and "--" in short.stdout
+
+
+def test_help_alias_leaves_values_after_the_separator():
+    from flaxdose.cli import help_alias
+
+    assert help_alias(["prog", "-h", "--out=x", "--", "-h"]) == ["prog", "--help", "--out=x", "--", "-h"]
+
+
+# ---------------------------------------------------------------- missing and bad flags are named
+@pytest.mark.parametrize("command, args, missing", [
+    ("assess_style", ["--workdirs=w", "--data=d"], "missing --own_data (held-out plans of the model's own style), "
+                                                   "--out (the report folder)"),
+    ("convert_openkbp", ["some_src"], "missing --out (the dataset folder to write)"),
+])
+def test_missing_required_flags_are_named(command, args, missing, tmp_path):
+    done = run_cli(command, *args, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(f"flaxdose: error: {missing}; usage: python -m flaxdose.{command}")
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "qa"])
+def test_a_batch_size_below_1_is_a_one_line_flag_error(command, tmp_path):
+    result = run_cli(command, "--batch_size=0", f"--out={tmp_path / 'o'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--batch_size=0" in result.stderr and "positive" in result.stderr
+
+
+def test_help_of_a_config_command_lists_config():
+    """--config is defined in flaxdose.cli, not in the command's module; --help must still list it."""
+    out = subprocess.run([sys.executable, "-m", "flaxdose.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--config: config name in configs/" in out.stdout and "--workdir:" in out.stdout
