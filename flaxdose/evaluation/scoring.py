@@ -21,7 +21,7 @@ ID_COLUMNS = ("case_id", "model", "style", "prescription_gy")
 
 
 class Evaluation(NamedTuple):
-    rows: list[dict]  # one per case x model, see the module docstring
+    rows: list[dict]  # one per case x model (columns: `flaxdose.evaluation.report`)
     references: list[Case]  # the evaluated cases (without failed ones)
     predictions: dict[str, list[Case]]  # model name -> predicted cases, in reference order
     failed: dict[str, str] = {}  # case id -> why it could not be predicted or scored (never mutated)
@@ -46,7 +46,7 @@ def check_same_grid(pred: Case, ref: Case) -> None:
 
 
 def evaluate_case(pred: Case, ref: Case, model: str) -> dict:
-    """One row: Dice per isodose level and DVH-metric values and errors (see module docstring).
+    """One row: Dice per isodose level and DVH-metric values and errors (columns: `flaxdose.evaluation.report`).
 
     Raises FlaxdoseError for another grid, or a reference dose that is zero everywhere (no plan:
     scored, it would enter the means as Dice 0 and +100 % errors; non-finite doses are refused

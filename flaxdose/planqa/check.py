@@ -40,7 +40,7 @@ def flag_rule(structure: str, metric: str, targets: Sequence[str]) -> str:
 
 def check_plan(plan: Case, prediction: EnsemblePrediction, calibration: Calibration, level: float = DEFAULT_LEVEL,
                tolerance_gy: float = DEFAULT_TOLERANCE_GY) -> list[dict]:
-    """One row per DVH metric of `plan`: its value against its band, and the flag (module docstring).
+    """One row per DVH metric of `plan`: its value against its band, and the flag (the rules: `flaxdose.planqa`).
 
     Row keys: ROW_COLUMNS except ``rank``; ``grid`` names the grid the metrics were taken on (the plan's:
     its own RTDOSE grid for a DICOM export, `on_plan_grid`). ``position`` is "inside", "above", "below", or

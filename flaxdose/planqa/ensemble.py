@@ -58,7 +58,7 @@ def case_metrics(case: Case, dose: np.ndarray | None = None) -> dict[str, float]
 
 
 class Ensemble:
-    """Several trained models predicting the same cases (see the module docstring).
+    """Several trained models predicting the same cases (see `flaxdose.planqa`).
 
     `predict` has `Model.predict`'s signature and returns the members' mean dose, so an
     Ensemble can stand wherever a model is evaluated (`flaxdose.evaluation.evaluate_models`).
