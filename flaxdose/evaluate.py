@@ -10,7 +10,7 @@ case could be evaluated.
 
 ``python -m flaxdose.evaluate --openkbp --workdir W --data DIR --split val --out REPORT
 [--baseline reference.json]`` scores like the OpenKBP challenge instead (dose and DVH score
-per patient and overall, submission CSVs, figures; `flaxdose.openkbp_eval`): `--data` is a
+per patient and overall, submission CSVs, figures; `flaxdose.evaluation.openkbp`): `--data` is a
 dataset on the challenge's 128^3 grid, and a model trained on a coarser grid
 (``data.downsample``) is scored there after its dose is brought back.
 """
@@ -23,10 +23,11 @@ from pathlib import Path
 
 from absl import flags
 
-from flaxdose import cli, evaluation, inference, openkbp, openkbp_eval
+from flaxdose import cli, evaluation, inference, openkbp
 from flaxdose import config as config_lib
 from flaxdose.data.case import ALL_SPLITS, Dataset, with_all_split
 from flaxdose.errors import FlaxdoseError
+from flaxdose.evaluation.openkbp import DISTANCE_REFERENCE, NETWORK, evaluate_openkbp
 from flaxdose.inference.baseline import DistanceBaseline
 from flaxdose.io import check_writable
 
@@ -136,12 +137,11 @@ def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, 
         raise FlaxdoseError(f"{workdir} has no config.json; pass the training workdir")
     factor = openkbp.training_downsample(config_lib.load_config_json(config_file).data)
     references = evaluation.load_references(dataset, split)
-    models = {openkbp_eval.NETWORK: inference.Model.load(workdir, which, mirror=mirror)}
+    models = {NETWORK: inference.Model.load(workdir, which, mirror=mirror)}
     if baseline:
-        models[openkbp_eval.DISTANCE_REFERENCE] = DistanceBaseline.load(baseline)
+        models[DISTANCE_REFERENCE] = DistanceBaseline.load(baseline)
     note = f"Split {split!r} of {dataset.root.resolve()} ({len(references)} patients); network {Path(workdir).resolve()}"
-    return openkbp_eval.evaluate_openkbp(models, references, out, factor, overwrite=overwrite,
-                                         example_case=example_case, note=note)
+    return evaluate_openkbp(models, references, out, factor, overwrite=overwrite, example_case=example_case, note=note)
 
 
 def define_flags() -> None:

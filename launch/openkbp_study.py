@@ -8,7 +8,7 @@ done; a rerun skips finished stages and training resumes from its checkpoints):
 2. distance-to-target: fit the non-learned reference model (flaxdose.inference.baseline) on train-pats;
 3. train: the network on train-pats, validated on validation-pats (best checkpoint);
 4. evaluate: both models on validation-pats, scored like the challenge on its own grid
-   against the original doses (flaxdose.openkbp_eval), submission CSVs, figures;
+   against the original doses (flaxdose.evaluation.openkbp), submission CSVs, figures;
 5. grid floor: the reference doses themselves sent through the coarse grid and back, the
    best score any model trained on that grid could reach;
 6. report: ``<results>/openkbp_<scale>.md`` with tables, figures, wall time, machine load,
@@ -35,16 +35,17 @@ from flaxdose import config as config_lib
 from flaxdose.checkpoint import find_checkpoint
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference.baseline import DistanceBaseline
-from flaxdose.inference.predictor import Model
-from flaxdose.model import count_params
-from flaxdose.openkbp import (
-    TARGET_PRESCRIPTION_GY,
-    convert_openkbp,
+from flaxdose.evaluation.openkbp import (
+    DISTANCE_REFERENCE,
+    NETWORK,
+    evaluate_openkbp,
     predict_openkbp,
     score_predictions,
 )
-from flaxdose.openkbp_eval import DISTANCE_REFERENCE, NETWORK, evaluate_openkbp
+from flaxdose.inference.baseline import DistanceBaseline
+from flaxdose.inference.predictor import Model
+from flaxdose.model import count_params
+from flaxdose.openkbp import TARGET_PRESCRIPTION_GY, convert_openkbp
 from flaxdose.training import trainer
 
 FLAGS = flags.FLAGS

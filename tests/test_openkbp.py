@@ -1,5 +1,7 @@
-"""OpenKBP: the four sample patients, the converter, coarser grids, the CSV export and the challenge scores."""
+"""OpenKBP as data: the four sample patients, the challenge's CSV format (read, written, damaged), the
+converter and its command, coarser grids and back, crop boxes."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,8 @@ import pytest
 
 from flaxdose.data import Case, Dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.metrics import openkbp_dose_score, openkbp_dvh_metrics, openkbp_scores
+from flaxdose.metrics import openkbp_dose_score
 from flaxdose.openkbp import (
-    OPENKBP_OARS,
     OPENKBP_SHAPE,
     OPENKBP_STRUCTURES,
     OPENKBP_TARGETS,
@@ -22,7 +23,6 @@ from flaxdose.openkbp import (
     from_openkbp,
     read_openkbp_patient,
     read_sparse_csv,
-    score_predictions,
     to_openkbp,
     upsample_dose,
     write_openkbp_dose,
@@ -40,6 +40,7 @@ def cases():
     return [read_openkbp_patient(folder) for _, folder in find_patients(SAMPLE)]
 
 
+# ------------------------------------------------------------ the format
 @needs_sample
 def test_four_sample_patients_load(cases):
     assert [c.case_id for c in cases] == ["pt_1", "pt_2", "pt_3", "pt_201"]
@@ -65,52 +66,68 @@ def test_four_sample_patients_load(cases):
     assert np.array_equal(to_openkbp(cases[0].mask("PTV70")), raw.reshape(OPENKBP_SHAPE))
 
 
-@needs_sample
-def test_dose_score_and_dvh_score_on_samples(cases):
-    assert openkbp_scores([c.dose for c in cases], cases) == {"dose_score": 0.0, "dvh_score": 0.0, "num_cases": 4}
-    case = cases[0]
-    pred = case.dose.astype(np.float64).copy()
-    inside = np.flatnonzero(case.possible_dose_mask)
-    pred.flat[inside[:1000]] += 3.0
-    pred[~case.possible_dose_mask] = 50.0  # outside the mask: ignored (the prediction is masked)
-    expected = 3.0 * 1000 / inside.size
-    assert openkbp_dose_score(pred, case.dose, case.possible_dose_mask) == pytest.approx(expected, rel=1e-12)
-    scores = openkbp_scores([pred, cases[1].dose], cases[:2])
-    assert scores["dose_score"] == pytest.approx(expected / 2, rel=1e-9)
+def test_bad_inputs(tmp_path):
+    bad = tmp_path / "pt_9"
+    bad.mkdir()
+    with pytest.raises(FlaxdoseError, match="voxel_dimensions"):
+        read_openkbp_patient(bad)
+    (bad / "voxel_dimensions.csv").write_text("3.9\n3.9\n2.5\n")
+    (bad / "possible_dose_mask.csv").write_text(",data\n5,\n2097152,\n")
+    with pytest.raises(FlaxdoseError, match="flat indices"):
+        read_openkbp_patient(bad)
+    (bad / "possible_dose_mask.csv").write_text("index;value\n5;\n")
+    with pytest.raises(FlaxdoseError, match="not an OpenKBP sparse CSV"):
+        read_openkbp_patient(bad)
+    (bad / "possible_dose_mask.csv").write_text(",data\n5,\n6,\n")
+    (bad / "dose.csv").write_text(",data\n5,1.5\n6,abc\n")
+    with pytest.raises(FlaxdoseError, match="malformed"):
+        read_openkbp_patient(bad)
+    (bad / "dose.csv").write_text(",data\n5,1.5\n6,2.5\n")
+    case = read_openkbp_patient(bad)
+    assert case.dose.sum() == pytest.approx(4.0) and case.ct is None and not case.masks.any()
+    with pytest.raises(FlaxdoseError, match="possible-dose mask is empty"):
+        openkbp_dose_score(case.dose, case.dose, np.zeros(case.shape, bool))
+    with pytest.raises(FlaxdoseError, match="no OpenKBP patient"):
+        find_patients((tmp_path / "empty").mkdir() or tmp_path / "empty")
 
 
-def test_dvh_score_by_hand():
-    """A tiny case whose OpenKBP metrics are computed by hand (voxel 5x5x4 mm = 0.1 cc)."""
-    shape = (10, 10, 2)
-    dose = np.zeros(shape)
-    oar, target = np.zeros(shape, bool), np.zeros(shape, bool)
-    oar[0, :, 0] = True  # 10 voxels, doses 0..9
-    dose[0, :, 0] = np.arange(10)
-    target[:, :, 1] = True  # 100 voxels, doses 0..99
-    dose[:, :, 1] = np.arange(100).reshape(10, 10)
-    masks = np.stack([oar, target])
-    structures = ("SpinalCord", "PTV70")
-    metrics = openkbp_dvh_metrics(dose, masks, structures, (5, 5, 4), OPENKBP_OARS, OPENKBP_TARGETS)
-    # D_0.1cc: 1 voxel of 10 -> 90th percentile of 0..9 = 8.1; targets: percentiles 1, 5, 99 of 0..99
-    assert metrics == pytest.approx({"SpinalCord D_0.1_cc": 8.1, "SpinalCord mean": 4.5,
-                                     "PTV70 D_99": 0.99, "PTV70 D_95": 4.95, "PTV70 D_1": 98.01})
-
-    class Ref:
-        def __init__(self, d, m=masks):
-            self.dose, self.masks, self.structures, self.spacing_mm = d, m, structures, (5.0, 5.0, 4.0)
-            self.possible_dose_mask = np.ones(shape, bool)
-            self.case_id = "hand"
-
-    scores = openkbp_scores([2 * dose], [Ref(dose)])
-    assert scores["dvh_score"] == pytest.approx((8.1 + 4.5 + 0.99 + 4.95 + 98.01) / 5)
-    assert scores["dose_score"] == pytest.approx(dose.sum() / dose.size)
-    # pooled over every (patient, ROI, metric), not a mean of per-patient means: patient A has
-    # 5 metrics off by 1 Gy, patient B (OAR only) 2 metrics off by 3 Gy -> 11/7, not 2
-    oar_only = np.stack([oar, np.zeros(shape, bool)])
-    scores = openkbp_scores([dose + 1, dose + 3], [Ref(dose), Ref(dose, oar_only)])
-    assert scores["dvh_score"] == pytest.approx(11 / 7)
+def test_a_cut_or_partial_dose_file_is_refused(tmp_path):
+    """A new-user pass: dose.csv cut at 5000 bytes converted with exit 0 into 363 voxels of at most
+    28 Gy (the real file: 116,045 voxels, 72 Gy). A cut file, or a dose that leaves target voxels
+    unirradiated, is refused."""
+    patient = next(p for p in sorted((SAMPLE / "train-pats").iterdir()) if (p / "PTV70.csv").exists())
+    cut = tmp_path / patient.name
+    shutil.copytree(patient, cut)
+    full = (patient / "dose.csv").read_bytes()
+    (cut / "dose.csv").write_bytes(full[:5000])
+    with pytest.raises(FlaxdoseError, match="truncated"):
+        read_openkbp_patient(cut)
+    rows = full.decode().splitlines(keepends=True)
+    (cut / "dose.csv").write_text("".join(rows[:400]))  # whole rows, but only the first 399 voxels
+    with pytest.raises(FlaxdoseError, match="damaged or not the plan dose"):
+        read_openkbp_patient(cut)
+    (cut / "dose.csv").write_bytes(full)
+    assert read_openkbp_patient(cut).dose.max() > 0.5 * 70
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_prediction_is_never_written(tmp_path, bad):
+    dose = np.zeros(OPENKBP_SHAPE, np.float32)
+    dose[60:62, 60:62, 60:62] = 70.0  # 8 voxels
+    path = write_openkbp_dose(dose, tmp_path / "ok.csv")
+    rows = path.read_text().splitlines()
+    assert rows[0] == ",data" and len(rows) == 1 + 8 and all(r.endswith(",70") for r in rows[1:])
+    dose[61, 61, 61] = bad
+    with pytest.raises(FlaxdoseError, match=r"1 NaN or infinite voxel\(s\); nothing was written"):
+        write_openkbp_dose(dose, tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()
+    with pytest.raises(FlaxdoseError, match="NaN or infinite"):
+        write_submission([Case("pt_9", ("PTV70",), np.zeros((1, *OPENKBP_SHAPE), bool), dose, (1.0, 1.0, 1.0),
+                               (0.0, 0.0, 0.0), 70.0)], tmp_path / "submission")
+    assert not (tmp_path / "submission").exists()  # a refused submission leaves nothing
+
+
+# ------------------------------------------------------------ conversion
 @needs_sample
 def test_converter_and_submission_csv(cases, tmp_path):
     ds = convert_openkbp(SAMPLE, tmp_path / "okbp", progress=False)
@@ -144,50 +161,7 @@ def test_converter_cli(tmp_path):
     assert bad.returncode == 2 and "whole divisor of 128" in bad.stderr
 
 
-def test_bad_inputs(tmp_path):
-    bad = tmp_path / "pt_9"
-    bad.mkdir()
-    with pytest.raises(FlaxdoseError, match="voxel_dimensions"):
-        read_openkbp_patient(bad)
-    (bad / "voxel_dimensions.csv").write_text("3.9\n3.9\n2.5\n")
-    (bad / "possible_dose_mask.csv").write_text(",data\n5,\n2097152,\n")
-    with pytest.raises(FlaxdoseError, match="flat indices"):
-        read_openkbp_patient(bad)
-    (bad / "possible_dose_mask.csv").write_text("index;value\n5;\n")
-    with pytest.raises(FlaxdoseError, match="not an OpenKBP sparse CSV"):
-        read_openkbp_patient(bad)
-    (bad / "possible_dose_mask.csv").write_text(",data\n5,\n6,\n")
-    (bad / "dose.csv").write_text(",data\n5,1.5\n6,abc\n")
-    with pytest.raises(FlaxdoseError, match="malformed"):
-        read_openkbp_patient(bad)
-    (bad / "dose.csv").write_text(",data\n5,1.5\n6,2.5\n")
-    case = read_openkbp_patient(bad)
-    assert case.dose.sum() == pytest.approx(4.0) and case.ct is None and not case.masks.any()
-    with pytest.raises(FlaxdoseError, match="possible-dose mask is empty"):
-        openkbp_dose_score(case.dose, case.dose, np.zeros(case.shape, bool))
-    with pytest.raises(FlaxdoseError, match="no OpenKBP patient"):
-        find_patients((tmp_path / "empty").mkdir() or tmp_path / "empty")
-
-
-def test_d01cc_of_an_oar_smaller_than_a_tenth_of_a_cc_is_its_maximum():
-    """Voxels of 2 x 2 x 2.5 mm = 0.01 cc: 0.1 cc is 10 voxels."""
-    shape = (8, 4, 2)
-    dose = np.zeros(shape)
-    small, larger = np.zeros(shape, bool), np.zeros(shape, bool)
-    small[0, :, 0] = True  # 4 voxels = 0.04 cc, doses 3, 7, 1, 5
-    dose[0, :, 0] = [3, 7, 1, 5]
-    larger[4:8, :, 0] = True  # 20 voxels, doses 0..19
-    larger[4, :, 1] = True
-    dose[4:8, :, 0] = np.arange(16).reshape(4, 4)
-    dose[4, :, 1] = np.arange(16, 20)
-    structures = ("Larynx", "Mandible")
-    metrics = openkbp_dvh_metrics(dose, np.stack([small, larger]), structures, (2, 2, 2.5), OPENKBP_OARS, ())
-    assert metrics["Larynx D_0.1_cc"] == 7.0  # the maximum, not the minimum (1)
-    assert metrics["Larynx mean"] == 4.0
-    # 0..19: the 100 - 10/20*100 = 50th percentile = 9.5
-    assert metrics["Mandible D_0.1_cc"] == pytest.approx(9.5)
-
-
+# ------------------------------------------------------------ grids
 def test_downsample_case_by_hand():
     masks = np.zeros((2, 4, 4, 4), bool)
     masks[0, 0, 0, 0] = True  # one fine voxel -> its whole coarse voxel
@@ -228,26 +202,6 @@ def test_upsample_dose_by_hand():
     assert (up[3:] == 0).all()
 
 
-@needs_sample
-def test_round_trip_scores_and_submission(cases, tmp_path):
-    case = cases[3]
-    coarse = downsample_case(case, 2)
-    back = case.replace(dose=upsample_dose(coarse.dose, 2, case.possible_dose_mask))
-    scores = score_predictions([back], [case])
-    assert 0 < scores.summary["dose_score"] < 1.5  # the 64^3 grid loses little of the dose
-    assert scores.patients[0]["case_id"] == "pt_201" and scores.patients[0]["dose_score"] == scores.summary["dose_score"]
-    assert scores.summary == pytest.approx({**openkbp_scores([back.dose], [case]), "num_cases": 1})
-    row = next(r for r in scores.metrics if (r["roi"], r["metric"]) == ("PTV70", "D_95"))
-    assert row["reference_gy"] == pytest.approx(np.percentile(case.dose[case.mask("PTV70")], 5))
-    assert row["error_gy"] == pytest.approx(row["predicted_gy"] - row["reference_gy"])
-    folder = write_submission([back], tmp_path / "sub")
-    assert [p.name for p in folder.iterdir()] == ["pt_201.csv"]
-    idx, values = read_sparse_csv(folder / "pt_201.csv")
-    expected = to_openkbp(back.dose * case.possible_dose_mask).ravel()
-    assert np.array_equal(idx, np.flatnonzero(expected > 0))
-    np.testing.assert_allclose(values, expected[idx], rtol=1e-5)
-
-
 def test_crop_box_covers_every_structure_and_the_window():
     masks = np.zeros((1, 10, 10, 10), bool)
     masks[0, 2:4, 5, 9] = True
@@ -258,99 +212,3 @@ def test_crop_box_covers_every_structure_and_the_window():
     # grown to a 4 x 4 x 4 window: centred where possible, shifted to stay inside the grid
     assert crop_box(case, (4, 4, 4)) == (slice(1, 5), slice(1, 6), slice(6, 10))
     assert crop_box(case, (16, 16, 16)) == (slice(0, 10),) * 3
-
-
-def test_mirror_averaged_prediction_is_left_right_symmetric():
-    """Model(mirror=True) averages the prediction with that of the mirrored case (parotids swapped)."""
-    import jax
-
-    from flaxdose.inference.predictor import Model
-    from flaxdose.model import UNetSpec, init_params
-
-    spec = UNetSpec(features=(4, 8), convs_per_level=1, groups=2, in_channels=3)
-    structures = ("LeftParotid", "RightParotid", "PTV70")
-    params = init_params(spec, jax.random.key(3), (8, 8, 8))
-    inputs = (np.random.default_rng(0).random((8, 8, 8, 3)) > 0.7).astype(np.uint8)
-    mirrored = np.ascontiguousarray(inputs[::-1][..., [1, 0, 2]])
-    plain = Model(spec, params, structures, window=(8, 8, 8))
-    both = Model(spec, params, structures, window=(8, 8, 8), mirror=True)
-    expected = (plain.predict_relative(inputs) + plain.predict_relative(mirrored)[::-1]) / 2
-    np.testing.assert_allclose(both.predict_relative(inputs), expected, rtol=1e-6)
-    np.testing.assert_allclose(both.predict_relative(mirrored), expected[::-1], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(plain.predict_relative(mirrored), plain.predict_relative(inputs)[::-1])
-
-
-def test_a_cut_or_partial_dose_file_is_refused(tmp_path):
-    """A new-user pass: dose.csv cut at 5000 bytes converted with exit 0 into 363 voxels of at most
-    28 Gy (the real file: 116,045 voxels, 72 Gy). A cut file, or a dose that leaves target voxels
-    unirradiated, is refused."""
-    import shutil
-
-    patient = next(p for p in sorted((SAMPLE / "train-pats").iterdir()) if (p / "PTV70.csv").exists())
-    cut = tmp_path / patient.name
-    shutil.copytree(patient, cut)
-    full = (patient / "dose.csv").read_bytes()
-    (cut / "dose.csv").write_bytes(full[:5000])
-    with pytest.raises(FlaxdoseError, match="truncated"):
-        read_openkbp_patient(cut)
-    rows = full.decode().splitlines(keepends=True)
-    (cut / "dose.csv").write_text("".join(rows[:400]))  # whole rows, but only the first 399 voxels
-    with pytest.raises(FlaxdoseError, match="damaged or not the plan dose"):
-        read_openkbp_patient(cut)
-    (cut / "dose.csv").write_bytes(full)
-    assert read_openkbp_patient(cut).dose.max() > 0.5 * 70
-
-
-class _HandRef:
-    """A Case-like OpenKBP reference: one OAR and PTV70 on a 10 x 10 x 2 grid of 0.1 cc voxels."""
-
-    def __init__(self):
-        shape = (10, 10, 2)
-        self.dose = np.zeros(shape)
-        oar, target = np.zeros(shape, bool), np.zeros(shape, bool)
-        oar[0, :, 0] = True
-        self.dose[0, :, 0] = np.arange(10)
-        target[:, :, 1] = True
-        self.dose[:, :, 1] = np.arange(100).reshape(10, 10)
-        self.masks, self.structures = np.stack([oar, target]), ("SpinalCord", "PTV70")
-        self.spacing_mm, self.possible_dose_mask, self.case_id = (5.0, 5.0, 4.0), np.ones(shape, bool), "hand"
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_non_finite_prediction_is_never_scored(bad):
-    """Issue 25 item 10: one NaN voxel in PTV70 made nanmean drop the target, a better DVH score."""
-    ref = _HandRef()
-    pred = ref.dose + 1.0  # every metric 1 Gy off: DVH score 1.0, dose score 1.0 (by hand)
-    assert openkbp_scores([pred], [ref]) == pytest.approx({"dose_score": 1.0, "dvh_score": 1.0, "num_cases": 1})
-    pred[5, 5, 1] = bad  # inside PTV70
-    for score in (lambda: openkbp_scores([pred], [ref]),
-                  lambda: openkbp_dose_score(pred, ref.dose, ref.possible_dose_mask),
-                  lambda: openkbp_dvh_metrics(pred, ref.masks, ref.structures, ref.spacing_mm, OPENKBP_OARS,
-                                              OPENKBP_TARGETS),
-                  lambda: openkbp_dose_score(ref.dose, pred, ref.possible_dose_mask)):  # nor a reference
-        with pytest.raises(FlaxdoseError, match=r"1 NaN or infinite voxel\(s\) \(first at index \(5, 5, 1\)\)"):
-            score()
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_non_finite_prediction_is_never_written(tmp_path, bad):
-    dose = np.zeros(OPENKBP_SHAPE, np.float32)
-    dose[60:62, 60:62, 60:62] = 70.0  # 8 voxels
-    path = write_openkbp_dose(dose, tmp_path / "ok.csv")
-    rows = path.read_text().splitlines()
-    assert rows[0] == ",data" and len(rows) == 1 + 8 and all(r.endswith(",70") for r in rows[1:])
-    dose[61, 61, 61] = bad
-    with pytest.raises(FlaxdoseError, match=r"1 NaN or infinite voxel\(s\); nothing was written"):
-        write_openkbp_dose(dose, tmp_path / "bad.csv")
-    assert not (tmp_path / "bad.csv").exists()
-    with pytest.raises(FlaxdoseError, match="NaN or infinite"):
-        write_submission([Case("pt_9", ("PTV70",), np.zeros((1, *OPENKBP_SHAPE), bool), dose, (1.0, 1.0, 1.0),
-                               (0.0, 0.0, 0.0), 70.0)], tmp_path / "submission")
-    assert not (tmp_path / "submission").exists()  # a refused submission leaves nothing
-
-
-def test_scores_without_any_roi_voxel_are_refused_not_nan():
-    ref = _HandRef()
-    ref.masks = np.zeros_like(ref.masks)
-    with pytest.raises(FlaxdoseError, match="DVH score is undefined"):
-        openkbp_scores([ref.dose], [ref])

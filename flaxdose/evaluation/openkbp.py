@@ -1,4 +1,10 @@
-"""Score models like the OpenKBP challenge: tables, submission CSVs, figures, a short report.
+"""Score models like the OpenKBP challenge: predictions on its grid, tables, submission CSVs, figures, a report.
+
+`predict_openkbp` predicts on the grid a model was trained on and brings the dose back to the
+challenge's grid, masked by the possible-dose mask (the challenge's rules: a prediction is
+multiplied by the mask before it is saved, `provided_code/network_functions.py`, and the dose
+score averages over its voxels); `score_predictions` gives the challenge's scores per patient
+and overall (`Scores`).
 
 `evaluate_openkbp` predicts the reference cases with every model (anything with
 ``predict(cases) -> cases``: the network's `flaxdose.inference.Model`, the
@@ -23,26 +29,89 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder, check_writable
-from flaxdose.metrics import OPENKBP_OAR_METRICS, OPENKBP_TARGET_METRICS
+from flaxdose.metrics import OPENKBP_OAR_METRICS, OPENKBP_TARGET_METRICS, openkbp_case_scores
 from flaxdose.openkbp import (
     OPENKBP_STRUCTURES,
     OPENKBP_TARGETS,
-    Scores,
-    predict_openkbp,
-    score_predictions,
+    crop_box,
+    downsample_case,
+    upsample_dose,
     write_submission,
 )
 
 # The names of the two models in tables, figures and submission folders.
 NETWORK, DISTANCE_REFERENCE = "network", "distance-to-target"
+
+
+def predict_openkbp(model, cases: Sequence[Case], factor: int = 1, progress: bool = False) -> list[Case]:
+    """Each case's predicted dose on the challenge's grid, masked by its possible-dose mask.
+
+    `model` is anything with ``predict(cases) -> cases`` (`flaxdose.inference.Model`, the
+    `flaxdose.inference.baseline` reference); it sees each case on the grid `factor` times coarser it
+    was trained on, cropped to `crop_box` (grown to the model's ``window``, if it has one:
+    dose outside the possible-dose mask is never scored, so windows of empty air are
+    skipped), and its dose is brought back with `upsample_dose`. Returns copies of `cases`
+    whose `dose` is the prediction (float32 Gy).
+    """
+    out = []
+    for case in tqdm(list(cases), desc="predicting", unit="patient", file=sys.stderr, disable=not progress):
+        if case.possible_dose_mask is None:
+            raise FlaxdoseError(f"case {case.case_id!r} has no possible-dose mask; convert it from OpenKBP CSVs")
+        coarse = downsample_case(case, factor)
+        box = crop_box(coarse, getattr(model, "window", None))
+        origin = np.asarray(coarse.origin_mm) + np.asarray(coarse.spacing_mm) * [b.start for b in box]
+        cropped = coarse.replace(masks=coarse.masks[(slice(None), *box)], possible_dose_mask=coarse.possible_dose_mask[box],
+                                 dose=None if coarse.dose is None else coarse.dose[box],
+                                 ct=None if coarse.ct is None else coarse.ct[box], origin_mm=tuple(origin))
+        predicted = np.zeros(coarse.shape, np.float32)
+        predicted[box] = model.predict([cropped])[0].dose
+        dose = upsample_dose(predicted, factor, case.possible_dose_mask)
+        out.append(case.replace(dose=dose, meta={**case.meta, "predicted_by": getattr(model, "name", "model")}))
+    return out
+
+
+class Scores(NamedTuple):
+    """The challenge's scores of one model, with the tables they come from."""
+
+    summary: dict  # dose_score (mean over patients), dvh_score (pooled), num_cases
+    patients: list[dict]  # case_id, dose_score, dvh_score (that patient's metrics), num_metrics
+    metrics: list[dict]  # case_id, roi, metric, reference_gy, predicted_gy, error_gy (predicted - reference)
+
+
+def score_predictions(predictions: Sequence[Case], references: Sequence[Case]) -> Scores:
+    """Dose score and DVH score as `flaxdose.metrics.openkbp_scores`, per patient and overall."""
+    if len(predictions) != len(references) or not references:
+        raise FlaxdoseError(f"need one prediction per reference case, got {len(predictions)} and {len(references)}")
+    patients, metrics = [], []
+    for pred, ref in zip(predictions, references):
+        if pred.case_id != ref.case_id:
+            raise FlaxdoseError(f"prediction {pred.case_id!r} is scored against {ref.case_id!r}; keep one order")
+        dose_score, ref_m, new_m = openkbp_case_scores(pred.dose, ref)
+        errors = [new_m[k] - ref_m[k] for k in ref_m]
+        patients.append({"case_id": ref.case_id, "dose_score": dose_score,  # no ROI voxels: no DVH score (None)
+                         "dvh_score": float(np.mean(np.abs(errors))) if errors else None,
+                         "num_metrics": len(errors)})
+        metrics += [{"case_id": ref.case_id, "roi": k.split(" ")[0], "metric": k.split(" ")[1],
+                     "reference_gy": ref_m[k], "predicted_gy": new_m[k], "error_gy": e} for k, e in zip(ref_m, errors)]
+    if not metrics:
+        raise FlaxdoseError("no reference case has a voxel in an OAR or target; the OpenKBP DVH score is undefined")
+    summary = {
+        "dose_score": float(np.mean([p["dose_score"] for p in patients])),
+        "dvh_score": float(np.mean([abs(m["error_gy"]) for m in metrics])),
+        "num_cases": len(patients),
+    }
+    return Scores(summary, patients, metrics)
 
 
 def _folder_name(model: str) -> str:
@@ -78,7 +147,7 @@ def _write_rows(rows: Sequence[dict], path: Path) -> None:
 
 def _figures(scores: Mapping[str, Scores], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],
              folder: Path, example_case: str | None) -> list[str]:
-    from flaxdose import plots
+    from flaxdose import plots  # matplotlib only when figures are drawn
 
     errors = {name: {} for name in scores}
     for name, s in scores.items():
