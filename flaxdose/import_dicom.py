@@ -13,12 +13,14 @@ fits ``predict``, ``evaluate`` and ``qa`` with that model without a spacing give
 See docs/dicom.md.
 """
 
+from pathlib import Path
+
 from absl import flags
 
 from flaxdose import cli
-from flaxdose.data.case import PROSTATE_STRUCTURES
+from flaxdose.data.case import PROSTATE_STRUCTURES, Dataset
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
-from flaxdose.dicom import MIN_COVERAGE, AliasTable, import_dicom
+from flaxdose.dicom import MIN_COVERAGE, AliasTable, ReadOptions, import_dicom
 from flaxdose.errors import FlaxdoseError
 
 FLAGS = flags.FLAGS
@@ -59,14 +61,14 @@ def main(argv):
     model_spacing_mm = [float(v) for v in FLAGS.model_spacing_mm]
     if FLAGS.like:
         model_shape, model_spacing_mm = like_grid(FLAGS.like)
-    summary = import_dicom(
-        argv[1], FLAGS.out, FLAGS.structures, FLAGS.grid,
-        aliases=AliasTable.from_file(FLAGS.aliases),
-        keep_ids=FLAGS.keep_ids, salt=FLAGS.salt, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
-        overwrite=FLAGS.overwrite, include_ct=FLAGS.include_ct, style=FLAGS.style,
-        prescription_gy=FLAGS.prescription_gy, min_coverage=FLAGS.min_coverage,
-        model_shape=model_shape, model_spacing_mm=model_spacing_mm,
+    options = ReadOptions(
+        FLAGS.structures, FLAGS.grid, aliases=AliasTable.from_file(FLAGS.aliases),
+        prescription_gy=FLAGS.prescription_gy, include_ct=FLAGS.include_ct, model_shape=model_shape,
+        model_spacing_mm=model_spacing_mm, keep_ids=FLAGS.keep_ids, salt=FLAGS.salt, style=FLAGS.style,
+        min_coverage=FLAGS.min_coverage,
     )
+    summary = import_dicom(argv[1], FLAGS.out, options=options, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
+                           overwrite=FLAGS.overwrite)
     print(summary.report())
     print(split_line(summary.dataset, FLAGS.test_fraction))
     return cli.PARTIAL_FAILURE if summary.failures else 0  # some plans skipped: the report names them
@@ -75,8 +77,6 @@ def main(argv):
 def split_line(dataset: str, test_fraction: float) -> str:
     """The written dataset's splits in one line, saying "0 test patients" outright when none was held out
     (the default, ``--test_fraction 0``), and how to evaluate such an import."""
-    from flaxdose.data.case import Dataset
-
     splits = Dataset.open(dataset).splits
     counts = ", ".join(f"{name} {len(ids)} plan(s)" for name, ids in splits.items())
     if splits.get("test"):
@@ -89,9 +89,7 @@ def like_grid(workdir: str) -> tuple[list[int], list[float]]:
     """(shape (x, y, z), spacing (x, y, z) mm) of the model grid the run at `workdir` predicts DICOM on
     (`flaxdose.inference.dicom_grid`). Raises FlaxdoseError for a grid flag given with --like, or a
     workdir without a trained model."""
-    from pathlib import Path
-
-    from flaxdose import inference
+    from flaxdose import inference  # jax: seconds to load, for --like alone
 
     given = [name for name in ("model_shape", "model_spacing_mm", "grid") if FLAGS[name].present]
     if given and not (given == ["grid"] and FLAGS.grid == "model"):

@@ -11,13 +11,15 @@ bare datasets without File Meta, a DICOMDIR, contours of other geometric types.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.fileset import FileSet
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 CT_SHAPE_XYZ = (64, 48, 32)
 CT_SPACING = (2.0, 2.5, 2.5)
@@ -389,8 +391,6 @@ def strip_file_meta(path, out=None):
 
 def write_dicomdir(folder, cd):
     """Copy an export into the layout of a CD/USB export (PT000000/ST000000/...) with its DICOMDIR."""
-    from pydicom.fileset import FileSet
-
     fileset = FileSet()
     for path in sorted(Path(folder).glob("*.dcm")):
         fileset.add(path)
@@ -420,12 +420,10 @@ def contour_item(points, kind="CLOSED_PLANAR"):
     return item
 
 
-# --------------------------------------------------------------------------- second round (issue 25)
+# --------------------------------------------------------------------------- encodings, plan kinds, CT forms
 def reencode(path, syntax):
     """Rewrite a file in transfer syntax `syntax` (pydicom UID): implicit/explicit VR, big endian (pixel
     bytes swapped as the standard says), deflated, or RLE Lossless (16-bit images only)."""
-    from pydicom.uid import ExplicitVRBigEndian, RLELossless
-
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array if "PixelData" in ds else None
     if syntax == RLELossless:
@@ -582,3 +580,48 @@ def name_contour_images(struct_path, ct_folder):
                 image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = at_z[z]
                 contour.ContourImageSequence = Sequence([image])
     _edit(struct_path, change)
+
+
+# --------------------------------------------------------------------------- exports as the tests use them
+class Exports(dict):
+    """The phantom exported in each orientation (HFS, FFS, HFP, FFP) under `root`, each written when first
+    asked for: HFS with the absolute GridFrameOffsetVector form, the others with the relative form."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = Path(root)
+
+    def __missing__(self, orientation):
+        self[orientation] = write_export(self.root / orientation, orientation, absolute_offsets=orientation == "HFS")
+        return self[orientation]
+
+
+def copy_export(export, dest, skip=()):
+    """A copy of `export` at `dest` (leaving out the files that match the patterns `skip`), described like it."""
+    shutil.copytree(export["folder"], dest, ignore=shutil.ignore_patterns(*skip))
+    return {**export, "folder": dest, "struct": dest / "RS.dcm", "plan": dest / "RP.dcm", "dose": dest / "RD.dcm"}
+
+
+def cut(path, keep):
+    """Keep the first `keep` bytes of a file (a negative `keep` drops that many from its end); the new size."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return len(data[:keep])
+
+
+def true_dose_on(case, scale=1.0):
+    """The phantom's dose (times `scale`) at the voxel centres of `case`'s grid."""
+    return scale * true_dose(*np.meshgrid(*coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij"))
+
+
+def stored_hu(case):
+    """The CT numbers the factory stores at the case's voxel centres (HU + 1024 as uint16, minus 1024)."""
+    X, _, _ = np.meshgrid(*coords(case.origin_mm, case.spacing_mm, case.shape), indexing="ij")
+    body = truth_masks(case.origin_mm, case.spacing_mm, case.shape, ["Body"])["Body"]
+    return (np.where(body, 40.0, -1000.0) + 0.5 * X + 1024).astype("<u2").astype(np.float32) - 1024
+
+
+def full_dose_truth(names=STRUCTURES):
+    """True masks on the whole (uncropped) dose grid of the factory, and its z and x coordinates."""
+    xs, _, zs = coords(DOSE_ORIGIN, DOSE_SPACING, DOSE_SHAPE_XYZ)
+    return truth_masks(DOSE_ORIGIN, DOSE_SPACING, DOSE_SHAPE_XYZ, names), xs, zs

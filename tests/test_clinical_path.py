@@ -8,9 +8,11 @@ Every expected value is computed here: DVH metrics by rasterizing each RTSTRUCT 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import dicom_factory as F
 import numpy as np
@@ -18,6 +20,15 @@ import pydicom
 import pytest
 from independent_dvh import ROI_NAME, dvh, per_plane_doses, read_csv, rtdose_planes
 from pydicom.uid import generate_uid
+
+from flaxdose import inference, planqa, predict
+from flaxdose.data.case import Case, Dataset
+from flaxdose.dicom import AliasTable
+from flaxdose.errors import FlaxdoseError
+from flaxdose.evaluate import evaluate_workdirs
+from flaxdose.inference import dicom_plans
+from flaxdose.inference.dicom_plans import find_dicom_plans, predict_dicom_folder, predict_dicom_patient
+from flaxdose.inference.predictor import Model
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +58,6 @@ def add_second_ct_series(folder, shift_z=1.25, hu_offset=400):
 def dciodvfy_errors(path):
     """dciodvfy's Error lines for one file (its report must name the RT Dose IOD); [] without dciodvfy, unless
     FLAXDOSE_REQUIRE_DCIODVFY is set (.ci/run): then its absence fails."""
-    import os
-
     if shutil.which("dciodvfy") is None:
         assert not os.environ.get("FLAXDOSE_REQUIRE_DCIODVFY"), "dciodvfy required (FLAXDOSE_REQUIRE_DCIODVFY)"
         return []
@@ -124,10 +133,6 @@ def test_folder_in_folder_out(workdir, exports, tmp_path):
     assert b"ID_p" not in written and b"Doe" not in written and b"p1_hfs" not in written and b"p3_broken" not in written
     assert "<plan_03 folder>" in summary[2]["error"]
 
-    from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference.dicom_plans import predict_dicom_folder
-    from flaxdose.inference.predictor import Model
-
     with pytest.raises(FlaxdoseError, match="--overwrite"):  # a rerun neither piles files up nor mixes runs
         predict_dicom_folder(Model.load(workdir), root, out)
     with pytest.raises(FlaxdoseError, match="inside the export root"):
@@ -144,12 +149,6 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
     """--aliases maps a clinic's ROI name (predict had no such flag); when a plan's RTDOSE cannot be written the
     prediction is kept (prediction.npz), its metrics on the model grid, the plan listed as not exported (issue
     25, item 5: never discard a computed prediction because the export step refused)."""
-    from flaxdose import inference
-    from flaxdose.inference import dicom_plans
-    from flaxdose.data.case import Case
-    from flaxdose.dicom import AliasTable
-    from flaxdose.errors import FlaxdoseError
-
     root = tmp_path / "exports"
     renamed = F.write_export(root / "a_rektum")
     rename_roi(renamed["struct"], "rectum", "Rektum_wall")
@@ -180,10 +179,6 @@ def test_aliases_and_a_prediction_kept_when_its_export_is_refused(workdir, tmp_p
 def test_true_reasons(workdir, tmp_path):
     """An RTDOSE on another frame of reference is named as such (not "no RTDOSE"); a missing workdir is
     missing (not "checkpoint path ... does not exist")."""
-    from flaxdose import planqa, predict
-    from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference.predictor import Model
-
     export = F.write_export(tmp_path / "p")
     ds = pydicom.dcmread(export["dose"])
     ds.FrameOfReferenceUID = generate_uid()
@@ -197,9 +192,6 @@ def test_true_reasons(workdir, tmp_path):
 def test_import_like_a_run_then_evaluate_every_split(workdir, tmp_path):
     """import_dicom --like WORKDIR writes cases on the grid the run's model predicts on, so evaluate (--split all:
     an import without a test split) runs on them with no spacing given by hand."""
-    from flaxdose.data.case import Dataset
-    from flaxdose.evaluate import evaluate_workdirs
-
     F.write_export(tmp_path / "src" / "p1", "FFS")
     proc = subprocess.run([sys.executable, "-m", "flaxdose.import_dicom", str(tmp_path / "src"),
                            f"--out={tmp_path / 'ds'}", f"--like={workdir}"], capture_output=True, text=True, timeout=300)
@@ -223,10 +215,6 @@ def test_import_like_a_run_then_evaluate_every_split(workdir, tmp_path):
 def test_one_patient_rtdose_out(workdir, tmp_path):
     """--rtdose_out: a .dcm name is that file (not a folder); a folder gets one fixed name; a rerun replaces
     it only with --overwrite (refused before predicting), so files never pile up."""
-    from flaxdose.errors import FlaxdoseError
-    from flaxdose.inference.dicom_plans import predict_dicom_patient
-    from flaxdose.inference.predictor import Model
-
     export = F.write_export(tmp_path / "patient")
     add_second_ct_series(export["folder"])  # the export of issue 25 item 5: two CT series, one referenced
     model = Model.load(workdir, full_volume=True)
@@ -247,10 +235,6 @@ def test_one_patient_rtdose_out(workdir, tmp_path):
 def test_an_archived_patient_under_an_export_root_is_a_failure_not_skipped(tmp_path):
     """predict --dicom does not unpack archives: a zipped patient beside a folder is a failed entry naming the
     zip (so the command exits 1), never left out unseen."""
-    import zipfile
-
-    from flaxdose.inference.dicom_plans import find_dicom_plans
-
     root = tmp_path / "root"
     F.write_export(root / "p1", with_ct=False)
     F.write_export(tmp_path / "p2", with_ct=False, patient_id="PAT002")

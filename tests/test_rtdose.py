@@ -1,5 +1,6 @@
 """RTDOSE export: round trip, required attributes, validation, and dciodvfy when installed."""
 
+import os
 import shutil
 import subprocess
 
@@ -7,6 +8,7 @@ import dicom_factory as F
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import copy_export, cut
 
 from flaxdose.dicom import Grid, dose_grid_scaling, read_dose, read_rt, resample, write_rtdose
 from flaxdose.errors import FlaxdoseError
@@ -171,8 +173,6 @@ def _as_16_bit(path, out):
 
 def need_dciodvfy():
     """Skip without dciodvfy (Debian's dicom3tools), except where FLAXDOSE_REQUIRE_DCIODVFY is set (.ci/run): fail."""
-    import os
-
     if shutil.which("dciodvfy") is None:
         if os.environ.get("FLAXDOSE_REQUIRE_DCIODVFY"):
             pytest.fail("dciodvfy is required here (FLAXDOSE_REQUIRE_DCIODVFY) but not on PATH: apt-get install dicom3tools")
@@ -209,3 +209,27 @@ def test_an_invalid_value_of_the_ct_is_not_copied(model_case, export, tmp_path):
     path = write_rtdose(model_case, folder, tmp_path / "rd.dcm", plan_path=folder / "RP.dcm")
     ds = _strict_read(path)
     assert ds.StudyDate == "" and ds.StudyTime == "101010"
+
+# ------------------------------------------------------------ reference CTs
+def test_a_prediction_is_written_onto_an_enhanced_ct(rt_export_ct, tmp_path):
+    export = copy_export(rt_export_ct, tmp_path / "p")
+    F.to_enhanced_ct(export["folder"])
+    case = read_rt(export["folder"], structures=F.STRUCTURES, grid="ct")
+    out = write_rtdose(case, export["folder"], tmp_path / "RD_pred.dcm")
+    dose, grid = read_dose(out)
+    assert grid.spacing_mm == F.CT_SPACING and np.allclose(grid.origin_mm, F.CT_ORIGIN)
+    true = F.true_dose(*np.meshgrid(*F.coords(grid.origin_mm, grid.spacing_mm, grid.shape), indexing="ij"))
+    inside = dose > 0  # the CT grid beyond the dose grid gets no dose
+    assert inside.sum() > 0.5 * dose.size and np.abs(dose - true)[inside].max() <= 0.005 * true.max()
+
+
+def test_rtdose_export_refuses_a_reference_ct_with_a_cut_slice(rt_export_ct, tmp_path):
+    """The reference CT gives the RTDOSE its grid: a cut slice is named, never silently left out."""
+    case = read_rt(rt_export_ct["folder"], structures=F.STRUCTURES, grid="model", model_shape=(40, 40, 24),
+                   model_spacing_mm=(3.5, 3.5, 3.0))
+    reference = copy_export(rt_export_ct, tmp_path / "ref")["folder"]
+    slice_ = sorted(reference.glob("CT_*.dcm"))[-1]
+    cut(slice_, -500)
+    with pytest.raises(FlaxdoseError, match=f"in the reference CT: {slice_.name}"):
+        write_rtdose(case, reference, tmp_path / "rd.dcm")
+    assert not (tmp_path / "rd.dcm").exists()

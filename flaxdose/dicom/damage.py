@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -136,8 +137,6 @@ def _meta_end(buf) -> int:
 
 def _inflated(path: Path) -> bytes:
     """A deflated file (PS3.5 A.5) as it reads once inflated: its File Meta, then the raw-deflated dataset."""
-    import zlib
-
     raw = Path(path).read_bytes()
     start = _meta_end(raw)
     inflate = zlib.decompressobj(-zlib.MAX_WBITS)

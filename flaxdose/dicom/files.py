@@ -31,11 +31,17 @@ import dataclasses
 import filecmp
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from tqdm import tqdm
 
 from flaxdose.dicom.archives import Unpacker, archive_kind
 from flaxdose.dicom.damage import FIX, file_damage
@@ -169,9 +175,6 @@ class DicomFile:
 
 def _default_transfer_syntax(ds) -> None:
     """Give a dataset read without File Meta the transfer syntax pydicom detected (PS3.5 default: implicit VR LE)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         meta = ds.file_meta = FileMetaDataset()
@@ -190,9 +193,6 @@ def read_dataset(path, stop_before_pixels: bool):
     DICOM default, for most), so its pixel data decodes. Raises pydicom's InvalidDicomError
     when the file is not DICOM at all.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
@@ -205,8 +205,6 @@ def read_dataset(path, stop_before_pixels: bool):
 
 def read_full(f: DicomFile):
     """The whole dataset of `f` (pixels included); damage raises FlaxdoseError naming the file."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with reading(f.path, f.kind or f.modality or "the file"):
@@ -215,8 +213,6 @@ def read_full(f: DicomFile):
 
 def read_header(path):
     """The dataset of `path` without pixel data; damage raises FlaxdoseError naming the file."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with reading(path, "the header"):
@@ -328,9 +324,6 @@ def file_header(path: Path) -> DicomFile | None:
     """Header facts, or None for a file that is not DICOM. Damaged DICOM -> FlaxdoseError, also for a
     file named .dcm (or with the DICM magic) that has no readable header: an empty or cut export file,
     and for a CT, RTSTRUCT, RTDOSE or RTPLAN that `flaxdose.dicom.damage.file_damage` finds damaged."""
-    import warnings
-
-    from pydicom.errors import InvalidDicomError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -424,8 +417,6 @@ def scan_tree(paths: str | os.PathLike | Iterable[str | os.PathLike], progress: 
     queue = [(path, 0) for path in _candidates(paths, found.not_read)]
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(queue), desc="scanning", unit="file", file=sys.stderr)
     while queue:
         path, depth = queue.pop(0)

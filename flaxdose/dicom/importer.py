@@ -21,14 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
+from flaxdose.dicom.archives import Unpacker
 from flaxdose.dicom.damage import damaged_among, plan_damage
 from flaxdose.dicom.dose import NotExternalPhotonPlan
-from flaxdose.dicom.archives import Unpacker
-from flaxdose.dicom.files import ScanResult, group_plans, scan_tree
-from flaxdose.dicom.readers import MIN_COVERAGE, plan_case_id, read_plan
-from flaxdose.dicom.structures import AliasTable
+from flaxdose.dicom.files import Grouping, PlanFiles, ScanResult, group_plans, scan_tree
+from flaxdose.dicom.readers import ReadOptions, plan_case_id, read_plan
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder, atomic_write_text, check_writable, staging_folder
 
@@ -205,31 +205,35 @@ def check_out_apart(src: str | os.PathLike | Iterable[str | os.PathLike], out: s
 def import_dicom(
     src: str | os.PathLike | Iterable[str | os.PathLike],
     out: str | os.PathLike,
-    structures: Sequence[str] = PROSTATE_STRUCTURES,
-    grid: str = "model",
+    structures: Sequence[str] | None = None,
+    grid: str | None = None,
     *,
-    aliases: AliasTable | None = None,
-    keep_ids: bool = False,
-    salt: str | None = None,
+    options: ReadOptions | None = None,
     test_fraction: float = 0.0,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     require_dose: bool = True,
-    min_coverage: float = MIN_COVERAGE,
-    **read_kwargs,
+    **fields,
 ) -> ImportSummary:
     """Import every plan under `src` into a dataset at `out`, with `import_report.csv` beside the manifest.
 
-    A plan whose files cannot be read, or that `read_plan` refuses, is reported in the summary
-    and skipped (a failure); so is a plan without RTDOSE unless `require_dose=False`, and an
-    archive that cannot be unpacked (zip, tar and .gz/.bz2/.xz files are unpacked and read);
-    brachytherapy and ion plans are left out (listed); files not read are listed. Case ids are salted
-    hashes (the salt is random unless given) unless `keep_ids`. All plans of one patient go to
-    one split. `min_coverage` and `read_kwargs` go to `read_plan`. Raises FlaxdoseError when no
-    plan could be imported, and when `out` is, lies inside or holds a source folder
-    (`check_out_apart`); nothing is written then.
+    `options` say how every plan is read (`ReadOptions`); without them, `structures` (default the
+    prostate structures), `grid` (default "model") and `fields` (the other `ReadOptions` fields:
+    ``aliases``, ``keep_ids``, ``salt``, ``min_coverage``, ...) make them. A plan whose files cannot
+    be read, or that `read_plan` refuses, is reported in the summary and skipped (a failure); so is a
+    plan without RTDOSE unless `require_dose=False`, and an archive that cannot be unpacked (zip, tar
+    and .gz/.bz2/.xz files are unpacked and read); brachytherapy and ion plans are left out (listed);
+    files not read are listed. Case ids are salted hashes (the salt is random unless given) unless
+    ``keep_ids``. All plans of one patient go to one split. Raises FlaxdoseError when no plan could be
+    imported, and when `out` is, lies inside or holds a source folder (`check_out_apart`); nothing is
+    written then.
     """
+    if options is None:  # an import's defaults: the prostate structures on the model grid
+        structures = PROSTATE_STRUCTURES if structures is None else structures
+        grid = "model" if grid is None else grid
+    given = {name: v for name, v in (("structures", structures), ("grid", grid)) if v is not None}
+    options = ReadOptions.given(options, **given, **fields)
     if not 0.0 <= test_fraction < 1.0:
         raise FlaxdoseError(f"test_fraction must be in [0, 1), got {test_fraction}")
     src = src if isinstance(src, (str, os.PathLike)) else list(src)  # read twice: checked, then scanned
@@ -237,20 +241,19 @@ def import_dicom(
     check_writable(out, overwrite)  # before the long work
     with Unpacker() as unpacker:  # archives' files are read until the import ends
         scanned = scan_tree(src, progress, unpacker)
-        return _import_plans(scanned, src, out, structures, grid, aliases=aliases, keep_ids=keep_ids, salt=salt,
-                             test_fraction=test_fraction, seed=seed, overwrite=overwrite, progress=progress,
-                             require_dose=require_dose, min_coverage=min_coverage, **read_kwargs)
+        return _import_plans(scanned, src, out, options, test_fraction=test_fraction, seed=seed, overwrite=overwrite,
+                             progress=progress, require_dose=require_dose)
 
 
-def _import_plans(scanned: ScanResult, src, out, structures, grid, *, aliases, keep_ids, salt, test_fraction, seed,
-                  overwrite, progress, require_dose, min_coverage, **read_kwargs) -> ImportSummary:
-    """`import_dicom` once the source is scanned: each plan read, staged, then the dataset written."""
+def _plans_to_read(scanned: ScanResult, found: Grouping) -> tuple[list, list[tuple[str, str]], set[str]]:
+    """(the plans to read as (index, count, plan) of each patient, failures, damaged files beside them).
+
+    A folder that could not be read, and a patient whose files form no plan, are failures (naming
+    the patient's damaged files when it has any: a cut RTSTRUCT, not "no RTSTRUCT", is why).
+    """
     files, damaged = scanned.files, scanned.damaged
-    found = group_plans(files)
-    salt = salt if salt is not None else secrets.token_hex(16)
     failures: list[tuple[str, str]] = [
         (path, f"{why}; a patient may be inside") for path, why in scanned.unreadable]  # exit 1: maybe missing
-    left_out: list[tuple[str, str]] = [(str(path), why) for path, why in found.unused]
     refused_beside: set[str] = set()  # damaged files in the folders of a refused plan (or patient)
     todo = []
     for pid, plans in found.patients.items():
@@ -262,31 +265,71 @@ def _import_plans(scanned: ScanResult, src, out, structures, grid, *, aliases, k
             refused_beside.update(p for p, _ in damaged_among(damaged, mine))
             continue
         todo += [(i, len(plans), p) for i, p in enumerate(plans)]
+    return todo, failures, refused_beside
+
+
+def _read_one(plan: PlanFiles, index: int, count: int, damaged, options: ReadOptions, salt: str, require_dose: bool,
+              taken: Mapping[str, object]) -> Case:
+    """Plan `index` of the `count` plans of one patient read as a case with its import case id (not in `taken`).
+
+    Raises FlaxdoseError for a plan without dose (`require_dose`), with damaged files in its
+    folders, whose case id repeats, or that `read_plan` refuses.
+    """
+    if require_dose and not plan.doses:
+        raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
+    damage = plan_damage(damaged, plan.files)  # the damaged files in the plan's folders
+    if damage:
+        raise FlaxdoseError(damage)
+    cid = plan_case_id(plan, options.keep_ids, salt)
+    if count > 1:
+        cid = f"{cid}_{index + 1}"
+    if cid in taken:
+        raise FlaxdoseError(f"case id {cid} repeats (two patients share an ID); import them separately")
+    return read_plan(plan, options, cid)
+
+
+def _write_import(out: Path, staged: Mapping[str, tuple[Path, tuple[str, ...]]], scanned: ScanResult,
+                  found: Grouping, num_failed: int, options: ReadOptions, test_fraction: float, seed: int,
+                  overwrite: bool) -> tuple[list[str], list[dict]]:
+    """The dataset at `out` (the staged cases in their splits, the manifest, the import report), written
+    atomically; (its case ids, the report's rows)."""
+    splits = patient_splits({cid: keys for cid, (_, keys) in staged.items()}, test_fraction, seed)
+    split_of = {cid: name for name, ids in splits.items() for cid in ids}
+    ids = sorted(staged)
+    rows = [row for cid in ids for row in report_rows(Case.load(staged[cid][0]), split_of[cid])]
+    extra = {
+        "source": "dicom",
+        "grid": options.grid,
+        "deidentified": not options.keep_ids,
+        "import": {"num_patients": len(found.patients), "num_plans": len(ids), "num_failed": num_failed,
+                   "copies_counted_once": len(found.copies), "files_set_aside": len(found.ignored),
+                   "archives_unpacked": len(scanned.unpacked), "files_not_read": len(scanned.not_read),
+                   "min_coverage": options.min_coverage, "report": REPORT_CSV},
+    }
+    with atomic_folder(out, overwrite) as folder:
+        write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
+        atomic_write_text(folder / REPORT_CSV, _csv(rows))
+    return ids, rows
+
+
+def _import_plans(scanned: ScanResult, src, out, options: ReadOptions, *, test_fraction: float, seed: int,
+                  overwrite: bool, progress: bool, require_dose: bool) -> ImportSummary:
+    """`import_dicom` once the source is scanned: each plan read, staged, then the dataset written."""
+    damaged = scanned.damaged
+    found = group_plans(scanned.files)
+    salt = options.salt if options.salt is not None else secrets.token_hex(16)
+    todo, failures, refused_beside = _plans_to_read(scanned, found)
+    left_out: list[tuple[str, str]] = [(str(path), why) for path, why in found.unused]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged: dict[str, tuple[Path, tuple[str, ...]]] = {}  # case id -> (staged file, patient identifiers)
     warnings: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
     with staging_folder(out) as stage:
-        iterator = todo
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(todo, desc="importing", unit="plan", file=sys.stderr)
-        for index, count, plan in iterator:
+        for index, count, plan in tqdm(todo, desc="importing", unit="plan", file=sys.stderr, disable=not progress):
             try:
-                if require_dose and not plan.doses:
-                    raise FlaxdoseError("no RTDOSE found for this plan; export the plan dose with it")
-                damage = plan_damage(damaged, plan.files)  # the damaged files in the plan's folders
-                if damage:
-                    raise FlaxdoseError(damage)
-                cid = plan_case_id(plan, keep_ids, salt)
-                if count > 1:
-                    cid = f"{cid}_{index + 1}"
-                if cid in staged:
-                    raise FlaxdoseError(f"case id {cid} repeats (two patients share an ID); import them separately")
-                case = read_plan(plan, structures, grid, aliases=aliases, case_id=cid, keep_ids=keep_ids,
-                                 min_coverage=min_coverage, **read_kwargs)
+                case = _read_one(plan, index, count, damaged, options, salt, require_dose, staged)
+                cid = case.case_id
                 keys = tuple(f"{kind}:{uid}" if uid else "" for kind, uid in
                              (("patient", plan.patient_id), ("study", plan.study_uid), ("frame", plan.for_uid)))
                 staged[cid] = (case.save(Path(stage) / f"{cid}.npz"), keys)
@@ -305,22 +348,7 @@ def _import_plans(scanned: ScanResult, src, out, structures, grid, *, aliases, k
                 f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in (failures + left_out)[:5]) or "no DICOM-RT files found")
                 + (f" ({len(damaged)} damaged file(s): {damaged[0][1]})" if damaged and not failures else "")
             )
-        splits = patient_splits({cid: keys for cid, (_, keys) in staged.items()}, test_fraction, seed)
-        split_of = {cid: name for name, ids in splits.items() for cid in ids}
-        ids = sorted(staged)
-        rows = [row for cid in ids for row in report_rows(Case.load(staged[cid][0]), split_of[cid])]
-        extra = {
-            "source": "dicom",
-            "grid": grid,
-            "deidentified": not keep_ids,
-            "import": {"num_patients": len(found.patients), "num_plans": len(ids), "num_failed": len(failures),
-                       "copies_counted_once": len(found.copies), "files_set_aside": len(found.ignored),
-                       "archives_unpacked": len(scanned.unpacked), "files_not_read": len(scanned.not_read),
-                       "min_coverage": min_coverage, "report": REPORT_CSV},
-        }
-        with atomic_folder(out, overwrite) as folder:
-            write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
-            atomic_write_text(folder / REPORT_CSV, _csv(rows))
+        ids, rows = _write_import(out, staged, scanned, found, len(failures), options, test_fraction, seed, overwrite)
     return ImportSummary(out, ids, failures, damaged, len(found.patients), rows, warnings, notes, len(found.copies),
                          [(str(p), why) for p, why in found.ignored], sorted(refused_beside), left_out,
                          scanned.not_read, scanned.unpacked)

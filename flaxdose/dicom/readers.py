@@ -1,4 +1,5 @@
-"""DICOM-RT objects to flaxdose: CT series, RTSTRUCT, and whole plans (`read_plan`, `read_rt`).
+"""DICOM-RT objects to flaxdose: CT series, RTSTRUCT, and whole plans (`read_plan`, `read_rt`, read as
+`ReadOptions` say).
 
 Conventions (see docs/dicom.md):
 - Volumes come out on an axis-aligned grid in the DICOM patient system (LPS), indexed
@@ -415,81 +416,114 @@ def _structure_facts(name: str, roi: Roi, rc: RoiContours, placed, grid: Grid, d
     return facts, warnings
 
 
-def read_plan(
-    plan: PlanFiles,
-    structures: Sequence[str] = PROSTATE_STRUCTURES,
-    grid: str = "dose",
-    *,
-    aliases: AliasTable | None = None,
-    prescription_gy: float | None = None,
-    include_ct: bool = False,
-    model_shape: Sequence[int] = MODEL_SHAPE,
-    model_spacing_mm: Sequence[float] = MODEL_SPACING_MM,
-    centre_on: str | None = None,
-    case_id: str | None = None,
-    keep_ids: bool = False,
-    salt: str | None = None,
-    style: str = "",
-    min_coverage: float = MIN_COVERAGE,
-    read_dose: bool = True,
-) -> Case:
-    """Build a `Case` from one plan's files (see `read_rt` for the arguments).
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How a plan is read into a `Case` (`read_plan`): built once by its caller (a command, `import_dicom`,
+    a prediction) and passed down unchanged.
 
-    `read_dose=False` ignores the export's RTDOSE files (the case gets no dose): what a
-    prediction needs, which must not fail on a dose it does not use.
-
-    Refuses (FlaxdoseError) a plan whose structures lack contours, whose grid loses a
-    structure, whose dose is not one plan's planned dose or does not fit the prescription,
-    or whose dose covers less than `min_coverage` of a target's or OAR's contoured volume
-    (the body's coverage is recorded only: the body is usually longer than the dose grid).
+    structures: the model's structures (the case's channels), in order; ROI names map onto them
+        through `aliases` (an `AliasTable`; None: the built-in names).
+    grid: "dose" keeps the RTDOSE grid; "model" resamples onto `model_shape` x `model_spacing_mm`
+        centred on `centre_on` (default: the first PTV among the structures, else the first
+        structure; dose trilinear, masks rasterized directly at the model voxel centres); "ct" uses
+        the CT grid. A plan without RTDOSE gives `dose=None` (grids "model" and "ct" only).
+    prescription_gy: overrides the RTPLAN's prescription (None: read from the RTPLAN).
+    include_ct: also keep the CT (HU) on the case grid.
+    keep_ids: the case id is the PatientID made file-safe (NOT de-identified); else a hash of the
+        plan's UIDs salted with `salt` (None: a random salt, ids not reproducible).
+    style: the planning-style label stored in the case.
+    min_coverage: the share of a target's or OAR's contoured volume that must have dose (the
+        body's coverage is recorded only: the body is usually longer than the dose grid).
+    read_dose: False ignores the export's RTDOSE files (the case gets no dose): what a prediction
+        needs, which must not fail on a dose it does not use.
     """
-    if grid not in ("dose", "model", "ct"):
-        raise FlaxdoseError(f"grid must be 'dose', 'model' or 'ct', got {grid!r}")
-    if not 0.0 <= min_coverage <= 1.0:
-        raise FlaxdoseError(f"min_coverage must be in [0, 1], got {min_coverage}")
-    check_external_photon(plan.plan, plan.label, plan.doses)  # first: no other refusal's advice applies to it
-    if plan.problems:
-        raise FlaxdoseError(f"plan in {plan.label}: " + "; ".join(plan.problems))
-    if plan.struct is None:
-        raise FlaxdoseError(f"no RTSTRUCT for the plan in {plan.label}; export the structure set with the plan")
-    matched, listed = _structure_contours(plan, structures, aliases or AliasTable())
-    need_ct = include_ct or grid == "ct" or bool(plan.ct)
-    ct = read_ct(plan.ct, load_pixels=include_ct) if (need_ct and plan.ct) else None
-    if (include_ct or grid == "ct") and ct is None:
+
+    structures: tuple[str, ...] = PROSTATE_STRUCTURES
+    grid: str = "dose"
+    aliases: AliasTable | None = None
+    prescription_gy: float | None = None
+    include_ct: bool = False
+    model_shape: tuple[int, ...] = MODEL_SHAPE
+    model_spacing_mm: tuple[float, ...] = MODEL_SPACING_MM
+    centre_on: str | None = None
+    keep_ids: bool = False
+    salt: str | None = None
+    style: str = ""
+    min_coverage: float = MIN_COVERAGE
+    read_dose: bool = True
+
+    def __post_init__(self):
+        for name in ("structures", "model_shape", "model_spacing_mm"):  # any sequence given: kept as a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @classmethod
+    def given(cls, options: ReadOptions | None = None, **fields) -> ReadOptions:
+        """`options`, or without them options made of `fields` (a caller's keyword arguments).
+
+        Raises TypeError for both, or for `options` that are not ReadOptions.
+        """
+        if options is None:
+            return cls(**fields)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be ReadOptions, got {type(options).__name__}; pass structures= by name")
+        if fields:
+            raise TypeError(f"give ReadOptions or their fields ({', '.join(fields)}), not both")
+        return options
+
+
+def _plan_ct(plan: PlanFiles, options: ReadOptions) -> CtSeries | None:
+    """The plan's CT series (pixels only with `include_ct`), when it has one or the options need it."""
+    need_ct = options.include_ct or options.grid == "ct" or bool(plan.ct)
+    ct = read_ct(plan.ct, load_pixels=options.include_ct) if (need_ct and plan.ct) else None
+    if (options.include_ct or options.grid == "ct") and ct is None:
         if plan.ct_missing:
             raise FlaxdoseError(f"{plan.ct_missing}: export the referenced CT series, or import without "
                                 "--include_ct on --grid model or dose (the CT then is not needed)")
         raise FlaxdoseError(f"no CT series for the plan in {plan.label}; export the planning CT with the plan")
-    needs_plan = prescription_gy is None or (read_dose and (  # the RTPLAN says what the dose is part of
+    return ct
+
+
+def _plan_rtplan_and_dose(plan: PlanFiles, options: ReadOptions):
+    """(the RTPLAN when the prescription or the dose needs it, the plan dose when it is read) of `plan`."""
+    read_dose = options.read_dose
+    needs_plan = options.prescription_gy is None or (read_dose and (  # the RTPLAN says what the dose is part of
         plan.dose_kind in ("FRACTION", "BEAM") or any(d.ref_fraction_group is not None for d in plan.doses)))
     rtplan = read_rtplan(plan.plan.path) if plan.plan is not None and needs_plan else None
     dose = plan_dose(plan, rtplan) if plan.doses and read_dose else None
-    if dose is None and grid == "dose":
+    if dose is None and options.grid == "dose":
         raise FlaxdoseError(f"no RTDOSE for the plan in {plan.label}" + ("" if read_dose else " (read_dose=False)")
                             + ": the dose grid (--grid dose) needs the plan dose; export it, or use --grid model or ct")
-    rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
-                          ct.slice_spacing if ct is not None else None, plan.struct.path)
+    return rtplan, dose
 
-    if grid == "dose":
-        target = dose.grid
-    elif grid == "ct":
-        target = ct.grid
-    else:
-        centre_name = centre_on or next((s for s in structures if s.upper().startswith("PTV")), structures[0])
-        if centre_name not in rois:
-            raise FlaxdoseError(f"cannot centre the model grid on {centre_name!r}: it is not among {list(structures)}")
-        reference = ct.grid if ct is not None else dose.grid if dose is not None else None
-        if reference is None:
-            missing = f" ({plan.ct_missing})" if plan.ct_missing else ""
-            raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid "
-                                f"on{missing}; export the planning CT with it")
-        target = _model_grid(rois[centre_name], reference, model_shape, model_spacing_mm)
 
+def _case_grid(plan: PlanFiles, options: ReadOptions, rois: dict[str, RoiContours], ct: CtSeries | None,
+               dose: PlanDose | None) -> Grid:
+    """The grid the case is read on (`options.grid`)."""
+    if options.grid == "dose":
+        return dose.grid
+    if options.grid == "ct":
+        return ct.grid
+    structures = options.structures
+    centre_name = options.centre_on or next((s for s in structures if s.upper().startswith("PTV")), structures[0])
+    if centre_name not in rois:
+        raise FlaxdoseError(f"cannot centre the model grid on {centre_name!r}: it is not among {list(structures)}")
+    reference = ct.grid if ct is not None else dose.grid if dose is not None else None
+    if reference is None:
+        missing = f" ({plan.ct_missing})" if plan.ct_missing else ""
+        raise FlaxdoseError(f"the plan in {plan.label} has neither CT nor dose to place the model grid "
+                            f"on{missing}; export the planning CT with it")
+    return _model_grid(rois[centre_name], reference, options.model_shape, options.model_spacing_mm)
+
+
+def _structure_masks(plan: PlanFiles, options: ReadOptions, matched: dict[str, Roi], listed: dict[str, RoiContourList],
+                     rois: dict[str, RoiContours], target: Grid, dose: PlanDose | None):
+    """(masks, facts, warnings, notes) of the structures on `target`; warnings and notes are logged."""
     facts, warnings, notes = {}, [], list(plan.notes)
     masks = []
-    for s in structures:
+    for s in options.structures:
         placed = rasterize_roi(rois[s], target, dose.grid if dose is not None else None, s)
-        facts[s], found = _structure_facts(s, matched[s], rois[s], placed, target, dose, min_coverage, plan.label)
+        facts[s], found = _structure_facts(s, matched[s], rois[s], placed, target, dose, options.min_coverage,
+                                           plan.label)
         warnings += found
         notes += listed[s].notes(s)
         masks.append(placed.mask)
@@ -497,15 +531,12 @@ def read_plan(
         log.warning("%s: %s", plan.label, line)
     for line in notes:
         log.info("%s: %s", plan.label, line)
+    return masks, facts, warnings, notes
 
-    dose_out = None
-    if dose is not None:
-        dose_out = dose.dose if target == dose.grid else resample(dose.dose, dose.grid, target, order=1, cval=0.0)
-    ct_out = None
-    if include_ct:
-        ct_out = ct.hu if target == ct.grid else resample(ct.hu, ct.grid, target, order=1, cval=-1000.0)
 
-    source = "argument"
+def _prescription(plan: PlanFiles, options: ReadOptions, rtplan, dose: PlanDose | None) -> tuple[float, str]:
+    """(prescription Gy, its source) of the plan; the dose checked against it."""
+    prescription_gy, source = options.prescription_gy, "argument"
     if prescription_gy is None:
         prescription_gy, source = (rtplan.prescription_gy, rtplan.prescription_source) if rtplan else (None, "none")
         if rtplan is not None and not prescription_gy and dose is not None:  # a cut or incomplete RTPLAN
@@ -514,6 +545,43 @@ def read_plan(
         prescription_gy = prescription_gy or 0.0
     if dose is not None:
         check_dose_fits_prescription(float(dose.dose.max()), float(prescription_gy), dose.source, source)
+    return prescription_gy, source
+
+
+def read_plan(plan: PlanFiles, options: ReadOptions = ReadOptions(), case_id: str | None = None) -> Case:
+    """Build a `Case` from one plan's files, read as `options` say (see `ReadOptions`).
+
+    `case_id` names the case (default: `plan_case_id` of `options.keep_ids` and `options.salt`).
+    Refuses (FlaxdoseError) a plan whose structures lack contours, whose grid loses a
+    structure, whose dose is not one plan's planned dose or does not fit the prescription,
+    or whose dose covers less than `options.min_coverage` of a target's or OAR's contoured volume
+    (the body's coverage is recorded only: the body is usually longer than the dose grid).
+    """
+    structures, grid = options.structures, options.grid
+    if grid not in ("dose", "model", "ct"):
+        raise FlaxdoseError(f"grid must be 'dose', 'model' or 'ct', got {grid!r}")
+    if not 0.0 <= options.min_coverage <= 1.0:
+        raise FlaxdoseError(f"min_coverage must be in [0, 1], got {options.min_coverage}")
+    check_external_photon(plan.plan, plan.label, plan.doses)  # first: no other refusal's advice applies to it
+    if plan.problems:
+        raise FlaxdoseError(f"plan in {plan.label}: " + "; ".join(plan.problems))
+    if plan.struct is None:
+        raise FlaxdoseError(f"no RTSTRUCT for the plan in {plan.label}; export the structure set with the plan")
+    matched, listed = _structure_contours(plan, structures, options.aliases or AliasTable())
+    ct = _plan_ct(plan, options)
+    rtplan, dose = _plan_rtplan_and_dose(plan, options)
+    rois = contour_planes({s: listed[s].polygons for s in structures}, ct.slices_z if ct is not None else None,
+                          ct.slice_spacing if ct is not None else None, plan.struct.path)
+    target = _case_grid(plan, options, rois, ct, dose)
+    masks, facts, warnings, notes = _structure_masks(plan, options, matched, listed, rois, target, dose)
+
+    dose_out = None
+    if dose is not None:
+        dose_out = dose.dose if target == dose.grid else resample(dose.dose, dose.grid, target, order=1, cval=0.0)
+    ct_out = None
+    if options.include_ct:
+        ct_out = ct.hu if target == ct.grid else resample(ct.hu, ct.grid, target, order=1, cval=-1000.0)
+    prescription_gy, source = _prescription(plan, options, rtplan, dose)
     meta = {
         "source": "dicom",
         "grid": grid,
@@ -527,47 +595,41 @@ def read_plan(
         "dose_source": dose.source if dose is not None else "none",
         "dose_type": dose.dose_type if dose is not None else "",
         "dose_max_gy": round(float(dose.dose.max()), 4) if dose is not None else None,
-        "min_coverage": min_coverage,
+        "min_coverage": options.min_coverage,
         "warnings": warnings,
         "notes": notes,
-        "deidentified": not keep_ids,
+        "deidentified": not options.keep_ids,
     }
     return Case(
-        case_id=case_id or plan_case_id(plan, keep_ids, salt if salt is not None else secrets.token_hex(16)),
+        case_id=case_id or plan_case_id(plan, options.keep_ids,
+                                        options.salt if options.salt is not None else secrets.token_hex(16)),
         structures=tuple(structures),
         masks=np.stack(masks),
         dose=dose_out,
         spacing_mm=target.spacing_mm,
         origin_mm=target.origin_mm,
         prescription_gy=float(prescription_gy),
-        style=style,
+        style=options.style,
         ct=ct_out,
         meta=meta,
     )
 
 
-def read_rt(
-    paths: str | os.PathLike | Iterable[str | os.PathLike],
-    structures: Sequence[str] = PROSTATE_STRUCTURES,
-    grid: str = "dose",
-    **kwargs,
-) -> Case:
+def read_rt(paths: str | os.PathLike | Iterable[str | os.PathLike], options: ReadOptions | None = None,
+            **fields) -> Case:
     """Read one patient's DICOM-RT export (CT, RTSTRUCT, RTDOSE, RTPLAN) into a `Case`.
 
-    `paths`: files and/or folders (searched recursively) holding exactly one plan.
-    `grid`: "dose" keeps the RTDOSE grid; "model" resamples onto `model_shape` x
-    `model_spacing_mm` centred on the PTV (dose trilinear, masks rasterized directly at the
-    model voxel centres); "ct" uses the CT grid. A plan without RTDOSE gives `dose=None`
-    (grids "model" and "ct" only). Keyword arguments: `aliases` (AliasTable),
-    `prescription_gy` (overrides the RTPLAN), `include_ct`, `model_shape`, `model_spacing_mm`,
-    `centre_on`, `case_id`, `keep_ids`, `salt`, `style`, `min_coverage`, `read_dose` (see `read_plan`).
+    `paths`: files and/or folders (searched recursively) holding exactly one plan. `options`: how it
+    is read (`ReadOptions`); without them, `fields` (`ReadOptions` fields: ``structures``, ``grid``,
+    ``include_ct``, ...) make them, e.g. ``read_rt(folder, structures=("PTV", "Rectum"), grid="ct")``.
     """
+    options = ReadOptions.given(options, **fields)
     with Unpacker() as unpacker:  # a zip or .dcm.gz among the paths is read too, until the case is built
         scanned = scan_tree(paths, unpacker=unpacker)
         if scanned.unreadable:  # part of the plan may be inside
             path, why = scanned.unreadable[0]
             raise FlaxdoseError(f"{path}: {why}")
-        return read_plan(_one_plan(scanned, paths), structures, grid, **kwargs)
+        return read_plan(_one_plan(scanned, paths), options)
 
 
 def _one_plan(scanned: ScanResult, paths) -> PlanFiles:

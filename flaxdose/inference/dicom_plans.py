@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from flaxdose.data.case import Case
-from flaxdose.dicom import group_plans, read_plan, read_rt, write_rtdose
+from flaxdose.dicom import ReadOptions, group_plans, read_plan, read_rt, write_rtdose
 from flaxdose.dicom.archives import archive_kind
 from flaxdose.dicom.damage import damaged_among, plan_damage
 from flaxdose.dicom.files import RTDOSE_STORAGE, DicomFile, scan_tree
@@ -66,12 +66,9 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
     log.info("reading %s on the model grid: %s voxels of %s mm (x, y, z)", patient_dir,
              "x".join(map(str, shape)), describe_spacing(spacing))
-    kwargs = dict(grid="model", prescription_gy=prescription_gy, read_dose=read_dose, model_shape=shape,
-                  model_spacing_mm=spacing, aliases=aliases)
-    if plan is not None:
-        case = read_plan(plan, models[0].structures, **kwargs)
-    else:
-        case = read_rt(patient_dir, structures=models[0].structures, **kwargs)
+    options = ReadOptions(models[0].structures, "model", aliases=aliases, prescription_gy=prescription_gy,
+                          model_shape=shape, model_spacing_mm=spacing, read_dose=read_dose)
+    case = read_plan(plan, options) if plan is not None else read_rt(patient_dir, options)
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
     for model in models:
@@ -273,7 +270,7 @@ def rtdose_case(plan, rtdose_path: str | Path, structures: Sequence[str], prescr
     rd = DicomFile(Path(rtdose_path), "RTDOSE", RTDOSE_STORAGE, "", "", "", "", plan.for_uid, dose_summation="PLAN")
     on_file = dataclasses.replace(plan, doses=[rd], dose_kind="PLAN", problems=[], notes=[])
     # prescription 0: no plausibility window for a prediction (an under-trained model is reported, not refused)
-    case = read_plan(on_file, structures, grid="dose", prescription_gy=0.0, min_coverage=0.0, aliases=aliases)
+    case = read_plan(on_file, ReadOptions(structures, "dose", aliases=aliases, prescription_gy=0.0, min_coverage=0.0))
     return case.replace(prescription_gy=float(prescription_gy))
 
 
