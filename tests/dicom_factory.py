@@ -246,11 +246,7 @@ def write_export(folder, orientation="HFS", *, absolute_offsets=False, drop_slic
         contours = []
         for z in zs:
             for pts in contours_for(canonical, float(z)):
-                cont = Dataset()
-                cont.ContourGeometricType = "CLOSED_PLANAR"
-                cont.NumberOfContourPoints = len(pts)
-                cont.ContourData = [f"{v:.6f}" for v in pts.ravel()]
-                contours.append(cont)
+                contours.append(contour_item(pts))
         rc.ContourSequence = Sequence(contours)
         roi_contours.append(rc)
         obs = Dataset()
