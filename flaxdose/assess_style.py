@@ -18,6 +18,7 @@ from pathlib import Path
 from absl import flags
 
 from flaxdose import cli, planqa
+from flaxdose.data.case import ALL_SPLITS
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
 from flaxdose.planqa import assess
@@ -32,7 +33,7 @@ def define_flags() -> None:
     flags.DEFINE_string("own_data", None, "dataset with held-out plans of the model's own style")
     flags.DEFINE_string("own_split", "test", "split of --own_data (plans the model did not train on)")
     flags.DEFINE_string("data", None, "the clinic's plans (a dataset, e.g. from flaxdose-import)")
-    flags.DEFINE_string("split", planqa.ALL_SPLITS, "split of --data ('all': every split)")
+    flags.DEFINE_string("split", ALL_SPLITS, "split of --data ('all': every split)")
     flags.DEFINE_string("curve", None, "a sweep folder or its report/results.csv: the learning curve")
     flags.DEFINE_string("curve_style", None, "the sweep's target style whose curve stands for this clinic")
     flags.DEFINE_string("curve_mode", None, "the curve's mode (e.g. full); default: the best one")

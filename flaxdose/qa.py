@@ -32,6 +32,7 @@ from pathlib import Path
 from absl import flags
 
 from flaxdose import cli, planqa
+from flaxdose.data.case import ALL_SPLITS
 from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.dicom import AliasTable
 from flaxdose.errors import FlaxdoseError
@@ -55,7 +56,7 @@ def define_flags() -> None:
     flags.DEFINE_string("calibration_data", None, "dataset of held-out plans of the models' style to calibrate on")
     flags.DEFINE_string("calibration_split", "calibration", "split of --calibration_data (not the models' training plans)")
     flags.DEFINE_string("data", None, "dataset whose plans are checked")
-    flags.DEFINE_string("split", planqa.ALL_SPLITS, "split of --data to check ('all': every split)")
+    flags.DEFINE_string("split", ALL_SPLITS, "split of --data to check ('all': every split)")
     flags.DEFINE_string("dicom", None, "check one patient's DICOM-RT export (with its RTDOSE) instead of --data")
     flags.DEFINE_float("prescription_gy", None, "prescription for --dicom when the export has no RTPLAN")
     flags.DEFINE_string("aliases", None, "--dicom: JSON file mapping structures to ROI names, e.g. "
