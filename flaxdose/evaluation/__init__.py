@@ -1,5 +1,6 @@
 """Evaluation of predicted doses against reference doses: `scoring` (per-case Dice and DVH errors),
-`summary` (statistics over cases and paired t-tests), `report` (CSV, Markdown and figures).
+`summary` (statistics over cases and paired t-tests), `report` (CSV, Markdown and figures), `openkbp`
+(the OpenKBP challenge's dose and DVH scores of models, its submissions and report).
 """
 
 from flaxdose.evaluation.report import (  # noqa: F401
