@@ -87,3 +87,40 @@ def phantom_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("phantom_run")
     trainer.train_and_evaluate(tiny_config(**{"train.steps": 30, "data.phantom_shape": (24, 24, 16)}), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(workdir, dataset folder): one tiny model trained 2 steps on 16x16x8 phantoms of 4 x 4 x 5 mm (quick's
+    target-distance input), checkpoints at steps 1 and 2, shared by the evaluation, spacing, prediction and
+    transfer tests (once per xdist worker): read it, never train it further or change it (copy it first)."""
+    from flaxdose.training import trainer
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    trainer.train_and_evaluate(tiny_config(**{"train.steps": 2, "train.checkpoint_every": 1, "train.eval_every": 2}),
+                               workdir)
+    return workdir, next((workdir / "data").iterdir())
+
+
+@pytest.fixture(scope="session")
+def with_a_case_without_ptv(tiny_run, tmp_path_factory):
+    """The tiny run's test cases plus one whose PTV is not contoured (split "test"), and that case alone ("bad")."""
+    from flaxdose.data import Dataset, write_dataset
+
+    data = Dataset.open(tiny_run[1])
+    good = [data.load(i) for i in data.split("test")]
+    masks = good[0].masks.copy()
+    masks[good[0].structures.index("PTV")] = False
+    bad = good[0].replace(case_id="no_ptv", masks=masks)
+    root = tmp_path_factory.mktemp("data") / "mixed"
+    write_dataset(root, [*good, bad], {"test": [c.case_id for c in good] + ["no_ptv"], "bad": ["no_ptv"]})
+    return root, [c.case_id for c in good]
+
+
+def run_cli(module, *args, timeout=300):
+    """`python -m flaxdose.MODULE ARGS` in a subprocess: its CompletedProcess (text stdout and stderr)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", f"flaxdose.{module}", *args], capture_output=True, text=True,
+                          timeout=timeout)

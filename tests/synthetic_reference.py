@@ -4,7 +4,7 @@ Pre-vectorisation code, copied verbatim from `flaxdose/synthetic/vmat.py` at com
 (the generator before issue 24 item 3): the beams' doses stacked as (B, P, S) and summed with
 `jnp.sum(axis=0)`. On XLA:CPU that sum and the fusions around it took ~70 % of a plan; the
 library now adds the beams in a scan (`flaxdose.synthetic.vmat._dose`). Do not "fix" or speed
-up this file: tests/test_synth_fast.py checks the fast code against it.
+up this file: tests/test_synth_vmat.py checks the fast code against it.
 
 Only the physics constants and the unchanged helpers' inputs come from the library.
 `PRE_CHANGE_PLANS` holds numbers of plans the pre-change generator made (see its comment).

@@ -78,3 +78,15 @@ def test_a_raw_export_or_challenge_folder_points_to_its_importer(tmp_path):
                          ("other", "write_dataset")):
         with pytest.raises(FlaxdoseError, match=hint):
             Dataset.open(tmp_path / folder)
+
+
+def test_failure_list_names_a_shared_reason_once():
+    from flaxdose.data.case import failure_list
+
+    failed = {"a": "case 'a' has voxel spacing 4x4x3 mm", "b": "case 'b' has voxel spacing 4x4x3 mm", "c": "no PTV"}
+    assert failure_list(failed) == "case a: case 'a' has voxel spacing 4x4x3 mm; likewise case b; case c: no PTV"
+    many = {str(i): "no PTV" for i in range(7)}
+    assert failure_list(many) == "cases 0, 1, 2, 3, 4 and 2 more: no PTV"
+    named = {str(i): f"case {str(i)!r} has no PTV" for i in range(7)}  # every id shown is filled in, never a placeholder
+    assert failure_list(named) == "case 0: case '0' has no PTV; likewise cases 1, 2, 3, 4 and 2 more"
+    assert failure_list({"x": "case 'x' has no PTV"}) == "case x: case 'x' has no PTV"

@@ -1,7 +1,10 @@
+import json
+
 import dicom_factory as F
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from flaxdose.data.case import Dataset
 from flaxdose.data.pipeline import model_inputs
 from flaxdose.dicom import Grid, read_dose, resample
@@ -190,3 +193,27 @@ def test_rtdose_out_under_an_existing_file_names_the_path_and_the_fix(tmp_path, 
     assert result.stderr.strip().splitlines()[-1].startswith(f"flaxdose: error: --rtdose_out {notes / 'out.dcm'}: "
                                                              f"{notes} is a file")
     assert notes.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- one bad case
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    return tiny_run  # conftest's tiny run (2 steps on 16x16x8 phantoms), shared with tests/test_evaluate.py
+
+
+def test_predict_leaves_out_a_case_without_ptv_and_exits_1(trained, with_a_case_without_ptv, tmp_path):
+    workdir, _ = trained
+    data, good = with_a_case_without_ptv
+    out = tmp_path / "pred"
+    done = run_cli("predict", f"--workdir={workdir}", f"--data={data}", f"--out={out}")
+    assert done.returncode == 1, done.stderr[-2000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed["predicted"] == len(good) and list(printed["failed"]) == ["no_ptv"]
+    assert "no target voxels" in printed["failed"]["no_ptv"] and "no_ptv" in done.stderr  # logged too
+    written = Dataset.open(out)
+    assert written.split("test") == good and list(written.manifest["failed"]) == ["no_ptv"]
+    assert sorted(p.stem for p in (out / "cases").iterdir()) == sorted(good)
+
+    nothing = run_cli("predict", f"--workdir={workdir}", f"--data={data}", "--split=bad", f"--out={tmp_path / 'none'}")
+    assert nothing.returncode == 2 and "flaxdose: error: no case of split 'bad'" in nothing.stderr
+    assert "no target voxels" in nothing.stderr and not (tmp_path / "none").exists()

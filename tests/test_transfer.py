@@ -1,5 +1,3 @@
-import math
-
 import jax
 import ml_collections
 import numpy as np
@@ -13,12 +11,8 @@ from flaxdose.training import optim, trainer, transfer
 
 
 @pytest.fixture(scope="module")
-def source_workdir(tmp_path_factory):
-    from conftest import tiny_config
-
-    workdir = tmp_path_factory.mktemp("source")
-    trainer.train_and_evaluate(tiny_config(**{"train.steps": 3}), workdir)
-    return workdir
+def source_workdir(tiny_run):
+    return tiny_run[0]  # conftest's tiny run (quick's recipe, 2 steps): read, never trained further
 
 
 def transfer_config(make_config, source, mode="paper", **overrides):
@@ -98,54 +92,3 @@ def test_transfer_errors(tmp_path, source_workdir, make_config):
     assert not any((tmp_path / w).exists() for w in "abcdf")
     with pytest.raises(FlaxdoseError, match=r"pass the source run's model settings \(--config.model.\*"):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "e")
-
-
-def test_adam_with_the_rate_in_its_state_equals_optax_adam_bitwise():
-    """optim.adam keeps the rate in the state (sweeps stack per-run rates) and computes what optax.adam does."""
-    params = init_params(preset("tiny"), jax.random.key(0))
-    grads = jax.tree.map(lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params)
-    for lr in (1e-3, 3e-4):
-        ours, ref = optim.adam(lr), optax.adam(lr)
-        s_ours, s_ref = ours.init(params), ref.init(params)
-        for _ in range(3):
-            u_ours, s_ours = ours.update(grads, s_ours, params)
-            u_ref, s_ref = ref.update(grads, s_ref, params)
-            for a, b in zip(jax.tree_util.tree_leaves(u_ours), jax.tree_util.tree_leaves(u_ref)):
-                np.testing.assert_array_equal(a, b)
-        assert float(s_ours[1].hyperparams["learning_rate"]) == np.float32(lr)
-
-
-def test_warmup_cosine_schedule_scales_adam_by_the_factor_of_the_step():
-    """Factor by hand: linear 0 -> 1 over the warmup, then 0.5 (1 + cos(pi t)) decaying to end_lr_fraction."""
-    train = ml_collections.ConfigDict({"schedule": "warmup_cosine", "warmup_steps": 2, "end_lr_fraction": 0.1, "steps": 6})
-    factor = optim.schedule_factor(train)
-    cosine = lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    for step, want in ((0, 0.0), (1, 0.5), (2, 1.0), (4, cosine(0.5)), (6, 0.1)):
-        assert float(factor(step)) == pytest.approx(want, abs=1e-6), step
-    params = init_params(preset("tiny"), jax.random.key(0))
-    grads = jax.tree.map(lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params)
-    ours, ref = optim.adam(1e-3, factor), optax.adam(1e-3)
-    s_ours, s_ref = ours.init(params), ref.init(params)
-    for step in range(4):
-        u_ours, s_ours = ours.update(grads, s_ours, params)
-        u_ref, s_ref = ref.update(grads, s_ref, params)
-        for a, b in zip(jax.tree_util.tree_leaves(u_ours), jax.tree_util.tree_leaves(u_ref)):
-            np.testing.assert_allclose(a, np.asarray(b) * float(factor(step)), rtol=1e-6, atol=1e-12)
-    assert optim.schedule_factor(ml_collections.ConfigDict({"schedule": "constant"})) is None
-    with pytest.raises(FlaxdoseError, match="warmup_cosine"):
-        optim.schedule_factor(ml_collections.ConfigDict({"schedule": "cosine"}))
-    with pytest.raises(FlaxdoseError, match="below train.steps"):
-        optim.schedule_factor(ml_collections.ConfigDict({**train, "warmup_steps": 6}))
-
-
-def test_warmup_stable_decay_holds_the_rate_then_decays_over_the_last_steps():
-    """Factor by hand: linear warmup over 2 steps, 1 until step 6, then a cosine to 0.1 over the last 4 of 10."""
-    train = ml_collections.ConfigDict({"schedule": "warmup_stable_decay", "warmup_steps": 2, "decay_steps": 4,
-                                       "end_lr_fraction": 0.1, "steps": 10})
-    factor = optim.schedule_factor(train)
-    cosine = lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    for step, want in ((0, 0.0), (1, 0.5), (2, 1.0), (5, 1.0), (6, 1.0), (7, cosine(0.25)), (8, cosine(0.5)), (10, 0.1)):
-        assert float(factor(step)) == pytest.approx(want, abs=1e-6), step
-    for decay in (0, 9):
-        with pytest.raises(FlaxdoseError, match="decay_steps"):
-            optim.schedule_factor(ml_collections.ConfigDict({**train, "decay_steps": decay}))

@@ -48,7 +48,7 @@ __all__ = [
 GENERATOR = "flaxdose.synthetic"
 GENERATOR_VERSION = 2  # bump whenever the plans a seed produces change: caches regenerate
 # (Not for float32 rounding: issue 24's faster beam sum moved doses by <= 4e-5 Gy, masks identical,
-# tests/test_synth_fast.py; version 2 caches made before it stay valid and are reused as they are.)
+# tests/test_synth_vmat.py; version 2 caches made before it stay valid and are reused as they are.)
 TEST_ANATOMY_BASE = 5000  # test anatomies start here; training anatomies at 0
 LOBE_LEVEL = 0.2  # the isodose (fraction of Rx) whose lobes tell the external style apart
 LOBE_DIRECTIONS = 72  # axial directions (every 5 degrees) of the isodose radius

@@ -121,7 +121,7 @@ def _dose(fluence, z_rel, geometry):
     (docs/performance.md, "Lever: the synthetic generator").
     Not bit for bit: XLA fuses a beam's a0 * f0 + a1 * f1 into a multiply-add here, so optimized
     doses differ from the stacked form's by a few float32 roundings (<= 1e-4 Gy on 70 Gy plans;
-    tests/test_synth_fast.py checks it against the stacked form kept in tests/synthetic_reference.py).
+    tests/test_synth_vmat.py checks it against the stacked form kept in tests/synthetic_reference.py).
     """
     i0, a0, a1 = geometry
 

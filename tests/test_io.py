@@ -1,7 +1,8 @@
-"""Follow-ups of a new-user pass on writers: staging left by a killed writer (`kill -9`) names its
-owner and is removed by the next writer of the same target when that owner is dead (never a live
-writer's, another host's, another target's or a name of another pattern); the import summary says
-which damaged files refused the plans beside them and which were ignored.
+"""Writers (flaxdose.io): a folder or file appears whole or not at all. Staging left by a killed writer
+(`kill -9`) names its owner and is removed by the next writer of the same target when that owner is dead
+(never a live writer's, another host's, another target's or a name of another pattern); --overwrite swaps
+through renames that an interruption cannot leave half done, and never deletes a training run or a file;
+finished folders and files get the umask's mode.
 
 Expected names are built here from the documented pattern `.NAME.staging.HOST.PID.RANDOM`, the
 host's name and the pids of processes this test started; expected counts from the exports written."""
@@ -25,6 +26,7 @@ from flaxdose.dicom import import_dicom
 from flaxdose.io import atomic_folder, atomic_write_text
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
 
 
 @pytest.fixture
@@ -128,35 +130,7 @@ def test_import_after_a_killed_import_cleans_its_staging_and_writes_the_dataset(
     assert left == expected  # the live writer's, and names of other patterns, kept
 
 
-# ------------------------------------------------------------ 2. damaged files: refused beside a plan, or ignored
-def test_import_summary_says_damaged_files_refused_their_plan_or_were_ignored(rt_export, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(rt_export["folder"], src / "good")
-    bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
-    (bad["folder"] / "RS_copy.dcm").write_bytes(b"")  # empty: damaged, beside PAT002's plan
-    (src / "junk").mkdir()
-    (src / "junk" / "old.dcm").write_bytes(b"")  # damaged, in a folder of no plan
-    summary = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False)
-    report = summary.report()
-    assert len(summary.case_ids) == 1 and len(summary.failures) == 1
-    assert "1 patient(s)/plan(s) FAILED" in report
-    lines = report.splitlines()
-    i = lines.index("1 damaged DICOM file(s) found: the plans beside them were refused (listed above):")
-    assert "RS_copy.dcm" in lines[i + 1]
-    j = lines.index("1 damaged DICOM file(s) in folders without a plan, ignored:")
-    assert "old.dcm" in lines[j + 1] and j == i + 2
-    assert "file(s) ignored:" not in report
-
-
-def test_only_refused_damage_says_nothing_was_ignored(rt_export, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(rt_export["folder"], src / "good")
-    bad = F.write_export(src / "bad", with_ct=False, patient_id="PAT002")
-    (bad["folder"] / "RS_copy.dcm").write_bytes(b"")
-    report = import_dicom(src, tmp_path / "ds", F.STRUCTURES, "dose", progress=False).report()
-    assert "the plans beside them were refused" in report and "ignored" not in report
-
-
+# ---------------------------------------------------------------- the finished mode
 def test_finished_folders_and_files_get_the_umasks_mode(tmp_path):
     """Staging is private while written; the published dataset / file is readable as a plain mkdir's."""
     from flaxdose.io import atomic_folder, atomic_write_text
@@ -172,18 +146,7 @@ def test_finished_folders_and_files_get_the_umasks_mode(tmp_path):
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644  # 0o666 & ~0o022
 
 
-def test_failure_list_names_a_shared_reason_once():
-    from flaxdose.data.case import failure_list
-
-    failed = {"a": "case 'a' has voxel spacing 4x4x3 mm", "b": "case 'b' has voxel spacing 4x4x3 mm", "c": "no PTV"}
-    assert failure_list(failed) == "case a: case 'a' has voxel spacing 4x4x3 mm; likewise case b; case c: no PTV"
-    many = {str(i): "no PTV" for i in range(7)}
-    assert failure_list(many) == "cases 0, 1, 2, 3, 4 and 2 more: no PTV"
-    named = {str(i): f"case {str(i)!r} has no PTV" for i in range(7)}  # every id shown is filled in, never a placeholder
-    assert failure_list(named) == "case 0: case '0' has no PTV; likewise cases 1, 2, 3, 4 and 2 more"
-    assert failure_list({"x": "case 'x' has no PTV"}) == "case x: case 'x' has no PTV"
-
-
+# ---------------------------------------------------------------- --overwrite
 def _fill(folder, text):
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("a.txt", "b.txt"):
