@@ -9,23 +9,19 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from flaxdose import evaluate, evaluation
 from flaxdose.data import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.synthetic.phantom import phantom_case
-from flaxdose.training import trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained workdir; its checkpoints at steps 1 and 2 serve as two different models."""
-    from conftest import tiny_config
-
-    workdir = tmp_path_factory.mktemp("model")
-    trainer.train_and_evaluate(tiny_config(**{"train.steps": 2, "train.checkpoint_every": 1, "train.eval_every": 2}), workdir)
-    return workdir, next((workdir / "data").iterdir())
+def trained(tiny_run):
+    """One tiny trained workdir (conftest's tiny_run); its checkpoints at steps 1 and 2 serve as two models."""
+    return tiny_run
 
 
 def read_csv(path):
@@ -343,3 +339,37 @@ def test_a_missing_case_file_is_listed_and_the_others_are_scored(trained, tmp_pa
     summary = evaluate.evaluate_workdirs([trained[0]], data, "test", tmp_path / "report")
     assert list(summary["failed_cases"]) == [ids[0]] and "does not exist" in summary["failed_cases"][ids[0]]
     assert summary["num_cases"] == {trained[0].name: len(ids) - 1}
+
+
+# ---------------------------------------------------------------- one bad case, empty structures
+def test_evaluate_scores_the_other_cases_and_lists_the_failed_one(trained, with_a_case_without_ptv, tmp_path):
+    workdir, _ = trained
+    data, good = with_a_case_without_ptv
+    summary = evaluate.evaluate_workdirs([workdir], data, "test", tmp_path / "report")
+    assert list(summary["failed_cases"]) == ["no_ptv"] and summary["num_cases"] == {workdir.name: len(good)}
+    saved = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert list(saved["failed_cases"]) == ["no_ptv"]
+    assert "case no_ptv not evaluated: " in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(FlaxdoseError, match="no case of split 'bad'.*no target voxels"):
+        evaluate.evaluate_workdirs([workdir], data, "bad", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+    done = run_cli("evaluate", f"--workdir={workdir}", f"--data={data}", f"--out={tmp_path / 'cli'}")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert list(json.loads(done.stdout.strip().splitlines()[-1])["failed"]) == ["no_ptv"]
+
+
+def test_empty_oar_is_counted_and_noted(tmp_path):
+    cases = [phantom_case(0, i, shape=(16, 16, 8)) for i in range(5)]
+    rectum = cases[0].structures.index("Rectum")
+    for i in (1, 3):  # Rectum empty in 2 of 5 cases
+        masks = cases[i].masks.copy()
+        masks[rectum] = False
+        cases[i] = cases[i].replace(masks=masks)
+    predicted = [c.replace(dose=c.dose * 0.95) for c in cases]
+    rows = evaluation.evaluate_predictions({"m": predicted}, cases)
+    summary = evaluation.write_report(rows, tmp_path / "r", cases, {"m": predicted})
+    assert summary["empty_structures"] == {"Rectum": {"empty": 2, "cases": 5}}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["empty_structures"] == summary["empty_structures"]
+    assert summary["metrics"]["m"]["Rectum Dmean err_pct"]["n"] == 3
+    assert "- Rectum: empty in 2 of 5 cases; its DVH metrics average the other 3." in (tmp_path / "r" / "report.md").read_text()
