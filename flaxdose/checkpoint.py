@@ -16,10 +16,12 @@ device count.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,8 +148,6 @@ def _quiet_abandoned_reads() -> None:
     coroutines of the other damaged arrays raise when they are collected (through the same hook), and
     asyncio logs "Future exception was never retrieved". Only those are dropped; everything else passes
     as before."""
-    import sys
-
     previous = sys.unraisablehook
     if getattr(previous, "_flaxdose_quiet", False):
         return
@@ -187,8 +187,6 @@ def _missing_files(step_dir: Path) -> str:
 
 def _unreadable_json(step_dir: Path) -> str:
     """"unreadable file params/_METADATA (...)" for the first of a step folder's JSON files that does not parse, or ""."""
-    import json
-
     for name in ("params/_METADATA", "opt_state/_METADATA", "meta/metadata"):
         path = step_dir / name
         if path.is_file():

@@ -17,31 +17,26 @@ dataset on the challenge's 128^3 grid, and a model trained on a coarser grid
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from absl import flags
 
 from flaxdose import cli, evaluation, inference, openkbp
-from flaxdose import config as config_lib
 from flaxdose.data.case import ALL_SPLITS, Dataset, with_all_split
 from flaxdose.errors import FlaxdoseError
 from flaxdose.evaluation.openkbp import DISTANCE_REFERENCE, NETWORK, evaluate_openkbp
 from flaxdose.inference.baseline import DistanceBaseline
-from flaxdose.io import check_writable
+from flaxdose.inference.dicom_plans import grid_name
+from flaxdose.io import atomic_write_text, check_writable
+from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs, parse_metric_spec
+from flaxdose.run import Run, require_workdir
 
 FLAGS = flags.FLAGS
-
-
-
-
-def check_workdirs(workdirs: Sequence[str | Path]) -> None:
-    """Refuse a workdir that does not exist, saying so (not as a missing checkpoint inside it)."""
-    for workdir in workdirs:
-        if not Path(workdir).exists():
-            raise FlaxdoseError(f"the workdir {workdir} does not exist; give a training workdir (python -m "
-                                "flaxdose.train --config=quick --workdir W makes one)")
 
 
 def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: str, out: str | Path, *,
@@ -60,8 +55,6 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     """
     check_writable(out, overwrite)  # before the long work
     if specs:
-        from flaxdose.metrics import parse_metric_spec
-
         for spec in specs:
             parse_metric_spec(spec)  # a typo refused before any model is loaded
     dataset = with_all_split(Dataset.open(data), split)
@@ -72,7 +65,8 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
         evaluation.split_ids(dataset, split)
     else:  # an empty split, an unreadable case or predictions fail before any model is loaded
         evaluation.load_references(dataset, split)
-    check_workdirs(workdirs)
+    for workdir in workdirs:
+        require_workdir(workdir)
     loaded = [inference.Model.load(w, which, mirror=mirror) for w in workdirs]
     if names and len(names) != len(loaded):
         raise FlaxdoseError(f"--names gives {len(names)} names for {len(loaded)} models; give one per model")
@@ -96,14 +90,6 @@ def write_clinical_metrics(references: Sequence, predictions: dict, path: str | 
     """Write, per case and model, the metric specs (`flaxdose.metrics.PROSTATE_METRIC_SPECS` by default, e.g.
     ``Rectum V70Gy[%]``, ``PTV D95[%]``) of the reference and the predicted dose with the case's masks on the
     case's grid (`CLINICAL_COLUMNS`; values in the spec's unit, empty for an empty structure), atomically."""
-    import csv
-    import io
-    import math
-
-    from flaxdose.inference.dicom_plans import grid_name
-    from flaxdose.io import atomic_write_text
-    from flaxdose.metrics import PROSTATE_METRIC_SPECS, compare_specs
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CLINICAL_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -124,7 +110,7 @@ def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, 
     """Score the model of `workdir` (and the reference model in `baseline`) like the OpenKBP challenge; the summary.
 
     Raises FlaxdoseError before any long work for an `out` that holds files (unless
-    `overwrite`), a `data` not on the challenge's grid, a workdir without config.json, or a
+    `overwrite`), a `data` not on the challenge's grid, a workdir without a model (`Model.load`), or a
     run whose grid factor disagrees with its training dataset.
     """
     check_writable(out, overwrite)
@@ -132,12 +118,10 @@ def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, 
     if openkbp.dataset_downsample(dataset) != 1:
         raise FlaxdoseError(f"{dataset.root} is downsampled; score against the challenge-grid dataset "
                             "(python -m flaxdose.convert_openkbp without --downsample)")
-    config_file = Path(workdir) / "config.json"
-    if not config_file.is_file():
-        raise FlaxdoseError(f"{workdir} has no config.json; pass the training workdir")
-    factor = openkbp.training_downsample(config_lib.load_config_json(config_file).data)
+    network = inference.Model.load(workdir, which, mirror=mirror)  # its config.json read once, with the model
+    factor = openkbp.training_downsample(network.config.data)
     references = evaluation.load_references(dataset, split)
-    models = {NETWORK: inference.Model.load(workdir, which, mirror=mirror)}
+    models = {NETWORK: network}
     if baseline:
         models[DISTANCE_REFERENCE] = DistanceBaseline.load(baseline)
     note = f"Split {split!r} of {dataset.root.resolve()} ({len(references)} patients); network {Path(workdir).resolve()}"
@@ -186,8 +170,9 @@ def main(argv):
         return
     workdirs = [FLAGS.workdir] + ([FLAGS.compare] if FLAGS.compare else [])
     if not FLAGS.data:  # the run's own dataset is found through the workdir
-        check_workdirs(workdirs)
-    data = FLAGS.data or inference.run_dataset(FLAGS.workdir)
+        for workdir in workdirs:
+            require_workdir(workdir)
+    data = FLAGS.data or Run.open(FLAGS.workdir).dataset_path()
     summary = evaluate_workdirs(workdirs, data, FLAGS.split, FLAGS.out, names=FLAGS.names, which=FLAGS.which,
                                 batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, example_case=FLAGS.case,
                                 mirror=FLAGS.mirror, specs=FLAGS.metrics)

@@ -15,6 +15,7 @@ from pathlib import Path
 from absl import flags
 
 from flaxdose import cli
+from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import package
 
 FLAGS = flags.FLAGS
@@ -32,8 +33,6 @@ def define_flags() -> None:
 
 def main(argv):
     if len(argv) > 1:
-        from flaxdose.errors import FlaxdoseError
-
         raise FlaxdoseError(f"unexpected arguments {argv[1:]}; {USAGE}")
     cli.require(USAGE, workdir=(FLAGS.workdir, "the training run to export"), out=(FLAGS.out, "the package folder"))
     metadata = package.export_model(FLAGS.workdir, FLAGS.out, which=FLAGS.which, name=FLAGS.name,

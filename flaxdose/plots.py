@@ -7,7 +7,8 @@ backend switch), so this module is safe to import anywhere, headless included.
 - `dvh_error_violins`: violins of DVH-metric differences, prediction - reference, in % of the
   prescription; targets and OARs in two panels, one violin per model (Figs. 1 and 4).
 - `case_figure`: axial and sagittal dose slices through the PTV centre for the reference and
-  every prediction, with structure contours, and the cumulative DVHs (Fig. 2).
+  every prediction, with structure contours, and the cumulative DVHs (Fig. 2); `write_preview`, a
+  training run's preview.png, is one.
 
 Display convention (radiological view): axial slices show the patient's right on the image
 left and anterior at the top; sagittal slices show anterior on the left and superior at the top.
@@ -15,6 +16,7 @@ left and anterior at the top; sagittal slices show anterior on the left and supe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from matplotlib.patches import Patch
 
 from flaxdose.data.case import BODY
 from flaxdose.io import atomic_file
-from flaxdose.metrics import cumulative_dvh
+from flaxdose.metrics import cumulative_dvh, isodose_dice
+
+log = logging.getLogger("flaxdose")
 
 MODEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 MODEL_LINESTYLES = (":", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
@@ -183,6 +187,15 @@ def case_figure(reference, predictions: Mapping[str, object], path: str | Path) 
     _dvh_panel(fig.add_subplot(grid[:, n_cols + 2]), reference, doses, colors, max(vmax, dose_max))
     fig.suptitle(f"Case {reference.case_id}: reference vs predicted dose")
     return _save(fig, path)
+
+
+def write_preview(workdir: Path, model, case) -> Path:
+    """preview.png in `workdir`: the dose `model` (a `flaxdose.inference.Model`) predicts next to the reference for
+    one validation case (`case_figure`); its mean isodose Dice is logged and named in the figure."""
+    predicted = model.predict([case])[0]
+    dice = isodose_dice(predicted.dose, case.dose, case.prescription_gy, body=case.dose_region())["mean"]
+    log.info("validation case %s: mean isodose Dice %.3f (preview.png)", case.case_id, dice)
+    return case_figure(case, {f"prediction (Dice {dice:.2f})": predicted}, Path(workdir) / "preview.png")
 
 
 def _dvh_panel(ax, reference, doses: Mapping[str, np.ndarray], colors: Mapping[str, str], vmax: float) -> None:

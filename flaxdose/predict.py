@@ -34,6 +34,7 @@ from flaxdose import cli, inference
 from flaxdose.dicom import AliasTable
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import check_writable
+from flaxdose.run import Run
 
 FLAGS = flags.FLAGS
 
@@ -107,7 +108,7 @@ def main(argv):
     failed = {}
     if FLAGS.dicom:
         return _one_dicom_patient(model, aliases, bits)
-    data = FLAGS.data or inference.run_dataset(run)
+    data = FLAGS.data or Run.open(run).dataset_path()
     result = inference.predict_dataset(model, data, FLAGS.split, FLAGS.out, FLAGS.batch_size, FLAGS.overwrite,
                                        keep_going=True)
     ids, failed = result.split(FLAGS.split), result.manifest["failed"]

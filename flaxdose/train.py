@@ -41,11 +41,11 @@ def main(argv):
     if FLAGS.source:
         with config.unlocked():
             config.transfer.source = FLAGS.source
-    from flaxdose.training import distributed
+    from flaxdose.training import distributed  # after flag parsing: jax reads XLA_FLAGS on import
 
     # before the trainer import and anything else that could create a JAX backend
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    from flaxdose.training import trainer  # after flag parsing: jax reads XLA_FLAGS on import
+    from flaxdose.training import trainer  # after the runtime has started, as everything that may use JAX
 
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
     if distributed.is_primary():

@@ -16,6 +16,7 @@ from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import UNetSpec, init_params
 from flaxdose.training import distributed, trainer
+from flaxdose.training.devices import process_slice
 
 # Run by each of the 2 processes: 2 CPU devices each (4 in all), phase 1 stops at step 2 with a
 # checkpoint, phase 2 resumes from it, so resuming in a multi-process run is exercised too.
@@ -185,10 +186,10 @@ def test_cli_refuses_incomplete_flags_before_starting_anything(tmp_path):
 # ---------------------------------------------------------------- trainer pieces
 def test_each_process_takes_its_contiguous_slice_of_the_global_batch():
     batch = {"inputs": np.arange(8 * 3).reshape(8, 3), "target": np.arange(8)}
-    parts = [trainer.process_slice(batch, p, 4) for p in range(4)]
+    parts = [process_slice(batch, p, 4) for p in range(4)]
     assert [list(p["target"]) for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), batch["inputs"])
-    assert trainer.process_slice(batch, 0, 1) is batch
+    assert process_slice(batch, 0, 1) is batch
 
 
 def test_batch_size_must_divide_the_global_device_count(monkeypatch, make_config):

@@ -13,6 +13,7 @@ from conftest import run_cli
 from flaxdose import evaluate, evaluation
 from flaxdose.data import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.run import Run
 from flaxdose.synthetic.phantom import phantom_case
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -172,11 +173,9 @@ def test_the_papers_statistics_by_hand():
 
 
 def test_run_dataset_defaults_to_the_data_the_run_trained_on(trained, tmp_path):
-    from flaxdose import inference
-
     workdir, data = trained
-    assert inference.run_dataset(workdir).resolve() == data.resolve()
-    assert inference.run_dataset(workdir / "checkpoints" / "1").resolve() == data.resolve()
+    assert Run.open(workdir).dataset_path().resolve() == data.resolve()
+    assert Run.open(workdir / "checkpoints" / "1").dataset_path().resolve() == data.resolve()
     config = json.loads((workdir / "config.json").read_text())
     config["data"].update(kind="folder", path=str(tmp_path / "gone"))
     moved = tmp_path / "run"
@@ -184,7 +183,7 @@ def test_run_dataset_defaults_to_the_data_the_run_trained_on(trained, tmp_path):
     (moved / "config.json").write_text(json.dumps(config))
     (moved / "checkpoints").symlink_to(workdir / "checkpoints")
     with pytest.raises(FlaxdoseError, match="gone; pass --data"):
-        inference.run_dataset(moved)
+        Run.open(moved).dataset_path()
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "flaxdose.evaluate", f"--workdir={workdir}", f"--out={out}"],
                             capture_output=True, text=True, timeout=300)

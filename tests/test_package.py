@@ -157,9 +157,9 @@ def test_export_refuses_a_package_a_missing_run_and_an_occupied_out(workdir, pkg
     with pytest.raises(FlaxdoseError, match="already holds files"):
         package.export_model(workdir, pkg)
     with pytest.raises(FlaxdoseError, match="is a model package: .* pass --data DIR"):
-        from flaxdose.inference.runs import run_dataset
+        from flaxdose.run import Run
 
-        run_dataset(pkg)
+        Run.open(pkg)
 
 
 def test_cli_export_then_predict_and_qa_from_the_package(workdir, tmp_path):

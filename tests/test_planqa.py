@@ -250,12 +250,12 @@ def test_style_check_cli(members, qa_data, tmp_path):
 
 
 def test_calibration_on_a_members_training_plans_is_refused(members, qa_data):
-    from flaxdose.inference.runs import trained_cases
+    from flaxdose.run import Run
 
     data, _ = qa_data
     references, _ = planqa.load_plans(data, "calibration")
     planqa.check_held_out(members, references)  # other patients: accepted
-    dataset, seen = trained_cases(members[0])
+    dataset, seen = Run.open(members[0]).trained_cases()
     assert len(seen) == 8  # tiny_config's n_train: training and validation plans
     with pytest.raises(FlaxdoseError, match="trained on"):
         planqa.check_held_out(members, [*references, dataset.load(seen[-1])])

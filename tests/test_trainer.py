@@ -18,8 +18,10 @@ from flaxdose.data import Dataset, pipeline
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.predictor import Model
 from flaxdose.model import init_params, preset
+from flaxdose.run import Run
 from flaxdose.synthetic.phantom import phantom_cases
-from flaxdose.training import optim, trainer
+from flaxdose.training import optim, resume, trainer
+from flaxdose.training.devices import shard_to_devices
 
 
 def assert_trees_close(a, b, **tol):
@@ -42,7 +44,7 @@ def test_pmap_step_on_4_devices_equals_1_device(loss):
     results = []
     for devs in (devices[:1], devices):
         step = trainer.pmap_train_step(spec, tx, loss)
-        new, metrics = step(trainer.replicate(state, devs), trainer.shard_to_devices(batch, devs))
+        new, metrics = step(trainer.replicate(state, devs), shard_to_devices(batch, devs))
         results.append((trainer.unreplicate(new), float(metrics["loss"][0])))
     (one, loss1), (four, loss4) = results
     assert loss1 == pytest.approx(loss4, rel=1e-5)
@@ -323,7 +325,7 @@ def trained(tmp_path_factory):
 
 
 def fake_run(workdir: Path, config) -> Path:
-    """A workdir holding config.json and one finished checkpoint folder (what check_workdir looks at)."""
+    """A workdir holding config.json and one finished checkpoint folder (what check_resume looks at)."""
     (workdir / "checkpoints" / "2" / "params").mkdir(parents=True)
     (workdir / "config.json").write_text(config_lib.to_json(optim.fit_schedule(config)))
     return workdir
@@ -344,14 +346,14 @@ def test_the_same_command_resumes_and_other_settings_are_refused(trained, caplog
     assert (workdir / "preview.png").is_file()  # written again
     # the finished run extends to 8 steps (warmup 3 + decay 250 > 8 -> warmup 3 kept, decay 8 - 3 = 5): accepted,
     # on the 8-step run's schedule from step 4 on (trained so in tests/test_trainer.py; here only checked)
-    notes = trainer.check_workdir(workdir, optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 8})))
+    notes = resume.check_resume(Run(workdir), optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 8})))
     assert len(notes) == 1 and "continues from step 4 on the warmup_stable_decay schedule of a 8-step run" in notes[0]
     assert "decaying over the 4 steps left" in notes[0]  # its 5-step decay began at step 3, before step 4
     assert (workdir / "config.json").read_text() == before
     # a scheduled run that has not finished is refused: its rate would change mid-run
     unfinished = fake_run(tmp_path / "unfinished", tiny_config(**{**WSD, "train.steps": 20}))
     with pytest.raises(FlaxdoseError) as e:
-        trainer.check_workdir(unfinished, optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 40})))
+        resume.check_resume(Run(unfinished), optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 40})))
     # 20 steps: decay 20 - 3 = 17; 40 steps: 37
     message = str(e.value)
     assert "train.steps: 20 there vs 40 now" in message and "train.decay_steps: 17 there vs 37 now" in message
@@ -364,33 +366,33 @@ def test_each_optimisation_setting_is_compared(tmp_path):
 
     base = tiny_config(**{"train.steps": 20})  # constant schedule
     workdir = fake_run(tmp_path / "w", base)
-    assert trainer.check_workdir(workdir, base) == []
-    notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 40}))  # extending a constant run
+    assert resume.check_resume(Run(workdir), base) == []
+    notes = resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 40}))  # extending a constant run
     assert notes and "train.steps 20 -> 40" in notes[0]
-    assert trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "train.warmup_steps": 7})) == []  # unused
-    notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 10}))  # shortening it: the same rate
+    assert resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, "train.warmup_steps": 7})) == []  # unused
+    notes = resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 10}))  # shortening it: the same rate
     assert notes and "train.steps 20 -> 10" in notes[0] and "now ends at step 10" in notes[0]
-    notes = trainer.check_workdir(workdir, tiny_config(**{"train.steps": 2}))  # fake_run's checkpoint is step 2
+    notes = resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 2}))  # fake_run's checkpoint is step 2
     assert "already trained to step 2; nothing to train" in notes[0] and "now ends" not in notes[0]
     for key, value in (("train.batch_size", 8), ("train.learning_rate", 1e-3),
                        ("train.schedule", "warmup_cosine"), ("train.target_weight", 1.0), ("transfer.mode", "full")):
         with pytest.raises(FlaxdoseError, match=rf"{key}: .* there vs {value!r} now"):
-            trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, key: value}))
+            resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, key: value}))
     with pytest.raises(FlaxdoseError) as e:  # the constant run has no warmup: "not used", not None
-        trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "train.schedule": "warmup_cosine"}))
+        resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, "train.schedule": "warmup_cosine"}))
     assert "train.warmup_steps: not used there vs" in str(e.value) and "None" not in str(e.value)
     cosine = tiny_config(**cosine_settings())
     workdir = fake_run(tmp_path / "c", cosine)
     for key, value in (("train.steps", 40), ("train.warmup_steps", 6), ("train.end_lr_fraction", 0.1)):
         with pytest.raises(FlaxdoseError, match=rf"{key}: .* there vs {value!r} now"):
-            trainer.check_workdir(workdir, tiny_config(**{**cosine_settings(), key: value}))
+            resume.check_resume(Run(workdir), tiny_config(**{**cosine_settings(), key: value}))
     transfer = tiny_config(**{"train.steps": 20, "transfer.mode": "full", "transfer.learning_rate": 1e-4})
     workdir = fake_run(tmp_path / "t", transfer)
-    assert trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "transfer.mode": "full",
+    assert resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, "transfer.mode": "full",
                                                          "transfer.learning_rate": 1e-4,
                                                          "train.learning_rate": 0.5})) == []  # not used by transfer
     with pytest.raises(FlaxdoseError, match=r"transfer.learning_rate: 0.0001 there vs 0.001 now"):
-        trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "transfer.mode": "full",
+        resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, "transfer.mode": "full",
                                                       "transfer.learning_rate": 1e-3}))
 
 
@@ -404,10 +406,10 @@ def test_resuming_with_another_seed_or_augmentation_is_refused(tmp_path):
     for key, value, shown in (("seed", 1, "0 there vs 1 now"), ("data.flip_lr", False, "True there vs False now"),
                               ("data.patch_sigma", (3.0, 3.0, 1.0), "[2.0, 2.0, 1.0] there vs [3.0, 3.0, 1.0] now")):
         with pytest.raises(FlaxdoseError) as e:
-            trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, key: value}))
+            resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, key: value}))
         assert f"{key}: {shown}" in str(e.value)
     with pytest.raises(FlaxdoseError) as e:
-        trainer.check_workdir(workdir, tiny_config(**{"train.steps": 20, "data.patch_shape": (16, 16, 8)}))
+        resume.check_resume(Run(workdir), tiny_config(**{"train.steps": 20, "data.patch_shape": (16, 16, 8)}))
     # the stored setting as a flag a shell takes as it is (a tuple needs quotes)
     assert "'--config.data.patch_shape=(8,8,8)'" in str(e.value)
 

@@ -234,6 +234,7 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
     from flaxdose.convolution import resolve_form
     from flaxdose.model import count_params, init_params, preset
     from flaxdose.training import trainer
+    from flaxdose.training.devices import AXIS, replicate, shard_to_devices
 
     devices = jax.devices()[:1]
     block = jax.block_until_ready
@@ -259,10 +260,10 @@ def _bench_flax(opts: BenchOptions, emit: Callable[[dict], None], tmp_root: Path
                     put = lambda b: jax.device_put(b, devices[0])  # noqa: E731
                     state = put(trainer.TrainState(jnp.asarray(0), fresh(params), tx.init(params)))
                 else:
-                    step = with_groupnorm(trainer.make_train_step(spec, tx, trainer.AXIS), opts.groupnorm)
-                    fn = jax.pmap(step, axis_name=trainer.AXIS, donate_argnums=(0,) if opts.donate else ())
-                    put = lambda b: trainer.shard_to_devices(b, devices)  # noqa: E731
-                    state = trainer.replicate(trainer.TrainState(np.asarray(0), fresh(params), tx.init(params)), devices)
+                    step = with_groupnorm(trainer.make_train_step(spec, tx, AXIS), opts.groupnorm)
+                    fn = jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if opts.donate else ())
+                    put = lambda b: shard_to_devices(b, devices)  # noqa: E731
+                    state = replicate(trainer.TrainState(np.asarray(0), fresh(params), tx.init(params)), devices)
                 dev_batches = [put(b) for b in host_batches]
                 t = time.perf_counter()
                 compiled = fn.lower(state, dev_batches[0]).compile()

@@ -1,8 +1,8 @@
 """Inference: trained models that predict dose, and where they read from.
 
-`predictor` (the `Model`, sliding windows), `spacing` (the voxel-spacing policy), `runs` (a training
-run's folder as inference reads it), `dicom_plans` (clinical DICOM in, RTDOSE and DVH tables out),
-`baseline` (the distance-to-target model), `package` (self-contained model packages).
+`predictor` (the `Model`, sliding windows; from a trained `flaxdose.run.Run` or a config), `spacing`
+(the voxel-spacing policy), `dicom_plans` (clinical DICOM in, RTDOSE and DVH tables out), `baseline`
+(the distance-to-target model), `package` (self-contained model packages).
 """
 
 from flaxdose.inference.dicom_plans import (  # noqa: F401
@@ -43,14 +43,7 @@ from flaxdose.inference.predictor import (  # noqa: F401
     validation_mse,
     window_starts,
 )
-from flaxdose.inference.runs import (  # noqa: F401
-    recovered_spacing,
-    run_config_file,
-    run_dataset,
-    trained_cases,
-)
 from flaxdose.inference.spacing import (  # noqa: F401
-    SPACING_KEY,
     SPACING_TOLERANCE,
     accepted_spacing,
     check_spacing,
@@ -59,6 +52,6 @@ from flaxdose.inference.spacing import (  # noqa: F401
     field_of_view_shape,
     spacing_fits,
     spacing_fixes,
-    spacing_record,
     synthetic_scale,
 )
+from flaxdose.run import SPACING_KEY, spacing_record  # noqa: F401  (a trained run's record, read by inference)

@@ -12,7 +12,7 @@
                               array per parameter path (``encoder/.../kernel``), no pickle, the same
                               bytes for the same weights
 
-`load_model` (and so `flaxdose.inference.Model.load`, i.e. every ``--workdir``/``--workdirs``
+`read_package` (through `flaxdose.inference.Model.load`, i.e. every ``--workdir``/``--workdirs``
 flag that loads a model) reads a package wherever it reads a training workdir and predicts
 exactly what the workdir predicts. Before anything is used, every file's hash and the package
 hash are checked: a changed, missing or damaged file, or a package of a newer format than this
@@ -37,15 +37,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxdose import __version__
+from flaxdose import __version__, provenance
 from flaxdose import config as config_lib
+from flaxdose.checkpoint import restore_params
+from flaxdose.data.pipeline import DISTANCE_RANGE, DISTANCE_SCALE_MM
 from flaxdose.errors import FlaxdoseError
+from flaxdose.inference.spacing import accepted_spacing
+from flaxdose.io import atomic_folder, check_writable
+from flaxdose.model import UNetSpec, init_params
+from flaxdose.run import PACKAGE_METADATA as METADATA
+from flaxdose.run import SPACING_KEY, Run, is_package, require_workdir
 
 log = logging.getLogger("flaxdose")
 
 FORMAT = "flaxdose-model-package"
 FORMAT_VERSION = 1  # the newest layout this flaxdose reads and the one it writes
-METADATA = "flaxdose_model.json"
 CONFIG = "config.json"
 PARAMS = "params.npz"
 INTENDED_USE = (
@@ -55,12 +61,6 @@ INTENDED_USE = (
     "estimate of a plan's achievable dose, not a calculated or deliverable dose."
 )
 EXPORT_COMMAND = "python -m flaxdose.export_model --workdir W --out PKG"
-
-
-def is_package(path: str | os.PathLike) -> bool:
-    """Whether `path` is a model package folder (it holds `METADATA`) or that metadata file itself."""
-    path = Path(path)
-    return (path / METADATA).is_file() or (path.name == METADATA and path.is_file())
 
 
 def package_root(path: str | os.PathLike) -> Path:
@@ -122,22 +122,21 @@ def model_config(config) -> ml_collections.ConfigDict:
     })
 
 
-def training_summary(workdir: Path, config) -> dict:
+def training_summary(run: Run) -> dict:
     """Counts of the run's training data, never case ids or paths: cases per role, styles, grids, voxel
-    spacings and prescriptions of the cases it saw. ``{"available": False, ...}`` when the data is gone."""
-    from flaxdose.inference.runs import trained_cases
-
+    spacings and prescriptions of the cases it saw (`Run.split_ids`). ``{"available": False, ...}`` when the
+    data is gone."""
+    config = run.config
     summary = {"kind": str(config.data.kind)}
     try:
-        dataset, seen = trained_cases(workdir)
+        train, val = run.split_ids()
+        dataset, seen = run.dataset(), train + val
     except FlaxdoseError:
-        log.warning("the training data of %s cannot be read: the package records no training-data summary", workdir)
+        log.warning("the training data of %s cannot be read: the package records no training-data summary",
+                    run.workdir)
         return {**summary, "available": False,
                 "note": "the training dataset could not be read when the package was exported"}
-    if "val" in dataset.splits:
-        n_val = len(dataset.split("val"))
-    else:  # carved off the end of the training cases, as flaxdose.training.trainer.split_ids does
-        n_val = min(int(config.data.get("val_cases", 0)), max(len(seen) - 1, 0))
+    n_val = len(val)
     styles, shapes, spacings, prescriptions = {}, {}, set(), []
     for case_id in seen:
         with np.load(dataset.case_path(case_id), allow_pickle=False) as z:
@@ -175,32 +174,22 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
     spacing is unknown (a package must let every prediction check it), or `out` holds files (unless
     `overwrite`; never a training run).
     """
-    from flaxdose import provenance
-    from flaxdose.checkpoint import restore_params
-    from flaxdose.data.pipeline import DISTANCE_RANGE, DISTANCE_SCALE_MM
-    from flaxdose.inference.runs import recovered_spacing, run_config_file
-    from flaxdose.inference.spacing import SPACING_KEY, accepted_spacing
-    from flaxdose.io import atomic_folder, check_writable
-    from flaxdose.model import UNetSpec, init_params
-
     workdir = Path(workdir)
     if is_package(workdir):
         raise FlaxdoseError(f"{workdir} is already a model package; copy the folder to share it, or give the "
                             "training workdir it was exported from")
-    if not workdir.exists():
-        raise FlaxdoseError(f"--workdir {workdir} does not exist; give a training workdir (python -m flaxdose.train "
-                            "--config=quick --workdir W makes one)")
+    require_workdir(workdir, "--workdir")
     check_writable(out, overwrite)
-    config_file = run_config_file(workdir, which)
-    config = config_lib.load_config_json(config_file)
+    run = Run.open(workdir, which)
+    config = run.config
     kept = model_config(config)
     spec = UNetSpec.from_config(kept.model)
     template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
-    params, meta = restore_params(workdir, template, which)
+    params, meta = restore_params(run.checkpoint, template)
     spacing = meta.get(SPACING_KEY)
     if spacing is None:
         try:
-            spacing = recovered_spacing(workdir)
+            spacing = run.recovered_spacing()
         except FlaxdoseError as e:
             raise FlaxdoseError(f"the run {workdir} stores no training voxel spacing and its training data cannot be "
                                 f"read ({e}); a package must carry it (predictions check every case against it): "
@@ -214,7 +203,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": name or config_file.parent.name,
+        "name": name or run.name,
         "intended_use": INTENDED_USE,
         "flaxdose_version": __version__,
         "flaxdose_commit": provenance.commit(),
@@ -239,7 +228,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
         },
         "training": {"checkpoint": which, "step": meta.get("step"), "validation_loss": meta.get("val_loss"),
                      "steps_planned": int(config.train.steps) if "train" in config else None,
-                     "data": training_summary(workdir, config)},
+                     "data": training_summary(run)},
     }
     transfer = config.get("transfer") or {}
     if transfer.get("mode", "none") != "none":  # as flaxdose.training.transfer.is_transfer
@@ -296,13 +285,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
-def load_model(path: str | os.PathLike, full_volume: bool = False, mirror: bool = False):
-    """The `flaxdose.inference.Model` of the package at `path` (checked by `read_metadata` first), named by
-    its metadata, checking every case against its training voxel spacing. Raises FlaxdoseError for a
-    package `read_metadata` refuses or weights that do not fit its model."""
-    from flaxdose.inference.predictor import Model
-    from flaxdose.model import UNetSpec, init_params
-
+def read_package(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict, str, dict]:
+    """(model config, params, name, training voxel spacing record) of the package at `path` (checked by
+    `read_metadata` first): what `flaxdose.inference.Model.load` builds its model of, named by the package's
+    metadata and checking every case against that spacing. Raises FlaxdoseError for a package
+    `read_metadata` refuses, weights that do not fit its model, or no recorded spacing."""
     root = package_root(path)
     metadata = read_metadata(root)
     config = config_lib.load_config_json(root / CONFIG)
@@ -329,5 +316,4 @@ def load_model(path: str | os.PathLike, full_volume: bool = False, mirror: bool 
         raise FlaxdoseError(f"the model package {root} records no training voxel spacing (inputs.voxel_spacing_mm."
                             f"trained_on), so the spacing of the cases it predicts cannot be checked; export it again "
                             f"({EXPORT_COMMAND})") from None
-    return Model.from_config(config, unflatten_params(stored), name=str(metadata["name"]), full_volume=full_volume,
-                             mirror=mirror, train_spacing_mm=spacing)
+    return config, unflatten_params(stored), str(metadata["name"]), spacing

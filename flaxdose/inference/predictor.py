@@ -13,6 +13,7 @@ possible-dose mask).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -24,16 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from flaxdose import config as config_lib
-from flaxdose.checkpoint import CHECKPOINTS, restore_params, saved_steps
+from flaxdose.checkpoint import restore_params
 from flaxdose.convolution import resolve_form
 from flaxdose.data.case import Case, Dataset, each_case, with_all_split, write_dataset
 from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference.runs import recovered_spacing, run_config_file
-from flaxdose.inference.spacing import SPACING_KEY, check_spacing, describe_spacing
+from flaxdose.inference import package
+from flaxdose.inference.spacing import check_spacing, describe_spacing
 from flaxdose.io import check_writable
 from flaxdose.model import UNet3D, UNetSpec, init_params
+from flaxdose.run import SPACING_KEY, Run
 
 log = logging.getLogger("flaxdose")
 
@@ -121,13 +122,14 @@ class Model:
     averages the two (test-time augmentation; twice the work). `with_distance`: the model also
     takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`). `train_spacing_mm`:
     the training cases' spacing (`spacing_record`), checked against each case (`check_spacing`);
-    None checks nothing (a model trained before runs stored it, or one built mid-training).
+    None checks nothing (a model trained before runs stored it, or one built mid-training). `config`: the
+    run config (a package's: its model part) the model was built from (`from_config`), else None.
     """
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
                  window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
-                 with_distance: bool = False, train_spacing_mm: Mapping | None = None):
-        self.spec, self.structures, self.name = spec, tuple(structures), name
+                 with_distance: bool = False, train_spacing_mm: Mapping | None = None, config=None):
+        self.spec, self.structures, self.name, self.config = spec, tuple(structures), name, config
         self.with_distance = bool(with_distance)
         self.train_spacing_mm = None if train_spacing_mm is None else dict(train_spacing_mm)
         self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
@@ -142,48 +144,58 @@ class Model:
         window = None if full_volume else tuple(config.data.patch_shape)
         return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
                    mirror=mirror, with_distance=config.data.get("target_distance", False),
-                   train_spacing_mm=train_spacing_mm)
+                   train_spacing_mm=train_spacing_mm, config=config)
 
     @classmethod
     def load(cls, path: str | Path, which: str = "best", full_volume: bool = False, mirror: bool = False) -> Model:
-        """From a training workdir, a checkpoint path inside one (config.json is found above it), or a model
-        package (`flaxdose.package`, hash-checked; it holds one set of weights, so `which` is ignored).
+        """From a training workdir, a checkpoint path inside one (config.json is found above it; `from_run`), or a
+        model package (`flaxdose.inference.package`, hash-checked; it holds one set of weights, so `which` is ignored).
 
-        `which`: "best" (lowest validation loss, else the latest) or "latest". The checkpoint's
-        training spacing (`SPACING_KEY`) is checked against every case predicted; for a checkpoint
-        without one (trained before runs stored it) it is recovered from the training data
-        (`recovered_spacing`), and only when that cannot be read is a warning logged that it cannot
-        be checked. Raises
-        FlaxdoseError when there is no checkpoint or config.json, or the shapes differ.
+        `which`: "best" (lowest validation loss, else the latest) or "latest". Raises FlaxdoseError
+        when there is no checkpoint or config.json, or the shapes differ (and see `package.read_package`).
         """
-        from flaxdose.inference import package
-
-        path = Path(path)
         if package.is_package(path):
-            return package.load_model(path, full_volume=full_volume, mirror=mirror)
-        config_file = run_config_file(path, which)
-        config = config_lib.load_config_json(config_file)
-        spec = UNetSpec.from_config(config.model)
+            config, params, name, spacing = package.read_package(path)
+            return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
+                                   train_spacing_mm=spacing)
+        return cls.from_run(Run.open(path, which), full_volume=full_volume, mirror=mirror)
+
+    @classmethod
+    def from_run(cls, run: Run, full_volume: bool = False, mirror: bool = False) -> Model:
+        """The model of the checkpoint `run.checkpoint` of a trained run (`Run.open`), named by its folder.
+
+        The checkpoint's training spacing (`SPACING_KEY`) is checked against every case predicted; for a
+        checkpoint without one (trained before runs stored it) it is recovered from the training data
+        (`Run.recovered_spacing`), and only when that cannot be read is a warning logged that it cannot
+        be checked. Raises FlaxdoseError when the stored shapes differ from the run's model.
+        """
+        spec = UNetSpec.from_config(run.config.model)
         template = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
-        params, meta = restore_params(path, template, which)
-        name = config_file.parent.name
+        params, meta = restore_params(run.checkpoint, template)
+        name = run.name
         spacing = meta.get(SPACING_KEY)
         if spacing is None:
             try:
-                spacing = recovered_spacing(path)
+                spacing = run.recovered_spacing()
                 log.info("model %s: training voxel spacing %s mm recovered from its training data (its checkpoint "
                          "predates stored spacings)", name, describe_spacing(spacing))
             except FlaxdoseError as e:
                 log.warning("model %s (%s) stores no training voxel spacing and its training data cannot be read "
                             "(%s): the spacing of the cases it predicts cannot be checked, and on another spacing "
                             "its dose is wrong in scale. Predict only data on the training spacing, or retrain it "
-                            "with this flaxdose (runs now store the spacing)", name, config_file.parent, e)
-        trained, planned = max(saved_steps(config_file.parent / CHECKPOINTS), default=None), int(config.train.steps)
+                            "with this flaxdose (runs now store the spacing)", name, run.workdir, e)
+        trained, planned = run.latest_step, int(run.config.train.steps)
         if trained is not None and trained < planned:
             log.warning("model %s: its training stopped at step %d of %d (an unfinished run); rerun the training "
                         "command to finish it", name, trained, planned)
-        return cls.from_config(config, params, name=name, full_volume=full_volume, mirror=mirror,
+        return cls.from_config(run.config, params, name=name, full_volume=full_volume, mirror=mirror,
                                train_spacing_mm=spacing)
+
+    def with_params(self, params, name: str | None = None) -> Model:
+        """This model with other parameters of the same shapes (and another `name`, if given)."""
+        other = copy.copy(self)
+        other.params, other.name = jax.device_put(params), self.name if name is None else name
+        return other
 
     def predict_relative(self, inputs: np.ndarray, batch_size: int = 1) -> np.ndarray:
         """(X, Y, Z, C) `model_inputs` -> (X, Y, Z) dose in units of the prescription."""

@@ -1,10 +1,10 @@
 """The voxel-spacing policy: a model predicts only cases on the spacing it was trained on.
 
 A run stores the voxel spacing of its training cases with every checkpoint
-(`SPACING_KEY`, see `spacing_record`); `Model.predict` refuses a case whose spacing is more
-than `SPACING_TOLERANCE` off it on any axis (`check_spacing`; a range of training spacings is
-first widened, see `accepted_spacing`): the network learned dose fall-offs in voxels, so on
-another spacing its dose is wrong in scale, not merely noisy.
+(`flaxdose.run.SPACING_KEY`, see `flaxdose.run.spacing_record`); `Model.predict` refuses a case
+whose spacing is more than `SPACING_TOLERANCE` off it on any axis (`check_spacing`; a range of
+training spacings is first widened, see `accepted_spacing`): the network learned dose fall-offs
+in voxels, so on another spacing its dose is wrong in scale, not merely noisy.
 """
 
 from __future__ import annotations
@@ -21,18 +21,7 @@ log = logging.getLogger("flaxdose")
 
 
 # ---------------------------------------------------------------- voxel spacing
-SPACING_KEY = "train_spacing_mm"  # checkpoint meta: {"min": [x, y, z], "max": [x, y, z]} (mm)
 SPACING_TOLERANCE = 0.05  # relative, per axis
-
-
-def spacing_record(spacings: Iterable[Sequence[float]]) -> dict:
-    """What a run stores of its training cases' voxel spacings ((x, y, z) mm each): the per-axis
-    range, ``{"min": [x, y, z], "max": [x, y, z]}`` (min == max when every case has one spacing).
-    Raises FlaxdoseError for no spacings."""
-    values = np.array([tuple(float(v) for v in s) for s in spacings], np.float64).reshape(-1, 3)
-    if not len(values):
-        raise FlaxdoseError("no training cases to record the voxel spacing of")
-    return {"min": [round(float(v), 6) for v in values.min(0)], "max": [round(float(v), 6) for v in values.max(0)]}
 
 
 def describe_spacing(record: Mapping | Sequence[float]) -> str:

@@ -17,7 +17,6 @@ from scipy import stats
 
 from flaxdose.data.case import Case
 from flaxdose.errors import FlaxdoseError
-from flaxdose.inference.runs import trained_cases
 from flaxdose.io import atomic_write_text
 from flaxdose.planqa.ensemble import (
     Ensemble,
@@ -25,6 +24,7 @@ from flaxdose.planqa.ensemble import (
     case_metrics,
     check_same_anatomy,
 )
+from flaxdose.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def check_held_out(workdirs: Iterable[str | Path], references: Sequence[Case]) -
     """Raise FlaxdoseError when a calibration plan is one a member trained on (same case id, same masks
     and dose in the member's training data): its residuals would be too small and the bands too narrow."""
     for workdir in workdirs:
-        dataset, seen = trained_cases(workdir)
+        dataset, seen = Run.open(workdir).trained_cases()
         seen = set(seen)
         for ref in references:
             if ref.case_id in seen:

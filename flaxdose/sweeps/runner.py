@@ -46,15 +46,17 @@ from tqdm import tqdm
 
 from flaxdose import config as config_lib
 from flaxdose import evaluation
-from flaxdose.checkpoint import CHECKPOINTS, saved_steps
+from flaxdose import run as run_lib
 from flaxdose.data import pipeline
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.predictor import Model
-from flaxdose.inference.spacing import SPACING_KEY
 from flaxdose.io import atomic_write_text
 from flaxdose.model import UNetSpec
-from flaxdose.training import trainer, transfer
+from flaxdose.sweeps import report as sweep_report
+from flaxdose.synthetic import generator as synth
+from flaxdose.training import resume, trainer, transfer
+from flaxdose.training.devices import prefetch, shard_to_devices
 
 SCRATCH = "scratch"
 MODES = (*transfer.MODES, SCRATCH)
@@ -245,8 +247,6 @@ class Sweep:
 
     def prepare(self) -> None:
         """Synthetic data, the source model and its unadapted scores (skipped when already there)."""
-        from flaxdose.synthetic import generator as synth
-
         self.claim_folder()
         styles = set(self.config.grid.targets) | ({SOURCE_STYLE} if not self.config.source.path else set())
         for style in sorted(styles - set(self.config.data.folders)):
@@ -294,15 +294,14 @@ class Sweep:
     # ------------------------------------------------ status
     def result(self, run: Run) -> dict | None:
         """The run's result.json as a dict, or None while it is unfinished."""
-        path = self.run_dir(run) / "result.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return run_lib.Run(self.run_dir(run)).result()
 
     def pending(self, runs: Sequence[Run]) -> list[tuple[Run, int]]:
         """(run, start step) of the unfinished `runs`; the start is the latest saved checkpoint's step, else 0."""
         out = []
         for run in runs:
             if self.result(run) is None:
-                out.append((run, max(saved_steps(self.run_dir(run) / CHECKPOINTS), default=0)))
+                out.append((run, run_lib.Run(self.run_dir(run)).latest_step or 0))
         return out
 
     # ------------------------------------------------ training
@@ -346,14 +345,14 @@ class Sweep:
         try:
             for run in runs:
                 config = self.run_config(run)
-                folders.append(trainer.RunFolder(config, self.run_dir(run), spec, keep=1))
-                patches, _, _ = trainer.build_inputs(config, folders[-1].workdir)
+                folders.append(trainer.RunFolder(resume.open_run(self.run_dir(run), config), spec, keep=1))
+                patches, _, _ = trainer.build_inputs(folders[-1].run)
                 iterators.append(pipeline.make_iterator(patches, workers=0))
                 state, tx = folders[-1].start(iterators[-1])
                 states.append(state)
             step_fn = self.wave_step(spec, tx, run.mode, devices)  # every run's optimizer has one structure
-            batches = trainer.prefetch(StackedIterator(iterators, size), devices, global_batches=False)
-            state = trainer.train_steps(step_fn, trainer.shard_to_devices(stack(states, size), devices), batches,
+            batches = prefetch(StackedIterator(iterators, size), devices, global_batches=False)
+            state = trainer.train_steps(step_fn, shard_to_devices(stack(states, size), devices), batches,
                                         folders, start, base.train, losses=lambda x: np.asarray(x).reshape(-1)[: len(runs)],
                                         hosts=lambda s: unstack(s, len(runs)), batch_size=base.train.batch_size, bar=bar)
         finally:
@@ -362,11 +361,11 @@ class Sweep:
         wall = time.perf_counter() - started
         for run, folder, host in zip(runs, folders, unstack(state, len(runs))):
             model = Model.from_config(folder.config, host.params, name=run.run_id,
-                                      train_spacing_mm=folder.meta.get(SPACING_KEY))  # checked as Model.load would
+                                      train_spacing_mm=folder.meta.get(run_lib.SPACING_KEY))  # checked as Model.load would
             result = {**run.fields(), "steps": base.train.steps, **self.score(model, run.style),
                       "final_loss": folder.last.get("loss", float("nan")), "wave": runs[0].run_id, "wave_size": len(runs),
                       "wave_layout": f"{n_dev}x{per_dev}", "wave_wall_s": round(wall, 1)}
-            atomic_write_text(self.run_dir(run) / "result.json", json.dumps(result, indent=1))
+            folder.run.write_result(result)
 
     def wave_step(self, spec: UNetSpec, tx, mode: str, devices):
         """pmap over devices of vmap over runs; kept per mode and layout, so later waves reuse the compilation."""
@@ -407,8 +406,6 @@ class Sweep:
 
         Returns the path of summary.md.
         """
-        from flaxdose.sweeps import report as sweep_report
-
         rows, baselines = self.collect()
         return sweep_report.write(self.root / "report", rows, baselines, len(self.runs), self.config, title)
 

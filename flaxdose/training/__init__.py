@@ -1,2 +1,3 @@
-"""Training: the loop (`trainer`), transfer learning (`transfer`), the optimizer (`optim`) and multi-host
-set-up (`distributed`)."""
+"""Training: the loop (`trainer`), the resume policy (`resume`), what a run logs (`writers`), data parallelism
+over devices (`devices`), transfer learning (`transfer`), the optimizer (`optim`) and multi-host set-up
+(`distributed`)."""

@@ -16,6 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxdose.errors import FlaxdoseError
 
@@ -107,8 +112,6 @@ def _int_env(var: str, default):
 
 
 def _start(kwargs: dict, one_per_node: bool) -> None:
-    import jax
-
     # pmean across processes on CPU needs cross-process collectives; "gloo" is JAX's TCP
     # implementation (default since jax 0.5, unset before). A user's "mpi" is kept.
     if jax.config.jax_cpu_collectives_implementation is None:
@@ -130,18 +133,12 @@ def _start(kwargs: dict, one_per_node: bool) -> None:
 
 def is_primary() -> bool:
     """True in process 0, the one that writes logs, metrics and previews (also when single-process)."""
-    import jax
-
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name`; a no-op for a single process."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -151,15 +148,8 @@ def check_same(text: str, what: str) -> None:
     Processes that disagree on the config would wait on each other at different steps, or
     train different models, without any error.
     """
-    import zlib
-
-    import jax
-    import numpy as np
-
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(text.encode())))).ravel()
     differ = [i for i, d in enumerate(digests) if d != digests[0]]
     if differ:
@@ -171,13 +161,8 @@ def check_same(text: str, what: str) -> None:
 
 def broadcast_float(value: float) -> float:
     """Process 0's `value`, bit for bit, in every process (a no-op for a single process)."""
-    import jax
-    import numpy as np
-
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     # as int32 words: JAX without x64 would round a float64 to float32 on the way
     words = np.array([value], np.float64).view(np.int32)
     return float(np.asarray(multihost_utils.broadcast_one_to_all(words), np.int32).view(np.float64)[0])

@@ -125,3 +125,12 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
     return optax.multi_transform(
         {transfer.TRAINABLE: adam(config.transfer.learning_rate, schedule), transfer.FROZEN: optax.set_to_zero()}, labels
     )
+
+
+def learning_rate(config, step: int) -> float:
+    """The learning rate that update number `step` (1-based) of a run of `config` applies: the run's base rate
+    (``train.learning_rate``, or ``transfer.learning_rate`` for transfer) times its schedule's factor
+    (`schedule_factor`) of the step count before the update."""
+    base = float(config.transfer.learning_rate if transfer.is_transfer(config) else config.train.learning_rate)
+    schedule = schedule_factor(config.train)
+    return base if schedule is None else base * float(schedule(max(int(step) - 1, 0)))

@@ -1,27 +1,26 @@
 """Training: `train_and_evaluate(config, workdir)`, and the one loop every training uses.
 
 One code path for any number of local devices: the train step is `jax.pmap`-ed over all of
-them, each device takes `batch_size / num_devices` patches, gradients and loss are averaged
-with `lax.pmean`, and the state is donated so parameters are updated in place. The loss is
-the MSE of the dose in units of the prescription (the paper's), optionally with the target
-voxels weighted more (`train.target_weight`, see `DoseLoss`). Checkpoints hold the unreplicated state,
-so a run resumes on any device count (see `flaxdose.checkpoint`).
+them (`flaxdose.training.devices`), each device takes `batch_size / num_devices` patches, gradients
+and loss are averaged with `lax.pmean`, and the state is donated so parameters are updated in place.
+The loss is the MSE of the dose in units of the prescription (the paper's), optionally with the
+target voxels weighted more (`train.target_weight`, see `DoseLoss`). Checkpoints hold the
+unreplicated state, so a run resumes on any device count (see `flaxdose.checkpoint`).
 
-`RunFolder` is the one place that decides how a run starts (resume from its checkpoint,
-fine-tune from a source model, or fresh init) and that writes a run's config.json, logs and
-checkpoints; `train_steps` is the one loop. `train_and_evaluate` uses both for one run, and
-`flaxdose.sweeps.runner` for many runs stacked on the devices.
+A run's workdir is a `flaxdose.run.Run` (its config, dataset, training cases and spacing), opened
+for training once the resume policy accepts the config (`flaxdose.training.resume`).
+`RunFolder.start` is the one place that decides how a run starts (resume from its checkpoint,
+fine-tune from a source model, or fresh init); `RunFolder` writes its config.json, logs
+(`flaxdose.training.writers`) and checkpoints; `train_steps` is the one loop. `train_and_evaluate`
+uses them for one run, and `flaxdose.sweeps.runner` for many runs stacked on the devices.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import logging
-import shlex
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,19 @@ from flax import struct
 from tqdm import tqdm
 
 from flaxdose import config as config_lib
-from flaxdose.checkpoint import WorkdirCheckpoints, saved_steps
+from flaxdose import plots
+from flaxdose.checkpoint import WorkdirCheckpoints
 from flaxdose.data import pipeline
-from flaxdose.data.builtin import resolve_dataset
-from flaxdose.data.case import Dataset, target_names
+from flaxdose.data.case import target_names
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.predictor import Model
-from flaxdose.inference.spacing import SPACING_KEY, spacing_record
-from flaxdose.model import COMPUTE_ONLY, UNet3D, UNetSpec, count_params, init_params
-from flaxdose.training import distributed, optim, transfer
+from flaxdose.metrics import isodose_dice
+from flaxdose.model import UNet3D, UNetSpec, count_params, init_params
+from flaxdose.run import SPACING_KEY, Run
+from flaxdose.training import distributed, optim, resume, transfer
+from flaxdose.training.devices import AXIS, prefetch, replicate, unreplicate
+from flaxdose.training.writers import MetricWriter, NoMetricWriter
 
-AXIS = "devices"
 log = logging.getLogger("flaxdose")
 
 
@@ -114,342 +115,10 @@ def pmap_train_step(spec: UNetSpec, tx: optax.GradientTransformation, loss: Dose
     return jax.pmap(make_train_step(spec, tx, AXIS, loss), axis_name=AXIS, donate_argnums=(0,))
 
 
-# ---------------------------------------------------------------- helpers
-def device_sharding(devices) -> jax.sharding.NamedSharding:
-    """Leading axis split over `devices`: the layout `jax.pmap` takes and returns."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-
-
-def replicate(tree, devices):
-    n, sharding = len(devices), device_sharding(devices)
-    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
-
-
-def unreplicate(tree):
-    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
-
-
-def shard_to_devices(batch, devices):
-    """Split the leading (global batch) axis over `devices` and start the transfer."""
-    n, sharding = len(devices), device_sharding(devices)
-    return jax.tree.map(lambda x: jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding), batch)
-
-
-def process_slice(batch, index: int, count: int):
-    """Process `index` of `count`'s rows [index*B/count, (index+1)*B/count) of a global batch of B."""
-    if count == 1:
-        return batch
-    return jax.tree.map(lambda x: x[index * (x.shape[0] // count) : (index + 1) * (x.shape[0] // count)], batch)
-
-
-def prefetch(iterator, devices, size: int = 2, global_batches: bool = True) -> Iterator[tuple[Any, dict]]:
-    """Yield (device batch, iterator state after that batch), keeping `size` batches in flight.
-
-    The state travels with its batch, so a checkpoint records exactly the batches consumed.
-    With several processes, each one's iterator yields the same global batch (same pipeline,
-    same seed) and the process keeps its slice: pmap's global device axis then sees exactly
-    the batch a single process would, split the same way. `global_batches=False`: the batches
-    are this process's own (a sweep's runs), used whole.
-    """
-    index, count = (jax.process_index(), jax.process_count()) if global_batches else (0, 1)
-    queue = collections.deque()
-    while True:
-        while len(queue) < size:
-            batch = process_slice(next(iterator), index, count)
-            queue.append((shard_to_devices(batch, devices), iterator.get_state()))
-        yield queue.popleft()
-
-
-def initial_params(config, spec: UNetSpec) -> tuple[Any, dict]:
-    """(params, metadata) a run starts from: fresh (seed ``config.seed``), or the source model for transfer configs."""
-    rng = jax.random.key(config.seed)
-    if transfer.is_transfer(config):
-        return transfer.init_transfer(config, spec, rng)
-    return init_params(spec, rng, config.data.patch_shape), {}
-
-
-def split_ids(dataset: Dataset, data_cfg) -> tuple[list[str], list[str]]:
-    train = dataset.split(data_cfg.train_split)
-    chosen = list(data_cfg.get("train_cases") or ())
-    if chosen:  # an explicit subset of the split, e.g. a sweep's few-shot runs
-        unknown = sorted(set(chosen) - set(train))
-        if unknown:
-            raise FlaxdoseError(
-                f"data.train_cases names cases {unknown[:5]} that are not in split {data_cfg.train_split!r} "
-                f"of {dataset.root}; choose from its {len(train)} cases"
-            )
-        train = chosen
-    if "val" in dataset.splits:
-        return train, dataset.split("val")
-    n_val = min(data_cfg.val_cases, max(len(train) - 1, 0))
-    if not train:
-        raise FlaxdoseError(f"dataset {dataset.root} has no training cases in split {data_cfg.train_split!r}")
-    return (train[:-n_val], train[-n_val:]) if n_val else (train, [])
-
-
-def training_spacing(config, workdir: Path) -> dict:
-    """The voxel spacing range of a run's training cases (`flaxdose.inference.spacing_record`), which
-    its checkpoints keep so that prediction can refuse cases on another spacing. Reads only the
-    cases' headers; the dataset is the one `build_inputs` trains on."""
-    dataset = resolve_dataset(config.data, workdir)
-    train_ids, _ = split_ids(dataset, config.data)
-    return spacing_record(dataset.case_spacing_mm(i) for i in train_ids)
-
-
-# The settings that shape a run's optimisation: changed between a checkpoint and its resumption,
-# they change the learning-rate schedule (`optim.schedule_factor` is a function of steps, warmup
-# and decay), the loss or the rate mid-run, or the patches it draws (the seed picks them; the
-# resumed iterator state would no longer be the run's).
-OPTIMISATION_SETTINGS = ("train.steps", "train.batch_size", "train.learning_rate", "train.schedule",
-                         "train.warmup_steps", "train.decay_steps", "train.end_lr_fraction", "train.target_weight",
-                         "transfer.mode", "transfer.learning_rate",
-                         "seed", "data.flip_lr", "data.patch_shape", "data.patch_sigma")
-_UNUSED_BY_SCHEDULE = {"constant": {"train.warmup_steps", "train.decay_steps", "train.end_lr_fraction"},
-                       "warmup_cosine": {"train.decay_steps"}}
-
-
-def optimisation_settings(config) -> dict:
-    """{"train.steps": ..., ...}: the `OPTIMISATION_SETTINGS` of `config` as its run uses them: after
-    `optim.fit_schedule` (a short run's warmup and decay are fitted to it, as `train_and_evaluate`
-    trains and stores them), without those the run ignores (a schedule's unused settings, the
-    learning rate of the mode not trained: ``train.*`` for transfer, ``transfer.*`` else); absent
-    settings are None."""
-    values = json.loads(config_lib.to_json(optim.fit_schedule(config)))
-    unused = set(_UNUSED_BY_SCHEDULE.get(values.get("train", {}).get("schedule", "constant"), ()))
-    unused.add("train.learning_rate" if transfer.is_transfer(config) else "transfer.learning_rate")
-    return {key: _dotted(values, key) for key in OPTIMISATION_SETTINGS if key not in unused}
-
-
-def _flag(key: str, value) -> str:
-    """The command-line flag that sets `key` to `value`, quoted for a shell: ``'--config.data.patch_shape=(32,32,16)'``."""
-    if isinstance(value, (list, tuple)):
-        value = "(" + ",".join(map(str, value)) + ")"
-    return shlex.quote(f"--config.{key}={value}")
-
-
-def _shown(settings: dict, key: str) -> str:
-    """A setting of `optimisation_settings` for a message: its value, or "not used" (by that run's schedule or mode)."""
-    return repr(settings[key]) if key in settings else "not used"
-
-
-def _dotted(values: dict, key: str):
-    """``values["data"]["flip_lr"]`` for "data.flip_lr" (None where absent)."""
-    for part in key.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
-
-
-def check_workdir(workdir: Path, config) -> list[str]:
-    """Refuse a workdir that holds checkpoints of a different model or of other optimisation settings,
-    before writing anything; returns notes on the changes accepted (to log).
-
-    Settings are compared as the runs use them (`optimisation_settings`), so re-running the same
-    command resumes. One change is accepted: another ``train.steps``, (a) for a ``"constant"``
-    schedule (extending or shortening a run; nothing else depends on the step count), (b) for a
-    finished run on any schedule (extending it: from its last step on it follows the schedule of the
-    longer run, warmup and decay as `optim.fit_schedule` fits them to it; `extension_note`), and (c)
-    a count at or below the steps already trained (nothing to train). A scheduled run that has not
-    finished is refused: its rate would change mid-run. Raises FlaxdoseError naming each difference,
-    and the settings that resume the stored run.
-    """
-    saved = workdir / "config.json"
-    if not saved.is_file() or not (workdir / "checkpoints").is_dir():
-        return []
-    old = json.loads(saved.read_text()).get("model", {})
-    new = json.loads(config_lib.to_json(config))["model"]
-    diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and k not in COMPUTE_ONLY]
-    if diffs:
-        raise FlaxdoseError(
-            f"workdir {workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
-            "use a new --workdir, or the model settings it was trained with"
-        )
-    done = saved_steps(workdir / "checkpoints")
-    if not done:
-        return []  # nothing trained yet: nothing to keep consistent
-    old_config = config_lib.load_config_json(saved)
-    old, new = optimisation_settings(old_config), optimisation_settings(config)
-    notes = []
-    steps = old.get("train.steps"), new.get("train.steps")
-    if None not in steps and steps[1] != steps[0]:
-        finished = max(done) >= steps[0]
-        constant = old.get("train.schedule") == new.get("train.schedule") == "constant"
-        if steps[1] <= max(done):  # nothing to train; the checkpoints stay as they are
-            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the run in {workdir} has already trained to step "
-                         f"{max(done)}; nothing to train (its checkpoints are kept as they are)")
-        elif constant:
-            notes.append(f"train.steps {steps[0]} -> {steps[1]}: the constant-rate run in {workdir} now ends at step {steps[1]}")
-        elif finished and old.get("train.schedule") == new.get("train.schedule"):
-            notes.append(extension_note(old_config, config, max(done), workdir))
-            for key in _FITTED_TO_STEPS:  # the new length's schedule, as `optim.fit_schedule` fitted it
-                if key in new:
-                    old[key] = new[key]
-        if constant or finished or steps[1] <= max(done):
-            old["train.steps"] = steps[1]
-    changed = [k for k in OPTIMISATION_SETTINGS if (k in old or k in new) and old.get(k) != new.get(k)]
-    if changed:
-        stored = " ".join(_flag(k, old[k]) for k in changed if old.get(k) is not None)
-        extend = (f"; to train longer, let the run finish at step {old['train.steps']} first: a finished run "
-                  "extends with a larger --config.train.steps" if "train.steps" in changed else "")
-        raise FlaxdoseError(
-            f"workdir {workdir} holds checkpoints trained with other settings "
-            f"({'; '.join(f'{k}: {_shown(old, k)} there vs {_shown(new, k)} now' for k in changed)}): resuming would "
-            f"change the learning-rate schedule, the loss or the patches drawn mid-run; use a new --workdir, or resume with the stored "
-            f"settings ({stored or 'see ' + str(saved)}){extend}"
-        )
-    return notes
-
-
-# The schedule settings `optim.fit_schedule` derives from train.steps: an extended run takes the new length's.
-_FITTED_TO_STEPS = ("train.warmup_steps", "train.decay_steps")
-
-
-def learning_rate(config, step: int) -> float:
-    """The learning rate that update number `step` (1-based) of a run of `config` applies: the run's base rate
-    (``train.learning_rate``, or ``transfer.learning_rate`` for transfer) times its schedule's factor
-    (`optim.schedule_factor`) of the step count before the update."""
-    base = float(config.transfer.learning_rate if transfer.is_transfer(config) else config.train.learning_rate)
-    schedule = optim.schedule_factor(config.train)
-    return base if schedule is None else base * float(schedule(max(int(step) - 1, 0)))
-
-
-def extension_note(old_config, config, done: int, workdir: Path) -> str:
-    """The log line of a finished run with a scheduled learning rate extended to more steps: from step `done` on
-    it follows the schedule of the longer run, so the rate returns from where the run ended to that schedule's."""
-    old_steps, new_steps = int(old_config.train.steps), int(config.train.steps)
-    ended, resumes = learning_rate(old_config, done), learning_rate(config, done + 1)
-    decay = config.train.get("decay_steps") if config.train.get("schedule") == "warmup_stable_decay" else None
-    left = new_steps - done
-    tail = (", following it to the end" if not decay else f", then decays again over its last {decay} steps"
-            if decay < left else f", decaying over the {left} steps left")  # the new end may fall inside the decay
-    return (f"train.steps {old_steps} -> {new_steps}: the finished run in {workdir} continues from step {done} on the "
-            f"{config.train.schedule} schedule of a {new_steps}-step run: the learning rate goes from {ended:.3g} (where "
-            f"it ended) to {resumes:.3g} at step {done + 1}{tail}")
-
-
-class NoMetricWriter:
-    """What processes other than 0 of a multi-process run write: nothing (process 0 writes once)."""
-
-    def write(self, step: int, **scalars):
-        pass
-
-    def image(self, tag: str, step: int, png: Path):
-        pass
-
-    def close(self):
-        pass
-
-
-METRICS_JSONL, TENSORBOARD = "metrics.jsonl", "tensorboard"
-
-
-class MetricWriter:
-    """metrics.jsonl (one JSON record per logged step) plus TensorBoard event files (tensorboardX) in the workdir.
-
-    A run that starts at `start_step` (the restored checkpoint's step; 0 for a fresh run) first removes what an
-    interrupted earlier attempt logged after that step (`truncate_logs`), from metrics.jsonl and the event files,
-    and tells TensorBoard to purge it too (``purge_step``), so the logs read as one continuous run with every
-    step once: the steps after the checkpoint are trained, and logged, again.
-    """
-
-    def __init__(self, workdir: Path, start_step: int = 0):
-        from tensorboardX import SummaryWriter
-
-        removed = truncate_logs(workdir, start_step)
-        if removed:
-            log.info("removed %d records after step %d from %s and TensorBoard (logged by an interrupted run; "
-                     "those steps are trained again)", removed, start_step, METRICS_JSONL)
-        self._jsonl = open(workdir / METRICS_JSONL, "a")
-        earlier = any((workdir / TENSORBOARD).glob("events.out.tfevents*"))  # a TensorBoard open on them purges too
-        self._tb = SummaryWriter(str(workdir / TENSORBOARD), purge_step=start_step + 1 if earlier else None)
-
-    def write(self, step: int, **scalars):
-        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        self._jsonl.flush()
-        for key, value in scalars.items():
-            self._tb.add_scalar(key, float(value), int(step))
-
-    def image(self, tag: str, step: int, png: Path):
-        """The PNG file `png` as TensorBoard image `tag` at `step`."""
-        import matplotlib.image
-
-        pixels = matplotlib.image.imread(str(png))  # float RGBA in [0, 1]
-        self._tb.add_image(tag, pixels[..., :3], int(step), dataformats="HWC")
-        self._tb.flush()
-
-    def close(self):
-        self._jsonl.close()
-        self._tb.close()
-
-
-def truncate_logs(workdir: Path, step: int) -> int:
-    """Remove every record logged after `step` from a workdir's metrics.jsonl and TensorBoard event files
-    (each rewritten atomically; a line or record cut short by a kill is dropped too); the number of
-    metrics.jsonl records removed (TensorBoard holds the same steps, or fewer: it writes in batches)."""
-    from flaxdose.io import atomic_file, atomic_write_text
-
-    removed = 0
-    path = workdir / METRICS_JSONL
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                record_step = int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-                continue
-            if record_step <= step:
-                kept.append(line)
-        if len(kept) != len(lines):
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-            removed += len(lines) - len(kept)
-    for events in sorted((workdir / TENSORBOARD).glob("events.out.tfevents*")):
-        records = read_event_records(events)
-        kept = [r for r in records if event_step(r) <= step]
-        if len(kept) == len(records) and events.stat().st_size == sum(16 + len(r) for r in records):
-            continue
-        with atomic_file(events, "wb") as f:
-            for record in kept:
-                f.write(event_frame(record))
-    return removed
-
-
-def read_event_records(path: Path) -> list[bytes]:
-    """The serialized `Event` protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, its
-    CRC); a record cut short at the end (a killed writer) is left out."""
-    import struct
-
-    data, pos, records = path.read_bytes(), 0, []
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        end = pos + 12 + length + 4
-        if end > len(data):
-            break
-        records.append(data[pos + 12:pos + 12 + length])
-        pos = end
-    return records
-
-
-def event_frame(record: bytes) -> bytes:
-    """`record` framed as a TFRecord, as tensorboardX writes it."""
-    import struct
-
-    from tensorboardX.record_writer import masked_crc32c
-
-    header = struct.pack("<Q", len(record))
-    return header + struct.pack("<I", masked_crc32c(header)) + record + struct.pack("<I", masked_crc32c(record))
-
-
-def event_step(record: bytes) -> int:
-    from tensorboardX.proto.event_pb2 import Event
-
-    return int(Event.FromString(record).step)
-
-
-# ---------------------------------------------------------------- the loop
-def check_setup(config, spec: UNetSpec, devices) -> None:
-    """Settings that cannot work together, refused before anything is read or written."""
+# ---------------------------------------------------------------- the run
+def check_setup(config, spec: UNetSpec, devices) -> DoseLoss:
+    """Settings that cannot work together, refused before anything is read or written; the run's loss
+    (`DoseLoss.from_config`, its settings checked with the others)."""
     if int(config.train.steps) < 1:
         raise FlaxdoseError(f"train.steps={config.train.steps}; train at least one step")
     if int(config.train.batch_size) < 1:
@@ -463,7 +132,7 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
         if len(value) != 3 or not all(float(v) > 0 for v in value):
             raise FlaxdoseError(f"data.{key}={config.data[key]!r}; give three positive (x, y, z) sizes in voxels, "
                                 f"e.g. --config.data.{key}='(32,32,16)'")
-    DoseLoss.from_config(config)  # the loss's and the schedule's settings, before anything is written
+    loss = DoseLoss.from_config(config)  # the loss's and the schedule's settings, before anything is written
     optim.schedule_factor(config.train)
     if transfer.is_transfer(config):  # a missing or mismatched source, before any data is generated
         transfer.check_source(config, spec)
@@ -487,18 +156,21 @@ def check_setup(config, spec: UNetSpec, devices) -> None:
         raise FlaxdoseError(
             f"train.batch_size={config.train.batch_size} is not divisible by the {where}; use a multiple of {n_global}"
         )
+    return loss
 
 
-def build_inputs(config, workdir: Path):
-    """The dataset, the training-patch pipeline and the validation examples of a run."""
+def build_inputs(run: Run):
+    """The training-patch pipeline, the number of training cases and the validation cases of a run
+    (`Run.split_ids` of `Run.dataset`). Raises FlaxdoseError for a dataset of other structures."""
+    config = run.config
     structures = tuple(config.data.structures)
-    dataset = resolve_dataset(config.data, workdir)
+    dataset = run.dataset()
     if dataset.structures and dataset.structures != structures:
         raise FlaxdoseError(
             f"dataset {dataset.root} has structures {list(dataset.structures)} but the config expects "
             f"{list(structures)} in that order; fix data.structures or re-import the data"
         )
-    train_ids, val_ids = split_ids(dataset, config.data)
+    train_ids, val_ids = run.split_ids()
     patches = pipeline.patch_dataset(
         pipeline.CaseSource(dataset, train_ids, structures, with_distance=config.data.get("target_distance", False)),
         patch_shape=config.data.patch_shape,
@@ -513,7 +185,7 @@ def build_inputs(config, workdir: Path):
 
 
 class RunFolder:
-    """One run's workdir: how the run starts, and everything it writes (config.json, logs, checkpoints).
+    """What one training run writes in its workdir (config.json, logs, checkpoints), and how it starts.
 
     `start()` decides, in one place for every kind of training: resume from the latest
     checkpoint (params, optimizer state and input-pipeline position), else fine-tune from
@@ -521,34 +193,34 @@ class RunFolder:
     checkpoint at ``train.steps``) is never reopened for writing: no config.json rewrite,
     no new log or TensorBoard file. With several processes only the primary one writes
     logs and config.json; every process takes part in the (collective) checkpoint saves.
-    Every checkpoint's meta holds the training cases' voxel spacing (`training_spacing`).
+    Every checkpoint's meta holds the training cases' voxel spacing (`Run.training_spacing`).
+    `run` is the workdir's `Run`, opened once the resume policy accepted it (`resume.open_run`).
     """
 
-    def __init__(self, config, workdir: str | Path, spec: UNetSpec, *, keep: int | None = None, primary: bool = True):
-        self.config, self.workdir, self.spec, self.primary = config, Path(workdir).resolve(), spec, primary
-        for note in check_workdir(self.workdir, config):
-            log.info("%s", note)
+    def __init__(self, run: Run, spec: UNetSpec, *, keep: int | None = None, primary: bool = True):
+        self.run, self.config, self.workdir, self.spec, self.primary = run, run.config, run.workdir, spec, primary
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ckpt = WorkdirCheckpoints(self.workdir, keep=keep or config.train.keep_checkpoints)
+        self.ckpt = WorkdirCheckpoints(self.workdir, keep=keep or self.config.train.keep_checkpoints)
         self.writer = NoMetricWriter()
         self.meta: dict = {}
         self.last: dict = {}  # the latest logged values: step, loss, patches_per_s, val_loss
 
-    @property
-    def finished(self) -> bool:
-        return (self.ckpt.latest_step() or 0) >= self.config.train.steps
-
     def start(self, data_iter=None) -> tuple[TrainState, optax.GradientTransformation]:
         """The run's first state (host arrays) and optimizer; restores `data_iter`'s position on resume.
 
-        Raises FlaxdoseError when a checkpoint or the pipeline state cannot be restored.
+        Raises FlaxdoseError when a checkpoint or the pipeline state cannot be restored (and see
+        `transfer.init_transfer`).
         """
-        params, self.meta = initial_params(self.config, self.spec)
-        self.meta[SPACING_KEY] = training_spacing(self.config, self.workdir)
+        rng = jax.random.key(self.config.seed)
+        if transfer.is_transfer(self.config):  # the source model's params, its head re-initialized per mode
+            params, self.meta = transfer.init_transfer(self.config, self.spec, rng)
+        else:
+            params, self.meta = init_params(self.spec, rng, self.config.data.patch_shape), {}
+        self.meta[SPACING_KEY] = self.run.training_spacing()
         tx = optim.make_optimizer(self.config, params)
         opt_state = tx.init(params)
         step = self.ckpt.latest_step() or 0
-        if step:
+        if step:  # resume: the checkpoint's params, optimizer state and pipeline position replace the above
             params, opt_state, saved = self.ckpt.restore(step, params, opt_state)
             if data_iter is not None:
                 try:
@@ -560,7 +232,7 @@ class RunFolder:
                     ) from None
             log.info("resumed from step %d in %s", step, self.workdir)
         if self.primary and step < self.config.train.steps:
-            (self.workdir / "config.json").write_text(config_lib.to_json(self.config))
+            self.run.write_config()
             self.writer = MetricWriter(self.workdir, step)
         self.last = {"step": step}
         return TrainState(np.int32(step), params, opt_state), tx
@@ -570,8 +242,8 @@ class RunFolder:
         self.last.update(step=step, **{k: float(v) for k, v in scalars.items()})
 
     def learning_rate(self, step: int) -> float:
-        """The learning rate of update `step` of this run (`learning_rate`)."""
-        return learning_rate(self.config, step)
+        """The learning rate of update `step` of this run (`optim.learning_rate`)."""
+        return optim.learning_rate(self.config, step)
 
     def save(self, step: int, host: TrainState, data_state, val_loss: float | None = None) -> None:
         """Checkpoint the host state after `step`, with the pipeline position of the last batch it consumed."""
@@ -637,8 +309,6 @@ def validation_scores(model: Model, cases, batch_size: int = 1) -> dict[str, flo
     """{"val_loss": `flaxdose.inference.validation_mse`, "val_dice": the mean over the cases of the mean isodose
     Dice (10..100 % of the prescription, in the dose region)}, from one prediction of the cases (NaN for
     none). Raises FlaxdoseError for cases without a dose (and see `Model.predict`)."""
-    from flaxdose.metrics import isodose_dice
-
     if not cases:
         return {"val_loss": float("nan"), "val_dice": float("nan")}
     missing = [c.case_id for c in cases if c.dose is None]
@@ -654,16 +324,17 @@ def validation_scores(model: Model, cases, batch_size: int = 1) -> dict[str, flo
 def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, float]:
     """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
 
-    A resumed run keeps its optimisation settings (`check_workdir`). `devices` defaults to all local devices. Returns {"step", "loss", "patches_per_s",
-    "val_loss", "best_val_loss", "preview"} as far as they apply. Raises FlaxdoseError for
-    settings that cannot work together, a workdir of another model, or unreadable data.
+    A resumed run keeps its optimisation settings (`resume.check_resume`). `devices` defaults to all local
+    devices. Returns {"step", "loss", "patches_per_s", "val_loss", "best_val_loss", "preview"} as far as
+    they apply. Raises FlaxdoseError for settings that cannot work together, a workdir of another model,
+    or unreadable data.
     """
-    workdir = Path(workdir).resolve()
-    spec = UNetSpec.from_config(config.model)
     devices = list(devices or jax.local_devices())
     config = optim.fit_schedule(config)  # a short run's warmup and decay shrink with it (logged)
-    check_setup(config, spec, devices)
-    check_workdir(workdir, config)  # before the data is built; RunFolder checks again and logs accepted changes
+    spec = UNetSpec.from_config(config.model)
+    loss = check_setup(config, spec, devices)
+    run = resume.open_run(workdir, config)  # before the data is built
+    workdir = run.workdir
     primary = distributed.is_primary()  # with several processes, process 0 alone writes logs and files
     if jax.process_count() > 1:
         distributed.check_same(config_lib.to_json(config), "config")
@@ -671,55 +342,47 @@ def train_and_evaluate(config, workdir: str | Path, devices=None) -> dict[str, f
         # one cache folder would replace each other's copy. The barrier also keeps process 0 from
         # rewriting config.json while another process is still checking it.
         if primary and config.data.kind != "folder":
-            resolve_dataset(config.data, workdir)
+            run.dataset()
         distributed.barrier("flaxdose: dataset ready")
-    patches, n_train, val_cases = build_inputs(config, workdir)
+    patches, n_train, val_cases = build_inputs(run)
     data_iter = pipeline.make_iterator(patches, workers=config.data.workers)
-    run = RunFolder(config, workdir, spec, primary=primary)
+    folder = RunFolder(run, spec, primary=primary)
     try:
-        host, tx = run.start(data_iter)
+        host, tx = folder.start(data_iter)
         start, total = int(host.step), config.train.steps
-        if run.meta:
-            log.info("transfer: %s", run.meta)
+        if folder.meta:
+            log.info("transfer: %s", folder.meta)
         steps = f"steps {start + 1}..{total}" if start < total else f"nothing to train (already at step {start})"
         log.info("training %s parameters on %d devices, %d train / %d val cases, %s",
                  f"{count_params(host.params):,}", len(devices), n_train, len(val_cases), steps)
+        # the evaluation's own inference (sliding windows, clipping, dose region), so `best` is the
+        # checkpoint evaluation would rank best
+        model = Model.from_config(config, host.params, name="validation")
+
         def validate(state) -> dict[str, float]:
-            # The evaluation's own inference (sliding windows, clipping, dose region), so `best` is
-            # the checkpoint evaluation would rank best.
-            model = Model.from_config(config, jax.tree.map(lambda x: x[0], state.params), name="validation")
-            scores = validation_scores(model, val_cases, batch_size=config.train.batch_size)
+            scores = validation_scores(model.with_params(jax.tree.map(lambda x: x[0], state.params)), val_cases,
+                                       batch_size=config.train.batch_size)
             # every process must agree on saving a new `best`
             return {key: distributed.broadcast_float(value) for key, value in scores.items()}
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not primary)
         try:
-            state = train_steps(pmap_train_step(spec, tx, DoseLoss.from_config(config)), replicate(host, devices), prefetch(data_iter, devices),
-                                [run], start, config.train, losses=lambda x: [float(x[0])],
+            state = train_steps(pmap_train_step(spec, tx, loss), replicate(host, devices), prefetch(data_iter, devices),
+                                [folder], start, config.train, losses=lambda x: [float(x[0])],
                                 hosts=lambda s: [unreplicate(s)], batch_size=config.train.batch_size,
                                 validate=validate if val_cases else None, bar=bar)
         finally:
             bar.close()
-        result = {**run.last, "best_val_loss": run.ckpt.best_val}
+        result = {**folder.last, "best_val_loss": folder.ckpt.best_val}
         if val_cases and primary and (start < total or not (workdir / "preview.png").is_file()):  # also after an interrupted end
-            model = Model.from_config(config, unreplicate(state.params), name="prediction")
-            result["preview"] = str(write_preview(workdir, model, val_cases[0]))
-            run.writer.image("preview", total, Path(result["preview"]))
+            preview = plots.write_preview(workdir, model.with_params(unreplicate(state.params), name="prediction"),
+                                          val_cases[0])
+            result["preview"] = str(preview)
+            folder.writer.image("preview", total, preview)
     finally:
-        run.close()
+        folder.close()
         close = getattr(data_iter, "close", None)
         if close:
             close()
     return result
-
-
-def write_preview(workdir: Path, model: Model, case) -> Path:
-    """preview.png: the model's dose next to the reference for one validation case."""
-    from flaxdose import plots
-    from flaxdose.metrics import isodose_dice
-
-    predicted = model.predict([case])[0]
-    dice = isodose_dice(predicted.dose, case.dose, case.prescription_gy, body=case.dose_region())["mean"]
-    log.info("validation case %s: mean isodose Dice %.3f (preview.png)", case.case_id, dice)
-    return plots.case_figure(case, {f"prediction (Dice {dice:.2f})": predicted}, workdir / "preview.png")

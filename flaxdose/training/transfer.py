@@ -22,6 +22,7 @@ from flaxdose.checkpoint import check_params_shapes, restore_params
 from flaxdose.data.pipeline import input_channels
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
+from flaxdose.run import Run
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -98,10 +99,7 @@ def check_source(config, spec: UNetSpec) -> None:
 def check_source_inputs(config, source) -> None:
     """Refuse a fine-tune whose inputs (structures, the target-distance channel) differ from the source's,
     naming the settings that fix it (the parameter shapes alone would not say which)."""
-    from flaxdose import config as config_lib
-    from flaxdose.inference.runs import run_config_file
-
-    theirs = config_lib.load_config_json(run_config_file(source, "latest")).data
+    theirs = Run.open(source).config.data
     fixes = []
     distance = bool(theirs.get("target_distance", False))
     if distance != bool(config.data.get("target_distance", False)):
