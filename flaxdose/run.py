@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose import config as config_lib
-from flaxdose.checkpoint import BEST, CHECKPOINTS, find_checkpoint, saved_steps
+from flaxdose.checkpoint import CHECKPOINTS, find_checkpoint, saved_steps
 from flaxdose.data.builtin import resolve_dataset
 from flaxdose.data.case import Dataset
 from flaxdose.errors import FlaxdoseError
@@ -74,7 +74,7 @@ class Run:
         self.workdir = Path(workdir)
         self.checkpoint = checkpoint  # the step folder `open` resolved, or None
         self._config, self._opened = config, False
-        self._stored: tuple[dict, object] | None = None
+        self._stored: tuple[dict | None, object] | None = None  # (config.json as JSON, as a ConfigDict)
         self._dataset: Dataset | None = None
         self._split: tuple[list[str], list[str]] | None = None
 
@@ -113,11 +113,6 @@ class Run:
     def checkpoints_dir(self) -> Path:
         """``<workdir>/checkpoints``: the latest full states."""
         return self.workdir / CHECKPOINTS
-
-    @property
-    def best_dir(self) -> Path:
-        """``<workdir>/best``: the parameters of the lowest validation loss."""
-        return self.workdir / BEST
 
     @property
     def config(self):
