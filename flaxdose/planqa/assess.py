@@ -103,9 +103,7 @@ def read_sweep(path: str | Path) -> tuple[list[dict], list[dict]]:
     """
     path = Path(path)
     if path.is_dir() and (path / "runs").is_dir():
-        rows = [json.loads(p.read_text()) for p in sorted((path / "runs").glob("*/result.json"))]
-        baselines = [json.loads(p.read_text()) for p in sorted((path / "baseline").glob("*.json"))]
-        return rows, baselines
+        return sweep_report.read_results(path)
     csv_path = path / "results.csv" if path.is_dir() else path
     if not csv_path.is_file():
         raise FlaxdoseError(f"{path} is neither a sweep folder (runs/, baseline/) nor a sweep's results.csv")

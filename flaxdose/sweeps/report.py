@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxdose import provenance
+from flaxdose.run import Run
 from flaxdose.io import atomic_write_text
 
 COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "steps", "n_test", "dice_mean", "dice_sd",
@@ -19,6 +21,15 @@ COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "steps
 METRICS = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "DVH error (% of Rx)"}
 # A clinic "needs" the fewest plans whose mean Dice is within this of the curve's best.
 ENOUGH_DICE_MARGIN = 0.01
+
+
+def read_results(root: str | Path) -> tuple[list[dict], list[dict]]:
+    """(the finished runs' result.json rows, in folder order; the baselines' rows) of a sweep folder
+    (``runs/<id>/result.json``, ``baseline/<style>.json``)."""
+    root = Path(root)
+    runs = sorted(d for d in (root / "runs").iterdir() if d.is_dir()) if (root / "runs").is_dir() else []
+    rows = [r for r in (Run(d).result() for d in runs) if r is not None]
+    return rows, [json.loads(p.read_text()) for p in sorted((root / "baseline").glob("*.json"))]
 
 
 def curve_name(row: dict, several_rates: bool) -> str:

@@ -398,8 +398,7 @@ class Sweep:
     def collect(self) -> tuple[list[dict], list[dict]]:
         """(finished runs' results, baselines) as rows."""
         rows = [r for r in (self.result(run) for run in self.runs) if r is not None]
-        baselines = [json.loads(p.read_text()) for p in sorted((self.root / "baseline").glob("*.json"))]
-        return rows, baselines
+        return rows, sweep_report.read_results(self.root)[1]
 
     def report(self, title: str = "") -> Path:
         """Write ``<root>/report/`` (results.csv, summary.md, learning_curve.png) from the finished runs.
