@@ -190,7 +190,6 @@ class MetricSpec:
 def parse_metric_spec(text: str) -> MetricSpec:
     """Parse ``"<structure> <metric>"`` (e.g. ``"Rectum V70Gy[%]"``, ``"PTV D95[%]"``, ``"Dmax[0.03cc]"``
     after a structure). Raises FlaxdoseError naming the forms accepted."""
-
     text = " ".join(str(text).split())
     structure, _, metric = text.rpartition(" ")
     forms = ("Dmean, Dmax, Dmin, Dmax[0.03cc], D95, D95%, D2cc, D95[%] (in % of Rx), V70Gy, V95% (of Rx), "

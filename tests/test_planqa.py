@@ -311,3 +311,15 @@ def test_the_qa_figure_draws_the_prediction_keeps_its_legend_off_the_bands_and_s
     np.testing.assert_allclose(np.asarray(shown.get_array()), (plan.dose - mean)[:, :, k].T, atol=1e-5)
     low, high = shown.get_clim()
     assert low == -high and high == pytest.approx(np.abs(plan.dose - mean)[:, :, k].max(), rel=1e-6)
+
+
+def test_split_all_means_what_it_means_for_evaluate_and_predict(tmp_path):
+    """`load_plans(data, "all")`: every split's plans once, in split order, like evaluate's and predict's
+    --split all (`data.case.with_all_split`); a dataset with its own split named "all" keeps that split."""
+    cases = [phantom_case(3, i, shape=SHAPE) for i in range(3)]
+    ids = [c.case_id for c in cases]
+    data = write_dataset(tmp_path / "d", cases, {"test": [ids[2]], "train": ids[:2]}).root
+    plans, missing = planqa.load_plans(data, "all")
+    assert [p.case_id for p in plans] == [ids[2], ids[0], ids[1]] and missing == []
+    named = write_dataset(tmp_path / "n", cases, {"train": ids, "all": [ids[1]]}).root
+    assert [p.case_id for p in planqa.load_plans(named, "all")[0]] == [ids[1]]

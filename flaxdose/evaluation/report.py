@@ -84,7 +84,6 @@ FIGURE_CAPTIONS = {"dice.png": "Isodose Dice per dose level, mean over the cases
 def figure_lines(figures: Sequence[str]) -> list[str]:
     """Markdown that shows each figure of the report folder in place (links relative to report.md, so the
     folder can be moved or shared whole), each under its caption."""
-
     lines = []
     for name in figures:
         caption = FIGURE_CAPTIONS.get(name) or (

@@ -47,7 +47,6 @@ def describe(values: Sequence[float]) -> dict:
 
 def paired_ttest(rows: Sequence[dict], model_a: str, model_b: str) -> dict:
     """scipy.stats.ttest_rel of model_b vs model_a per metric over the cases both evaluated."""
-
     by_model = rows_by_model(rows)
     cases = [c for c in by_model[model_a] if c in by_model[model_b]]
     p_values, differences = {}, {}

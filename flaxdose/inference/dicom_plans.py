@@ -46,7 +46,6 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     prescription (give one), or a model cannot predict it (structures, spacing; naming the folder,
     not the case's anonymous id).
     """
-
     if plan is None and not Path(patient_dir).is_dir():  # before any log line says it is being read
         problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
         raise FlaxdoseError(f"the DICOM export {patient_dir} {problem}; give the folder of one patient's "
@@ -129,7 +128,6 @@ def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[Dico
     stop no plan (other SOP classes, flaxdose's own predictions, RTPLANs no dose belongs to). Raises
     FlaxdoseError when `root` does not exist or holds no DICOM.
     """
-
     if not Path(root).exists():
         raise FlaxdoseError(f"the DICOM export root {root} does not exist; give the folder holding the patients' "
                             "CT, RTSTRUCT and RTPLAN files")
@@ -241,7 +239,6 @@ def export_rtdose(predicted: Case, reference_ct, out: str | Path, plan: str | Pa
     dose); `bits`: 16 or 32 per stored value. Raises FlaxdoseError when the file exists and not
     `overwrite`, and for what `write_rtdose` refuses.
     """
-
     path = resolve_rtdose_path(out)
     if path.exists() and not overwrite:
         raise FlaxdoseError(f"{path} exists; pass --overwrite to replace it, or choose another --rtdose_out")
@@ -266,7 +263,6 @@ def rtdose_case(plan, rtdose_path: str | Path, structures: Sequence[str], prescr
     """The dose of the RTDOSE file at `rtdose_path` (one written for `plan`) on its own grid, with `plan`'s
     structures rasterized on that grid (as a planning system computes a DVH), as a Case with the
     prescription `prescription_gy`. Raises FlaxdoseError when the file or structures cannot be read."""
-
     rd = DicomFile(Path(rtdose_path), "RTDOSE", RTDOSE_STORAGE, "", "", "", "", plan.for_uid, dose_summation="PLAN")
     on_file = dataclasses.replace(plan, doses=[rd], dose_kind="PLAN", problems=[], notes=[])
     # prescription 0: no plausibility window for a prediction (an under-trained model is reported, not refused)
@@ -282,7 +278,6 @@ def grid_name(case: Case) -> str:
 
 def case_metric_rows(case: Case, specs: Sequence[str], name: str) -> list[dict]:
     """Rows (`METRIC_COLUMNS`) of the paper's DVH metrics (Gy) and the metric `specs` of `case`'s dose."""
-
     grid = grid_name(case)
     rows = []
     paper = plan_dvh_metrics(case.dose, case.masks, case.structures, case.spacing_mm, targets=case.targets)
@@ -301,7 +296,6 @@ def case_metric_rows(case: Case, specs: Sequence[str], name: str) -> list[dict]:
 
 def write_metric_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
     """Write metric rows (`METRIC_COLUMNS`; values with 4 decimals, empty for NaN) as CSV at `path`."""
-
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -435,7 +429,6 @@ def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str
     folder without exactly one readable plan, an existing file without `overwrite` (before predicting),
     and for what reading, predicting or writing refuses.
     """
-
     target = resolve_rtdose_path(rtdose_out)
     if target.exists() and not overwrite:
         raise FlaxdoseError(f"{target} exists; pass --overwrite to replace it, or choose another --rtdose_out")
@@ -463,7 +456,6 @@ def predict_dicom_patient(model: Model, patient_dir: str | Path, rtdose_out: str
 
 def plan_line(result: PlanResult) -> str:
     """One console line for a plan: its folder and key metrics, or why it failed."""
-
     if result.error and not result.metrics:
         return f"{result.name} ({result.folder}): FAILED: {result.error}"
     shown = ", ".join(f"{k} {result.metrics[k]:.2f} Gy" for k in KEY_METRICS
@@ -478,7 +470,6 @@ def write_summary(results: Sequence[PlanResult], path: str | Path) -> Path:
     prediction's reason), Rx, grid, files and
     every metric of the plans (one column each, in first-seen order). No folder names (they may name
     the patient)."""
-
 
     keys = list(dict.fromkeys(k for r in results for k in r.metrics))
     columns = ["plan", "status", "prescription_gy", "grid", "rtdose", "error", "warning", *keys]

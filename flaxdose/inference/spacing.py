@@ -15,7 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from flaxdose.data.case import Case
+from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
 from flaxdose.errors import FlaxdoseError
+from flaxdose.synthetic.anatomy import grid_for_scale
 
 log = logging.getLogger("flaxdose")
 
@@ -55,8 +57,6 @@ def field_of_view_shape(spacing_mm: Sequence[float]) -> tuple[int, int, int]:
     """The model grid shape (x, y, z) voxels that keeps the default field of view (`MODEL_SHAPE` x
     `MODEL_SPACING_MM`, 480 x 480 x 192 mm) at the voxel size `spacing_mm` (x, y, z) mm, rounded to
     whole voxels (at least 1): 8 x 8 x 6 mm gives 60 x 60 x 32."""
-    from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
-
     return tuple(max(1, int(round(n * d / float(s)))) for n, d, s in zip(MODEL_SHAPE, MODEL_SPACING_MM, spacing_mm))
 
 
@@ -70,8 +70,6 @@ def dicom_grid(records: Iterable[Mapping | None]) -> tuple[tuple[int, int, int],
     patient's field of view stays the default one. `predict_dicom` and plan QA's ``--dicom`` both
     read on it.
     """
-    from flaxdose.data.grid import MODEL_SHAPE, MODEL_SPACING_MM
-
     known = [r for r in records if r is not None]
     if all(spacing_fits(MODEL_SPACING_MM, r) for r in known):
         return tuple(MODEL_SHAPE), tuple(float(v) for v in MODEL_SPACING_MM)
@@ -84,9 +82,6 @@ def synthetic_scale(spacing_mm: Sequence[float]) -> float | None:
     """The ``--scale`` of `flaxdose.synth` (and ``data.scale`` of the built-in data) whose grid has the
     voxel size `spacing_mm` (x, y, z) mm: `MODEL_SPACING_MM` / spacing when that is one valid scale
     on every axis (`flaxdose.synthetic.anatomy.grid_for_scale`), else None."""
-    from flaxdose.data.grid import MODEL_SPACING_MM
-    from flaxdose.synthetic.anatomy import grid_for_scale
-
     scales = [d / float(s) for d, s in zip(MODEL_SPACING_MM, spacing_mm)]
     if max(scales) - min(scales) > 1e-6 * max(scales):
         return None

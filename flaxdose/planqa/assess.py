@@ -54,7 +54,6 @@ def case_scores(rows: Sequence[dict]) -> list[dict]:
 
 def welch(own: Sequence[float], clinic: Sequence[float]) -> dict:
     """Both groups described (evaluation.describe), clinic - own mean difference, Welch t-test p (None if n < 2)."""
-
     own, clinic = (np.asarray([v for v in x if math.isfinite(v)], float) for x in (own, clinic))
     p = None
     if len(own) >= 2 and len(clinic) >= 2 and (own.std() > 0 or clinic.std() > 0):

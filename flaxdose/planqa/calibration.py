@@ -61,8 +61,7 @@ class MetricCalibration:
         return max(self.residual_sd_gy**2 - self.member_sd_gy**2, 0.0)
 
     def band(self, mean: float, variance: float, level: float) -> Band:
-        """The band of a case whose members give `mean` and `variance` (module docstring)."""
-
+        """The band of a case whose members give `mean` and `variance` (the formula: `flaxdose.planqa`)."""
         check_level(level)
         sigma = math.sqrt(self.spread_scale * variance + self.extra_variance + self.residual_sd_gy**2 / self.n)
         half = float(stats.t.ppf(0.5 + level / 2, self.n - 1)) * sigma
@@ -121,7 +120,7 @@ class Calibration:
 
 def calibrate_predictions(predictions: Sequence[EnsemblePrediction], references: Sequence[Case],
                           members: Sequence[str], note: str = "") -> Calibration:
-    """Residual statistics of each metric over held-out reference plans (module docstring).
+    """Residual statistics of each metric over held-out reference plans (the formula: `flaxdose.planqa`).
 
     `predictions[i]` is the ensemble's prediction for `references[i]` (same anatomy). A
     metric enters with the cases where both the reference and the members give a finite value;

@@ -46,7 +46,6 @@ def check_plan(plan: Case, prediction: EnsemblePrediction, calibration: Calibrat
     its own RTDOSE grid for a DICOM export, `on_plan_grid`). ``position`` is "inside", "above", "below", or
     "n/a" (no band: the calibration lacks the metric, or the structure is empty).
     """
-
     check_same_anatomy(prediction, plan)
     grid = grid_name(plan)
     rows = []

@@ -57,7 +57,6 @@ def read_dicom_plans(patient_dir: str | Path, ensemble: Ensemble, prescription_g
     planning system computes its DVH: QA's plan metrics come from it (`on_plan_grid`). Both have the
     same case id. Raises FlaxdoseError as `read_dicom_plan`.
     """
-
     entry = one_dicom_plan(patient_dir)
     if not entry.files.doses:
         raise FlaxdoseError(f"{missing_dose_reason(entry)}; plan QA compares the plan's dose with the prediction")
@@ -73,7 +72,6 @@ def on_plan_grid(prediction: EnsemblePrediction, plan: Case) -> EnsemblePredicti
     dose resampled trilinearly (0 outside the model grid), the metrics recomputed with `plan`'s masks, the
     mean dose as the prediction's case. Plan and prediction metrics are then both taken on the plan's
     grid, the numbers a planning system shows for the plan."""
-
     src = prediction.case
     src_grid, dst_grid = Grid(src.origin_mm, src.spacing_mm, src.shape), Grid(plan.origin_mm, plan.spacing_mm, plan.shape)
     doses = np.stack([resample(d, src_grid, dst_grid, order=1, cval=0.0) for d in prediction.member_doses])

@@ -74,7 +74,6 @@ def clinical_rows(result: QAResult, specs: Sequence[str] | None = None) -> list[
     """Per plan, the metric specs (`flaxdose.metrics.PROSTATE_METRIC_SPECS` by default, e.g. ``Rectum V70Gy[%]``)
     of the plan's dose and of the ensemble's mean predicted dose, both on the plan's grid with its masks
     (`CLINICAL_COLUMNS`; no bands: these are not calibrated)."""
-
     rows = []
     for plan in result.plans:
         case = result.cases[plan["case_id"]]
