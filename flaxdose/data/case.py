@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,11 @@ DATASET_FORMAT = "flaxdose-dataset"
 DATASET_VERSION = 1
 _CASE_FORMAT = "flaxdose-case-v1"
 log = logging.getLogger("flaxdose")
+# np.load parses each array's header with ast.literal_eval, and CPython 3.11's AST constructor keeps
+# its recursion depth in state shared by threads: two threads loading cases at once (the training
+# feed's prefetch thread and validation) can fail with "SystemError: AST constructor recursion
+# depth mismatch" (python/cpython#106905). Case files are read one at a time.
+_NPZ_READ = threading.Lock()
 
 
 def is_target(structure: str) -> bool:
@@ -194,7 +200,7 @@ class Case:
         """
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with _NPZ_READ, np.load(path, allow_pickle=False) as z:
                 if "format" not in z or str(z["format"]) != _CASE_FORMAT:
                     raise FlaxdoseError(f"{path} is not a flaxdose case file; write cases with Case.save")
                 shape = tuple(int(v) for v in z["shape"])
@@ -316,7 +322,7 @@ class Dataset:
     def _read_field(self, case_id: str, name: str) -> np.ndarray:
         path = self.case_path(case_id)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with _NPZ_READ, np.load(path, allow_pickle=False) as z:
                 return z[name]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
