@@ -11,6 +11,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
+# A module at the top of flaxdose/ is a command (what users type after `python -m flaxdose.`) or one of a
+# few core modules; libraries live in packages named by their concern (README, Code layout).
+COMMANDS = {"train", "predict", "evaluate", "synth", "import_dicom", "qa", "assess_style", "convert_openkbp",
+            "export_model"}
+CORE = {"__init__", "cli", "config", "errors", "io", "provenance", "model", "convolution", "checkpoint", "run",
+        "metrics", "plots"}
+
 
 def test_import_linter_contracts_hold():
     pytest.importorskip("importlinter", reason="pip install -e '.[test]' installs import-linter")
@@ -60,8 +67,22 @@ def test_nothing_under_flaxdose_imports_the_configs_or_the_launchers():
 
 
 def test_library_modules_define_no_flags():
-    faces = {"train.py", "predict.py", "evaluate.py", "synth.py", "import_dicom.py", "__main__.py", "cli.py",
-             "qa.py", "assess_style.py", "convert_openkbp.py", "export_model.py"}
+    faces = {f"{name}.py" for name in COMMANDS} | {"__main__.py", "cli.py"}
     offenders = [str(p.relative_to(REPO)) for p in python_files()
                  if p.name not in faces and "launch" not in p.parts and "flags.DEFINE" in p.read_text()]
+    assert not offenders, offenders
+
+
+
+def test_top_level_modules_are_commands_or_core():
+    found = {p.stem for p in (REPO / "flaxdose").glob("*.py")}
+    assert found == COMMANDS | CORE, f"new top-level modules {sorted(found - COMMANDS - CORE)}: put a library in its " \
+        f"package, or name it here as a command or core module; gone: {sorted(COMMANDS | CORE - found)}"
+
+
+def test_launch_has_one_import_name():
+    proc = subprocess.run([sys.executable, "-c", "import launch"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "python -m flaxdose.launch." in proc.stderr
+    offenders = [str(p.relative_to(REPO)) for p in [*REPO.glob("tests/*.py"), *REPO.glob("launch/*.py")]
+                 if any(line.startswith(("from launch", "import launch")) for line in p.read_text().splitlines())]
     assert not offenders, offenders

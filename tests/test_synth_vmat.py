@@ -1,4 +1,4 @@
-"""The fast synthetic generator (issue 24 item 3) against the pre-change code and its plans.
+"""The synthetic VMAT dose engine (the beam sum as a scan) against the stacked code it replaced and its plans.
 
 The beam sum of the fluence optimizer is now a scan (`flaxdose.synthetic.vmat._dose`) instead of
 a (B, P, S) stack summed by `jnp.sum`; tests/synthetic_reference.py keeps the stacked code as an

@@ -345,7 +345,7 @@ def test_the_same_command_resumes_and_other_settings_are_refused(trained, caplog
     assert "nothing to train (already at step 4)" in caplog.text and "steps 5..4" not in caplog.text
     assert (workdir / "preview.png").is_file()  # written again
     # the finished run extends to 8 steps (warmup 3 + decay 250 > 8 -> warmup 3 kept, decay 8 - 3 = 5): accepted,
-    # on the 8-step run's schedule from step 4 on (trained so in tests/test_trainer.py; here only checked)
+    # on the 8-step run's schedule from step 4 on (the extension's training is tested elsewhere in this file; here only checked)
     notes = resume.check_resume(Run(workdir), optim.fit_schedule(tiny_config(**{**WSD, "train.steps": 8})))
     assert len(notes) == 1 and "continues from step 4 on the warmup_stable_decay schedule of a 8-step run" in notes[0]
     assert "decaying over the 4 steps left" in notes[0]  # its 5-step decay began at step 3, before step 4
