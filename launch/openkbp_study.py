@@ -135,11 +135,14 @@ def run_study(scale: str, src: str | Path, workdir: str | Path, results: str | P
     settings = scale_settings(scale)
     factor = settings["downsample"]
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     full = workdir / "data" / "openkbp"
     train_data = full if factor == 1 else workdir / "data" / f"openkbp_{factor}x"
+    if src is not None and not Path(src).is_dir():  # before the workdir is made
+        raise FlaxdoseError(f"--src {src} is not a folder; pass the challenge's provided-data folder (with "
+                            "train-pats and validation-pats)")
+    workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    stages = Stages(workdir, "openkbp_study")
+    stages = Stages(workdir, "openkbp_study", study={"scale": scale, "seed": seed})
     for name, folder, out, grid_factor in conversions(src, full, train_data, factor):
         stages.run(name, lambda args=(folder, out, grid_factor): convert(*args))
     missing = {"train", "val"} - set(Dataset.open(train_data).splits)

@@ -88,11 +88,24 @@ def style_config(style: str, settings: dict, workdir: Path, seed: int):
 
 
 class Stages:
-    """Finished stages and their wall times, persisted in stages.json."""
+    """Finished stages and their wall times, persisted in stages.json, for one study: `study` (its settings that
+    decide what the stages make, e.g. scale and seed) is kept in study.json, and a workdir holding another
+    study is refused (FlaxdoseError) before anything runs: its finished stages would be skipped, and their
+    results reported under the new settings. A workdir from before study.json was kept takes `study` as its own.
+    """
 
-    def __init__(self, workdir: Path, label: str = "paper_study"):
+    def __init__(self, workdir: Path, label: str = "paper_study", study: dict | None = None):
         self.path, self.label = workdir / "stages.json", label
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        record, study = workdir / "study.json", dict(study or {})
+        held = json.loads(record.read_text()) if record.is_file() else study
+        if held != study:
+            differ = ", ".join(f"{k} {held.get(k)!r} (now {study.get(k)!r})" for k in sorted({*held, *study})
+                               if held.get(k) != study.get(k))
+            raise FlaxdoseError(f"{workdir} holds another {label} ({differ}): its finished stages would be reused "
+                                "and reported under the new settings; use a new --workdir, or the same settings to "
+                                "resume it")
+        record.write_text(json.dumps(study, indent=2))
 
     def run(self, name: str, fn):
         if name in self.done:
@@ -166,7 +179,7 @@ def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 
     if until is not None and until not in names:  # before anything is written
         raise FlaxdoseError(f"--until {until!r} is not a stage; stages: {', '.join(names)}")
     workdir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(workdir)
+    stages = Stages(workdir, study={"scale": scale, "seed": seed})
     loads = json.loads((workdir / "load.json").read_text()) if (workdir / "load.json").is_file() else {}
     loads.setdefault("start", load())
     (workdir / "load.json").write_text(json.dumps(loads))

@@ -357,7 +357,7 @@ def write_report(numbers: dict, s: dict, times: dict, loads: dict, results: Path
 def run_study(workdir: str | Path, results: str | Path, scale: str = "cpu") -> Path:
     s, workdir, results = SCALES[scale], Path(workdir), Path(results)
     workdir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(workdir, "planqa_study")
+    stages = Stages(workdir, "planqa_study", study={"scale": scale})
     load_file = workdir / "load.json"
     loads = json.loads(load_file.read_text()) if load_file.is_file() else {}
 

@@ -59,3 +59,20 @@ def test_oracle_is_the_same_patients_source_plan(study):
     assert [p.case_id for p in plans] == [c.case_id for c in cases]
     assert (plans[0].dose == first_source_test.dose).all() and not (plans[0].dose == cases[0].dose).all()
     assert (plans[1].masks == cases[1].masks).all()
+
+
+def test_a_workdir_holding_another_study_is_refused(tmp_path):
+    """Finished stages are skipped on a rerun: under another --scale or --seed they would be reported as the new
+    study's, so that workdir is refused before anything runs; the same settings resume."""
+    made = []
+    stages = paper_study.Stages(tmp_path, study={"scale": "smoke", "seed": 0})
+    stages.run("data", lambda: made.append("data"))
+    with pytest.raises(FlaxdoseError, match=r"another paper_study \(scale 'smoke' \(now 'cpu'\)\).*new --workdir"):
+        paper_study.Stages(tmp_path, study={"scale": "cpu", "seed": 0})
+    with pytest.raises(FlaxdoseError, match=r"seed 0 \(now 1\)"):
+        paper_study.Stages(tmp_path, study={"scale": "smoke", "seed": 1})
+    again = paper_study.Stages(tmp_path, study={"scale": "smoke", "seed": 0})
+    again.run("data", lambda: made.append("data twice"))
+    assert made == ["data"] and again.done.keys() == {"data"}
+    (tmp_path / "study.json").unlink()  # a workdir from before study.json: taken as the study asked for
+    assert paper_study.Stages(tmp_path, study={"scale": "smoke", "seed": 0}).done.keys() == {"data"}
