@@ -246,3 +246,25 @@ def test_an_archived_patient_under_an_export_root_is_a_failure_not_skipped(tmp_p
     assert len(plans) == 2  # the folder's plan and the zip
     failed = [p for p in plans if p.problem]
     assert len(failed) == 1 and "p2.zip" in failed[0].problem and "unpack" in failed[0].problem
+
+
+def test_a_folder_without_dicom_is_one_error_not_a_failed_plan_per_file(tmp_path):
+    """A training workdir given as --dicom by mistake (orbax's Zstandard files, JSON): one error naming what was found,
+    never a 'plan' per compressed file; an export root of only zipped patients is told to unpack them."""
+    work = tmp_path / "work"
+    (work / "checkpoints" / "250" / "d").mkdir(parents=True)
+    for i in range(5):
+        (work / "checkpoints" / "250" / "d" / f"chunk{i}").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(64))
+    (work / "config.json").write_text("{}")
+    with pytest.raises(FlaxdoseError, match=r"no DICOM files found under .*work, only 5 archive\(s\) .*chunk0, .*chunk1, "
+                                            r".*chunk2 and 2 more\); if they are exports, unpack"):
+        find_dicom_plans(work)
+    zipped = tmp_path / "zipped"
+    F.write_export(tmp_path / "p", with_ct=False)
+    zipped.mkdir()
+    with zipfile.ZipFile(zipped / "p.zip", "w") as z:
+        for f in sorted((tmp_path / "p").rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(tmp_path))
+    with pytest.raises(FlaxdoseError, match=r"only 1 archive\(s\) .*p\.zip\); if they are exports, unpack them"):
+        find_dicom_plans(zipped)

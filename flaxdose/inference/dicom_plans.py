@@ -138,8 +138,14 @@ def find_dicom_plans(root: str | Path, skipped: list | None = None) -> list[Dico
     archives = [DicomPlan("", str(path), None, f"{path} is an archive ({kind}), which predict --dicom does not "
                           "unpack: unpack it into the export root and run again (import_dicom reads archives)")
                 for path, _ in scanned.not_read if (kind := archive_kind(Path(path)))]
-    if not files and not damaged and not archives:
-        raise FlaxdoseError(f"no DICOM files found under {root}; give the folder of the DICOM-RT exports")
+    if not files and not damaged:  # nothing to predict: one error, never a failed "plan" per stray file
+        only = ""
+        if archives:
+            shown = ", ".join(a.folder for a in archives[:3]) + (f" and {len(archives) - 3} more" if len(archives) > 3
+                                                                 else "")
+            only = (f", only {len(archives)} archive(s) or compressed file(s) that predict --dicom does not unpack "
+                    f"({shown}); if they are exports, unpack them into the export root (import_dicom reads archives)")
+        raise FlaxdoseError(f"no DICOM files found under {root}{only}; give the folder of the DICOM-RT exports")
     grouping = group_plans(files)
     if skipped is not None:
         skipped += [(str(path), why) for path, why in [*grouping.ignored, *getattr(grouping, "unused", [])]]
