@@ -88,7 +88,13 @@ def test_transfer_errors(tmp_path, source_workdir, make_config):
     with pytest.raises(FlaxdoseError, match=r"target_distance=True --config.model.in_channels=7"):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"data.target_distance": False,
                                                                                     "model.in_channels": 6}), tmp_path / "f")
+    package = tmp_path / "package"  # a model package (its metadata file is what marks one)
+    package.mkdir()
+    (package / "flaxdose_model.json").write_text("{}")
+    with pytest.raises(FlaxdoseError, match=r"is a model package: .*pass the source model's training workdir") as e:
+        trainer.train_and_evaluate(transfer_config(make_config, package), tmp_path / "g")
+    assert "--data" not in str(e.value)  # train has no --data flag
     # all refused before the run's data was generated: nothing written
-    assert not any((tmp_path / w).exists() for w in "abcdf")
+    assert not any((tmp_path / w).exists() for w in "abcdfg")
     with pytest.raises(FlaxdoseError, match=r"pass the source run's model settings \(--config.model.\*"):
         trainer.train_and_evaluate(transfer_config(make_config, source_workdir, **{"model.features": (8, 16)}), tmp_path / "e")

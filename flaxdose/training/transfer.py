@@ -22,7 +22,7 @@ from flaxdose.checkpoint import check_params_shapes, restore_params
 from flaxdose.data.pipeline import input_channels
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
-from flaxdose.run import Run
+from flaxdose.run import Run, is_package
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -82,6 +82,10 @@ def source_of(config) -> str:
         raise FlaxdoseError(
             "transfer needs the source model: pass --source=SOURCE_WORKDIR (or --config.transfer.source=PATH)"
         )
+    if is_package(config.transfer.source):  # Run.open's message would suggest --data, which train has not
+        raise FlaxdoseError(f"--source {config.transfer.source} is a model package: a package holds the weights for "
+                            "prediction, not the training run a fine-tune starts from; pass the source model's "
+                            "training workdir (the one the package was exported from)")
     return config.transfer.source
 
 
