@@ -82,7 +82,8 @@ def test_top_level_modules_are_commands_or_core():
 
 def test_launch_has_one_import_name():
     proc = subprocess.run([sys.executable, "-c", "import launch"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "python -m flaxdose.launch." in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("flaxdose: error: ") and "python -m flaxdose.launch." in proc.stderr
+    assert "Traceback" not in proc.stderr
     offenders = [str(p.relative_to(REPO)) for p in [*REPO.glob("tests/*.py"), *REPO.glob("launch/*.py")]
                  if any(line.startswith(("from launch", "import launch")) for line in p.read_text().splitlines())]
     assert not offenders, offenders
