@@ -32,6 +32,16 @@ from flaxdose.errors import FlaxdoseError
 log = logging.getLogger("flaxdose")
 
 
+def require_folder(path: str | os.PathLike, what: str = "the workdir") -> Path:
+    """`path` as a Path, refused (FlaxdoseError) when it exists as a file: a run or study folder resumes
+    into an existing folder, so only a file in the way is an error, and it is named as one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FlaxdoseError(f"{what} {path} is a file, not a folder; give a folder path (a new one, or the one to "
+                            "resume)")
+    return path
+
+
 def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse to replace a non-empty folder unless asked to; call before long work.
 

@@ -13,6 +13,7 @@ from absl import flags
 
 from flaxdose import cli
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import require_folder
 from flaxdose.synthetic import generator
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,7 @@ def main(argv):
         total = FLAGS.n + FLAGS.n_test
         print(f"wrote {total} {FLAGS.style} cases to {root} ({(time.perf_counter() - t0) / total:.2f} s per case)")
     elif FLAGS.study:
-        generator.generate_study(FLAGS.study, FLAGS.seed, FLAGS.scale, FLAGS.overwrite)
+        generator.generate_study(require_folder(FLAGS.study, "--study"), FLAGS.seed, FLAGS.scale, FLAGS.overwrite)
         total = sum(a + b for a, b in generator.PAPER_SPLITS.values())
         elapsed = time.perf_counter() - t0
         print(f"study: {total} cases in {elapsed / 60:.1f} min ({elapsed / total:.2f} s per case) under {FLAGS.study}")

@@ -44,6 +44,7 @@ from flaxdose.evaluation.openkbp import (
 )
 from flaxdose.inference.baseline import DistanceBaseline
 from flaxdose.inference.predictor import Model
+from flaxdose.io import require_folder
 from flaxdose.model import count_params
 from flaxdose.openkbp import TARGET_PRESCRIPTION_GY, convert_openkbp
 from flaxdose.training import trainer
@@ -134,7 +135,7 @@ def run_study(scale: str, src: str | Path, workdir: str | Path, results: str | P
     """Run (or resume) every stage; the report's path. `data_only`: stop after converting (workdir's path)."""
     settings = scale_settings(scale)
     factor = settings["downsample"]
-    workdir = Path(workdir)
+    workdir = require_folder(workdir, "--workdir")
     full = workdir / "data" / "openkbp"
     train_data = full if factor == 1 else workdir / "data" / f"openkbp_{factor}x"
     if src is not None and not Path(src).is_dir():  # before the workdir is made

@@ -37,6 +37,7 @@ from flaxdose import config as config_lib
 from flaxdose.data.case import Case, Dataset
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.predictor import Model
+from flaxdose.io import require_folder
 from flaxdose.metrics import dvh_metrics
 from flaxdose.synthetic import generator as synth
 from flaxdose.training import trainer
@@ -169,7 +170,7 @@ def load() -> str:
 def run_study(scale: str, workdir: str | Path, results: str | Path, seed: int = 0, until: str | None = None) -> Path | None:
     """Run (or resume) the study; the report's path, or None when stopped early by `until` (a stage name)."""
     settings = scale_settings(scale)
-    workdir = Path(workdir)
+    workdir = require_folder(workdir, "--workdir")
     plan = [("data", lambda: generate_data(workdir, settings, seed))]
     plan += [(s, lambda s=s: trainer.train_and_evaluate(style_config(s, settings, workdir, seed), workdir / s))
              for s in (SOURCE, *TARGETS, CONTROL)]

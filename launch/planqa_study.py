@@ -39,6 +39,7 @@ from flaxdose import cli, evaluation, planqa, plots, provenance
 from flaxdose import config as config_lib
 from flaxdose.data.case import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import require_folder
 from flaxdose.planqa import assess
 from flaxdose.sweeps.runner import Sweep
 from flaxdose.synthetic import generator as synth
@@ -355,7 +356,7 @@ def write_report(numbers: dict, s: dict, times: dict, loads: dict, results: Path
 
 
 def run_study(workdir: str | Path, results: str | Path, scale: str = "cpu") -> Path:
-    s, workdir, results = SCALES[scale], Path(workdir), Path(results)
+    s, workdir, results = SCALES[scale], require_folder(workdir, "--workdir"), Path(results)
     workdir.mkdir(parents=True, exist_ok=True)
     stages = Stages(workdir, "planqa_study", study={"scale": scale})
     load_file = workdir / "load.json"

@@ -19,11 +19,15 @@ import sys
 import dicom_factory as F
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from flaxdose.data import Dataset
 from flaxdose.data.case import Case
 from flaxdose.dicom import import_dicom
-from flaxdose.io import atomic_folder, atomic_write_text
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import atomic_folder, atomic_write_text, require_folder
+from flaxdose.launch import paper_study
+from flaxdose.training import trainer
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 
@@ -205,7 +209,6 @@ def test_overwrite_interrupted_between_the_two_renames_keeps_one_complete_copy(t
 def test_overwrite_never_deletes_a_training_run_or_a_file(tmp_path):
     """--overwrite replaces an earlier output; a file, a training workdir, a folder holding one or a folder
     inside one is refused, and left as it was."""
-    from flaxdose.errors import FlaxdoseError
     from flaxdose.io import atomic_folder
 
     run = tmp_path / "runs" / "quick"
@@ -226,3 +229,16 @@ def test_overwrite_never_deletes_a_training_run_or_a_file(tmp_path):
     with atomic_folder(earlier, overwrite=True) as tmp:  # an earlier output is replaced
         (tmp / "new.csv").write_text("y")
     assert sorted(p.name for p in earlier.iterdir()) == ["new.csv"]
+
+
+def test_a_file_where_a_run_or_study_folder_goes_is_named_as_one(tmp_path):
+    """train --workdir, a study's --workdir, synth --study: a file in the way is one error naming it (it was the
+    OS's 'Not a directory: .../data' or 'File exists'), before anything is written."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    assert require_folder(tmp_path / "new") == tmp_path / "new" and require_folder(tmp_path) == tmp_path
+    for call in (lambda: trainer.train_and_evaluate(tiny_config(), afile),
+                 lambda: paper_study.run_study("smoke", afile, tmp_path / "report")):
+        with pytest.raises(FlaxdoseError, match=r"--workdir .*afile is a file, not a folder"):
+            call()
+    assert afile.read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

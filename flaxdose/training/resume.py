@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flaxdose import config as config_lib
 from flaxdose.errors import FlaxdoseError
+from flaxdose.io import require_folder
 from flaxdose.model import COMPUTE_ONLY
 from flaxdose.run import Run
 from flaxdose.training import optim, transfer
@@ -66,7 +67,7 @@ def _dotted(values: dict, key: str):
 
 def open_run(workdir: str | Path, config) -> Run:
     """The `Run` of `config` in `workdir` once `check_resume` accepts it (its notes logged)."""
-    run = Run(Path(workdir).resolve(), config)
+    run = Run(require_folder(workdir, "--workdir").resolve(), config)
     for note in check_resume(run, config):
         log.info("%s", note)
     return run
