@@ -143,6 +143,8 @@ def main(argv):
                                                   grid_flag("model_shape", int), grid_flag("model_spacing_mm", float),
                                                   aliases)
         plans = [model_case]
+    elif FLAGS.data:  # read before the long calibration too: a wrong --split or --data is refused first
+        plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)
     calibration = calibration_for(ensemble)
     if not (FLAGS.data or FLAGS.dicom):  # calibrate only
         with atomic_folder(FLAGS.out, FLAGS.overwrite) as tmp:
@@ -161,7 +163,6 @@ def main(argv):
                 "resampled trilinearly); the bands' calibration residuals come from the calibration plans' grid")
         plans = [own]
     else:
-        plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)
         note = f"Split {FLAGS.split!r} of {Path(FLAGS.data).resolve()}: {len(plans)} plans, DVH metrics on each plan's grid"
     result = planqa.run_qa(ensemble, calibration, plans, FLAGS.level, FLAGS.tolerance_gy, predictions=predictions,
                            batch_size=FLAGS.batch_size, progress=True)

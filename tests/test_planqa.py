@@ -323,3 +323,14 @@ def test_split_all_means_what_it_means_for_evaluate_and_predict(tmp_path):
     assert [p.case_id for p in plans] == [ids[2], ids[0], ids[1]] and missing == []
     named = write_dataset(tmp_path / "n", cases, {"train": ids, "all": [ids[1]]}).root
     assert [p.case_id for p in planqa.load_plans(named, "all")[0]] == [ids[1]]
+
+
+def test_qa_refuses_a_wrong_split_before_calibrating(members, qa_data, tmp_path):
+    """The plans to check are read before the ensemble calibrates: a wrong --split is the first error (here the
+    calibration data does not even exist), not one after minutes of prediction."""
+    data, _ = qa_data
+    workdirs = ",".join(str(m) for m in members)
+    proc = run_qa_cli(f"--workdirs={workdirs}", f"--calibration_data={tmp_path / 'nosuch'}", f"--data={data}",
+                      "--split=val", f"--out={tmp_path / 'qa'}")
+    assert proc.returncode == 2 and "has no split 'val'" in proc.stderr and "nosuch" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "qa").exists()
