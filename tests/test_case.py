@@ -90,3 +90,14 @@ def test_failure_list_names_a_shared_reason_once():
     named = {str(i): f"case {str(i)!r} has no PTV" for i in range(7)}  # every id shown is filled in, never a placeholder
     assert failure_list(named) == "case 0: case '0' has no PTV; likewise cases 1, 2, 3, 4 and 2 more"
     assert failure_list({"x": "case 'x' has no PTV"}) == "case x: case 'x' has no PTV"
+
+
+def test_a_case_file_gone_from_its_dataset_says_how_to_get_it_back(tmp_path):
+    cases = [phantom_case(0, i) for i in range(2)]
+    dataset = write_dataset(tmp_path / "d", cases, {"train": [c.case_id for c in cases]})
+    dataset.case_path(cases[0].case_id).unlink()
+    fix = r"does not exist, though its dataset lists it; restore the file or write the dataset again \(built-in data"
+    with pytest.raises(FlaxdoseError, match=fix):
+        dataset.load(cases[0].case_id)
+    with pytest.raises(FlaxdoseError, match=fix):
+        dataset.case_spacing_mm(cases[0].case_id)  # the header-only read says the same

@@ -221,12 +221,19 @@ class Case:
         except FlaxdoseError:
             raise
         except FileNotFoundError:
-            raise FlaxdoseError(f"case file {path} does not exist") from None
+            raise missing_case_file(path) from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             # numpy's own text for a pickle (an object array) invites unsafe loading; flaxdose never writes one
             detail = "it holds pickled objects" if "allow_pickle" in str(e) else str(e)
             raise FlaxdoseError(f"cannot read case file {path} ({detail}); it is damaged or not a flaxdose case "
                                 "(flaxdose writes no pickles: never load it with allow_pickle)") from None
+
+
+def missing_case_file(path: Path) -> FlaxdoseError:
+    """The error for a case file its dataset lists but that is gone, with the fixes."""
+    return FlaxdoseError(f"case file {path} does not exist, though its dataset lists it; restore the file or write the "
+                         "dataset again (built-in data: delete its folder under the run's data/ and it is generated "
+                         "again)")
 
 
 def _what_to_do(root: Path) -> str:
@@ -324,6 +331,8 @@ class Dataset:
         try:
             with _NPZ_READ, np.load(path, allow_pickle=False) as z:
                 return z[name]
+        except FileNotFoundError:
+            raise missing_case_file(path) from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise FlaxdoseError(f"cannot read case file {path} ({e}); it is damaged or not a flaxdose case") from None
 
