@@ -36,7 +36,8 @@ FLAGGED = 3
 INTERRUPTED = 130  # the shell's convention for a Ctrl-C (128 + SIGINT)
 
 
-def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py file"):
+def config_flag(default: str, help_string: str = "config name in configs/ (NAME or NAME:ARG) or a path to a config .py "
+                "file; --config.section.key=value overrides one value (e.g. --config.train.steps=2000)"):
     """Define ``--config`` (a `ml_collections.config_flags` config file flag) with a default config name.
 
     The flag is also a key flag of the command being run, so its ``--help`` lists it (absl lists only
