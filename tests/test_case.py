@@ -90,6 +90,9 @@ def test_failure_list_names_a_shared_reason_once():
     named = {str(i): f"case {str(i)!r} has no PTV" for i in range(7)}  # every id shown is filled in, never a placeholder
     assert failure_list(named) == "case 0: case '0' has no PTV; likewise cases 1, 2, 3, 4 and 2 more"
     assert failure_list({"x": "case 'x' has no PTV"}) == "case x: case 'x' has no PTV"
+    files = {f"d/chunk{i}": "a Zstandard-compressed file" for i in range(7)} | {"p1": "no RTSTRUCT", "p2": "no CT"}
+    assert failure_list(files, limit=3, noun="plan", reasons=2) == \
+        "plans d/chunk0, d/chunk1, d/chunk2 and 4 more: a Zstandard-compressed file; plan p1: no RTSTRUCT; and 1 more reason(s)"
 
 
 def test_a_case_file_gone_from_its_dataset_says_how_to_get_it_back(tmp_path):

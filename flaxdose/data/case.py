@@ -392,11 +392,12 @@ def with_all_split(dataset: Dataset, split: str) -> Dataset:
 
 
 # ---------------------------------------------------------------- keep going over cases
-def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
+def failure_list(failed: Mapping[str, str], limit: int = 5, noun: str = "case", reasons: int | None = None) -> str:
     """``cases a, b: reason; case c: reason (and 3 more)``: {case id: reason}, cases with the same reason
     together (each reason once), the first `limit` case ids of each. A reason that names its case is the
     same reason for another case; such a group shows the first case's reason as it was given, then the
-    others: ``case a: case 'a' has spacing 4x4x3 mm; likewise case b``."""
+    others: ``case a: case 'a' has spacing 4x4x3 mm; likewise case b``. `noun` names the items (e.g. "plan");
+    `reasons`: show at most that many reasons, then how many more there are."""
     by_reason: dict[str, list[str]] = {}
     for case_id, reason in failed.items():
         by_reason.setdefault(str(reason).replace(repr(case_id), "\0"), []).append(case_id)
@@ -404,12 +405,14 @@ def failure_list(failed: Mapping[str, str], limit: int = 5) -> str:
     for template, ids in by_reason.items():
         if "\0" not in template or len(ids) == 1:  # the reason as given (it names its one case, if any)
             more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-            items.append(f"case{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {failed[ids[0]]}")
+            items.append(f"{noun}{'s' if len(ids) > 1 else ''} {', '.join(ids[:limit])}{more}: {failed[ids[0]]}")
             continue
         others = ids[1:]
         more = f" and {len(others) - (limit - 1)} more" if len(others) > limit - 1 else ""
-        items.append(f"case {ids[0]}: {failed[ids[0]]}; likewise case{'s' if len(others) > 1 else ''} "
+        items.append(f"{noun} {ids[0]}: {failed[ids[0]]}; likewise {noun}{'s' if len(others) > 1 else ''} "
                      f"{', '.join(others[:limit - 1])}{more}")
+    if reasons is not None and len(items) > reasons:
+        items = [*items[:reasons], f"and {len(items) - reasons} more reason(s)"]
     return "; ".join(items)
 
 

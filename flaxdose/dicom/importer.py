@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flaxdose.data.case import PROSTATE_STRUCTURES, Case, write_dataset
+from flaxdose.data.case import PROSTATE_STRUCTURES, Case, failure_list, write_dataset
 from flaxdose.dicom.archives import Unpacker
 from flaxdose.dicom.damage import damaged_among, plan_damage
 from flaxdose.dicom.dose import NotExternalPhotonPlan
@@ -345,7 +345,7 @@ def _import_plans(scanned: ScanResult, src, out, options: ReadOptions, *, test_f
         if not staged:
             raise FlaxdoseError(
                 "no plan could be imported from "
-                f"{src}: " + ("; ".join(f"{w}: {m}" for w, m in (failures + left_out)[:5]) or "no DICOM-RT files found")
+                f"{src}: " + (failure_list(dict(failures + left_out), limit=3, noun="plan", reasons=5) or "no DICOM-RT files found")
                 + (f" ({len(damaged)} damaged file(s): {damaged[0][1]})" if damaged and not failures else "")
             )
         ids, rows = _write_import(out, staged, scanned, found, len(failures), options, test_fraction, seed, overwrite)
