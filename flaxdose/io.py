@@ -32,13 +32,14 @@ from flaxdose.errors import FlaxdoseError
 log = logging.getLogger("flaxdose")
 
 
-def require_folder(path: str | os.PathLike, what: str = "the workdir") -> Path:
+def require_folder(path: str | os.PathLike, what: str = "the workdir",
+                   fix: str = "(a new one, or the one to resume)") -> Path:
     """`path` as a Path, refused (FlaxdoseError) when it exists as a file: a run or study folder resumes
-    into an existing folder, so only a file in the way is an error, and it is named as one."""
+    into an existing folder, so only a file in the way is an error, and it is named as one (`what`: the
+    flag or role it was given as, "" for none; `fix`: which folder to give instead)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FlaxdoseError(f"{what} {path} is a file, not a folder; give a folder path (a new one, or the one to "
-                            "resume)")
+        raise FlaxdoseError(f"{f'{what} ' if what else ''}{path} is a file, not a folder; give a folder path {fix}")
     return path
 
 
@@ -49,9 +50,7 @@ def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
     with `overwrite`, when it is, holds or lies inside a training workdir (config.json + checkpoints/):
     --overwrite replaces earlier outputs, never a trained model or the data inside its workdir.
     """
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise FlaxdoseError(f"{root} is a file, not a folder; give a folder path for the output")
+    root = require_folder(root, "", "for the output")
     run = _training_run_at_or_around(root) if overwrite and root.exists() else None
     if run is not None:  # --overwrite never deletes a trained model (nor data or outputs inside its workdir)
         raise FlaxdoseError(f"{root} {'is' if run == root else 'holds' if root in run.parents else 'lies inside'} the "

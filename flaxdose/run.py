@@ -74,7 +74,7 @@ class Run:
         self.workdir = Path(workdir)
         self.checkpoint = checkpoint  # the step folder `open` resolved, or None
         self._config, self._opened = config, False
-        self._stored: tuple[dict | None, object] | None = None  # (config.json as JSON, as a ConfigDict)
+        self._stored, self._stored_read = None, False  # config.json of an earlier start, read once
         self._dataset: Dataset | None = None
         self._split: tuple[list[str], list[str]] | None = None
 
@@ -137,22 +137,12 @@ class Run:
         """Whether config.json and a checkpoints/ folder are there: a run whose settings its checkpoints keep."""
         return self.config_file.is_file() and self.checkpoints_dir.is_dir()
 
-    def stored_json(self) -> dict | None:
-        """config.json as written by an earlier start (the plain JSON), or None without one; read once."""
-        return self._read_stored()[0]
-
     def stored_config(self):
         """config.json as written by an earlier start (a ConfigDict), or None without one; read once.
         Raises FlaxdoseError when it cannot be read."""
-        return self._read_stored()[1]
-
-    def _read_stored(self) -> tuple[dict | None, object]:
-        if self._stored is None:
-            if not self.config_file.is_file():
-                self._stored = (None, None)
-            else:
-                loaded = config_lib.load_config_json(self.config_file)
-                self._stored = (loaded.to_dict(), loaded)
+        if not self._stored_read:
+            self._stored = config_lib.load_config_json(self.config_file) if self.config_file.is_file() else None
+            self._stored_read = True
         return self._stored
 
     def write_config(self) -> None:

@@ -40,7 +40,6 @@ from flaxdose.inference.predictor import (  # noqa: F401
     make_predict_fn,
     predict_dataset,
     sliding_window,
-    validation_mse,
     window_starts,
 )
 from flaxdose.inference.spacing import (  # noqa: F401

@@ -250,24 +250,6 @@ class Model:
         return out
 
 
-def validation_mse(model: Model, cases: Sequence[Case], batch_size: int = 1) -> float:
-    """Mean over `cases` of the voxel mean of ((predicted - reference dose) / prescription)^2.
-
-    The prediction is exactly what `Model.predict` returns (and evaluation scores): sliding
-    windows, clipped at 0, zero outside the dose region. The training loop selects its
-    `best` checkpoint with this. NaN for no cases; raises FlaxdoseError for cases without a
-    dose (and see `Model.predict`).
-    """
-    if not cases:
-        return float("nan")
-    missing = [c.case_id for c in cases if c.dose is None]
-    if missing:
-        raise FlaxdoseError(f"validation cases {missing[:5]} have no reference dose")
-    predicted = model.predict(cases, batch_size=batch_size, check=False)  # mid-training models are far off
-    return float(np.mean([np.mean(((p.dose - c.dose) / c.prescription_gy) ** 2, dtype=np.float64)
-                          for p, c in zip(predicted, cases)]))
-
-
 def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path, batch_size: int = 1,
                     overwrite: bool = False, keep_going: bool = False) -> Dataset:
     """Predict every case of a split of the dataset `data` and write them as a dataset at `out`.

@@ -23,13 +23,17 @@ METRICS = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "DVH error (% of
 ENOUGH_DICE_MARGIN = 0.01
 
 
+def read_baselines(root: str | Path) -> list[dict]:
+    """The rows of a sweep folder's unadapted baselines (``baseline/<style>.json``), in style order."""
+    return [json.loads(p.read_text()) for p in sorted((Path(root) / "baseline").glob("*.json"))]
+
+
 def read_results(root: str | Path) -> tuple[list[dict], list[dict]]:
-    """(the finished runs' result.json rows, in folder order; the baselines' rows) of a sweep folder
+    """(the finished runs' result.json rows, in folder order; `read_baselines`) of a sweep folder
     (``runs/<id>/result.json``, ``baseline/<style>.json``)."""
     root = Path(root)
     runs = sorted(d for d in (root / "runs").iterdir() if d.is_dir()) if (root / "runs").is_dir() else []
-    rows = [r for r in (Run(d).result() for d in runs) if r is not None]
-    return rows, [json.loads(p.read_text()) for p in sorted((root / "baseline").glob("*.json"))]
+    return [r for r in (Run(d).result() for d in runs) if r is not None], read_baselines(root)
 
 
 def curve_name(row: dict, several_rates: bool) -> str:

@@ -398,7 +398,7 @@ class Sweep:
     def collect(self) -> tuple[list[dict], list[dict]]:
         """(finished runs' results, baselines) as rows."""
         rows = [r for r in (self.result(run) for run in self.runs) if r is not None]
-        return rows, sweep_report.read_results(self.root)[1]
+        return rows, sweep_report.read_baselines(self.root)
 
     def report(self, title: str = "") -> Path:
         """Write ``<root>/report/`` (results.csv, summary.md, learning_curve.png) from the finished runs.

@@ -89,7 +89,7 @@ def check_resume(run: Run, config) -> list[str]:
     workdir, saved = run.workdir, run.config_file
     if not run.has_checkpoints:
         return []
-    old = run.stored_json().get("model", {})
+    old = run.stored_config().to_dict().get("model", {})
     new = json.loads(config_lib.to_json(config))["model"]
     diffs = [f"model.{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and k not in COMPUTE_ONLY]

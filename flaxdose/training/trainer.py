@@ -306,9 +306,12 @@ def train_steps(step_fn, state, batches, runs: Sequence[RunFolder], start: int, 
 
 
 def validation_scores(model: Model, cases, batch_size: int = 1) -> dict[str, float]:
-    """{"val_loss": `flaxdose.inference.validation_mse`, "val_dice": the mean over the cases of the mean isodose
-    Dice (10..100 % of the prescription, in the dose region)}, from one prediction of the cases (NaN for
-    none). Raises FlaxdoseError for cases without a dose (and see `Model.predict`)."""
+    """{"val_loss": the mean over the cases of the voxel mean of ((predicted - reference dose) / prescription)^2,
+    "val_dice": the mean over the cases of the mean isodose Dice (10..100 % of the prescription, in the dose
+    region)}, from one prediction of the cases (NaN for none). The prediction is exactly what `Model.predict`
+    returns and evaluation scores (sliding windows, clipped at 0, zero outside the dose region); the loop
+    selects its `best` checkpoint by val_loss. Raises FlaxdoseError for cases without a dose (and see
+    `Model.predict`)."""
     if not cases:
         return {"val_loss": float("nan"), "val_dice": float("nan")}
     missing = [c.case_id for c in cases if c.dose is None]
