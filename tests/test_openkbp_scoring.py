@@ -7,7 +7,7 @@ import pytest
 from test_openkbp import SAMPLE, needs_sample
 
 from flaxdose.errors import FlaxdoseError
-from flaxdose.evaluation.openkbp import score_predictions
+from flaxdose.evaluation.openkbp import Scores, score_predictions, subset_scores, write_score_tables
 from flaxdose.inference.predictor import Model
 from flaxdose.metrics import openkbp_dose_score, openkbp_dvh_metrics, openkbp_scores
 from flaxdose.model import UNetSpec, init_params
@@ -128,6 +128,41 @@ class _HandRef:
         self.dose[:, :, 1] = np.arange(100).reshape(10, 10)
         self.masks, self.structures = np.stack([oar, target]), ("SpinalCord", "PTV70")
         self.spacing_mm, self.possible_dose_mask, self.case_id = (5.0, 5.0, 4.0), np.ones(shape, bool), "hand"
+
+
+def test_subset_scores_are_the_hand_computation_from_the_csv_rows(tmp_path):
+    """Dose score: the mean over the subset's patients; DVH score: the mean |error| of all their ROI metrics."""
+    def scores(rows):  # rows: (case_id, dose score, [(roi, metric, error)])
+        patients = [{"case_id": i, "dose_score": d, "dvh_score": float(np.mean(np.abs([e for *_, e in m]))),
+                     "num_metrics": len(m)} for i, d, m in rows]
+        metrics = [{"case_id": i, "roi": r, "metric": k, "reference_gy": 60.0, "predicted_gy": 60.0 + e, "error_gy": e}
+                   for i, _, m in rows for r, k, e in m]
+        return Scores({}, patients, metrics)
+
+    write_score_tables({
+        "network": scores([("pt_1", 2.0, [("PTV70", "D_99", -4.0), ("SpinalCord", "mean", 1.0)]),
+                           ("pt_2", 3.5, [("PTV70", "D_99", -2.0)]),
+                           ("pt_3", 9.0, [("PTV70", "D_99", 6.0), ("PTV70", "D_1", 0.5), ("SpinalCord", "mean", -3.0)])]),
+        "distance-to-target": scores([("pt_1", 5.0, [("PTV70", "D_99", 1.0)]), ("pt_2", 4.0, [("PTV70", "D_99", 3.0)]),
+                                      ("pt_3", 6.0, [("PTV70", "D_99", -1.0)])]),
+    }, tmp_path)
+    sub = subset_scores(tmp_path, ["pt_3", "pt_1"])
+    assert list(sub) == ["network", "distance-to-target"]
+    net = sub["network"]
+    assert net["num_cases"] == 2 and net["dose_score"] == pytest.approx((2.0 + 9.0) / 2)
+    assert net["dvh_score"] == pytest.approx((4.0 + 1.0 + 6.0 + 0.5 + 3.0) / 5)  # pooled, not a mean of patients
+    assert net["metric_mean_error_gy"] == pytest.approx({"SpinalCord mean": -1.0, "PTV70 D_99": 1.0, "PTV70 D_1": 0.5})
+    assert net["metric_mae_gy"] == pytest.approx({"SpinalCord mean": 2.0, "PTV70 D_99": 5.0, "PTV70 D_1": 0.5})
+    assert list(net["metric_mae_gy"]) == ["SpinalCord mean", "PTV70 D_99", "PTV70 D_1"]  # the challenge's order
+    assert sub["distance-to-target"] == ({"dose_score": 5.5, "dvh_score": 1.0, "num_cases": 2,
+                                           "metric_mean_error_gy": {"PTV70 D_99": 0.0},
+                                           "metric_mae_gy": {"PTV70 D_99": 1.0}})  # exact in binary
+    every = subset_scores(tmp_path)["network"]
+    assert every["num_cases"] == 3 and every["dose_score"] == pytest.approx(14.5 / 3)
+    with pytest.raises(FlaxdoseError, match=r"scored 3 patients, not \['pt_9'\]"):
+        subset_scores(tmp_path, ["pt_1", "pt_9"])
+    with pytest.raises(FlaxdoseError, match="patients.csv is missing"):
+        subset_scores(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -21,6 +21,9 @@ the challenge's 128^3 grid, masks it with the possible-dose mask and writes into
   ``case_<id>.png`` (dose slices and DVHs of one patient, by default the one with the
   median dose score of the first model).
 
+`write_score_tables` writes the two CSVs of any `Scores`; `subset_scores` reads them back and
+gives the scores over a subset of the patients (e.g. those with a CT), the same way.
+
 Definitions: `flaxdose.metrics.openkbp_scores` (the challenge's `dose_evaluation_class.py`).
 """
 
@@ -145,6 +148,66 @@ def _write_rows(rows: Sequence[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+PATIENTS_CSV, METRICS_CSV = "patients.csv", "dvh_metrics.csv"
+
+
+def write_score_tables(scores: Mapping[str, Scores], folder: str | Path) -> None:
+    """``patients.csv`` and ``dvh_metrics.csv`` of `scores` (model name -> `Scores`) in `folder` (made if
+    missing; files overwritten): one row per model and patient, one per model, patient, ROI and metric."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_rows([{"model": n, **p} for n, s in scores.items() for p in s.patients], folder / PATIENTS_CSV)
+    _write_rows([{"model": n, **m} for n, s in scores.items() for m in s.metrics], folder / METRICS_CSV)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise FlaxdoseError(f"{path} is missing; score the models first (python -m flaxdose.evaluate --openkbp, "
+                            "or flaxdose.evaluation.openkbp.write_score_tables)") from None
+
+
+def subset_scores(folder: str | Path, case_ids: Sequence[str] | None = None) -> dict[str, dict]:
+    """The challenge's scores of every model over the patients `case_ids` (None: every patient), from the
+    ``patients.csv`` and ``dvh_metrics.csv`` of an evaluation folder (`evaluate_openkbp`, `write_score_tables`).
+
+    Per model (in the files' order): ``dose_score`` (mean of the patients' dose scores, Gy), ``dvh_score``
+    (mean absolute error over every patient, ROI and metric of the subset, Gy; None without a metric),
+    ``num_cases``, and per "ROI metric" key (challenge order) ``metric_mean_error_gy`` (signed mean of
+    predicted - reference) and ``metric_mae_gy`` (mean absolute error). Over every patient these are the
+    numbers of ``summary.json``. Raises FlaxdoseError for missing files, or `case_ids` a model did not score.
+    """
+    folder = Path(folder)
+    patients, metrics = _read_rows(folder / PATIENTS_CSV), _read_rows(folder / METRICS_CSV)
+    models = list(dict.fromkeys(row["model"] for row in patients))
+    out = {}
+    for model in models:
+        scored = [row["case_id"] for row in patients if row["model"] == model]
+        wanted = scored if case_ids is None else list(case_ids)
+        missing = [i for i in wanted if i not in scored]
+        if missing or not wanted:
+            raise FlaxdoseError(f"{folder / PATIENTS_CSV}: model {model!r} scored {len(scored)} patients, not "
+                                f"{missing[:5] or 'an empty subset'}; choose patients it scored")
+        chosen = set(wanted)
+        doses = [float(row["dose_score"]) for row in patients if row["model"] == model and row["case_id"] in chosen]
+        errors: dict[str, list[float]] = {}
+        for row in metrics:
+            if row["model"] == model and row["case_id"] in chosen:
+                errors.setdefault(f"{row['roi']} {row['metric']}", []).append(float(row["error_gy"]))
+        pooled = [abs(e) for values in errors.values() for e in values]
+        keys = metric_order(errors)
+        out[model] = {
+            "dose_score": float(np.mean(doses)),
+            "dvh_score": float(np.mean(pooled)) if pooled else None,
+            "num_cases": len(chosen),
+            "metric_mean_error_gy": {k: float(np.mean(errors[k])) for k in keys},
+            "metric_mae_gy": {k: float(np.mean(np.abs(errors[k]))) for k in keys},
+        }
+    return out
+
+
 def _figures(scores: Mapping[str, Scores], references: Sequence[Case], predictions: Mapping[str, Sequence[Case]],
              folder: Path, example_case: str | None) -> list[str]:
     from flaxdose import plots  # matplotlib only when figures are drawn
@@ -208,8 +271,7 @@ def evaluate_openkbp(models: Mapping[str, object], references: Sequence[Case], o
             scores[name] = score_predictions(predicted, references)
             write_submission(predicted, tmp / "submission" / _folder_name(name))
             predictions[name] = predicted
-        _write_rows([{"model": n, **p} for n, s in scores.items() for p in s.patients], tmp / "patients.csv")
-        _write_rows([{"model": n, **m} for n, s in scores.items() for m in s.metrics], tmp / "dvh_metrics.csv")
+        write_score_tables(scores, tmp)
         summary = {**summarize(scores), "downsample": int(factor), "note": note}
         summary["figures"] = _figures(scores, references, predictions, tmp, example_case)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
