@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tqdm import tqdm
 
 from flaxdose.data.case import Dataset, write_dataset
+from flaxdose.errors import FlaxdoseError
 from flaxdose.openkbp.format import (
     OPENKBP_OARS,
     OPENKBP_SHAPE,
@@ -42,17 +43,34 @@ def convert_openkbp(
     overwrite: bool = False,
     progress: bool = True,
     downsample: int = 1,
+    splits: Mapping[str, Sequence[str]] | None = None,
 ) -> Dataset:
     """Convert OpenKBP patients under `src` into a flaxdose dataset (splits from the folders).
 
     `downsample` > 1 stores every case on the coarser grid of `downsample_case`; the
-    manifest's ``grid`` records the factor.
+    manifest's ``grid`` records the factor. `include_ct` keeps the CT of the patients that
+    have a ``ct.csv`` (the others are converted without one). `splits` (split name -> patient
+    folder names, e.g. ``{"train": ["pt_1"], "val": ["pt_7"]}``): convert only those patients
+    and give the dataset these splits instead of the folders' (a tuning split of train-pats);
+    FlaxdoseError when a named patient is not under `src` or is named twice.
     """
     check_factor(downsample)
     patients = find_patients(src)
-    splits: dict[str, list[str]] = {}
-    for split, folder in patients:
-        splits.setdefault(split, []).append(folder.name)
+    if splits is None:
+        splits = {}
+        for split, folder in patients:
+            splits.setdefault(split, []).append(folder.name)
+    else:
+        splits = {k: list(v) for k, v in splits.items()}
+        named = [i for ids in splits.values() for i in ids]
+        by_name = {folder.name: (split, folder) for split, folder in patients}
+        unknown = sorted(set(named) - set(by_name))
+        if unknown:
+            raise FlaxdoseError(f"patients {unknown[:5]} are not under {src}; name pt_N folders it holds "
+                                f"({len(by_name)} patients)")
+        if len(set(named)) != len(named):
+            raise FlaxdoseError(f"splits {sorted(splits)} name a patient twice; give every patient one split")
+        patients = [by_name[i] for i in named]
     cases = (downsample_case(read_openkbp_patient(folder, structures, include_ct=include_ct), downsample)
              for _, folder in tqdm(patients, desc="converting", unit="patient", file=sys.stderr,
                                    disable=not progress))
