@@ -28,7 +28,9 @@ from flaxdose.errors import FlaxdoseError
 
 NORM_ORDERS = ("relu_norm", "norm_relu")
 SUBTREES = ("encoder", "bottleneck", "decoder", "head")
-COMPUTE_ONLY = ("conv",)  # model settings that change how the network is computed, not its parameters
+UPSAMPLE_INITS = ("default", "icnr")
+# Model settings that change how the network is computed or initialized, not its parameter tree.
+COMPUTE_ONLY = ("conv", "upsample_init")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ class UNetSpec:
     norm_order: str = "relu_norm"  # paper: "group normalization after each set of conv and ReLU"
     dtype: str = "float32"  # compute dtype; parameters stay float32
     conv: str = "auto"  # 3x3x3 convolution form (flaxdose.convolution.CONV_FORMS); same parameters in every form
+    upsample_init: str = "default"  # "icnr": every up-sampling starts as nearest-neighbour (see `Upsample`)
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
@@ -66,6 +69,8 @@ class UNetSpec:
         if self.dtype not in ("float32", "bfloat16"):
             raise FlaxdoseError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         check_form(self.conv)
+        if self.upsample_init not in UPSAMPLE_INITS:
+            raise FlaxdoseError(f"model.upsample_init must be one of {UPSAMPLE_INITS}, got {self.upsample_init!r}")
         if self.convs_per_level < 1 or self.in_channels < 1:
             raise FlaxdoseError("model.convs_per_level and model.in_channels must be >= 1")
 
@@ -108,15 +113,35 @@ def depth_to_space(x: jax.Array, channels: int) -> jax.Array:
     return x.reshape(n, 2 * sx, 2 * sy, 2 * sz, channels)
 
 
+def icnr_init(base=nn.initializers.lecun_normal()):
+    """Initializer of the (1, 1, 1, Cin, 8*C) up-sampling projection: one (Cin, C) kernel drawn by
+    `base`, repeated for the 8 sub-voxels, so the up-sampling starts as a projection followed by
+    nearest-neighbour up-sampling and not as 8 independent kernels that paint a 2x2x2
+    checkerboard into the dose (ICNR, Aitken et al. 2017, arXiv:1707.02937)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        *taps, cin, cout = shape
+        kernel = base(key, (*taps, cin, cout // 8), dtype)
+        return jnp.tile(kernel, (1,) * len(taps) + (1, 8))  # channel (sub-voxel * C + c), as depth_to_space reads
+
+    return init
+
+
 class Upsample(nn.Module):
-    """2x up-sampling equal to a 2x2x2 stride-2 `nn.ConvTranspose` (see module docstring)."""
+    """2x up-sampling equal to a 2x2x2 stride-2 `nn.ConvTranspose` (see module docstring).
+
+    `initializer`: "default" draws the projection like any `nn.Conv`; "icnr" uses `icnr_init`. Both
+    give the same parameter tree."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    initializer: str = "default"
 
     @nn.compact
     def __call__(self, x):
-        y = nn.Conv(8 * self.features, (1, 1, 1), use_bias=False, dtype=self.dtype, name="proj")(x)
+        kernel_init = icnr_init() if self.initializer == "icnr" else nn.linear.default_kernel_init
+        y = nn.Conv(8 * self.features, (1, 1, 1), use_bias=False, dtype=self.dtype, kernel_init=kernel_init,
+                    name="proj")(x)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         return depth_to_space(y, self.features) + bias.astype(y.dtype)
 
@@ -205,7 +230,7 @@ class Decoder(nn.Module):
         s, dtype = self.spec, jnp.dtype(self.spec.dtype)
         for level in reversed(range(len(s.features) - 1)):
             f = s.features[level]
-            x = Upsample(f, dtype, name=f"up{level}")(x)
+            x = Upsample(f, dtype, s.upsample_init, name=f"up{level}")(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
             x = ConvBlock(f, s.convs_per_level, s.groups, s.norm_order, dtype, s.conv, name=f"level{level}")(x)
         return x

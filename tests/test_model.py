@@ -26,6 +26,20 @@ def test_upsample_equals_strided_conv_transpose():
     assert ours_count == count_params(ct_params)
 
 
+def test_icnr_upsample_starts_as_nearest_neighbour():
+    x = jax.random.normal(jax.random.key(1), (1, 3, 4, 5, 6))
+    default, icnr = Upsample(4), Upsample(4, initializer="icnr")
+    p_default, p_icnr = default.init(jax.random.key(0), x), icnr.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, p_default) == jax.tree.map(jnp.shape, p_icnr)  # same tree: checkpoints load
+    y = np.asarray(icnr.apply(p_icnr, x))
+    # Nearest neighbour of the (Cin, C) projection: the 2x2x2 block of every input voxel holds one value.
+    kernel = np.asarray(p_icnr["params"]["proj"]["kernel"]).reshape(6, 32)[:, :4]
+    expected = np.repeat(np.repeat(np.repeat(np.asarray(x) @ kernel, 2, 1), 2, 2), 2, 3)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    # The default draws 8 independent kernels: a 2x2x2 checkerboard from the first step.
+    assert np.abs(np.diff(np.asarray(default.apply(p_default, x))[:, :2], axis=1)).max() > 0.1
+
+
 def test_paper_preset_parameter_count_and_shapes():
     spec = preset("paper", in_channels=6)
     params = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
@@ -76,6 +90,8 @@ def test_bad_specs_raise_flaxdose_error():
         UNetSpec(features=(6, 12), groups=4)
     with pytest.raises(FlaxdoseError, match=r"at least 2 levels.*--config.model.features=\(8,16,32\)"):
         UNetSpec(features=(8,), groups=4)
+    with pytest.raises(FlaxdoseError, match="upsample_init"):
+        UNetSpec(upsample_init="bilinear")
     with pytest.raises(FlaxdoseError, match="norm_order"):
         UNetSpec(norm_order="sideways")
     with pytest.raises(FlaxdoseError, match="unknown model preset"):
