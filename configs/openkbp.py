@@ -5,8 +5,12 @@ Convert the challenge data first (its `provided-data` folder; see docs/openkbp.m
 then
     python -m flaxdose.train --config=openkbp:openkbp_cpu --config.data.path=workdirs/openkbp64 --workdir workdirs/openkbp-run
 The inputs are the ten structure masks in the challenge's order (OARs, then PTV56, PTV63,
-PTV70; the CT is not used). `train-pats` trains, `validation-pats` (the dataset's "val"
-split) gives the validation loss that picks the best checkpoint.
+PTV70), then what the scale's ``data`` adds (`flaxdose.data.pipeline.InputSpec`:
+``target_distance``, ``include_ct``, the CT as the last channel; a CT model needs a dataset
+converted with the CT, the default). `model.in_channels` is the channel count of these data
+settings (`InputSpec.channels`); set it again when overriding them on the command line
+(training says the value). `train-pats` trains, `validation-pats` (the dataset's "val" split)
+gives the validation loss that picks the best checkpoint.
 
 Without SCALE: the paper's UNet on the challenge's own 128^3 grid, 96^3 patches (a GPU
 run). With SCALE, a name in configs/openkbp_study.py (`openkbp_cpu`, `openkbp_gpu`,
@@ -18,13 +22,14 @@ flaxdose.evaluate --openkbp`), and refuses a run whose dataset says otherwise.
 
 from flaxdose.configs import source
 from flaxdose.configs.openkbp_study import SCALES
+
+from flaxdose.data.pipeline import InputSpec
 from flaxdose.errors import FlaxdoseError
 from flaxdose.openkbp import OPENKBP_STRUCTURES
 
 
 def get_config(scale: str = ""):
     c = source.get_config()
-    c.model.in_channels = len(OPENKBP_STRUCTURES)
     c.data.update(
         kind="folder",
         path="",  # the folder written by `python -m flaxdose.convert_openkbp`
@@ -42,4 +47,5 @@ def get_config(scale: str = ""):
         c.data.update(settings["data"], downsample=settings["downsample"])
         c.model.update(settings["model"])
         c.train.update(settings["train"])
+    c.model.in_channels = InputSpec.from_config(c).channels  # the masks, then the data settings' extra channels
     return c

@@ -4,7 +4,10 @@ Each scale overrides `configs/openkbp.py`. `downsample` is the training grid: th
 128^3 grid divided by it along every axis (`flaxdose.openkbp.downsample_case`); scores are
 always computed on the challenge's own grid against the original doses. `anneal` (optional)
 continues training from the best checkpoint at a lower learning rate (a step decay);
-`mirror` averages every prediction with that of the left-right mirrored case.
+`mirror` averages every prediction with that of the left-right mirrored case. A scale whose
+``data`` sets ``include_ct`` trains and is scored on the patients with a CT only (the study's CT
+subset stage), as is one with ``ct_patients_only`` (a masks-only model on the CT model's
+patients); ``model.in_channels`` follows the data settings (configs/openkbp.py).
 """
 
 SCALES = {
@@ -45,3 +48,18 @@ SCALES = {
         anneal={"steps": 500, "learning_rate": 1e-4},
     ),
 }
+
+
+def _with_data(scale: str, data: dict | None = None, **settings) -> dict:
+    """Scale `scale` with more ``data`` and study settings (the rest shared, so it follows that scale's tuning)."""
+    base = SCALES[scale]
+    return {**base, **settings, "data": {**base["data"], **(data or {})}}
+
+
+# The smoke and CPU scales with the CT as one more input channel (HU, flaxdose.data.pipeline.ct_channel): trained
+# and scored on the patients with a CT (170 of 196 train-pats, 33 of 40 validation-pats); compare with the
+# masks-only scale's "patients with a CT" table (python -m flaxdose.launch.openkbp_study --compare), or with
+# openkbp_cpu_ct_patients: the masks-only model trained and scored on the same patients as the CT model.
+SCALES["smoke_ct"] = _with_data("smoke", {"include_ct": True})
+SCALES["openkbp_cpu_ct"] = _with_data("openkbp_cpu", {"include_ct": True})
+SCALES["openkbp_cpu_ct_patients"] = _with_data("openkbp_cpu", ct_patients_only=True)
