@@ -5,6 +5,7 @@ generated and cached under `<workdir>/data` on first use.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from flaxdose.data.case import PROSTATE_STRUCTURES
 from flaxdose.model import PRESETS
@@ -35,7 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
             patch_shape=(96, 96, 48),
             patch_sigma=(8.0, 8.0, 4.0),  # voxels; Gaussian spread of patch centres around the PTV centroid
             flip_lr=True,
-            target_distance=False,  # True: a 7th input, the signed distance to the PTV (model.in_channels + 1)
+            # Extra inputs after the masks (flaxdose.data.pipeline.InputSpec; model.in_channels counts them):
+            # target_distance False: none; True: one, the signed distance to the union of the targets (PTV...);
+            # "per_target": one per target in structures (a target a case lacks reads 4.0, "far from it").
+            # Any of the three on the command line (--config.data.target_distance=per_target).
+            target_distance=config_dict.FieldReference(False, field_type=object),
+            include_ct=False,  # True: one more input, last: the CT, HU clipped to [-1000, 2000] / 1000
             workers=2,
         )
     )

@@ -66,6 +66,7 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, tmp_path):
 
 
 def test_every_shipped_config_loads_and_builds_a_model():
+    from flaxdose.data.pipeline import InputSpec
     from flaxdose.model import UNetSpec
     from flaxdose.sweeps.runner import check_grid
     from flaxdose.training import optim
@@ -78,8 +79,7 @@ def test_every_shipped_config_loads_and_builds_a_model():
             check_grid(config, {style: n_train for style, (n_train, _) in config.data.plans.items()})
             config = config.base
         spec = UNetSpec.from_config(config.model)
-        distance = 1 if config.data.get("target_distance") else 0  # the 7th channel: the PTV distance
-        assert spec.in_channels == len(config.data.structures) + distance, name
+        assert spec.in_channels == InputSpec.from_config(config).channels, name  # masks + distance(s) + CT
         optim.schedule_factor(config.train)  # its warmup and decay fit its steps
         assert all(p % spec.factor == 0 for p in config.data.patch_shape), name
 

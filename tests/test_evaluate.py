@@ -321,7 +321,7 @@ def test_an_unfinished_run_is_named_and_a_model_predicting_nan_is_blamed_not_the
     assert "training stopped at step 2 of 5 (an unfinished run)" in caplog.text
 
     broken = Model(model.spec, jax.tree.map(lambda p: np.full_like(p, np.nan), model.params), model.structures,
-                   with_distance=model.with_distance, window=model.window)
+                   inputs=model.inputs, window=model.window)
     with pytest.raises(FlaxdoseError, match="predicted NaN or infinite dose for case .*its weights are broken"):
         broken.predict([case])
 

@@ -46,8 +46,8 @@ def test_the_package_predicts_exactly_what_its_workdir_predicts(workdir, pkg):
     cases = [dataset.load(i) for i in dataset.split("test")]
     from_run, from_pkg = Model.load(workdir), Model.load(pkg)
     assert from_pkg.name == workdir.name  # a QA calibration made with the workdir fits the package
-    assert (from_pkg.structures, from_pkg.window, from_pkg.with_distance, from_pkg.spec) == \
-        (from_run.structures, from_run.window, from_run.with_distance, from_run.spec)
+    assert (from_pkg.structures, from_pkg.window, from_pkg.inputs, from_pkg.spec) == \
+        (from_run.structures, from_run.window, from_run.inputs, from_run.spec)
     for a, b in zip(from_run.predict(cases, check=False), from_pkg.predict(cases, check=False)):
         assert a.dose.max() > 0
         np.testing.assert_array_equal(a.dose, b.dose)

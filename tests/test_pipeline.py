@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from flaxdose.data import PROSTATE_STRUCTURES, Case, write_dataset
-from flaxdose.data import pipeline
-from flaxdose.synthetic.phantom import phantom_cases
+from flaxdose.data import PROSTATE_STRUCTURES, Case, pipeline, write_dataset
 from flaxdose.errors import FlaxdoseError
+from flaxdose.synthetic.phantom import phantom_cases
+
+DISTANCE = pipeline.InputSpec(PROSTATE_STRUCTURES, target_distance=True)  # the masks + the union distance
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_target_distance_channel_is_the_signed_distance_in_mm_by_hand():
     assert d[8, 7, 2] == pytest.approx(np.hypot(2 * 4.0, 2 * 2.0) / scale)  # diagonal in x-y
     assert d[5, 4, 2] == pytest.approx(-3.0 / scale)  # inside: 1 slice of 3 mm (z) to the nearest voxel outside
     assert d[0, 0, 0] == pytest.approx(min(np.sqrt(16**2 + 6**2 + 6**2), 4.0 * scale) / scale)
-    inputs = pipeline.model_inputs(case, with_distance=True)
+    inputs = pipeline.model_inputs(case, DISTANCE)
     assert inputs.shape == (*shape, 7) and inputs.dtype == np.float32
     np.testing.assert_array_equal(inputs[..., :6], np.moveaxis(masks, 0, -1))
     assert pipeline.model_inputs(case).dtype == np.uint8 and pipeline.model_inputs(case).shape == (*shape, 6)
@@ -125,17 +126,17 @@ def test_target_distance_channel_is_the_signed_distance_in_mm_by_hand():
     empty = masks.copy()
     empty[0] = False
     with pytest.raises(FlaxdoseError, match="no target voxels"):
-        pipeline.model_inputs(Case("e", PROSTATE_STRUCTURES, empty, None, (4.0, 2.0, 3.0)), with_distance=True)
+        pipeline.model_inputs(Case("e", PROSTATE_STRUCTURES, empty, None, (4.0, 2.0, 3.0)), DISTANCE)
 
 
 def test_mirrored_case_has_the_mirrored_distance_inputs():
     """Flipping x and swapping the femoral heads of the inputs equals the inputs of the mirrored case."""
     case = phantom_cases(5, 1, shape=(20, 16, 8))[0]
-    perm = pipeline.lr_swap_permutation(PROSTATE_STRUCTURES, with_distance=True)
+    perm = pipeline.lr_swap_permutation(DISTANCE)
     assert perm[-1] == 6 and len(perm) == 7
     fl, fr = PROSTATE_STRUCTURES.index("Femur_Head_L"), PROSTATE_STRUCTURES.index("Femur_Head_R")
     masks = case.masks[:, ::-1].copy()
     masks[[fl, fr]] = masks[[fr, fl]]
     mirrored = case.replace(masks=masks)
-    flipped = pipeline.model_inputs(case, with_distance=True)[::-1][..., list(perm)]
-    np.testing.assert_allclose(flipped, pipeline.model_inputs(mirrored, with_distance=True), atol=1e-6)
+    flipped = pipeline.model_inputs(case, DISTANCE)[::-1][..., list(perm)]
+    np.testing.assert_allclose(flipped, pipeline.model_inputs(mirrored, DISTANCE), atol=1e-6)

@@ -52,7 +52,7 @@ def test_sliding_windows_are_patch_inference_blended(workdir):
     model = Model.load(workdir)
     dataset = Dataset.open(data_dir(workdir))
     case = dataset.load(dataset.split("test")[0])
-    inputs = model_inputs(case, model.with_distance)  # the quick recipe's masks + PTV distance
+    inputs = model_inputs(case, model.inputs)  # the quick recipe's masks + PTV distance
     run = lambda x: np.asarray(model._predict(model.params, x))
     window = model.window
     assert window == (8, 8, 8) and case.shape == (24, 24, 16)
@@ -74,7 +74,7 @@ def test_whole_volume_pass_is_available(workdir):
     model = Model.load(workdir, full_volume=True)
     dataset = Dataset.open(data_dir(workdir))
     case = dataset.load(dataset.split("test")[0])
-    inputs = model_inputs(case, model.with_distance)
+    inputs = model_inputs(case, model.inputs)
     direct = np.asarray(model._predict(model.params, inputs[None]))[0]
     expected = np.clip(direct, 0, None) * 70.0 * case.mask("Body")  # zero outside the body
     np.testing.assert_allclose(model.predict([case])[0].dose, expected, rtol=1e-5, atol=1e-4)

@@ -103,7 +103,7 @@ def test_a_run_of_one_conv_form_resumes_and_predicts_in_the_other(tmp_path, make
     doses = {}
     for form in ("3d", "2d", "2d_taps"):
         other = Model(dataclasses.replace(model.spec, conv=form), model.params, model.structures,
-                      with_distance=model.with_distance, window=model.window)
+                      inputs=model.inputs, window=model.window)
         doses[form] = other.predict([case])[0].dose
     for form in ("2d", "2d_taps"):
         assert np.abs(doses[form] - doses["3d"]).max() <= 1e-5 * np.abs(doses["3d"]).max(), form
@@ -231,10 +231,10 @@ def test_target_distance_model_trains_and_predicts_with_its_seventh_channel(tmp_
     result = trainer.train_and_evaluate(config, tmp_path / "run")
     assert np.isfinite(result["val_loss"])
     model = Model.load(tmp_path / "run")
-    assert model.with_distance and model.spec.in_channels == 7
+    assert model.inputs.target_distance is True and model.spec.in_channels == 7
     case = phantom_cases(9, 1, shape=(16, 16, 8))[0]
     pred = model.predict([case])[0].dose
-    inputs = pipeline.model_inputs(case, with_distance=True)
+    inputs = pipeline.model_inputs(case, model.inputs)
     by_hand = np.clip(model.predict_relative(inputs), 0, None) * case.prescription_gy * case.dose_region()
     np.testing.assert_allclose(pred, by_hand, rtol=1e-5, atol=1e-5)
     blind = inputs.copy()

@@ -326,11 +326,18 @@ class Dataset:
         """A case's voxel size (x, y, z) in mm, read without loading its volumes; FlaxdoseError if unreadable."""
         return tuple(float(v) for v in self._read_field(case_id, "spacing_mm"))
 
+    def has_ct(self, case_id: str) -> bool:
+        """Whether case `case_id` stores a CT, read without loading its volumes; FlaxdoseError if unreadable."""
+        return self._read(case_id, lambda z: "ct" in z.files)
+
     def _read_field(self, case_id: str, name: str) -> np.ndarray:
+        return self._read(case_id, lambda z: z[name])
+
+    def _read(self, case_id: str, fn: Callable) -> object:
         path = self.case_path(case_id)
         try:
             with _NPZ_READ, np.load(path, allow_pickle=False) as z:
-                return z[name]
+                return fn(z)
         except FileNotFoundError:
             raise missing_case_file(path) from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:

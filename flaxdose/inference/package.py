@@ -7,7 +7,8 @@
                               structures, a training-data summary (counts only), versions, intended
                               use, and the SHA-256 of every file and of the package itself
     PKG/config.json           the part of the run config the model needs: ``model`` and
-                              ``data.{structures, patch_shape, target_distance}``
+                              ``data.{structures, patch_shape, target_distance, include_ct}``
+                              (its inputs, `flaxdose.data.pipeline.InputSpec`)
     PKG/params.npz            the weights of the run's best checkpoint (or latest: ``which``), one
                               array per parameter path (``encoder/.../kernel``), no pickle, the same
                               bytes for the same weights
@@ -40,7 +41,7 @@ import numpy as np
 from flaxdose import __version__, provenance
 from flaxdose import config as config_lib
 from flaxdose.checkpoint import restore_params
-from flaxdose.data.pipeline import DISTANCE_RANGE, DISTANCE_SCALE_MM
+from flaxdose.data.pipeline import InputSpec
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference.spacing import accepted_spacing
 from flaxdose.io import atomic_folder, check_writable
@@ -115,10 +116,11 @@ def write_params(params, path: Path) -> None:
 def model_config(config) -> ml_collections.ConfigDict:
     """The part of a run config a package keeps: what builds and feeds the network, nothing about where the
     data lay or which cases trained it (``data.path``, ``data.train_cases`` may name patients)."""
+    inputs = InputSpec.from_config(config)
     return ml_collections.ConfigDict({
         "model": config.model.to_dict(),
         "data": {"structures": list(config.data.structures), "patch_shape": list(config.data.patch_shape),
-                 "target_distance": bool(config.data.get("target_distance", False))},
+                 **inputs.config_values()},
     })
 
 
@@ -196,10 +198,8 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
                                 "export from a run whose data is at hand, or retrain it with this flaxdose") from None
     lo, hi = accepted_spacing(spacing)
     structures = list(kept.data.structures)
-    channels = [f"{s} mask (1 inside, 0 outside)" for s in structures]
-    if kept.data.target_distance:
-        channels.append(f"signed distance to the union of the targets (PTV...), mm / {DISTANCE_SCALE_MM:g}, "
-                        f"clipped to [{DISTANCE_RANGE[0]:g}, {DISTANCE_RANGE[1]:g}] (negative inside)")
+    inputs = InputSpec.from_config(kept)
+    channels = inputs.channel_names()
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -215,6 +215,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
             "array": "(x, y, z, channel), float32; x right to left, y anterior to posterior, z inferior to superior "
                      "(DICOM patient axes)",
             "structures": structures,
+            "ct_required": inputs.include_ct,
             "voxel_spacing_mm": {"trained_on": spacing, "accepted": {"min": [round(float(v), 4) for v in lo],
                                                                      "max": [round(float(v), 4) for v in hi]}},
             "window_voxels": list(kept.data.patch_shape),
@@ -289,11 +290,22 @@ def read_package(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, di
     """(model config, params, name, training voxel spacing record) of the package at `path` (checked by
     `read_metadata` first): what `flaxdose.inference.Model.load` builds its model of, named by the package's
     metadata and checking every case against that spacing. Raises FlaxdoseError for a package
-    `read_metadata` refuses, weights that do not fit its model, or no recorded spacing."""
+    `read_metadata` refuses, inputs (`InputSpec`: structures, target distance, CT) or weights that do not fit
+    its model, or no recorded spacing."""
     root = package_root(path)
     metadata = read_metadata(root)
     config = config_lib.load_config_json(root / CONFIG)
     spec = UNetSpec.from_config(config.model)
+    fix = f"export it again ({EXPORT_COMMAND})"
+    try:  # a package from before include_ct reads as one without the CT (InputSpec.from_config's default)
+        inputs = InputSpec.from_config(config)
+    except FlaxdoseError as e:
+        raise FlaxdoseError(f"the model package {root}: {CONFIG}: {e}; {fix}") from None
+    described = metadata.get("inputs", {}).get("channels")
+    if spec.in_channels != inputs.channels or (described is not None and len(described) != inputs.channels):
+        raise FlaxdoseError(f"the model package {root}: its {CONFIG} gives {inputs.channels} input channels "
+                            f"({inputs.describe()}) but its model takes {spec.in_channels} (model.in_channels) and its "
+                            f"{METADATA} describes {len(described or [])}: its inputs do not fit its model; {fix}")
     template = flatten_params(jax.eval_shape(lambda: init_params(spec, jax.random.key(0))))
     try:
         with np.load(root / PARAMS, allow_pickle=False) as z:

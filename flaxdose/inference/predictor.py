@@ -28,7 +28,7 @@ from tqdm import tqdm
 from flaxdose.checkpoint import restore_params
 from flaxdose.convolution import resolve_form
 from flaxdose.data.case import Case, Dataset, each_case, with_all_split, write_dataset
-from flaxdose.data.pipeline import lr_swap_permutation, model_inputs
+from flaxdose.data.pipeline import InputSpec, check_in_channels, model_inputs, no_ct_error
 from flaxdose.errors import FlaxdoseError
 from flaxdose.inference import package
 from flaxdose.inference.spacing import check_spacing, describe_spacing
@@ -119,8 +119,9 @@ class Model:
     GroupNorm statistics. `window=None` instead predicts each whole volume in one pass
     (zero-padded to the down-sampling factor and cropped back). `mirror=True` also predicts
     the left-right mirrored case (paired structures swapped, as the training flips do) and
-    averages the two (test-time augmentation; twice the work). `with_distance`: the model also
-    takes the target-distance channel (`flaxdose.data.pipeline.model_inputs`). `train_spacing_mm`:
+    averages the two (test-time augmentation; twice the work). `inputs`: the channels the model takes
+    (`flaxdose.data.pipeline.InputSpec`, of `structures`; None: the masks only), checked against
+    ``spec.in_channels`` (FlaxdoseError naming the right value). `train_spacing_mm`:
     the training cases' spacing (`spacing_record`), checked against each case (`check_spacing`);
     None checks nothing (a model trained before runs stored it, or one built mid-training). `config`: the
     run config (a package's: its model part) the model was built from (`from_config`), else None.
@@ -128,9 +129,13 @@ class Model:
 
     def __init__(self, spec: UNetSpec, params, structures: Sequence[str], name: str = "model",
                  window: Sequence[int] | None = None, overlap: float = 0.5, mirror: bool = False,
-                 with_distance: bool = False, train_spacing_mm: Mapping | None = None, config=None):
+                 inputs: InputSpec | None = None, train_spacing_mm: Mapping | None = None, config=None):
         self.spec, self.structures, self.name, self.config = spec, tuple(structures), name, config
-        self.with_distance = bool(with_distance)
+        self.inputs = InputSpec(self.structures) if inputs is None else inputs
+        if self.inputs.structures != self.structures:
+            raise FlaxdoseError(f"model {name!r}: its inputs' structures {list(self.inputs.structures)} differ from "
+                                f"its structures {list(self.structures)}; build both from one config")
+        check_in_channels(self.inputs, spec.in_channels, f"model {name!r}: ")
         self.train_spacing_mm = None if train_spacing_mm is None else dict(train_spacing_mm)
         self.window, self.overlap, self.mirror = (tuple(window) if window else None), overlap, mirror
         self.params = jax.device_put(params)
@@ -139,11 +144,12 @@ class Model:
     @classmethod
     def from_config(cls, config, params, name: str = "model", full_volume: bool = False, mirror: bool = False,
                     train_spacing_mm: Mapping | None = None) -> Model:
-        """The model a run config trains (`config.model`, `config.data.structures` and `target_distance`, its
-        patch size), with `params` (and the training spacing to check cases against, if known)."""
+        """The model a run config trains (`config.model`, its inputs `InputSpec.from_config`: ``data.structures``,
+        ``target_distance``, ``include_ct``; its patch size), with `params` (and the training spacing to check
+        cases against, if known)."""
         window = None if full_volume else tuple(config.data.patch_shape)
         return cls(UNetSpec.from_config(config.model), params, config.data.structures, name=name, window=window,
-                   mirror=mirror, with_distance=config.data.get("target_distance", False),
+                   mirror=mirror, inputs=InputSpec.from_config(config),
                    train_spacing_mm=train_spacing_mm, config=config)
 
     @classmethod
@@ -204,17 +210,19 @@ class Model:
                          else sliding_window(run, v, self.window, self.overlap, batch_size))
         if not self.mirror:
             return one(inputs)
-        swapped = inputs[::-1][..., list(lr_swap_permutation(self.structures, self.with_distance))]  # x: right -> left
+        swapped = inputs[::-1][..., list(self.inputs.lr_swap_permutation())]  # x: right -> left
         return (one(inputs) + one(np.ascontiguousarray(swapped))[::-1]) / 2
 
     def check_case(self, case: Case, what: str | None = None) -> None:
         """Raise FlaxdoseError unless the model can predict `case`: the model's structures in its order, a
-        prescription, and a voxel spacing within the training spacing's tolerance (`check_spacing`; the
-        error names the case as `what`, default its id)."""
+        prescription, a CT when the model takes one (`InputSpec.include_ct`), and a voxel spacing within the
+        training spacing's tolerance (`check_spacing`; the error names the case as `what`, default its id)."""
         case.check_structures(self.structures)
         if not case.prescription_gy > 0:
             raise FlaxdoseError(f"{what or f'case {case.case_id!r}'} has no prescription; set prescription_gy to "
                                 "predict Gy")
+        if self.inputs.include_ct and case.ct is None:
+            raise no_ct_error(what or f"case {case.case_id!r}", f"model {self.name!r}")
         check_spacing(case, self.train_spacing_mm, f"model {self.name!r}", what)
 
     def predict(self, cases: Sequence[Case], batch_size: int = 1, progress: bool = False,
@@ -224,14 +232,14 @@ class Model:
         The dose is float32 (X, Y, Z) in Gy: the network's output x the case's prescription,
         clipped at 0 and zero outside `Case.dose_region`. With `check`, an `implausible` prediction is
         logged and noted in the case's meta (``prediction_warning``). Raises FlaxdoseError for a case
-        `check_case` refuses (before predicting any), and for one without target voxels when the model
-        takes the target distance.
+        `check_case` refuses (before predicting any), for one without target voxels when the model takes
+        the distance to their union, and for one without a CT when it takes the CT.
         """
         for case in cases:
             self.check_case(case)
         out = []
         for case in tqdm(cases, desc=f"predict {self.name}", unit="case", disable=not progress):
-            relative = self.predict_relative(model_inputs(case, self.with_distance), batch_size)
+            relative = self.predict_relative(model_inputs(case, self.inputs), batch_size)
             if not np.isfinite(relative).all():  # the inputs are masks: the model is at fault, not the case
                 raise FlaxdoseError(f"model {self.name!r} predicted NaN or infinite dose for case {case.case_id!r}: "
                                     "its weights are broken (a diverged training run?); predict with another "

@@ -136,12 +136,7 @@ def check_setup(config, spec: UNetSpec, devices) -> DoseLoss:
     optim.schedule_factor(config.train)
     if transfer.is_transfer(config):  # a missing or mismatched source, before any data is generated
         transfer.check_source(config, spec)
-    with_distance = bool(config.data.get("target_distance", False))
-    n_inputs = pipeline.input_channels(config.data.structures, with_distance)
-    if n_inputs != spec.in_channels:
-        what = f"data.structures has {len(config.data.structures)} names" + (" plus the target-distance channel"
-                                                                            if with_distance else "")
-        raise FlaxdoseError(f"{what} but model.in_channels is {spec.in_channels}; set --config.model.in_channels={n_inputs}")
+    pipeline.check_in_channels(pipeline.InputSpec.from_config(config), spec.in_channels)
     n_processes = jax.process_count()
     if n_processes > 1 and len(devices) != jax.local_device_count():
         # pmap's global axis is (processes x local devices); a subset would borrow other processes' devices
@@ -171,8 +166,10 @@ def build_inputs(run: Run):
             f"{list(structures)} in that order; fix data.structures or re-import the data"
         )
     train_ids, val_ids = run.split_ids()
+    inputs = pipeline.InputSpec.from_config(config)
+    pipeline.require_inputs(dataset, val_ids, inputs, "validation cases")
     patches = pipeline.patch_dataset(
-        pipeline.CaseSource(dataset, train_ids, structures, with_distance=config.data.get("target_distance", False)),
+        pipeline.CaseSource(dataset, train_ids, inputs),
         patch_shape=config.data.patch_shape,
         sigma=config.data.patch_sigma,
         batch_size=config.train.batch_size,

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 
 from flaxdose.checkpoint import check_params_shapes, restore_params
-from flaxdose.data.pipeline import input_channels
+from flaxdose.data.pipeline import InputSpec
 from flaxdose.errors import FlaxdoseError
 from flaxdose.model import SUBTREES, UNetSpec, count_params, init_params
 from flaxdose.run import Run, is_package
@@ -101,19 +101,20 @@ def check_source(config, spec: UNetSpec) -> None:
 
 
 def check_source_inputs(config, source) -> None:
-    """Refuse a fine-tune whose inputs (structures, the target-distance channel) differ from the source's,
-    naming the settings that fix it (the parameter shapes alone would not say which)."""
-    theirs = Run.open(source).config.data
+    """Refuse a fine-tune whose inputs (`InputSpec`: structures, the target-distance mode, the CT channel)
+    differ from the source's, naming the settings that fix it (the parameter shapes alone would not say which)."""
+    theirs = InputSpec.from_config(Run.open(source).config)
+    ours = InputSpec.from_config(config)
     fixes = []
-    distance = bool(theirs.get("target_distance", False))
-    if distance != bool(config.data.get("target_distance", False)):
-        fixes.append(f"--config.data.target_distance={distance}")
-    if tuple(theirs.structures) != tuple(config.data.structures):
-        fixes.append(f"--config.data.structures='{tuple(theirs.structures)}'")
+    if theirs.target_distance != ours.target_distance:
+        fixes.append(f"--config.data.target_distance={theirs.target_distance}")
+    if theirs.include_ct != ours.include_ct:
+        fixes.append(f"--config.data.include_ct={theirs.include_ct}")
+    if theirs.structures != ours.structures:
+        fixes.append(f"--config.data.structures='{theirs.structures}'")
     if fixes:
-        channels = input_channels(theirs.structures, distance)
-        raise FlaxdoseError(f"the source model {source} takes other inputs; pass {' '.join(fixes)} "
-                            f"--config.model.in_channels={channels} (see its config.json)")
+        raise FlaxdoseError(f"the source model {source} takes other inputs ({theirs.describe()}); pass "
+                            f"{' '.join(fixes)} --config.model.in_channels={theirs.channels} (see its config.json)")
 
 
 def init_transfer(config, spec: UNetSpec, rng: jax.Array) -> tuple[dict, dict]:
