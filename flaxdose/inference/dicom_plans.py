@@ -42,9 +42,10 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     also read the export's RTDOSE (else it is ignored). `aliases`: a `flaxdose.dicom.AliasTable`
     (ROI names for the model's structures; default the built-in names). `plan`: the plan's files
     (`flaxdose.dicom.PlanFiles`, e.g. of `find_dicom_plans`) when `patient_dir` holds several; the
-    folder then only names it. Raises FlaxdoseError when the export cannot be read, has no
-    prescription (give one), or a model cannot predict it (structures, spacing; naming the folder,
-    not the case's anonymous id).
+    folder then only names it. A model that takes the CT (``data.include_ct``) gets the plan's CT, resampled
+    onto the model grid. Raises FlaxdoseError when the export cannot be read, has no prescription (give
+    one), has no CT series a model needs, or a model cannot predict it (structures, spacing; naming the
+    folder, not the case's anonymous id).
     """
     if plan is None and not Path(patient_dir).is_dir():  # before any log line says it is being read
         problem = "is not a folder" if Path(patient_dir).exists() else "does not exist"
@@ -65,8 +66,17 @@ def read_dicom_case(models: Sequence[Model], patient_dir: str | Path, prescripti
     shape = tuple(int(v) for v in model_shape) if model_shape is not None else shape
     log.info("reading %s on the model grid: %s voxels of %s mm (x, y, z)", patient_dir,
              "x".join(map(str, shape)), describe_spacing(spacing))
+    ct_models = [m.name for m in models if m.inputs.include_ct]  # the CT channel: the plan's CT on the model grid
+    include_ct = bool(ct_models)
+    if include_ct:  # before reading: the reader's own message would suggest importing without the CT
+        plan = one_dicom_plan(patient_dir).files if plan is None else plan
+        if not plan.ct:
+            why = f" ({plan.ct_missing})" if plan.ct_missing else ""
+            raise FlaxdoseError(f"the DICOM export {patient_dir} has no CT series for its plan{why}, but model "
+                                f"{ct_models[0]!r} takes the CT as an input (data.include_ct): export the planning CT "
+                                "with the plan, or predict with a model trained without the CT")
     options = ReadOptions(models[0].structures, "model", aliases=aliases, prescription_gy=prescription_gy,
-                          model_shape=shape, model_spacing_mm=spacing, read_dose=read_dose)
+                          model_shape=shape, model_spacing_mm=spacing, read_dose=read_dose, include_ct=include_ct)
     case = read_plan(plan, options) if plan is not None else read_rt(patient_dir, options)
     if not case.prescription_gy > 0:
         raise FlaxdoseError(f"no RTPLAN prescription found in {patient_dir}; pass --prescription_gy")
