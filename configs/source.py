@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(
         dict(PRESETS["paper"], in_channels=len(PROSTATE_STRUCTURES), norm_order="relu_norm", dtype="float32",
-             conv="auto")  # 3x3x3 form: auto = 2D rewrite on CPU, cuDNN's 3D on GPU; the parameters do not depend on it
+             conv="auto",  # 3x3x3 form: auto = 2D rewrite on CPU, cuDNN's 3D on GPU; the parameters do not depend on it
+             upsample_init="default")  # "icnr": up-sampling starts as nearest-neighbour (no checkerboard; model.Upsample)
     )
     c.data = ml_collections.ConfigDict(
         dict(
