@@ -425,3 +425,35 @@ def plan_dose_figure(case, path: str | Path, title: str = "") -> Path:
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small")
     fig.suptitle(title or f"Dose, prescription {rx:g} Gy", fontsize="small")
     return _save(fig, path)
+
+
+def roc_curves(panels: Mapping[str, Mapping[str, Mapping]], path: str | Path, title: str = "",
+               point_label: str = "operating point") -> Path:
+    """ROC curves, one panel per key of `panels` (e.g. the organ a degradation affects), one curve per entry.
+
+    `panels[panel][label]` holds ``fpr`` and ``tpr`` (sequences of the same length, fractions in [0, 1],
+    from (0, 0) to (1, 1): `flaxdose.planqa.roc_curve`), ``auc`` (float, shown in the legend) and
+    optionally ``point``, an (fpr, tpr) pair drawn as a large marker (`point_label` names it in the
+    legend, e.g. the check's default level). Points are joined by straight lines (the trapezoids
+    whose area is the AUC); the dotted diagonal is chance. Writes a PNG at `path` and returns it.
+    """
+    fig = _new_figure(4.2 * len(panels) + 0.4, 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel, curves) in zip(axes, panels.items()):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, linestyle=":")
+        for i, (label, c) in enumerate(curves.items()):  # curves that coincide stay visible: wide below, dashed above
+            color = MODEL_COLORS[i % len(MODEL_COLORS)]
+            ax.plot(c["fpr"], c["tpr"], color=color, lw=max(3.2 - 0.8 * i, 1.0), marker="o", ms=2.5, alpha=0.9,
+                    linestyle=("-", "--", ":", "-.")[i % 4], label=f"{label} (AUC {c['auc']:.2f})")
+            if c.get("point") is not None:
+                ax.plot(*c["point"], marker="*", ms=14 - 2 * min(i, 3), color=color, mec="black", mew=0.8,
+                        linestyle="none")
+        ax.plot([], [], marker="*", ms=11, color="white", mec="black", linestyle="none", label=point_label)
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", title=panel,
+               xlabel="false-positive rate (good plans flagged)", ylabel="true-positive rate (worse plans flagged)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))  # the title above the panels' own
+    return _save(fig, path)

@@ -34,8 +34,9 @@ sigma; plans are ranked by their largest ``excess_gy`` (`rank_plans`). Other tar
 (Dmean, D2) are reported against their bands but never flagged.
 
 Modules: `ensemble` (members and their predictions), `calibration` (bands from held-out plans),
-`check` (flags, ranks, coverage), `plans` (plans from datasets and DICOM), `report`, and `assess` (the style
-check before adapting a model).
+`check` (flags, ranks, coverage), `roc` (a per-plan flag score that puts every band level on one axis,
+ROC curves and their area over it), `plans` (plans from datasets and DICOM), `report`, and `assess` (the
+style check before adapting a model).
 """
 
 from flaxdose.planqa.calibration import (  # noqa: F401
@@ -85,4 +86,12 @@ from flaxdose.planqa.report import (  # noqa: F401
     summary,
     write_report,
     write_rows_csv,
+)
+from flaxdose.planqa.roc import (  # noqa: F401
+    flag_scores,
+    level_threshold,
+    operating_point,
+    roc_auc,
+    roc_curve,
+    threshold_level,
 )
