@@ -450,6 +450,8 @@ def write_report(scale: str, settings: dict, configs: list, network: Path, workd
               "`<workdir>/eval/submission/`) stay in the run folder (not committed: they hold challenge data).", "",
               "## Training", "",
               f"UNet features {tuple(config.model.features)}, {config.model.convs_per_level} convs per level, "
+              f"GroupNorm {'before' if config.model.norm_order == 'norm_relu' else 'after'} the ReLU, "
+              f"{'ICNR' if config.model.get('upsample_init') == 'icnr' else 'default'} up-sampling init, "
               f"{config.model.dtype}, patches {'x'.join(map(str, config.data.patch_shape))} around the targets "
               f"(sigma {tuple(config.data.patch_sigma)} voxels), left-right flips"
               + ("; predictions average the case and its left-right mirror image." if settings.get("mirror") else "."),
@@ -457,6 +459,9 @@ def write_report(scale: str, settings: dict, configs: list, network: Path, workd
     for phase, (c, folder) in zip(("train", "anneal"), zip(configs, ("model", "model_annealed"))):
         rate = c.transfer.learning_rate if c.transfer.mode != "none" else c.train.learning_rate
         lines.append(f"- {phase}: {c.train.steps} steps of {c.train.batch_size} patches, Adam {rate:g}"
+                     + (f" ({c.train.schedule})" if c.train.get("schedule", "constant") != "constant" else "")
+                     + (f", target voxels weighted {c.train.target_weight:g}x in the MSE"
+                        if c.train.get("target_weight", 1.0) != 1.0 else "")
                      + (", starting from the train phase's best checkpoint" if phase == "anneal" else "")
                      + f"; best checkpoint by validation loss: step {find_checkpoint(workdir / folder, 'best')[1]}.")
     lines += ["", *timing_and_settings(times, settings)]
