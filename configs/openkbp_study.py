@@ -39,15 +39,18 @@ SCALES = {
     ),
     # One <= 9-minute call on one H200 (bf16), the data converted beforehand (--data_only, see
     # docs/openkbp.md): 64^3 grid (twice the voxel size), whole volumes, the paper's UNet
-    # preset. Not run yet: the step count is an estimate.
+    # preset, with what openkbp_cpu learned (per-target distance channels, target weight 10, GroupNorm
+    # before the ReLU, ICNR up-sampling, warmup-stable-decay in place of the anneal phase). Not run yet:
+    # the step count is an estimate.
     "openkbp_gpu": dict(
         downsample=2,
         mirror=True,
-        data={"patch_shape": (64, 64, 64), "patch_sigma": (2.0, 2.0, 2.0), "workers": 4},
-        model={"dtype": "bfloat16"},
-        train={"steps": 2000, "batch_size": 8, "learning_rate": 5e-4, "log_every": 50, "eval_every": 250,
-               "checkpoint_every": 250},
-        anneal={"steps": 500, "learning_rate": 1e-4},
+        data={"patch_shape": (64, 64, 64), "patch_sigma": (2.0, 2.0, 2.0), "workers": 4,
+              "target_distance": "per_target"},
+        model={"dtype": "bfloat16", "norm_order": "norm_relu", "upsample_init": "icnr"},
+        train={"steps": 2500, "batch_size": 8, "learning_rate": 5e-4, "schedule": "warmup_stable_decay",
+               "warmup_steps": 100, "decay_steps": 625, "end_lr_fraction": 0.01, "target_weight": 10.0,
+               "log_every": 50, "eval_every": 250, "checkpoint_every": 250},
     ),
 }
 
