@@ -10,28 +10,16 @@ import dicom_factory as F
 import numpy as np
 import pytest
 from independent_dvh import ROI_NAME, dvh, per_plane_doses
+from planqa_cases import fixed_prediction, uniform_plan
 
 from flaxdose import planqa
 from flaxdose.data import write_dataset
 from flaxdose.errors import FlaxdoseError
-from flaxdose.metrics import plan_dvh_metrics
 from flaxdose.synthetic.phantom import phantom_case
 from flaxdose.training import trainer
 
 SHAPE = (16, 16, 8)
 T3_95 = 2.353363  # Student t, 3 degrees of freedom, 95th percentile (two-sided 90 %), from tables
-
-
-def uniform_plan(case, dose_gy, case_id=None):
-    """The case with the same dose everywhere: every DVH metric of every structure equals dose_gy."""
-    return case.replace(dose=np.full(case.shape, dose_gy, np.float32), case_id=case_id or case.case_id)
-
-
-def fixed_prediction(case, member_values):
-    """An EnsemblePrediction whose members give `member_values` for every metric (hand-made)."""
-    keys = plan_dvh_metrics(case.dose, case.masks, case.structures, case.spacing_mm, targets=case.targets)
-    return planqa.EnsemblePrediction(case, np.zeros((len(member_values), *case.shape), np.float32),
-                                     {k: np.array(member_values, float) for k in keys})
 
 
 @pytest.fixture(scope="module")

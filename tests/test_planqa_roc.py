@@ -5,11 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from planqa_cases import fixed_prediction, uniform_plan
 from scipy import stats
 
 from flaxdose import planqa, plots
 from flaxdose.errors import FlaxdoseError
-from flaxdose.metrics import plan_dvh_metrics
 from flaxdose.synthetic.phantom import phantom_case
 
 SHAPE = (16, 16, 8)
@@ -50,16 +50,6 @@ def test_level_and_threshold_are_inverse():
 
 
 # ---------------------------------------------------------------- the flag score is the check's threshold
-def uniform_plan(case, dose_gy, case_id=None):
-    return case.replace(dose=np.full(case.shape, dose_gy, np.float32), case_id=case_id or case.case_id)
-
-
-def fixed_prediction(case, member_values):
-    keys = plan_dvh_metrics(case.dose, case.masks, case.structures, case.spacing_mm, targets=case.targets)
-    return planqa.EnsemblePrediction(case, np.zeros((len(member_values), *case.shape), np.float32),
-                                     {k: np.array(member_values, float) for k in keys})
-
-
 @pytest.fixture(scope="module")
 def hand():
     """Residuals 1, 2, 3, 6 Gy (n=4: bias 3, s^2 = 14/3), members 19 and 21 (mean 20, variance 2): centre 23 Gy,
