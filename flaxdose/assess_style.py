@@ -60,7 +60,7 @@ def main(argv):
                 data=(FLAGS.data, "the clinic's plans"), out=(FLAGS.out, "the report folder"))
     if bool(FLAGS.curve) != bool(FLAGS.curve_style):
         raise FlaxdoseError("--curve needs --curve_style (the sweep's style that stands for this clinic), and back")
-    check_writable(FLAGS.out, FLAGS.overwrite)
+    check_writable(FLAGS.out, FLAGS.overwrite, "assessment")
     curve = assess.learning_curve(FLAGS.curve, FLAGS.curve_style, FLAGS.curve_mode) if FLAGS.curve else None
     own, _ = planqa.load_plans(FLAGS.own_data, FLAGS.own_split)
     clinic, _ = planqa.load_plans(FLAGS.data, FLAGS.split)

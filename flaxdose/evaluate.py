@@ -53,7 +53,7 @@ def evaluate_workdirs(workdirs: Sequence[str | Path], data: str | Path, split: s
     doses are predictions (not plans), a workdir without a model, or a wrong number of
     `names`; and when no case could be evaluated.
     """
-    check_writable(out, overwrite)  # before the long work
+    check_writable(out, overwrite, "evaluation")  # before the long work
     if specs:
         for spec in specs:
             parse_metric_spec(spec)  # a typo refused before any model is loaded
@@ -113,7 +113,7 @@ def evaluate_openkbp_workdir(workdir: str | Path, data: str | Path, split: str, 
     `overwrite`), a `data` not on the challenge's grid, a workdir without a model (`Model.load`), or a
     run whose grid factor disagrees with its training dataset.
     """
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, "evaluation")
     dataset = Dataset.open(data)
     if openkbp.dataset_downsample(dataset) != 1:
         raise FlaxdoseError(f"{dataset.root} is downsampled; score against the challenge-grid dataset "

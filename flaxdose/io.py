@@ -43,20 +43,68 @@ def require_folder(path: str | os.PathLike, what: str = "the workdir",
     return path
 
 
-def check_writable(root: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to replace a non-empty folder unless asked to; call before long work.
+# What --overwrite may replace: an earlier output of the same kind, recognised by the files the writer always
+# writes (all of `needs`, none of `not_with`), or an empty folder; never a folder of anyone else's files.
+OUTPUT_KINDS: dict[str, dict] = {
+    # flaxdose.data.write_dataset (synth, import_dicom, convert_openkbp, predict --data): data.case.MANIFEST
+    "dataset": {"what": "flaxdose dataset", "needs": ("manifest.json",), "not_with": ()},
+    # export_model: run.PACKAGE_METADATA
+    "model package": {"what": "model package", "needs": ("flaxdose_model.json",), "not_with": ()},
+    # evaluate (and evaluate --openkbp); a QA report has these two as well, and its calibration.json
+    "evaluation": {"what": "evaluation report", "needs": ("summary.json", "report.md"),
+                   "not_with": ("calibration.json", "assessment.json", "manifest.json")},
+    # qa (the report, or --calibration_data alone: the calibration)
+    "qa": {"what": "plan-QA report or calibration", "needs": ("calibration.json",), "not_with": ("manifest.json",)},
+    # assess_style
+    "assessment": {"what": "style assessment", "needs": ("assessment.json",), "not_with": ()},
+    # predict --dicom ROOT: inference.dicom_plans.SUMMARY_CSV
+    "dicom predictions": {"what": "DICOM prediction folder", "needs": ("summary.csv",),
+                          "not_with": ("manifest.json", "summary.json")},
+}
 
-    Raises FlaxdoseError when `root` is a file; when it is a non-empty folder and not `overwrite`; and,
-    with `overwrite`, when it is, holds or lies inside a training workdir (config.json + checkpoints/):
-    --overwrite replaces earlier outputs, never a trained model or the data inside its workdir.
+
+def is_output(folder: str | os.PathLike, kind: str) -> bool:
+    """Whether the folder `folder` is an earlier flaxdose output of `kind` (a key of `OUTPUT_KINDS`)."""
+    folder, spec = Path(folder), OUTPUT_KINDS[kind]
+    return (all((folder / n).is_file() for n in spec["needs"])
+            and not any((folder / n).exists() for n in spec["not_with"]))
+
+
+def output_kind(folder: str | os.PathLike) -> str | None:
+    """The kind of flaxdose output (`OUTPUT_KINDS`) the folder `folder` is; None when it is none of them."""
+    return next((kind for kind in OUTPUT_KINDS if is_output(folder, kind)), None)
+
+
+def check_writable(root: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> None:
+    """Refuse to replace a non-empty folder unless asked to, and then only an earlier output; call before long work.
+
+    `kind` (a key of `OUTPUT_KINDS`): what the caller writes. Raises FlaxdoseError when `root` is a file;
+    when it is a non-empty folder and not `overwrite`; and, with `overwrite`, when it is, holds or lies
+    inside a training workdir (config.json + checkpoints/), or (given `kind`) when it is a non-empty
+    folder that is not an earlier output of that kind: --overwrite replaces earlier outputs of the same
+    command, never a trained model, the data inside its workdir, nor files flaxdose did not write there.
+    `kind` None (library use of `atomic_folder`) leaves that last check to the caller.
     """
+    if kind is not None and kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; one of {sorted(OUTPUT_KINDS)}")
     root = require_folder(root, "", "for the output")
     run = _training_run_at_or_around(root) if overwrite and root.exists() else None
     if run is not None:  # --overwrite never deletes a trained model (nor data or outputs inside its workdir)
         raise FlaxdoseError(f"{root} {'is' if run == root else 'holds' if root in run.parents else 'lies inside'} the "
                             f"training run {run}; choose an output folder outside every training workdir")
-    if root.exists() and any(root.iterdir()) and not overwrite:
+    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    if names and not overwrite:
         raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")
+    if names and kind is not None and not is_output(root, kind):
+        spec, found = OUTPUT_KINDS[kind], output_kind(root)
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        other = OUTPUT_KINDS[found]["what"] if found else ""
+        what = (f"is {'an' if other[:1] in 'aeiou' else 'a'} {other}, not an earlier {spec['what']}; --overwrite "
+                "would delete it"
+                if found else f"is not an earlier {spec['what']} (it has no {' + '.join(spec['needs'])}); "
+                "--overwrite would delete files that are not this command's")
+        raise FlaxdoseError(f"{root} {what} ({shown}). --overwrite replaces only an earlier output of the same "
+                            "command or an empty folder: choose another --out, or empty the folder yourself")
 
 
 def _is_training_run(folder: Path) -> bool:
@@ -215,7 +263,7 @@ def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(root: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a hidden temporary folder next to `root` that replaces `root` only on success.
 
     On any error (or interruption) the temporary folder is removed and `root` is untouched;
@@ -223,10 +271,11 @@ def atomic_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[
     An existing `root` is replaced by renames (module docstring): the old folder is parked under
     a hidden name, the new one renamed into place, then the old one removed; an interruption
     between the renames renames the old folder back, so one complete copy always exists.
-    Raises FlaxdoseError up front when `root` holds files and not `overwrite` (`check_writable`).
+    Raises FlaxdoseError up front when `root` holds files and not `overwrite`, or (given `kind`, a key of
+    `OUTPUT_KINDS`) holds files but is not an earlier output of that kind (`check_writable`).
     """
     root = Path(root)
-    check_writable(root, overwrite)
+    check_writable(root, overwrite, kind)
     tmp = new_staging(root, folder=True)
     previous = None
     try:

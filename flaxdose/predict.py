@@ -91,7 +91,7 @@ def main(argv):
     run = FLAGS.checkpoint or FLAGS.workdir
     check_run_exists(run, "--checkpoint" if FLAGS.checkpoint else "--workdir")
     if FLAGS.dicom and FLAGS.out:
-        check_writable(FLAGS.out, FLAGS.overwrite)
+        check_writable(FLAGS.out, FLAGS.overwrite, "dicom predictions")
         model = inference.Model.load(run, full_volume=FLAGS.full_volume)
         results = inference.predict_dicom_folder(model, FLAGS.dicom, FLAGS.out, prescription_gy=FLAGS.prescription_gy,
                                                  aliases=aliases, bits=bits, specs=FLAGS.metrics,

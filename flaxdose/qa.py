@@ -125,7 +125,7 @@ def main(argv):
     if FLAGS.metrics:
         for spec in FLAGS.metrics:
             parse_metric_spec(spec)  # a typo refused before the long work
-    check_writable(FLAGS.out, FLAGS.overwrite)  # before the long work
+    check_writable(FLAGS.out, FLAGS.overwrite, "qa")  # before the long work
     if FLAGS.aliases and not FLAGS.dicom:
         raise FlaxdoseError("--aliases maps ROI names of a DICOM export; it goes with --dicom")
 
@@ -147,7 +147,7 @@ def main(argv):
         plans, skipped = planqa.load_plans(FLAGS.data, FLAGS.split)
     calibration = calibration_for(ensemble)
     if not (FLAGS.data or FLAGS.dicom):  # calibrate only
-        with atomic_folder(FLAGS.out, FLAGS.overwrite) as tmp:
+        with atomic_folder(FLAGS.out, FLAGS.overwrite, "qa") as tmp:
             calibration.save(tmp / "calibration.json")
         path = Path(FLAGS.out).resolve() / "calibration.json"
         print(json.dumps({"calibration": str(path), "cases": len(calibration.cases)}))

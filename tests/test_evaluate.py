@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from flaxdose import evaluate, evaluation
 from flaxdose.data import Dataset, write_dataset
 from flaxdose.errors import FlaxdoseError
@@ -125,7 +125,14 @@ def test_compare_gives_paired_p_values(trained, tmp_path):
     workdir, data = trained
     a, b = workdir / "checkpoints" / "1", workdir / "checkpoints" / "2"
     out = tmp_path / "compare"
-    (out / "old").mkdir(parents=True)  # replaced with --overwrite
+    out.mkdir()
+    (out / "precious.txt").write_text("hi")  # not an evaluation's: --overwrite refuses it, before any prediction
+    with pytest.raises(FlaxdoseError, match="is not an earlier evaluation report .*precious.txt.* choose another --out"):
+        evaluate.evaluate_workdirs([a, b], data, "test", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    for name in ("summary.json", "report.md", "old.png"):  # an earlier evaluation: replaced with --overwrite
+        (out / name).write_text("old")
     summary = evaluate.evaluate_workdirs([a, b], data, "test", out, names=["source", "target"], overwrite=True,
                                          example_case=Dataset.open(data).split("test")[0])
     test = summary["paired_ttests"][0]
@@ -133,7 +140,7 @@ def test_compare_gives_paired_p_values(trained, tmp_path):
     p = test["p_values"]["dice_mean"]
     assert p is not None and 0.0 <= p <= 1.0
     assert "PTV D95 err_gy" in test["p_values"]
-    assert not (out / "old").exists() and "p (target vs source)" in (out / "report.md").read_text()
+    assert not (out / "old.png").exists() and "p (target vs source)" in (out / "report.md").read_text()
     assert {r["model"] for r in read_csv(out / "cases.csv")} == {"source", "target"}
 
 

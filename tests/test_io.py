@@ -20,13 +20,13 @@ import dicom_factory as F
 import numpy as np
 import pytest
 from conftest import tiny_config
+from flaxdose.launch import paper_study
 
 from flaxdose.data import Dataset
 from flaxdose.data.case import Case
 from flaxdose.dicom import import_dicom
 from flaxdose.errors import FlaxdoseError
 from flaxdose.io import atomic_folder, atomic_write_text, require_folder
-from flaxdose.launch import paper_study
 from flaxdose.training import trainer
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
@@ -229,6 +229,77 @@ def test_overwrite_never_deletes_a_training_run_or_a_file(tmp_path):
     with atomic_folder(earlier, overwrite=True) as tmp:  # an earlier output is replaced
         (tmp / "new.csv").write_text("y")
     assert sorted(p.name for p in earlier.iterdir()) == ["new.csv"]
+
+
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tmp_path):
+    """--overwrite deleted whatever the --out folder held (a new user's precious.txt went with exit 0): it replaces
+    an earlier output of the same kind (recognised by the file that command always writes) or an empty folder; any
+    other folder is refused, naming the folder, its files and the fix, and is left as it was."""
+    from flaxdose import io
+    from flaxdose.data.case import MANIFEST
+    from flaxdose.inference.dicom_plans import SUMMARY_CSV
+    from flaxdose.run import PACKAGE_METADATA
+
+    # the markers are the files the writers name
+    assert io.OUTPUT_KINDS["dataset"]["needs"] == (MANIFEST,)
+    assert io.OUTPUT_KINDS["model package"]["needs"] == (PACKAGE_METADATA,)
+    assert io.OUTPUT_KINDS["dicom predictions"]["needs"] == (SUMMARY_CSV,)
+    earlier = {"dataset": ["manifest.json", "cases"], "model package": ["flaxdose_model.json", "params.npz"],
+               "evaluation": ["summary.json", "report.md", "cases.csv"], "qa": ["calibration.json"],
+               "assessment": ["assessment.json", "report.md"], "dicom predictions": ["summary.csv", "plan_01"]}
+    assert sorted(earlier) == sorted(io.OUTPUT_KINDS)
+    for kind, names in earlier.items():
+        stranger = tmp_path / f"stranger_{kind.replace(' ', '_')}"
+        stranger.mkdir()
+        (stranger / "precious.txt").write_text("hi")
+        with pytest.raises(FlaxdoseError) as info:
+            with atomic_folder(stranger, overwrite=True, kind=kind):
+                pass
+        message = str(info.value)
+        assert str(stranger) in message and "precious.txt" in message, message
+        assert "choose another --out, or empty the folder yourself" in message
+        assert [p.name for p in stranger.iterdir()] == ["precious.txt"] and (stranger / "precious.txt").read_text() == "hi"
+
+        out = tmp_path / f"earlier_{kind.replace(' ', '_')}"  # an earlier output of the same command: replaced
+        out.mkdir()
+        for name in names:
+            (out / name).write_text("old") if "." in name else (out / name).mkdir()
+        assert io.output_kind(out) == kind
+        for other in set(earlier) - {kind}:  # another command's output is not this one's to delete
+            with pytest.raises(FlaxdoseError, match=f"is an? {io.OUTPUT_KINDS[kind]['what']}, not an earlier"):
+                io.check_writable(out, True, other)
+        with atomic_folder(out, overwrite=True, kind=kind) as tmp:
+            (tmp / names[0]).write_text("new")
+        assert [p.name for p in out.iterdir()] == [names[0]] and (out / names[0]).read_text() == "new"
+
+        empty = tmp_path / f"empty_{kind.replace(' ', '_')}"  # an empty folder: fine, with or without --overwrite
+        for overwrite in (False, True):
+            empty.mkdir(exist_ok=True)
+            with atomic_folder(empty, overwrite=overwrite, kind=kind) as tmp:
+                (tmp / names[0]).write_text("made")
+            assert (empty / names[0]).read_text() == "made"
+            shutil.rmtree(empty)
+    # without --overwrite a non-empty folder is refused as before, an earlier output included
+    with pytest.raises(FlaxdoseError, match="already holds files; choose an empty folder or pass --overwrite"):
+        io.check_writable(tmp_path / "earlier_qa", False, "qa")
+
+
+def test_overwrite_of_a_dataset_refuses_a_strangers_folder_before_writing(tmp_path):
+    """write_dataset (synth, import_dicom, convert_openkbp, predict) with overwrite: a folder of someone else's
+    files is refused, before any case is read; an earlier dataset is replaced."""
+    from flaxdose.data import write_dataset
+
+    def cases():
+        raise AssertionError("no case is read for a refused folder")
+        yield
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("hi")
+    with pytest.raises(FlaxdoseError, match=r"is not an earlier flaxdose dataset \(it has no manifest.json\)"):
+        write_dataset(out, cases(), {}, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
 
 
 def test_a_file_where_a_run_or_study_folder_goes_is_named_as_one(tmp_path):

@@ -162,6 +162,28 @@ def test_export_refuses_a_package_a_missing_run_and_an_occupied_out(workdir, pkg
         Run.open(pkg)
 
 
+def test_export_overwrite_never_deletes_a_strangers_files(workdir, tmp_path):
+    """A new user's `export_model --out DIR --overwrite` deleted DIR/precious.txt with exit 0: a folder that is not
+    an earlier package is refused (exit 2, one line naming it, its files and the fix) and kept; an earlier package
+    is replaced; an empty folder is fine."""
+    out = tmp_path / "pu"
+    out.mkdir()
+    (out / "precious.txt").write_text("hi")
+    refused = cli("export_model", f"--workdir={workdir}", f"--out={out}", "--overwrite")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert str(out) in refused.stderr and "precious.txt" in refused.stderr
+    assert "choose another --out, or empty the folder yourself" in refused.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "hi"
+
+    earlier = tmp_path / "empty"
+    earlier.mkdir()
+    package.export_model(workdir, earlier, name="first")  # an empty folder: fine
+    (earlier / "old.txt").write_text("a file the earlier export left")  # still recognised by flaxdose_model.json
+    assert package.export_model(workdir, earlier, name="second", overwrite=True)["name"] == "second"
+    assert "old.txt" not in [p.name for p in earlier.iterdir()]
+    assert package.read_metadata(earlier)["name"] == "second"
+
+
 def test_cli_export_then_predict_and_qa_from_the_package(workdir, tmp_path):
     """The commands as a user types them: export, predict --workdir PKG --data D --split all, qa --workdirs PKG
     (the refusals are FlaxdoseErrors, which every command prints as one line: tests above)."""

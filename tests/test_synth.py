@@ -13,10 +13,10 @@ import pytest
 from scipy import ndimage
 
 from flaxdose.data import Dataset
-from flaxdose.synthetic import anatomy
-from flaxdose.synthetic import generator as synth
 from flaxdose.errors import FlaxdoseError
 from flaxdose.metrics import dvh_metrics
+from flaxdose.synthetic import anatomy
+from flaxdose.synthetic import generator as synth
 
 SCALE = 0.5
 N_ANATOMIES = 8
@@ -219,7 +219,10 @@ def test_bad_input_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FlaxdoseError, match="overwrite"):
         synth.ensure_dataset(tmp_path, "source", 1, 1, scale=SCALE)
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    # --overwrite replaces an earlier dataset only, never someone's notes (refused before any case is made)
+    with pytest.raises(FlaxdoseError, match=r"not an earlier flaxdose dataset .*notes.txt.*empty the folder yourself"):
+        synth.ensure_dataset(tmp_path, "source", 1, 1, scale=SCALE, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_cli_report_and_errors(tmp_path):

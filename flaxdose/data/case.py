@@ -359,7 +359,7 @@ def write_dataset(
     Raises FlaxdoseError for that, for cases whose structures differ from the first case's,
     repeated case ids, or splits naming cases that were not written. Returns the opened `Dataset`.
     """
-    with atomic_folder(root, overwrite) as tmp:
+    with atomic_folder(root, overwrite, "dataset") as tmp:
         ids, structures = [], None
         for case in cases:
             structures = structures or case.structures

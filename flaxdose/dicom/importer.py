@@ -238,7 +238,7 @@ def import_dicom(
         raise FlaxdoseError(f"test_fraction must be in [0, 1), got {test_fraction}")
     src = src if isinstance(src, (str, os.PathLike)) else list(src)  # read twice: checked, then scanned
     check_out_apart(src, out)
-    check_writable(out, overwrite)  # before the long work
+    check_writable(out, overwrite, "dataset")  # before the long work
     with Unpacker() as unpacker:  # archives' files are read until the import ends
         scanned = scan_tree(src, progress, unpacker)
         return _import_plans(scanned, src, out, options, test_fraction=test_fraction, seed=seed, overwrite=overwrite,
@@ -306,7 +306,7 @@ def _write_import(out: Path, staged: Mapping[str, tuple[Path, tuple[str, ...]]],
                    "archives_unpacked": len(scanned.unpacked), "files_not_read": len(scanned.not_read),
                    "min_coverage": options.min_coverage, "report": REPORT_CSV},
     }
-    with atomic_folder(out, overwrite) as folder:
+    with atomic_folder(out, overwrite, "dataset") as folder:
         write_dataset(folder, (Case.load(staged[c][0]) for c in ids), splits, overwrite=True, extra=extra)
         atomic_write_text(folder / REPORT_CSV, _csv(rows))
     return ids, rows

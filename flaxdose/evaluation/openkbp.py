@@ -263,8 +263,8 @@ def evaluate_openkbp(models: Mapping[str, object], references: Sequence[Case], o
     missing = [c.case_id for c in references if c.dose is None or c.possible_dose_mask is None]
     if missing:
         raise FlaxdoseError(f"cases {missing[:5]} lack a dose or a possible-dose mask; score planned OpenKBP cases")
-    check_writable(out, overwrite)  # before the long work
-    with atomic_folder(out, overwrite) as tmp:
+    check_writable(out, overwrite, "evaluation")  # before the long work
+    with atomic_folder(out, overwrite, "evaluation") as tmp:
         scores, predictions = {}, {}
         for name, model in models.items():
             predicted = predict_openkbp(model, references, factor, progress=progress)

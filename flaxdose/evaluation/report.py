@@ -151,7 +151,7 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, reference_cases: Seq
     """
     if not rows:
         raise FlaxdoseError("no evaluation rows to report; evaluate at least one case")
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite, "evaluation") as tmp:
         summary = summarize(rows)
         summary["failed_cases"] = dict(failed or {})
         write_csv(rows, tmp / "cases.csv")

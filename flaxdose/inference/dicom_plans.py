@@ -375,7 +375,7 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
     if target in where.parents:
         raise FlaxdoseError(f"--out {out} holds the export root {root}: writing it would replace the exports; choose "
                             "an output folder outside it")
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, "dicom predictions")
     skipped = []
     plans = find_dicom_plans(root, skipped)
     echo = echo or (lambda line: None)
@@ -383,7 +383,7 @@ def predict_dicom_folder(model: Model, root: str | Path, out: str | Path, *, pre
     for path, why in skipped:
         echo(f"not read: {path}: {why}")
     results = []
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, "dicom predictions") as tmp:
         for entry in plans:
             result = PlanResult(entry.name, entry.folder)
             results.append(result)

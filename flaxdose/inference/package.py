@@ -181,7 +181,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
         raise FlaxdoseError(f"{workdir} is already a model package; copy the folder to share it, or give the "
                             "training workdir it was exported from")
     require_workdir(workdir, "--workdir")
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, "model package")
     run = Run.open(workdir, which)
     config = run.config
     kept = model_config(config)
@@ -237,7 +237,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, which: s
             "mode": transfer.get("mode"), "source_model": Path(str(transfer.get("source", ""))).name,
             "note": "fine-tuned from a source model: the data summary counts the fine-tuning plans only, not the "
                     "source model's training plans"}
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, "model package") as tmp:
         (tmp / CONFIG).write_text(config_lib.to_json(kept))
         write_params(params, tmp / PARAMS)
         metadata["files"] = {n: sha256_file(tmp / n) for n in (CONFIG, PARAMS)}

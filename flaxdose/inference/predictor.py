@@ -273,7 +273,7 @@ def predict_dataset(model: Model, data: str | Path, split: str, out: str | Path,
     files (unless `overwrite`), or when no case could be predicted (naming why); nothing
     half-written is left.
     """
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, "dataset")
     dataset = with_all_split(Dataset.open(data), split)
     ids = dataset.split(split)
     if not ids:

@@ -227,7 +227,7 @@ def finite_or_none(tree):
 
 def write_assessment(result: Mapping, out_dir: str | Path, note: str = "", overwrite: bool = False) -> Path:
     """Write assessment.json (distance, recommendation), cases.csv (both groups' rows) and report.md, atomically."""
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite, "assessment") as tmp:
         saved = {"note": note, "distance": result["distance"], "recommendation": result["recommendation"]}
         (tmp / "assessment.json").write_text(json.dumps(finite_or_none(saved), indent=1, allow_nan=False) + "\n")
         evaluation.write_csv([*result["own_rows"], *result["clinic_rows"]], tmp / "cases.csv")

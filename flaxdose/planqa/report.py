@@ -98,7 +98,7 @@ def write_report(result: QAResult, calibration: Calibration, out_dir: str | Path
     from flaxdose import plots  # matplotlib only when figures are drawn
 
     info = summary(result, calibration, note)
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite, "qa") as tmp:
         write_rows_csv(result.rows, tmp / "qa.csv")
         with open(tmp / "clinical_metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CLINICAL_COLUMNS, extrasaction="ignore")

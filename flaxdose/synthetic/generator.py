@@ -24,12 +24,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from flaxdose.data.case import MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
+from flaxdose.errors import FlaxdoseError
+from flaxdose.io import check_writable
+from flaxdose.metrics import dvh_metrics, isodose_dice
 from flaxdose.synthetic import anatomy as anat
 from flaxdose.synthetic import vmat
-from flaxdose.data.case import MANIFEST, PROSTATE_STRUCTURES, Case, Dataset, write_dataset
 from flaxdose.synthetic.styles import FRACTIONS, PAPER_SPLITS, PRESCRIPTION_GY, STYLE_TABLE, STYLES, Style
-from flaxdose.errors import FlaxdoseError
-from flaxdose.metrics import dvh_metrics, isodose_dice
 
 __all__ = [
     "PAPER_SPLITS",
@@ -214,6 +215,7 @@ def ensure_dataset(
             f"{root} already holds other data (not the synthetic {style} dataset with seed {seed}, scale {scale:g}, "
             f"{n_train}/{n_test} cases); choose an empty folder, delete it, or pass --overwrite"
         )
+    check_writable(root, overwrite, "dataset")  # --overwrite replaces an earlier dataset, never others' files
     train = (0, n_train)
     test = (TEST_ANATOMY_BASE, n_test)
     splits = {
