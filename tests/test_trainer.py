@@ -183,6 +183,10 @@ def test_validation_loss_is_the_evaluation_pipelines_mse(tmp_path, make_config):
     ({"data.path": "/somewhere"}, "data.kind=folder"),
     ({"transfer.mode": "paper", "transfer.source": "/no/such/run"}, "does not exist"),
     ({"transfer.mode": "encoder", "transfer.source": "/no/such/run"}, "unknown transfer mode"),
+    # the built-in generators make no CT: it failed after generating the cases, advising import_dicom --include_ct
+    ({"data.include_ct": True}, r"data.kind=phantom has no CT \(the generator makes none\); set "
+                                r"--config.data.include_ct=False or train on a folder dataset with a CT"),
+    ({"data.kind": "synthetic", "data.include_ct": True}, r"data.kind=synthetic has no CT \(the generator makes none"),
 ])
 def test_bad_settings_are_refused_before_data_is_generated(tmp_path, make_config, overrides, message):
     """A new-user pass: these ran (steps=-5, exit 0), silently ignored data.path, or failed only
@@ -190,6 +194,19 @@ def test_bad_settings_are_refused_before_data_is_generated(tmp_path, make_config
     with pytest.raises(FlaxdoseError, match=message):
         trainer.train_and_evaluate(make_config(**overrides), tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_include_ct_on_synthetic_data_is_refused_before_any_case_is_generated(tmp_path):
+    """The command a user types (quick's synthetic data, a CT input): one line saying synthetic data has no CT and
+    the two fixes, before the ~30 s of generating 28 cases; no workdir, no data folder left behind."""
+    proc = subprocess.run([sys.executable, "-m", "flaxdose.train", "--config=quick", "--config.data.include_ct=True",
+                           "--config.model.in_channels=8", f"--workdir={tmp_path / 'W'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "data.kind=synthetic has no CT (the generator makes none)" in proc.stderr
+    assert "--config.data.include_ct=False" in proc.stderr and "data.kind=folder" in proc.stderr
+    assert "import_dicom" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path):

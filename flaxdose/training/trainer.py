@@ -127,6 +127,10 @@ def check_setup(config, spec: UNetSpec, devices) -> DoseLoss:
     if config.data.get("path") and config.data.kind != "folder":
         raise FlaxdoseError(f"data.path={config.data.path!r} is read only with data.kind=folder (it is "
                             f"{config.data.kind!r}); add --config.data.kind=folder")
+    if config.data.get("include_ct", False) and config.data.kind in ("synthetic", "phantom"):
+        # the built-in generators make no CT: refused before any case is generated, not at the validation cases
+        raise FlaxdoseError(f"data.kind={config.data.kind} has no CT (the generator makes none); set "
+                            "--config.data.include_ct=False or train on a folder dataset with a CT (data.kind=folder)")
     for key in ("patch_shape", "patch_sigma"):  # checked again against each case's grid once the data is read
         value = tuple(config.data[key]) if isinstance(config.data[key], (tuple, list)) else (config.data[key],)
         if len(value) != 3 or not all(float(v) > 0 for v in value):
