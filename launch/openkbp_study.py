@@ -491,7 +491,17 @@ def compare_studies(workdirs: Sequence[str | Path], out: str | Path) -> Path:
     """
     if not workdirs:
         raise FlaxdoseError("--compare needs at least one study workdir (DIR1,DIR2,...)")
+    missing = [str(w) for w in workdirs if not Path(w).is_dir()]
+    if missing:
+        raise FlaxdoseError(f"--compare: {', '.join(missing)} does not exist; give finished study workdirs")
+    if len({Path(w).resolve() for w in workdirs}) < len(workdirs):
+        raise FlaxdoseError("--compare names the same study twice; give each workdir once")
     studies = {str(w): study_scores(w) for w in workdirs}
+    scored = {(f"a tuning split of train-pats, {s['study'].get('tune_val')} held out" if s["study"].get("tune")
+               else "validation-pats") for s in studies.values()}
+    if len(scored) > 1:
+        raise FlaxdoseError(f"--compare: these studies scored different patients ({'; '.join(sorted(scored))}); "
+                            "compare tuning studies of one split with each other, and real studies with each other")
     models = (NETWORK, DISTANCE_REFERENCE, GRID_FLOOR)
     lines = ["# OpenKBP studies compared", "",
              f"Written by `python -m flaxdose.launch.openkbp_study --compare` on {time.strftime('%Y-%m-%d')}. "

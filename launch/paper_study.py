@@ -92,16 +92,18 @@ class Stages:
     """Finished stages and their wall times, persisted in stages.json, for one study: `study` (its settings that
     decide what the stages make, e.g. scale and seed) is kept in study.json, and a workdir holding another
     study is refused (FlaxdoseError) before anything runs: its finished stages would be skipped, and their
-    results reported under the new settings. A workdir from before study.json was kept takes `study` as its own.
+    results reported under the new settings. A workdir from before study.json was kept takes `study` as its own;
+    one whose study finished no stage (e.g. refused after its settings were recorded) takes the new settings.
     """
 
     def __init__(self, workdir: Path, label: str = "paper_study", study: dict | None = None):
         self.path, self.label = workdir / "stages.json", label
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
         record, study = workdir / "study.json", dict(study or {})
-        held = json.loads(record.read_text()) if record.is_file() else study
+        held = json.loads(record.read_text()) if record.is_file() and self.done else study
         if held != study:
-            differ = ", ".join(f"{k} {held.get(k)!r} (now {study.get(k)!r})" for k in sorted({*held, *study})
+            shown = lambda d, k: repr(d[k]) if k in d else "not set"
+            differ = ", ".join(f"{k} {shown(held, k)} (now {shown(study, k)})" for k in sorted({*held, *study})
                                if held.get(k) != study.get(k))
             raise FlaxdoseError(f"{workdir} holds another {label} ({differ}): its finished stages would be reused "
                                 "and reported under the new settings; use a new --workdir, or the same settings to "

@@ -3,12 +3,14 @@ tuning study on train-pats alone, the CT study on the patients with a CT, the co
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from flaxdose.launch import openkbp_study
+from flaxdose.launch.paper_study import Stages
 from test_openkbp import SAMPLE, needs_sample
 
 from flaxdose.data.case import Dataset
@@ -132,6 +134,26 @@ def test_tune_study_scores_held_out_train_pats_and_never_reads_validation_pats(t
     assert sum(line.startswith(("| PTV56 D_", "| PTV63 D_", "| PTV70 D_")) for line in table.splitlines()) == 2 * 9
     with pytest.raises(FlaxdoseError, match="no finished OpenKBP study"):
         openkbp_study.compare_studies([workdir, tmp_path], out)
+    with pytest.raises(FlaxdoseError, match="does not exist"):
+        openkbp_study.compare_studies([workdir, tmp_path / "typo"], out)
+    with pytest.raises(FlaxdoseError, match="same study twice"):
+        openkbp_study.compare_studies([workdir, workdir], out)
+    other = tmp_path / "other_split"  # a study that scored another split is not compared with this one
+    shutil.copytree(workdir, other)
+    (other / "study.json").write_text(json.dumps({"scale": "smoke", "seed": 0, "tune": True, "tune_val": 1}))
+    with pytest.raises(FlaxdoseError, match="scored different patients"):
+        openkbp_study.compare_studies([workdir, other], out)
+
+
+@needs_sample
+def test_a_refused_study_does_not_lock_its_workdir(tmp_path):
+    """Settings refused before any stage finished (too many held out) leave a workdir the corrected run takes."""
+    src, workdir = _tuning_source(tmp_path), tmp_path / "w"
+    with pytest.raises(FlaxdoseError, match="--tune_val 9 cannot hold out"):
+        openkbp_study.run_study("smoke", src, workdir, tmp_path / "results", tune_val=9)
+    assert json.loads((workdir / "study.json").read_text())["tune_val"] == 9
+    Stages(workdir, "openkbp_study", study={"scale": "smoke", "seed": 0, "tune": True, "tune_val": 2})  # no refusal
+    assert json.loads((workdir / "study.json").read_text())["tune_val"] == 2
 
 
 @needs_sample
