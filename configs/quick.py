@@ -3,9 +3,9 @@
 `get_config()`: the cpu study scale's recipe (docs/results/paper_study_cpu_ablation.md): a 7th
 input, the signed distance to the PTV; PTV voxels weighted 10x in the MSE; Adam 2e-3 held, then
 decayed over the last quarter; batches of 2 patches; GroupNorm before the ReLU and ICNR-initialized
-up-sampling (seed-robust: README). `base_config()`: the same small setup with
-the paper's inputs, loss and constant rate, the base of the CPU sweeps and the plan-QA study
-(their committed results were measured with it).
+up-sampling (seed-robust: README); the plan-QA study's ensemble members. `base_config()`: the same
+small setup with the paper's inputs, loss and constant rate, the base of the CPU sweeps (their
+committed results were measured with it).
 """
 
 from flaxdose.configs import source
