@@ -116,10 +116,14 @@ def test_input_spec_counts_channels_and_refuses_unknown_settings():
 
 
 def test_training_refuses_an_in_channels_without_the_new_channels(tmp_path, make_config):
-    config = make_config(**{"data.target_distance": "per_target", "data.include_ct": True, "model.in_channels": 7})
-    with pytest.raises(FlaxdoseError, match=r"the CT\) are 8 channels .*in_channels=8"):
+    # the built-in phantoms have no CT (refused on its own): the trainer's count with the distance channels,
+    # the CT's count where a dataset with a CT would meet it
+    config = make_config(**{"data.target_distance": "per_target", "model.in_channels": 6})
+    with pytest.raises(FlaxdoseError, match=r"per-target distance channel\) are 7 channels .*in_channels=7"):
         trainer.train_and_evaluate(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+    with pytest.raises(FlaxdoseError, match=r"the CT\) are 8 channels .*in_channels=8"):
+        pipeline.check_in_channels(InputSpec(PROSTATE_STRUCTURES, "per_target", include_ct=True), 7)
 
 
 # ---------------------------------------------------------------- a tiny model with both, trained 2 steps
