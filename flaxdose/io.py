@@ -88,10 +88,12 @@ def check_writable(root: str | os.PathLike, overwrite: bool = False, kind: str |
     if kind is not None and kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}; one of {sorted(OUTPUT_KINDS)}")
     root = require_folder(root, "", "for the output")
-    run = _training_run_at_or_around(root) if overwrite and root.exists() else None
+    real = root.resolve()  # "a/run/.." is a, which holds the run a/run
+    run = _training_run_at_or_around(real) if overwrite and root.exists() else None
     if run is not None:  # --overwrite never deletes a trained model (nor data or outputs inside its workdir)
-        raise FlaxdoseError(f"{root} {'is' if run == root else 'holds' if root in run.parents else 'lies inside'} the "
-                            f"training run {run}; choose an output folder outside every training workdir")
+        relation = "is" if run == real else "holds" if real in run.parents else "lies inside"
+        raise FlaxdoseError(f"{real} {relation} the training run {run}; choose an output folder outside every "
+                            "training workdir")
     names = sorted(p.name for p in root.iterdir()) if root.exists() else []
     if names and not overwrite:
         raise FlaxdoseError(f"{root} already holds files; choose an empty folder or pass --overwrite")

@@ -218,7 +218,8 @@ def test_overwrite_never_deletes_a_training_run_or_a_file(tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     for out, why in [(run, "is the training run"), (tmp_path / "runs", "holds the training run"),
-                     (run / "data" / "ds", "lies inside the training run"), (a_file, "is a file")]:
+                     (run / "data" / "ds", "lies inside the training run"), (a_file, "is a file"),
+                     (run / "..", f"{run.parent.resolve()} holds the training run")]:  # named as resolved
         with pytest.raises(FlaxdoseError, match=why):
             with atomic_folder(out, overwrite=True):
                 pass
