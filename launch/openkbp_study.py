@@ -479,6 +479,12 @@ def _cell(scores: Mapping[str, dict] | None, model: str, key: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def scored_split(study: dict) -> str:
+    """What a study (its study.json) scored, for comparisons: "validation-pats", or "train-pats split (N held
+    out)": `scored_patients` with the held-out count, as the comparison table shows it."""
+    return f"train-pats split ({study.get('tune_val')} held out)" if study.get("tune") else "validation-pats"
+
+
 def compare_studies(workdirs: Sequence[str | Path], out: str | Path) -> Path:
     """One Markdown file comparing finished study workdirs (`study_scores`); returns `out`.
 
@@ -497,8 +503,7 @@ def compare_studies(workdirs: Sequence[str | Path], out: str | Path) -> Path:
     if len({Path(w).resolve() for w in workdirs}) < len(workdirs):
         raise FlaxdoseError("--compare names the same study twice; give each workdir once")
     studies = {str(w): study_scores(w) for w in workdirs}
-    scored = {(f"a tuning split of train-pats, {s['study'].get('tune_val')} held out" if s["study"].get("tune")
-               else "validation-pats") for s in studies.values()}
+    scored = {scored_split(s["study"]) for s in studies.values()}
     if len(scored) > 1:
         raise FlaxdoseError(f"--compare: these studies scored different patients ({'; '.join(sorted(scored))}); "
                             "compare tuning studies of one split with each other, and real studies with each other")
@@ -513,8 +518,7 @@ def compare_studies(workdirs: Sequence[str | Path], out: str | Path) -> Path:
              "distance DVH | grid floor dose | grid floor DVH |", "|---" * 12 + "|"]
     for folder, found in studies.items():
         info, inputs = found["study"], found["inputs"]
-        scored = (f"train-pats split ({info.get('tune_val')} held out)" if info.get("tune")
-                  else "validation-pats")
+        scored = scored_split(info)
         head = (f"| `{Path(folder).name}` | {info.get('scale', '?')} | {info.get('seed', '?')} | {scored} | "
                 f"{inputs_words(inputs['include_ct'], inputs['target_distance'])} |")
         for label, which, n in (("all", "all", len(found["patients"])), ("with a CT", "ct", len(found["ct_patients"]))):
