@@ -1,6 +1,7 @@
 """Style check (flaxdose.planqa.assess): distance and Welch test by hand, learning-curve recommendation by hand."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -73,3 +74,58 @@ def test_learning_curve_from_a_results_csv(tmp_path):
         assess.learning_curve(path, "internal_a")
     with pytest.raises(FlaxdoseError, match="no curve"):
         assess.learning_curve(path, "internal_c", "scratch")
+
+
+def write_curve(folder, with_cases):
+    """A sweep report on style internal_c (curve full): 2 plans Dice 0.80 on every case, 5 and 10 plans 0.90 and
+    0.905: the plans to expect are 5 whatever test cases are drawn, and 10 plans beat 2 on all 6 (seed, case) pairs."""
+    from types import SimpleNamespace
+
+    from flaxdose.sweeps import report
+
+    rows = []
+    for n, dice in ((2, 0.80), (5, 0.90), (10, 0.905)):
+        for seed in (0, 1):
+            cases = {c: dice + 0.001 * i for i, c in enumerate("abc")}
+            rows.append({"run_id": f"r{n}_{seed}", "style": "internal_c", "n_train": n, "mode": "full", "seed": seed,
+                         "learning_rate": 1e-3, "dice_mean": float(np.mean(list(cases.values()))), "dvh_abs_err_pct": 5.0,
+                         **({"case_dice": cases} if with_cases else {})})
+    config = SimpleNamespace(base=SimpleNamespace(train=SimpleNamespace(steps=1, batch_size=1),
+                                                  data=SimpleNamespace(patch_shape=(8, 8, 8)),
+                                                  model=SimpleNamespace(features=(4,))))
+    report.write(folder, rows, [], len(rows), config)
+    return folder
+
+
+FAR = (rows([0.80, 0.85, 0.90], [1, -1, 0], [2, 0, -2]), rows([0.70, 0.72, 0.74], [-8, -10, -12], [2, 4, 6]))
+
+
+def test_recommendation_gives_the_plans_with_their_interval(tmp_path):
+    folder = write_curve(tmp_path / "report", with_cases=True)
+    found = assess.learning_curve(folder, "internal_c")
+    assert sorted(found.case_dice) == [2, 5, 10] and len(found.case_dice[5]) == 2
+    rec = assess.recommend(assess.style_distance(*FAR), found)
+    assert rec["plans_needed"] == 5 and rec["plans_needed_ci"] == (5, 5) and rec["plans_needed_ci_missing"] is None
+    assert "5 plans (95 % CI 5-5 plans)" in rec["advice"]
+    rise = rec["curve_rises"]
+    # the 6 differences 0.105 (10 plans - 2, per seed and case), all positive: exact two-sided p = 2 / 2^6
+    assert (rise["fewest"], rise["most"], rise["n_pairs"]) == (2, 10, 6) and rise["mean"] == pytest.approx(0.105)
+    assert rise["p"] == pytest.approx(1 / 32) and rise["verdict"] == "rises"
+    result = {"distance": assess.style_distance(*FAR), "recommendation": rec, "own_rows": FAR[0], "clinic_rows": FAR[1]}
+    text = assess.markdown(result, "note")
+    assert "Plans to expect: 5 (95 % CI 5-5;" in text and "Does the curve rise? rises: Dice with 10 plans - with 2, +0.105" in text
+    saved = assess.write_assessment(result, tmp_path / "assessment")
+    assert json.loads((saved.parent / "assessment.json").read_text())["recommendation"]["plans_needed_ci"] == [5, 5]
+
+
+def test_recommendation_from_old_results_has_no_interval(tmp_path):
+    folder = write_curve(tmp_path / "report", with_cases=False)
+    for path in (folder, folder / "results.csv"):
+        found = assess.learning_curve(path, "internal_c")
+        assert found.case_dice is None
+        rec = assess.recommend(assess.style_distance(*FAR), found)
+        assert rec["plans_needed"] == 5 and rec["plans_needed_ci"] is None and rec["curve_rises"] is None
+        assert "no per-case Dice" in rec["plans_needed_ci_missing"] and "no confidence interval" in rec["advice"]
+        text = assess.markdown({"distance": assess.style_distance(*FAR), "recommendation": rec}, "note")
+        assert "Plans to expect: 5 (no confidence interval: these results have no per-case Dice" in text
+        assert "Does the curve rise? Not tested" in text

@@ -12,7 +12,10 @@ on the clinic's plans means the clinic's plans give more dose there than the mod
 `recommend(distance, curve)`: adapting is recommended when the model does significantly worse
 on the clinic's plans (p < alpha in either test, in the worse direction) and the learning
 curve shows a gain. The number of plans is the fewest on the curve whose mean Dice is within
-`flaxdose.sweeps.report.ENOUGH_DICE_MARGIN` of its best (`sweep_report.fewest_plans`); the
+`flaxdose.sweeps.report.ENOUGH_DICE_MARGIN` of its best (`sweep_report.fewest_plans`), with its
+95 % percentile-bootstrap interval over the sweep's test cases (`sweep_report.plans_to_expect`;
+none for results written before runs recorded per-case Dice, said so), and whether the curve
+rises at all (`sweep_report.rise_test`: fewest vs most plans, paired per seed and test case); the
 expected gain is that point's mean Dice minus the unadapted model's Dice on the same test plans
 (the sweep's baseline; the clinic's measured Dice when the sweep has none, said so). The curve
 is a sweep's (`flaxdose.sweeps.runner`): measured, not guessed, on the sweep's target style, which
@@ -21,7 +24,6 @@ is the clinic's own only when the sweep ran on the clinic's plans (``data.folder
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -93,27 +95,17 @@ class LearningCurve:
     dvh: Mapping[int, Sequence[float]]
     baseline_dice: float | None = None  # the unadapted model on the same test plans (n = 0)
     baseline_dvh: float | None = None
+    # per number of plans, the runs' (seed, {test case id: Dice}); None: the sweep recorded no per-case Dice
+    case_dice: Mapping[int, Sequence[tuple]] | None = None
 
 
 def read_sweep(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(run rows, baselines) of a sweep folder (runs/*/result.json, baseline/*.json) or a results.csv.
+    """(run rows, baselines) of a sweep folder (runs/*/result.json, baseline/*.json), its report folder or a
+    results.csv (with the case_results.csv beside it, when there is one): `sweep_report.read_results`.
 
-    Raises FlaxdoseError when the path holds neither.
+    Raises FlaxdoseError when the path holds neither, or for a malformed table.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "runs").is_dir():
-        return sweep_report.read_results(path)
-    csv_path = path / "results.csv" if path.is_dir() else path
-    if not csv_path.is_file():
-        raise FlaxdoseError(f"{path} is neither a sweep folder (runs/, baseline/) nor a sweep's results.csv")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    numbers = ("n_train", "learning_rate", "dice_mean", "dvh_abs_err_pct")
-    try:
-        rows = [{**r, **{k: float(r[k]) if r.get(k) not in (None, "") else None for k in numbers}} for r in rows]
-    except ValueError as e:
-        raise FlaxdoseError(f"{csv_path} is not a sweep's results.csv ({e})") from None
-    return rows, []
+    return sweep_report.read_results(path)
 
 
 def learning_curve(path: str | Path, style: str, name: str | None = None) -> LearningCurve:
@@ -134,7 +126,9 @@ def learning_curve(path: str | Path, style: str, name: str | None = None) -> Lea
     if name not in dice:
         raise FlaxdoseError(f"the sweep has no curve {name!r} for style {style!r}; it has {sorted(dice)}")
     base = next((b for b in baselines if b.get("style") == style), {})
-    return LearningCurve(str(path), style, name, dice[name], dvh[name], base.get("dice_mean"), base.get("dvh_abs_err_pct"))
+    cases = sweep_report.case_curves(rows).get(style, {}).get(name)
+    return LearningCurve(str(path), style, name, dice[name], dvh[name], base.get("dice_mean"), base.get("dvh_abs_err_pct"),
+                         cases)
 
 
 def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_ALPHA,
@@ -146,6 +140,10 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
     if found is None:
         raise FlaxdoseError(f"the learning curve {curve.name!r} of {curve.source} has no Dice values to recommend from")
     n, dice_at_n, best = found
+    expect = sweep_report.plans_to_expect(curve.dice, curve.case_dice, margin)
+    rise = sweep_report.rise_test(curve.case_dice) if curve.case_dice else None
+    ci_text = (f"95 % CI {expect['ci'][0]}-{expect['ci'][1]} plans" if expect["ci"]
+               else f"no confidence interval: {expect['no_ci']}")
     dvh_at_n = float(np.nanmean(curve.dvh[n])) if n in curve.dvh else None
     if curve.baseline_dice is not None:
         baseline, baseline_from = curve.baseline_dice, "the unadapted model on the curve's test plans"
@@ -154,20 +152,23 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
         baseline_from = "the unadapted model on the clinic's plans (the sweep recorded no baseline)"
     gain = dice_at_n - baseline
     out = {"differs": worse, "alpha": alpha, "curve": {"source": curve.source, "style": curve.style, "name": curve.name},
-           "plans_needed": n, "expected_dice": dice_at_n, "best_dice_on_curve": best, "expected_dvh_abs_err_pct": dvh_at_n,
+           "plans_needed": n, "plans_needed_ci": expect["ci"], "plans_needed_ci_missing": expect["no_ci"],
+           "curve_rises": rise, "expected_dice": dice_at_n, "best_dice_on_curve": best, "expected_dvh_abs_err_pct": dvh_at_n,
            "baseline_dice": baseline, "baseline_from": baseline_from, "expected_gain_dice": gain,
            "runs_at_n": len(curve.dice[n])}
     if not any(worse.values()):
         out["adapt"], out["advice"] = False, (
             f"No adaptation indicated: the model's errors on these plans are not significantly worse than on its own "
-            f"style (p >= {alpha:g}). If adapted anyway, the curve expects mean Dice {dice_at_n:.3f} with {n} plans.")
+            f"style (p >= {alpha:g}). If adapted anyway, the curve expects mean Dice {dice_at_n:.3f} with {n} plans "
+            f"({ci_text}).")
     elif gain <= 0:
         out["adapt"], out["advice"] = False, (
             f"The style differs, but the learning curve shows no gain from adapting ({curve.name}: mean Dice "
             f"{dice_at_n:.3f} with {n} plans vs {baseline:.3f} unadapted); collect more plans or fine-tune longer.")
     else:
         out["adapt"], out["advice"] = True, (
-            f"Adapt ({curve.name}) with {n} plans: expected mean Dice {dice_at_n:.3f}, {gain:+.3f} over {baseline:.3f} "
+            f"Adapt ({curve.name}) with {n} plans ({ci_text}): expected mean Dice {dice_at_n:.3f}, "
+            f"{gain:+.3f} over {baseline:.3f} "
             f"({baseline_from})" + (f", DVH error {dvh_at_n:.2f} % of Rx" if dvh_at_n is not None else "") +
             (f"; {n} is the curve's largest point, so more plans may add more (not measured)." if n == max(curve.dice)
              else f"; more plans add at most {best - dice_at_n:.3f} on this curve."))
@@ -197,6 +198,27 @@ def _score_line(label: str, entry: Mapping) -> str:
             f"{entry['difference']:+.3f} | {'n/a' if p is None else f'{p:.2g}'} |")
 
 
+def plans_line(rec: Mapping) -> str:
+    """The recommendation's plan count with its confidence interval, or why it has none."""
+    ci = rec.get("plans_needed_ci")
+    if ci:
+        return (f"Plans to expect: {rec['plans_needed']} (95 % CI {ci[0]}-{ci[1]}; percentile bootstrap over the "
+                f"sweep's test cases, {sweep_report.BOOTSTRAP_RESAMPLES} resamples).")
+    return f"Plans to expect: {rec['plans_needed']} (no confidence interval: {rec.get('plans_needed_ci_missing')})."
+
+
+def rise_line(rise: Mapping | None) -> str:
+    """`sweep_report.rise_test` of the recommendation's curve in one sentence."""
+    if rise is None:
+        return f"Does the curve rise? Not tested: {sweep_report.NO_CASE_DATA}."
+    if rise["mean"] is None:
+        return f"Does the curve rise? Not tested: no (seed, test case) scored at both {rise['fewest']} and {rise['most']} plans."
+    ci = f" [95 % CI {rise['ci'][0]:+.3f}, {rise['ci'][1]:+.3f}]" if rise["ci"] else ""
+    return (f"Does the curve rise? {rise['verdict']}: Dice with {rise['most']} plans - with {rise['fewest']}, "
+            f"{rise['mean']:+.3f}{ci} over {rise['n_pairs']} (seed, test case) pairs, Wilcoxon signed-rank "
+            f"p = {rise['p']:.2g}.")
+
+
 def markdown(result: Mapping, note: str) -> str:
     distance, rec = result["distance"], result["recommendation"]
     lines = ["# Style check", "", note, "",
@@ -213,6 +235,7 @@ def markdown(result: Mapping, note: str) -> str:
                   f"Learning curve: style {curve['style']!r}, curve {curve['name']!r} of {curve['source']}; plans needed = "
                   f"the fewest whose mean Dice is within {sweep_report.ENOUGH_DICE_MARGIN} of the curve's best "
                   f"({rec['best_dice_on_curve']:.3f}); {rec['runs_at_n']} run(s) at that point."]
+        lines += ["", plans_line(rec), "", rise_line(rec["curve_rises"])]
     return "\n".join(lines) + "\n"
 
 
