@@ -73,7 +73,7 @@ def main(argv):
     rec = result["recommendation"]
     print(json.dumps({"report": str(report.resolve()), "dice_difference": result["distance"]["dice_mean"]["difference"],
                       "p": result["distance"]["dice_mean"]["p"], "adapt": rec and rec["adapt"],
-                      "plans_needed": rec and rec["plans_needed"]}))
+                      "plans_needed": rec and rec["plans_needed"], "plans_needed_ci": rec and rec["plans_needed_ci"]}))
 
 
 def run():

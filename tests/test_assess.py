@@ -78,7 +78,7 @@ def test_learning_curve_from_a_results_csv(tmp_path):
 
 def write_curve(folder, with_cases):
     """A sweep report on style internal_c (curve full): 2 plans Dice 0.80 on every case, 5 and 10 plans 0.90 and
-    0.905: the plans to expect are 5 whatever test cases are drawn, and 10 plans beat 2 on all 6 (seed, case) pairs."""
+    0.905: the plans to expect are 5 whatever test cases are drawn, and 10 plans beat 2 on all 6 test cases."""
     from types import SimpleNamespace
 
     from flaxdose.sweeps import report
@@ -86,7 +86,7 @@ def write_curve(folder, with_cases):
     rows = []
     for n, dice in ((2, 0.80), (5, 0.90), (10, 0.905)):
         for seed in (0, 1):
-            cases = {c: dice + 0.001 * i for i, c in enumerate("abc")}
+            cases = {c: dice + 0.001 * i for i, c in enumerate("abcdef")}
             rows.append({"run_id": f"r{n}_{seed}", "style": "internal_c", "n_train": n, "mode": "full", "seed": seed,
                          "learning_rate": 1e-3, "dice_mean": float(np.mean(list(cases.values()))), "dvh_abs_err_pct": 5.0,
                          **({"case_dice": cases} if with_cases else {})})
@@ -108,7 +108,7 @@ def test_recommendation_gives_the_plans_with_their_interval(tmp_path):
     assert rec["plans_needed"] == 5 and rec["plans_needed_ci"] == (5, 5) and rec["plans_needed_ci_missing"] is None
     assert "5 plans (95 % CI 5-5 plans)" in rec["advice"]
     rise = rec["curve_rises"]
-    # the 6 differences 0.105 (10 plans - 2, per seed and case), all positive: exact two-sided p = 2 / 2^6
+    # the 6 differences 0.105 (10 plans - 2, per case, seeds averaged), all positive: exact two-sided p = 2 / 2^6
     assert (rise["fewest"], rise["most"], rise["n_pairs"]) == (2, 10, 6) and rise["mean"] == pytest.approx(0.105)
     assert rise["p"] == pytest.approx(1 / 32) and rise["verdict"] == "rises"
     result = {"distance": assess.style_distance(*FAR), "recommendation": rec, "own_rows": FAR[0], "clinic_rows": FAR[1]}

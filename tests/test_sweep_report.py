@@ -39,26 +39,28 @@ def by_n_cases(points):
 
 
 # ---------------------------------------------------------------- does the curve rise?
-LOW = {0: {"a": 0.70, "b": 0.72, "c": 0.74}, 1: {"a": 0.71, "b": 0.73, "c": 0.75}}
-DIFF = {0: {"a": 0.05, "b": 0.10, "c": 0.02}, 1: {"a": 0.08, "b": 0.03, "c": 0.06}}
+LOW = {0: {c: 0.70 + 0.01 * i for i, c in enumerate("abcdef")}, 1: {c: 0.71 + 0.01 * i for i, c in enumerate("abcdef")}}
+# per case, the seeds' differences average to (x 100) a 6, b 9, c 3, d 7, e 4, f 5
+DIFF = {0: {"a": 0.05, "b": 0.10, "c": 0.02, "d": 0.08, "e": 0.03, "f": 0.06},
+        1: {"a": 0.07, "b": 0.08, "c": 0.04, "d": 0.06, "e": 0.05, "f": 0.04}}
 
 
 def rising_points():
     high = {s: {c: LOW[s][c] + DIFF[s][c] for c in LOW[s]} for s in LOW}
-    high[1]["d"] = 0.99  # a case scored only with 29 plans: no pair
-    return {2: {**LOW, 2: {"a": 0.1}},  # seed 2 only with 2 plans: no pair
+    high[1]["g"] = 0.99  # a case scored only with 29 plans: no pair
+    return {2: {**LOW, 2: {"a": 0.1}},  # seed 2 only with 2 plans: not in case a's mean
             10: {0: {"a": 0.5, "b": 0.5, "c": 0.5}},  # a middle point does not enter the test
             29: high}
 
 
-def test_rise_test_by_hand():
+def test_rise_test_pairs_test_cases_with_their_seeds_averaged():
     t = report.rise_test(by_n_cases(rising_points()))
     assert (t["fewest"], t["most"], t["n_pairs"]) == (2, 29, 6)
-    # differences x 600: 30 60 12 48 18 36 -> mean 34/600; deviations -4 26 -22 14 -16 2 -> sum of squares 1632/600^2
-    mean, sd = 34 / 600, np.sqrt(1632 / 600**2 / 5)
+    # per-case differences x 100: 6 9 3 7 4 5 -> mean 34/6; sum of squared deviations 216 - 34^2/6 = 70/3
+    mean, sd = 34 / 600, np.sqrt(70 / 3 / 5) / 100
     half = 2.5705818366147395 * sd / np.sqrt(6)  # t(0.975, 5 degrees of freedom)
-    assert t["mean"] == pytest.approx(mean, rel=1e-12)
-    assert t["ci"] == pytest.approx((mean - half, mean + half), rel=1e-9)
+    assert t["mean"] == pytest.approx(mean, rel=1e-9)
+    assert t["ci"] == pytest.approx((mean - half, mean + half), rel=1e-6)
     # all 6 differences positive, no ties: W- = 0, the most extreme of 2^6 equally likely sign patterns on each side
     assert t["p"] == pytest.approx(2 / 2**6, rel=1e-12)
     assert t["verdict"] == "rises"
@@ -155,7 +157,7 @@ def test_summary_tests_the_rise_and_gives_plans_with_an_interval(tmp_path):
     rows = sweep_rows()
     summary = report.write(tmp_path, rows, [], len(rows), CONFIG).read_text()
     assert "| 0 (source model) |" not in summary and "| 29 |" in summary  # the Dice tables stay
-    assert "| full | 2 → 29 | 6 | +0.057 [+0.025, +0.088] | 0.031 | rises |" in summary
+    assert "| full | 2 → 29 | 6 | +0.057 [+0.034, +0.079] | 0.031 | rises |" in summary  # 34/600 +- 0.0227 (by hand above)
     assert "| paper | 2 → 5 | 2 | -0.075 [" in summary and "| no significant rise |" in summary
     expect = report.plans_to_expect(report.curves(rows, "dice_mean")["internal_a"]["full"],
                                     report.case_curves(rows)["internal_a"]["full"])

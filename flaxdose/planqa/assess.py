@@ -212,10 +212,10 @@ def rise_line(rise: Mapping | None) -> str:
     if rise is None:
         return f"Does the curve rise? Not tested: {sweep_report.NO_CASE_DATA}."
     if rise["mean"] is None:
-        return f"Does the curve rise? Not tested: no (seed, test case) scored at both {rise['fewest']} and {rise['most']} plans."
+        return f"Does the curve rise? Not tested: no test case scored by the same seed at both {rise['fewest']} and {rise['most']} plans."
     ci = f" [95 % CI {rise['ci'][0]:+.3f}, {rise['ci'][1]:+.3f}]" if rise["ci"] else ""
     return (f"Does the curve rise? {rise['verdict']}: Dice with {rise['most']} plans - with {rise['fewest']}, "
-            f"{rise['mean']:+.3f}{ci} over {rise['n_pairs']} (seed, test case) pairs, Wilcoxon signed-rank "
+            f"{rise['mean']:+.3f}{ci} over {rise['n_pairs']} test cases (seeds averaged), Wilcoxon signed-rank "
             f"p = {rise['p']:.2g}.")
 
 

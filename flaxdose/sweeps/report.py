@@ -5,8 +5,8 @@ Besides the mean-over-seeds tables, summary.md answers two questions per curve f
 Dice that runs record (result.json ``case_dice``; case_results.csv in a report folder):
 
 - Does the curve rise? `rise_test`: the Dice of the most-plans runs minus the fewest-plans runs,
-  paired per (seed, test case); the mean difference with its t interval and the two-sided
-  Wilcoxon signed-rank p.
+  paired per test case (its seeds averaged); the mean difference with its t interval and the
+  two-sided Wilcoxon signed-rank p.
 - How many plans to expect? `fewest_plans` (the fewest plans whose mean Dice is within
   ENOUGH_DICE_MARGIN of the curve's best) with a percentile-bootstrap interval over the test
   cases (`bootstrap_plans`).
@@ -218,23 +218,26 @@ def _per_case(runs: Sequence[tuple]) -> dict[tuple, float]:
 
 
 def rise_test(by_n_cases: dict[int, list[tuple]], alpha: float = ALPHA) -> dict | None:
-    """Does the curve rise from its fewest to its most plans? A paired test over (seed, test case).
+    """Does the curve rise from its fewest to its most plans? A paired test over the test cases.
 
-    by_n_cases: n plans -> [(seed, {case id: Dice})] (`case_curves`). Pairs: the (seed, case) present,
-    with a finite Dice, at both the fewest and the most plans; difference d = Dice(most) - Dice(fewest).
-    Returns {"fewest", "most", "n_pairs", "mean" (of d), "ci" ((low, high): the 95 % t interval
-    mean ± t(0.975, n-1) SD / sqrt(n); None for fewer than 2 pairs), "p" (two-sided Wilcoxon
-    signed-rank, `scipy.stats.wilcoxon`; 1.0 when every d is 0, None without pairs), "verdict"
-    ("rises" when mean > 0 and p < alpha, else "no significant rise")}; None when fewer than two
-    plan counts have per-case Dice. The pairs of one test case over seeds are not independent; the
-    test treats them as if they were (the bootstrap of `bootstrap_plans` resamples whole cases).
+    by_n_cases: n plans -> [(seed, {case id: Dice})] (`case_curves`). A test case's difference d is
+    Dice(most plans) - Dice(fewest plans) averaged over the seeds that scored it at both ends (finite
+    Dice); the seeds of one case are averaged, not counted as pairs of their own, because they share
+    the case. Returns {"fewest", "most", "n_pairs" (test cases with a d), "mean" (of d), "ci" ((low,
+    high): the 95 % t interval mean ± t(0.975, n-1) SD / sqrt(n); None for fewer than 2 cases), "p"
+    (two-sided Wilcoxon signed-rank, `scipy.stats.wilcoxon`; 1.0 when every d is 0, None without
+    cases), "verdict" ("rises" when mean > 0 and p < alpha, else "no significant rise")}; None when
+    fewer than two plan counts have per-case Dice.
     """
     ns = sorted(n for n, runs in by_n_cases.items() if runs)
     if len(ns) < 2:
         return None
     low, high = _per_case(by_n_cases[ns[0]]), _per_case(by_n_cases[ns[-1]])
-    d = np.asarray([high[k] - low[k] for k in sorted(set(low) & set(high), key=str)
-                    if np.isfinite(high[k]) and np.isfinite(low[k])], float)
+    per_case: dict = {}
+    for seed, case in set(low) & set(high):
+        if np.isfinite(high[seed, case]) and np.isfinite(low[seed, case]):
+            per_case.setdefault(case, []).append(high[seed, case] - low[seed, case])
+    d = np.asarray([np.mean(per_case[c]) for c in sorted(per_case, key=str)], float)
     out = {"fewest": ns[0], "most": ns[-1], "n_pairs": len(d), "mean": float(d.mean()) if len(d) else None,
            "ci": None, "p": None, "verdict": "no significant rise"}
     if len(d) >= 2:
@@ -330,7 +333,7 @@ def rise_table(style_dice: dict, style_cases: dict | None) -> list[str]:
     lines = ["Does the curve rise? Dice at the most plans - Dice at the fewest, paired per (seed, test case); "
              "mean difference [95 % t interval]; two-sided Wilcoxon signed-rank p; \"rises\": mean > 0 and "
              f"p < {ALPHA:g}.", "",
-             "| curve | plans | pairs | mean diff [95 % CI] | Wilcoxon p | verdict |", "|---|---|---|---|---|---|"]
+             "| curve | plans | test cases | mean diff [95 % CI] | Wilcoxon p | verdict |", "|---|---|---|---|---|---|"]
     for name, t in tests.items():
         if t is None:
             lines.append(f"| {name} | - | 0 | - | - | not tested: no per-case Dice at two plan counts |")

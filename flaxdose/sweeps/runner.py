@@ -386,14 +386,16 @@ class Sweep:
         """Mean isodose Dice and DVH error of `model` on the style's test cases.
 
         Returns {"n_test", "dice_mean", "dice_sd" (over cases), "dvh_abs_err_pct" (mean absolute
-        DVH-metric error, % of the prescription)}.
+        DVH-metric error, % of the prescription), "case_dice" ({case id: mean isodose Dice}, what the
+        report pairs across numbers of plans)}.
         """
         refs = self.references(style)
         rows = evaluation.evaluate_predictions({model.name: model.predict(refs)}, refs)
         summary = evaluation.summarize(rows)
         dice = summary["metrics"][model.name]["dice_mean"]
         return {"n_test": len(refs), "dice_mean": dice["mean"], "dice_sd": dice["sd"],
-                "dvh_abs_err_pct": evaluation.mean_dvh_error_pct(summary, model.name)}
+                "dvh_abs_err_pct": evaluation.mean_dvh_error_pct(summary, model.name),
+                "case_dice": {row["case_id"]: float(row["dice_mean"]) for row in rows}}
 
     def collect(self) -> tuple[list[dict], list[dict]]:
         """(finished runs' results, baselines) as rows."""
