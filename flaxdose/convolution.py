@@ -6,9 +6,10 @@
 - ``"2d"``: the same convolution as one 2D convolution. The input is shifted by -1, 0, +1 along
   the first spatial axis X, the three copies are stacked as 3*C channels, X is folded into
   the batch, and a 3x3 convolution over (Y, Z) with the kernel reshaped to (3, 3, 3*C, D)
-  finishes the sum over the X taps. Autodiff gives its gradient; a hand-written kernel
-  gradient (nine matrix products of shifted inputs) was measured slower (docs/performance.md).
-  The fastest form for a training step on XLA:CPU.
+  finishes the sum over the X taps. Autodiff gives the input's gradient; the kernel's is one
+  matrix product of the stacked input with nine shifted copies of the output gradient
+  (`kernel_gradient`: 1.15x the whole training step on XLA:CPU; nine separate products were
+  slower, docs/performance.md). The fastest form for a training step on XLA:CPU.
 - ``"2d_taps"``: three 2D convolutions over (Y, Z), one per X tap, on slices of the X-padded
   input (no stacked copy), summed. The fastest forward pass on XLA:CPU (1.3x the whole
   paper-preset inference); its gradient is the ``"2d"`` form's, which trains faster than the
@@ -62,13 +63,53 @@ def _shifted(x: jax.Array) -> jax.Array:
     return jnp.concatenate([xp[:, t:t + n] for t in range(3)], axis=-1)
 
 
-def conv3x3x3_2d(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
-    """'SAME' 3x3x3 convolution (stride 1) of (N, X, Y, Z, C) by (3, 3, 3, C, D) in the ``"2d"`` form."""
+def _conv_2d(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     n, sx, sy, sz, c = x.shape
     stacked = _shifted(x).reshape(n * sx, sy, sz, 3 * c)
     k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * c, kernel.shape[-1])  # channel = tap_x * C + c
     y = lax.conv_general_dilated(stacked, k2, (1, 1), "SAME", dimension_numbers=_DN2, precision=precision)
     return y.reshape(n, sx, sy, sz, kernel.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3x3_2d(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """'SAME' 3x3x3 convolution (stride 1) of (N, X, Y, Z, C) by (3, 3, 3, C, D) in the ``"2d"`` form.
+
+    Gradients: the input's by autodiff of the 2D convolution; the kernel's by `kernel_gradient`.
+    """
+    return _conv_2d(x, kernel, precision)
+
+
+def kernel_gradient(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
+    """d(loss)/d(kernel) (3, 3, 3, C, D) of the 'SAME' 3x3x3 convolution of x (N, X, Y, Z, C) given dy (N, X, Y, Z, D).
+
+    dK[tx, ty, tz, c, d] = sum over voxels p of x[p + t - 1, c] dy[p, d] = sum over p of S[p, (tx, c)]
+    dy[p - (ty, tz) + 1, d], with S the X-stacked input: one matrix product of S (voxels x 3C) with the
+    nine (Y, Z)-shifted copies of dy side by side (voxels x 9D). XLA:CPU computes autodiff's kernel
+    gradient of the 2D convolution by transposing S to put the batch last first; this product was
+    1.15x faster for the whole training step (docs/performance.md). Accumulates in float32.
+    """
+    n, sx, sy, sz, c = x.shape
+    d = dy.shape[-1]
+    stacked = _shifted(x).reshape(-1, 3 * c)
+    dyp = jnp.pad(dy.reshape(n * sx, sy, sz, d), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = jnp.concatenate([dyp[:, 2 - ty:2 - ty + sy, 2 - tz:2 - tz + sz] for ty in range(3) for tz in range(3)], -1)
+    k = lax.dot_general(stacked, shifted.reshape(-1, 9 * d), (((0,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)  # (3C, 9D): rows (tx, c), columns (ty, tz, d)
+    return k.reshape(3, c, 3, 3, d).transpose(0, 2, 3, 1, 4)
+
+
+def _conv_2d_fwd(x, kernel, precision):
+    return _conv_2d(x, kernel, precision), (x, kernel)
+
+
+def _conv_2d_bwd(precision, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _conv_2d(x, kernel, precision), x)[1](dy)[0]
+    return dx, kernel_gradient(x, dy, precision).astype(kernel.dtype)
+
+
+conv3x3x3_2d.defvjp(_conv_2d_fwd, _conv_2d_bwd)
 
 
 def _taps(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
@@ -90,8 +131,7 @@ def _taps_fwd(x, kernel, precision):
 
 
 def _taps_bwd(precision, residuals, dy):
-    # the "2d" form's vjp; XLA drops its forward convolution, which nothing reads
-    return jax.vjp(lambda x, k: conv3x3x3_2d(x, k, precision), *residuals)[1](dy)
+    return _conv_2d_bwd(precision, residuals, dy)  # the "2d" form's gradients
 
 
 conv3x3x3_2d_taps.defvjp(_taps_fwd, _taps_bwd)

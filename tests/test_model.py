@@ -134,6 +134,18 @@ def _assert_forms_agree(*shapes):
                 assert _rel_err(a, b) < 1e-5, form.__name__
 
 
+def test_2d_form_gradients_in_bfloat16():
+    """In bfloat16 the kernel gradient (one matrix product, float32 accumulation) keeps the kernel's dtype and
+    is within bfloat16 rounding of the float32 3D convolution's."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 3, 8, 4)) / np.sqrt(216)
+    loss = lambda conv, x, k: jnp.sum(jnp.sin(conv(x, k).astype(jnp.float32)))  # noqa: E731
+    dx16, dk16 = jax.grad(lambda x, k: loss(conv3x3x3_2d, x, k), (0, 1))(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    dx, dk = jax.grad(lambda x, k: loss(_conv3d, x, k), (0, 1))(x, k)
+    assert dx16.dtype == dk16.dtype == jnp.bfloat16
+    assert _rel_err(dk16.astype(jnp.float32), dk) < 3e-2 and _rel_err(dx16.astype(jnp.float32), dx) < 3e-2
+
+
 def test_2d_form_leaves_other_convolutions_to_lax():
     x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4, 3))
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 3, 5))  # a 1x1x1 projection: not rewritten

@@ -21,7 +21,6 @@ from flaxdose.planqa.ensemble import (
     split_key,
 )
 
-
 DEFAULT_LEVEL = 0.95  # two-sided: about 2.5 % of good plans lie above an OAR band, per metric
 DEFAULT_TOLERANCE_GY = 1.0
 COVERAGE_METRICS = ("D95", "D98")  # target metrics whose shortfall is flagged
