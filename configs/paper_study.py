@@ -36,8 +36,8 @@ SCALES = {
               "target_distance": True},
         # GroupNorm before the ReLU and ICNR up-sampling: what made the quick start robust to its seed
         # (docs/results/paper_study_cpu_ablation.md, the seed table). Four levels (12..96 channels, 791 k
-        # parameters): the target models' DVH errors 1.56-2.27 -> 1.10-1.82 % of Rx against (8, 16, 32) at 23.6
-        # instead of ~15 minutes (docs/results/paper_study_cpu.md, Run record).
+        # parameters): the target models' DVH errors 1.56-2.27 -> 1.10-1.82 % of Rx against (8, 16, 32); 23.6 min
+        # at load 1.4-2.3 (docs/results/paper_study_cpu.md, Run record).
         model={"features": (12, 24, 48, 96), "convs_per_level": 2, "groups": 4, "in_channels": 7,
                "norm_order": "norm_relu", "upsample_init": "icnr"},
         # Batches of 2 patches: the updates, not the patches, were what the quick start lacked. With the CPU
