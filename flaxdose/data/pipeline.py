@@ -76,6 +76,11 @@ class InputSpec:
         data = config.data
         return cls(tuple(data.structures), data.get("target_distance", False), data.get("include_ct", False))
 
+    @classmethod
+    def of(cls, inputs: InputSpec | Sequence[str]) -> InputSpec:
+        """`inputs` as an InputSpec: an InputSpec as it is, a sequence of structure names as those masks only."""
+        return inputs if isinstance(inputs, InputSpec) else cls(tuple(inputs))
+
     @property
     def targets(self) -> tuple[str, ...]:
         """The targets among `structures` (`flaxdose.data.case.target_names`)."""
@@ -274,7 +279,7 @@ class CaseSource(grain.sources.RandomAccessDataSource):
                  cache: bool = True):
         if not case_ids:
             raise FlaxdoseError(f"no cases to read from {dataset.root}; check the dataset's splits")
-        self.inputs = inputs if isinstance(inputs, InputSpec) else InputSpec(tuple(inputs))
+        self.inputs = InputSpec.of(inputs)
         require_inputs(dataset, case_ids, self.inputs, "training cases")
         self._dataset, self._ids = dataset, list(case_ids)
         self._cache = {} if cache else None
@@ -329,7 +334,7 @@ class PatchSampler(grain.transforms.RandomMap):
 
 def lr_swap_permutation(inputs: InputSpec | Sequence[str]) -> tuple[int, ...]:
     """`InputSpec.lr_swap_permutation` of `inputs` (a sequence of structure names: those masks only)."""
-    return (inputs if isinstance(inputs, InputSpec) else InputSpec(tuple(inputs))).lr_swap_permutation()
+    return InputSpec.of(inputs).lr_swap_permutation()
 
 
 def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int], where: str = "the volumes") -> None:
