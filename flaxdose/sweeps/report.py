@@ -330,7 +330,7 @@ def rise_table(style_dice: dict, style_cases: dict | None) -> list[str]:
     tests = {name: rise_test((style_cases or {}).get(name, {})) for name in style_dice}
     if not any(tests.values()):
         return [f"Does the curve rise? Not tested: {NO_CASE_DATA}."]
-    lines = ["Does the curve rise? Dice at the most plans - Dice at the fewest, paired per (seed, test case); "
+    lines = ["Does the curve rise? Dice at the most plans - Dice at the fewest, paired per test case (its seeds averaged); "
              "mean difference [95 % t interval]; two-sided Wilcoxon signed-rank p; \"rises\": mean > 0 and "
              f"p < {ALPHA:g}.", "",
              "| curve | plans | test cases | mean diff [95 % CI] | Wilcoxon p | verdict |", "|---|---|---|---|---|---|"]
