@@ -13,6 +13,7 @@ and report.md. Exit status 0, or 2 for bad input (flaxdose.cli).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -47,6 +48,11 @@ USAGE = ("usage: python -m flaxdose.assess_style --workdirs W --own_data SRC --d
          "[--curve SWEEP --curve_style STYLE] --out REPORT")
 
 
+def rise_summary(rise: dict | None) -> dict | None:
+    """The printed line's ``curve_rises``: the rise test's verdict, Wilcoxon p and mean difference (None: not tested)."""
+    return rise and {k: rise[k] for k in ("verdict", "p", "mean")}
+
+
 def main(argv):
     """absl main: assess the clinic's style against the model's own, write `--out`, print the verdict.
 
@@ -73,7 +79,10 @@ def main(argv):
     rec = result["recommendation"]
     print(json.dumps({"report": str(report.resolve()), "dice_difference": result["distance"]["dice_mean"]["difference"],
                       "p": result["distance"]["dice_mean"]["p"], "adapt": rec and rec["adapt"],
-                      "plans_needed": rec and rec["plans_needed"], "plans_needed_ci": rec and rec["plans_needed_ci"]}))
+                      "plans_needed": rec and rec["plans_needed"], "plans_needed_ci": rec and rec["plans_needed_ci"],
+                      "curve_rises": rec and rise_summary(rec["curve_rises"])}))
+    if rec and rec["baseline_missing"]:
+        print(f"[assess] {assess.NO_BASELINE}", file=sys.stderr)
 
 
 def run():

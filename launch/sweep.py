@@ -3,7 +3,9 @@
 Stages (``--stage``, default ``all``): ``prepare`` (data, source model, unadapted baselines),
 ``train`` (every unfinished run of this shard, packed onto the local devices), ``report``
 (``DIR/report/``: results.csv, summary.md, learning_curve.png). Rerunning resumes: finished
-runs are skipped, interrupted ones continue from their checkpoints.
+runs are skipped, interrupted ones continue from their checkpoints. Every stage first checks the
+folder's sweep.json (`Sweep.claim_folder`): another sweep's folder, or for ``train``/``report`` a
+folder that is not a prepared sweep, is refused before anything is written.
 
 Several processes split the runs: ``--shard_index/--shard_count``, a SLURM job array
 (``launch/slurm/sweep_array.sbatch``) or the tasks of an ``srun`` step. Each shard is a JAX

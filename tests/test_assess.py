@@ -129,3 +129,54 @@ def test_recommendation_from_old_results_has_no_interval(tmp_path):
         text = assess.markdown({"distance": assess.style_distance(*FAR), "recommendation": rec}, "note")
         assert "Plans to expect: 5 (no confidence interval: these results have no per-case Dice" in text
         assert "Does the curve rise? Not tested" in text
+
+
+def write_sweep_folder(root):
+    """A sweep folder on internal_c (curve full): unadapted source model Dice 0.649 (baseline/, row 0); 2 plans
+    0.700, 5 plans 0.713, 10 plans 0.715 on every test case: 5 plans are the fewest within 0.01 of the best."""
+    from flaxdose.sweeps import report
+
+    (root / "baseline").mkdir(parents=True)
+    (root / "baseline" / "internal_c.json").write_text(json.dumps(
+        {"style": "internal_c", "n_train": 0, "mode": "source model", "dice_mean": 0.649, "dvh_abs_err_pct": 9.0}))
+    for n, dice in ((2, 0.700), (5, 0.713), (10, 0.715)):
+        for seed in (0, 1):
+            row = {"run_id": f"r{n}_{seed}", "style": "internal_c", "n_train": n, "mode": "full", "seed": seed,
+                   "learning_rate": 1e-3, "dice_mean": dice, "dvh_abs_err_pct": 5.0, "case_dice": dict.fromkeys("abc", dice)}
+            (root / "runs" / row["run_id"]).mkdir(parents=True)
+            (root / "runs" / row["run_id"] / "result.json").write_text(json.dumps(row))
+    return report
+
+
+def test_a_report_folder_recommends_like_its_sweep_folder(tmp_path):
+    from types import SimpleNamespace
+
+    report = write_sweep_folder(tmp_path / "sweep")
+    config = SimpleNamespace(base=SimpleNamespace(train=SimpleNamespace(steps=1, batch_size=1),
+                                                  data=SimpleNamespace(patch_shape=(8, 8, 8)),
+                                                  model=SimpleNamespace(features=(4,))))
+    rows, baselines = report.read_results(tmp_path / "sweep")
+    report.write(tmp_path / "report", rows, baselines, len(rows), config)
+    distance = assess.style_distance(*FAR)  # the clinic's own Dice: 0.72, above the sweep's row 0
+    recs = [assess.recommend(distance, assess.learning_curve(path, "internal_c"))
+            for path in (tmp_path / "sweep", tmp_path / "report", tmp_path / "report" / "results.csv")]
+    for rec in recs:
+        assert rec["adapt"] and rec["plans_needed"] == 5 and rec["baseline_dice"] == pytest.approx(0.649)
+        assert rec["expected_gain_dice"] == pytest.approx(0.713 - 0.649) and not rec["baseline_missing"]
+        assert rec == recs[0] | {"curve": rec["curve"]}
+    text = assess.markdown({"distance": distance, "recommendation": recs[1]}, "note")
+    assert "Unadapted Dice (row 0 of the curve) 0.649: the sweep's unadapted source model" in text
+    # a report written before baselines.json: still a recommendation, but it says the baseline is not the curve's
+    (tmp_path / "report" / "baselines.json").unlink()
+    rec = assess.recommend(distance, assess.learning_curve(tmp_path / "report", "internal_c"))
+    assert rec["baseline_missing"] and rec["baseline_dice"] == pytest.approx(0.72) and not rec["adapt"]
+    assert "the curve has no baseline" in rec["advice"] and "clinic's plans" in rec["baseline_from"]
+    text = assess.markdown({"distance": distance, "recommendation": rec}, "note")
+    assert "Unadapted Dice (row 0 of the curve) 0.720" in text and "The curve has no baseline" in text
+
+
+def test_the_printed_line_summarizes_the_rise_test():
+    from flaxdose.assess_style import rise_summary
+
+    rise = {"fewest": 2, "most": 10, "n_pairs": 6, "mean": 0.105, "ci": (0.1, 0.11), "p": 1 / 32, "verdict": "rises"}
+    assert rise_summary(rise) == {"verdict": "rises", "p": 1 / 32, "mean": 0.105} and rise_summary(None) is None

@@ -216,3 +216,27 @@ def test_plans_needed_skips_plan_counts_without_dice():
     # means: n=5 -> 0.81, n=10 -> 0.82 (best); 0.81 is within the 0.01 margin, so 5 plans are enough
     assert plans_needed({2: [nan, nan], 5: [0.80, 0.82], 10: [0.815, 0.825]}) == "5 (Dice 0.810; best 0.820)"
     assert plans_needed({2: [nan], 5: [nan]}) == "n/a"
+
+
+def test_report_and_train_refuse_a_folder_that_is_not_a_prepared_sweep(tmp_path):
+    for stage in ("report", "train"):
+        with pytest.raises(FlaxdoseError, match="not a prepared sweep .*--stage=prepare"):
+            getattr(Sweep(smoke_config(), tmp_path / "missing"), stage)()
+    assert not (tmp_path / "missing").exists()  # no "0 of 8 runs" report
+
+
+def test_every_stage_refuses_another_sweeps_folder_untouched(tmp_path):
+    Sweep(smoke_config(), tmp_path / "sweep").claim_folder()  # sweep.json of the smoke sweep
+    before = {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*")}
+    other = Sweep(smoke_config({"grid.seeds": (0, 1, 2)}), tmp_path / "sweep")
+    for stage in ("prepare", "train", "report"):
+        with pytest.raises(FlaxdoseError, match="holds another sweep .*grid.seeds"):
+            getattr(other, stage)()
+    assert {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*")} == before
+
+
+def test_cli_report_refuses_a_missing_folder(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flaxdose.launch.sweep", "--config=sweep_smoke",
+                          f"--workdir={tmp_path / 'missing'}", "--stage=report"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a prepared sweep" in out.stderr and not (tmp_path / "missing").exists()

@@ -230,3 +230,41 @@ def test_bad_results_paths_and_cells_are_refused(tmp_path):
     (tmp_path / "results.csv").write_text("run_id,style,n_train,mode,seed,learning_rate,dice_mean\nr,s,two,full,0,0.001,0.8\n")
     with pytest.raises(FlaxdoseError, match="line 2: column 'n_train' holds 'two'"):
         report.read_results(tmp_path)
+
+
+def test_a_report_folder_keeps_the_sweeps_baselines(tmp_path):
+    rows, baselines = sweep_rows(), [{"style": "internal_a", "n_train": 0, "mode": "source model", "dice_mean": 0.649}]
+    report.write(tmp_path, rows, baselines, len(rows), CONFIG)
+    assert json.loads((tmp_path / "baselines.json").read_text()) == baselines
+    for path in (tmp_path, tmp_path / "results.csv"):
+        assert report.read_results(path)[1] == baselines
+    (tmp_path / "baselines.json").write_text("{}")
+    with pytest.raises(FlaxdoseError, match="baselines.json is not a list of baselines.*--stage=report"):
+        report.read_results(tmp_path)
+    (tmp_path / "baselines.json").unlink()  # a report written before baselines.json: rows, no baselines
+    assert report.read_results(tmp_path)[1] == []
+
+
+HEADER = "run_id,style,n_train,mode,seed,learning_rate,dice_mean\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("run_id,style,n_train,mode,learning_rate\nr,s,2,full,0.001\n", r"lacks the column\(s\) \['seed', 'dice_mean'\]"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "is not a CSV text file"),
+    ("", r"lacks the column\(s\)"),
+    (HEADER, "lists no runs"),
+    (HEADER + "r,s,2,full,0,0.001,0.8\nq,s,5,full,0,0.001,0.9\nr,s,2,full,0,0.001,0.8\n", "line 4 repeats run 'r' of line 2"),
+])
+def test_a_broken_results_csv_is_refused_with_the_fix(tmp_path, content, message):
+    path = tmp_path / "results.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for where in (tmp_path, path):
+        with pytest.raises(FlaxdoseError, match=message) as e:
+            report.read_results(where)
+        assert str(path) in str(e.value) and "--stage=report" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_number_error_names_the_file_it_is_in(tmp_path):
+    edit_case_results(write_report(tmp_path), lambda ls: [{**ls[0], "dice": "high"}, *ls[1:]])
+    with pytest.raises(FlaxdoseError, match="case_results.csv line 2: column 'dice'.*sweep's case_results.csv"):
+        report.read_results(tmp_path)

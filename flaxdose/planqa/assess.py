@@ -17,7 +17,9 @@ curve shows a gain. The number of plans is the fewest on the curve whose mean Di
 none for results written before runs recorded per-case Dice, said so), and whether the curve
 rises at all (`sweep_report.rise_test`: fewest vs most plans, paired per seed and test case); the
 expected gain is that point's mean Dice minus the unadapted model's Dice on the same test plans
-(the sweep's baseline; the clinic's measured Dice when the sweep has none, said so). The curve
+(the sweep's baseline: ``baseline/<style>.json`` of a sweep folder, baselines.json of its report
+folder; the clinic's measured Dice, of a different set of plans, when the curve has none, said so in
+the advice and report.md). The curve
 is a sweep's (`flaxdose.sweeps.runner`): measured, not guessed, on the sweep's target style, which
 is the clinic's own only when the sweep ran on the clinic's plans (``data.folders``).
 """
@@ -42,6 +44,9 @@ from flaxdose.sweeps import report as sweep_report
 DEFAULT_ALPHA = 0.05
 SCORES = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "mean absolute DVH error (% of Rx)"}
 WORSE = {"dice_mean": -1.0, "dvh_abs_err_pct": 1.0}  # the sign of clinic - own when the clinic's plans fit worse
+NO_BASELINE = ("the curve has no baseline (a report written before baselines.json): the gain is counted from the "
+               "model's Dice on the clinic's plans, not the curve's test plans; give --curve the sweep folder, or "
+               "rewrite its report with --stage=report")
 
 
 def case_scores(rows: Sequence[dict]) -> list[dict]:
@@ -146,32 +151,34 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
                else f"no confidence interval: {expect['no_ci']}")
     dvh_at_n = float(np.nanmean(curve.dvh[n])) if n in curve.dvh else None
     if curve.baseline_dice is not None:
-        baseline, baseline_from = curve.baseline_dice, "the unadapted model on the curve's test plans"
+        baseline, baseline_from = curve.baseline_dice, "the sweep's unadapted source model on the curve's test plans"
     else:
         baseline = distance["dice_mean"]["clinic"]["mean"]
         baseline_from = "the unadapted model on the clinic's plans (the sweep recorded no baseline)"
+    caveat = "" if curve.baseline_dice is not None else f" Note: {NO_BASELINE}."
     gain = dice_at_n - baseline
     out = {"differs": worse, "alpha": alpha, "curve": {"source": curve.source, "style": curve.style, "name": curve.name},
            "plans_needed": n, "plans_needed_ci": expect["ci"], "plans_needed_ci_missing": expect["no_ci"],
            "curve_rises": rise, "expected_dice": dice_at_n, "best_dice_on_curve": best, "expected_dvh_abs_err_pct": dvh_at_n,
            "baseline_dice": baseline, "baseline_from": baseline_from, "expected_gain_dice": gain,
-           "runs_at_n": len(curve.dice[n])}
+           "baseline_missing": curve.baseline_dice is None, "runs_at_n": len(curve.dice[n])}
     if not any(worse.values()):
         out["adapt"], out["advice"] = False, (
             f"No adaptation indicated: the model's errors on these plans are not significantly worse than on its own "
             f"style (p >= {alpha:g}). If adapted anyway, the curve expects mean Dice {dice_at_n:.3f} with {n} plans "
-            f"({ci_text}).")
+            f"({ci_text})." + caveat)
     elif gain <= 0:
         out["adapt"], out["advice"] = False, (
             f"The style differs, but the learning curve shows no gain from adapting ({curve.name}: mean Dice "
-            f"{dice_at_n:.3f} with {n} plans vs {baseline:.3f} unadapted); collect more plans or fine-tune longer.")
+            f"{dice_at_n:.3f} with {n} plans vs {baseline:.3f} unadapted, {baseline_from}); collect more plans or "
+            "fine-tune longer." + caveat)
     else:
         out["adapt"], out["advice"] = True, (
             f"Adapt ({curve.name}) with {n} plans ({ci_text}): expected mean Dice {dice_at_n:.3f}, "
             f"{gain:+.3f} over {baseline:.3f} "
             f"({baseline_from})" + (f", DVH error {dvh_at_n:.2f} % of Rx" if dvh_at_n is not None else "") +
             (f"; {n} is the curve's largest point, so more plans may add more (not measured)." if n == max(curve.dice)
-             else f"; more plans add at most {best - dice_at_n:.3f} on this curve."))
+             else f"; more plans add at most {best - dice_at_n:.3f} on this curve.") + caveat)
     return out
 
 
@@ -235,6 +242,8 @@ def markdown(result: Mapping, note: str) -> str:
                   f"Learning curve: style {curve['style']!r}, curve {curve['name']!r} of {curve['source']}; plans needed = "
                   f"the fewest whose mean Dice is within {sweep_report.ENOUGH_DICE_MARGIN} of the curve's best "
                   f"({rec['best_dice_on_curve']:.3f}); {rec['runs_at_n']} run(s) at that point."]
+        lines += ["", f"Unadapted Dice (row 0 of the curve) {rec['baseline_dice']:.3f}: {rec['baseline_from']}."
+                  + (f" {NO_BASELINE[0].upper()}{NO_BASELINE[1:]}." if rec.get("baseline_missing") else "")]
         lines += ["", plans_line(rec), "", rise_line(rec["curve_rises"])]
     return "\n".join(lines) + "\n"
 

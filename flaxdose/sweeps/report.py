@@ -36,7 +36,9 @@ COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "steps
            "dvh_abs_err_pct", "final_loss", "wave_size", "wave_layout", "wave_wall_s")
 METRICS = {"dice_mean": "mean isodose Dice", "dvh_abs_err_pct": "DVH error (% of Rx)"}
 CASE_COLUMNS = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "case_id", "dice")
-RESULTS, CASE_RESULTS = "results.csv", "case_results.csv"
+RESULTS, CASE_RESULTS, BASELINES = "results.csv", "case_results.csv", "baselines.json"
+REQUIRED = ("run_id", "style", "n_train", "mode", "seed", "learning_rate", "dice_mean")  # what the curves need
+REWRITE = "python -m flaxdose.launch.sweep --config=... --workdir=SWEEP --stage=report"
 INTS = ("n_train", "seed", "steps", "n_test", "wave_size")
 FLOATS = ("learning_rate", "dice_mean", "dice_sd", "dvh_abs_err_pct", "final_loss", "wave_wall_s")
 # A clinic "needs" the fewest plans whose mean Dice is within this of the curve's best.
@@ -56,7 +58,8 @@ def read_results(path: str | Path) -> tuple[list[dict], list[dict]]:
 
     A sweep folder (``runs/<id>/result.json``, ``baseline/<style>.json``): the finished runs' result.json
     rows in folder order (with ``case_dice`` where the run recorded it) and `read_baselines`. A report
-    folder or a results.csv: its rows with the numbers parsed (`read_results_csv`) and no baselines.
+    folder or a results.csv: its rows with the numbers parsed (`read_results_csv`) and the baselines of
+    the baselines.json beside it (`write` puts them there); none for reports written before that file.
 
     Raises FlaxdoseError when the path holds neither, or for a malformed table.
     """
@@ -68,34 +71,66 @@ def read_results(path: str | Path) -> tuple[list[dict], list[dict]]:
     if not csv_path.is_file():
         raise FlaxdoseError(f"{path} is neither a sweep folder (runs/, baseline/) nor a sweep's results.csv "
                             "(or the report folder holding it)")
-    return read_results_csv(csv_path), []
+    return read_results_csv(csv_path), read_baselines_json(csv_path.parent / BASELINES)
 
 
-def _number(text: str | None, kind: type, where: str, column: str):
+def read_baselines_json(path: str | Path) -> list[dict]:
+    """The baselines a report folder's baselines.json lists (`write`); [] when there is no such file.
+
+    Raises FlaxdoseError when the file is not a JSON list of objects with a style.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        baselines = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FlaxdoseError(f"{path} is not JSON ({e}); rewrite the report with {REWRITE}") from None
+    if not isinstance(baselines, list) or not all(isinstance(b, dict) and "style" in b for b in baselines):
+        raise FlaxdoseError(f"{path} is not a list of baselines (objects with a style); rewrite the report with {REWRITE}")
+    return baselines
+
+
+def _number(text: str | None, kind: type, where: str, column: str, hint: str = "is this a sweep's results.csv?"):
     if text is None or text.strip() == "":
         return None
     try:
         return kind(float(text)) if kind is int else float(text)
     except ValueError:
-        raise FlaxdoseError(f"{where}: column {column!r} holds {text!r}, not a number; "
-                            "is this a sweep's results.csv?") from None
+        raise FlaxdoseError(f"{where}: column {column!r} holds {text!r}, not a number; {hint}") from None
 
 
 def read_results_csv(path: str | Path) -> list[dict]:
     """The rows of a sweep's results.csv (numbers parsed; empty cells None), each with ``case_dice``
     ({case id: Dice}) from the case_results.csv beside it when that file exists and lists the run.
 
-    Raises FlaxdoseError for a cell that should be a number and is not, and for a case_results.csv
-    that does not match results.csv (`attach_case_results`).
+    Raises FlaxdoseError for a file that is not CSV text, lacks a REQUIRED column or has no rows, for a
+    repeated run_id, for a cell that should be a number and is not, and for a case_results.csv that does
+    not match results.csv (`attach_case_results`).
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
+    fix = f"rewrite it from the sweep folder with {REWRITE}"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FlaxdoseError(f"{path} is not a CSV text file ({e}); is this a sweep's results.csv? {fix}") from None
+    missing = [c for c in REQUIRED if c not in fields]
+    if missing:
+        raise FlaxdoseError(f"{path} lacks the column(s) {missing} of a sweep's results.csv; {fix}")
+    if not rows:
+        raise FlaxdoseError(f"{path} lists no runs (it is empty or only a header); {fix} once runs have finished")
+    out, seen = [], {}
     for i, row in enumerate(rows, 2):
+        if row["run_id"] in seen:
+            raise FlaxdoseError(f"{path} line {i} repeats run {row['run_id']!r} of line {seen[row['run_id']]} "
+                                f"(it would count twice); {fix}")
+        seen[row["run_id"]] = i
         parsed = dict(row)
         for kinds, kind in ((INTS, int), (FLOATS, float)):
-            parsed.update({k: _number(row[k], kind, f"{path} line {i}", k) for k in kinds if k in row})
+            parsed.update({k: _number(row[k], kind, f"{path} line {i}", k, f"is this a sweep's results.csv? {fix}")
+                           for k in kinds if k in row})
         out.append(parsed)
     if (path.parent / CASE_RESULTS).is_file():
         attach_case_results(out, path.parent / CASE_RESULTS)
@@ -113,12 +148,16 @@ def attach_case_results(rows: Sequence[dict], path: str | Path) -> None:
     path = Path(path)
     fix = (f"write both files again from the sweep folder (python -m flaxdose.launch.sweep --config=... "
            f"--workdir=SWEEP --stage=report), or delete {path} to use results.csv without per-case Dice")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CASE_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise FlaxdoseError(f"{path} lacks the column(s) {missing}; {fix}")
-        lines = list(reader)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in CASE_COLUMNS if c not in (reader.fieldnames or ())]
+            lines = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FlaxdoseError(f"{path} is not a CSV text file ({e}); {fix}") from None
+    if missing:
+        raise FlaxdoseError(f"{path} lacks the column(s) {missing}; {fix}")
+    hint = f"is this a sweep's case_results.csv? {fix}"
     by_id = {r.get("run_id"): r for r in rows}
     found: dict[str, dict[str, float]] = {}
     for i, line in enumerate(lines, 2):
@@ -129,13 +168,13 @@ def attach_case_results(rows: Sequence[dict], path: str | Path) -> None:
                                 f"{fix}")
         for key in ("style", "n_train", "mode", "seed", "learning_rate"):
             kind = int if key in INTS else float if key in FLOATS else str
-            value = line[key] if kind is str else _number(line[key], kind, where, key)
+            value = line[key] if kind is str else _number(line[key], kind, where, key, hint)
             if key in run and run[key] != value:
                 raise FlaxdoseError(f"{where} gives run {line['run_id']!r} {key} {value!r}, results.csv {run[key]!r}; {fix}")
         cases = found.setdefault(line["run_id"], {})
         if line["case_id"] in cases:
             raise FlaxdoseError(f"{where} repeats case {line['case_id']!r} of run {line['run_id']!r}; {fix}")
-        cases[line["case_id"]] = _number(line["dice"], float, where, "dice")
+        cases[line["case_id"]] = _number(line["dice"], float, where, "dice", hint)
     for run_id, cases in found.items():
         by_id[run_id]["case_dice"] = {c: np.nan if d is None else d for c, d in cases.items()}
 
@@ -398,7 +437,8 @@ def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: i
 
 def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str = "") -> Path:
     """Write results.csv, case_results.csv (`case_rows`; only its header when no run recorded per-case Dice),
-    learning_curve.png and summary.md into `out_dir`; returns summary.md."""
+    baselines.json (`baselines`: what `read_results` gives back with the rows), learning_curve.png and
+    summary.md into `out_dir`; returns summary.md."""
     from flaxdose import plots  # matplotlib only when figures are drawn
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -412,6 +452,7 @@ def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_tota
     writer.writeheader()
     writer.writerows(case_rows(rows))
     atomic_write_text(out_dir / CASE_RESULTS, text.getvalue())
+    atomic_write_text(out_dir / BASELINES, json.dumps(list(baselines), indent=1) + "\n")
     if rows:
         panels = {label: curves(rows, key) for key, label in METRICS.items()}
         base = {label: {b["style"]: b.get(key) for b in baselines} for key, label in METRICS.items()}

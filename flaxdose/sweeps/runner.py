@@ -20,7 +20,7 @@ Folder layout (``--workdir``):
 - ``baseline/<style>.json``: the source model, unadapted, on each style's test cases (n = 0);
 - ``runs/<run_id>/``: config.json, checkpoints/, metrics.jsonl, and ``result.json`` once the
   run is trained and evaluated. A rerun skips finished runs and resumes the others;
-- ``report/``: results.csv (one row per run), summary.md, learning_curve.png.
+- ``report/``: results.csv (one row per run), case_results.csv, baselines.json, summary.md, learning_curve.png.
 
 Several processes (a SLURM job array or srun tasks, or explicit shard flags) split the runs by
 index. They share nothing, so each is a JAX runtime of its own: `jax.distributed` would turn every
@@ -225,11 +225,13 @@ class Sweep:
         """``<root>/runs/<run_id>``: the run's workdir."""
         return self.root / "runs" / run.run_id
 
-    def claim_folder(self) -> None:
-        """Write sweep.json, or check that the folder holds this same sweep.
+    def claim_folder(self, create: bool = True) -> None:
+        """Write sweep.json (`create`), or check that the folder holds this same sweep: every stage's check,
+        before it writes anything.
 
-        Raises FlaxdoseError when sweep.json holds other settings (naming them), or the folder
-        holds files but no sweep.json.
+        Raises FlaxdoseError when sweep.json holds other settings (naming them), when the folder
+        holds files but no sweep.json, or, without `create`, when there is no sweep.json (not a
+        prepared sweep).
         """
         saved, new = self.root / "sweep.json", json.loads(config_lib.to_json(self.config))
         if saved.is_file():
@@ -242,6 +244,9 @@ class Sweep:
                 )
         elif self.root.exists() and any(self.root.iterdir()):
             raise FlaxdoseError(f"{self.root} holds files but no sweep.json; choose an empty or new --workdir")
+        elif not create:
+            raise FlaxdoseError(f"{self.root} is not a prepared sweep (no sweep.json); run the sweep with "
+                                "--stage=prepare first (one process), or give the --workdir of the sweep")
         else:
             atomic_write_text(saved, config_lib.to_json(self.config))
 
@@ -308,8 +313,10 @@ class Sweep:
     def train(self, shard_index: int = 0, shard_count: int = 1) -> None:
         """Train and evaluate this shard's unfinished runs, wave by wave.
 
-        Raises FlaxdoseError when the folder is not prepared, or for a shard outside 0..count-1.
+        Raises FlaxdoseError when the folder is not prepared or holds another sweep (`claim_folder`), or for
+        a shard outside 0..count-1.
         """
+        self.claim_folder(create=False)
         if not self.is_prepared():
             raise FlaxdoseError(
                 f"{self.root} is not prepared (data, source model, baselines); run the sweep with --stage=prepare "
@@ -405,8 +412,10 @@ class Sweep:
     def report(self, title: str = "") -> Path:
         """Write ``<root>/report/`` (results.csv, summary.md, learning_curve.png) from the finished runs.
 
-        Returns the path of summary.md.
+        Returns the path of summary.md. Raises FlaxdoseError when the folder is not a prepared sweep or
+        holds another sweep (`claim_folder`), before writing anything.
         """
+        self.claim_folder(create=False)
         rows, baselines = self.collect()
         return sweep_report.write(self.root / "report", rows, baselines, len(self.runs), self.config, title)
 
