@@ -8,7 +8,8 @@
   the batch, and a 3x3 convolution over (Y, Z) with the kernel reshaped to (3, 3, 3*C, D)
   finishes the sum over the X taps. Autodiff gives the input's gradient; the kernel's is one
   matrix product of the stacked input with nine shifted copies of the output gradient
-  (`kernel_gradient`: 1.15x the whole training step on XLA:CPU; nine separate products were
+  (`kernel_gradient`: the whole training step on XLA:CPU 1.14-1.16x faster for the paper preset
+  and the (12..96) UNets, 0.91x for the quick start's 3-level UNet; nine separate products were
   slower, docs/performance.md). The fastest form for a training step on XLA:CPU.
 - ``"2d_taps"``: three 2D convolutions over (Y, Z), one per X tap, on slices of the X-padded
   input (no stacked copy), summed. The fastest forward pass on XLA:CPU (1.3x the whole
@@ -86,8 +87,9 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
     dK[tx, ty, tz, c, d] = sum over voxels p of x[p + t - 1, c] dy[p, d] = sum over p of S[p, (tx, c)]
     dy[p - (ty, tz) + 1, d], with S the X-stacked input: one matrix product of S (voxels x 3C) with the
     nine (Y, Z)-shifted copies of dy side by side (voxels x 9D). XLA:CPU computes autodiff's kernel
-    gradient of the 2D convolution by transposing S to put the batch last first; this product was
-    1.15x faster for the whole training step (docs/performance.md). Accumulates in float32.
+    gradient of the 2D convolution by transposing S to put the batch last first; this product made
+    the whole training step 1.14-1.16x faster for the larger UNets (docs/performance.md). Accumulates
+    in float32.
     """
     n, sx, sy, sz, c = x.shape
     d = dy.shape[-1]
