@@ -209,13 +209,14 @@ def test_two_processes_split_a_sweep(smoke_sweep, tmp_path):
         assert_same_params(final_params(workdir / "runs" / run.run_id), final_params(smoke_sweep.run_dir(run)))
 
 
-def test_plans_needed_skips_plan_counts_without_dice():
-    from flaxdose.sweeps.report import plans_needed
+def test_plans_to_expect_skips_plan_counts_without_dice():
+    from flaxdose.sweeps.report import plans_text, plans_to_expect
 
     nan = float("nan")
     # means: n=5 -> 0.81, n=10 -> 0.82 (best); 0.81 is within the 0.01 margin, so 5 plans are enough
-    assert plans_needed({2: [nan, nan], 5: [0.80, 0.82], 10: [0.815, 0.825]}) == "5 (Dice 0.810; best 0.820)"
-    assert plans_needed({2: [nan], 5: [nan]}) == "n/a"
+    text = plans_text(plans_to_expect({2: [nan, nan], 5: [0.80, 0.82], 10: [0.815, 0.825]}, None))
+    assert text.startswith("5 (") and text.endswith("; Dice 0.810, best 0.820")
+    assert plans_text(plans_to_expect({2: [nan], 5: [nan]}, None)) == "n/a"
 
 
 def test_report_and_train_refuse_a_folder_that_is_not_a_prepared_sweep(tmp_path):

@@ -15,7 +15,7 @@ curve shows a gain. The number of plans is the fewest on the curve whose mean Di
 `flaxdose.sweeps.report.ENOUGH_DICE_MARGIN` of its best (`sweep_report.fewest_plans`), with its
 95 % percentile-bootstrap interval over the sweep's test cases (`sweep_report.plans_to_expect`;
 none for results written before runs recorded per-case Dice, said so), and whether the curve
-rises at all (`sweep_report.rise_test`: fewest vs most plans, paired per seed and test case); the
+rises at all (`sweep_report.rise_test`: fewest vs most plans, paired per test case, seeds averaged); the
 expected gain is that point's mean Dice minus the unadapted model's Dice on the same test plans
 (the sweep's baseline: ``baseline/<style>.json`` of a sweep folder, baselines.json of its report
 folder; the clinic's measured Dice, of a different set of plans, when the curve has none, said so in
@@ -141,11 +141,10 @@ def recommend(distance: Mapping, curve: LearningCurve, alpha: float = DEFAULT_AL
     """Adapt or not, with how many plans and the expected gain, from the curve (module docstring)."""
     worse = {score: distance[score]["p"] is not None and distance[score]["p"] < alpha
              and distance[score]["difference"] * WORSE[score] > 0 for score in SCORES}
-    found = sweep_report.fewest_plans(curve.dice, margin)
-    if found is None:
+    expect = sweep_report.plans_to_expect(curve.dice, curve.case_dice, margin)  # `fewest_plans` with its interval
+    if expect is None:
         raise FlaxdoseError(f"the learning curve {curve.name!r} of {curve.source} has no Dice values to recommend from")
-    n, dice_at_n, best = found
-    expect = sweep_report.plans_to_expect(curve.dice, curve.case_dice, margin)
+    n, dice_at_n, best = expect["plans"], expect["dice"], expect["best"]
     rise = sweep_report.rise_test(curve.case_dice) if curve.case_dice else None
     ci_text = (f"95 % CI {expect['ci'][0]}-{expect['ci'][1]} plans" if expect["ci"]
                else f"no confidence interval: {expect['no_ci']}")

@@ -100,6 +100,21 @@ def _number(text: str | None, kind: type, where: str, column: str, hint: str = "
         raise FlaxdoseError(f"{where}: column {column!r} holds {text!r}, not a number; {hint}") from None
 
 
+def _read_csv(path: Path, columns: Sequence[str], not_text: str, lacking: str) -> list[dict]:
+    """The rows of the CSV table at `path`; FlaxdoseError "... is not a CSV text file (...); `not_text`" for a file
+    that is not CSV text, "... lacks the column(s) [...]`lacking`" when one of `columns` is missing."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FlaxdoseError(f"{path} is not a CSV text file ({e}); {not_text}") from None
+    missing = [c for c in columns if c not in fields]
+    if missing:
+        raise FlaxdoseError(f"{path} lacks the column(s) {missing}{lacking}")
+    return rows
+
+
 def read_results_csv(path: str | Path) -> list[dict]:
     """The rows of a sweep's results.csv (numbers parsed; empty cells None), each with ``case_dice``
     ({case id: Dice}) from the case_results.csv beside it when that file exists and lists the run.
@@ -110,15 +125,7 @@ def read_results_csv(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     fix = f"rewrite it from the sweep folder with {REWRITE}"
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields, rows = reader.fieldnames or [], list(reader)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise FlaxdoseError(f"{path} is not a CSV text file ({e}); is this a sweep's results.csv? {fix}") from None
-    missing = [c for c in REQUIRED if c not in fields]
-    if missing:
-        raise FlaxdoseError(f"{path} lacks the column(s) {missing} of a sweep's results.csv; {fix}")
+    rows = _read_csv(path, REQUIRED, f"is this a sweep's results.csv? {fix}", f" of a sweep's results.csv; {fix}")
     if not rows:
         raise FlaxdoseError(f"{path} lists no runs (it is empty or only a header); {fix} once runs have finished")
     out, seen = [], {}
@@ -148,15 +155,7 @@ def attach_case_results(rows: Sequence[dict], path: str | Path) -> None:
     path = Path(path)
     fix = (f"write both files again from the sweep folder (python -m flaxdose.launch.sweep --config=... "
            f"--workdir=SWEEP --stage=report), or delete {path} to use results.csv without per-case Dice")
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in CASE_COLUMNS if c not in (reader.fieldnames or ())]
-            lines = list(reader)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise FlaxdoseError(f"{path} is not a CSV text file ({e}); {fix}") from None
-    if missing:
-        raise FlaxdoseError(f"{path} lacks the column(s) {missing}; {fix}")
+    lines = _read_csv(path, CASE_COLUMNS, fix, f"; {fix}")
     hint = f"is this a sweep's case_results.csv? {fix}"
     by_id = {r.get("run_id"): r for r in rows}
     found: dict[str, dict[str, float]] = {}
@@ -236,15 +235,6 @@ def fewest_plans(by_n: dict[int, list[float]], margin: float = ENOUGH_DICE_MARGI
     best = max(means.values())
     enough = min(n for n, m in means.items() if m >= best - margin)
     return enough, means[enough], best
-
-
-def plans_needed(by_n: dict[int, list[float]]) -> str:
-    """`fewest_plans` with ENOUGH_DICE_MARGIN as text; "n/a" when no plan count has a Dice."""
-    found = fewest_plans(by_n)
-    if found is None:
-        return "n/a"
-    enough, dice, best = found
-    return f"{enough} (Dice {dice:.3f}; best {best:.3f})"
 
 
 def _per_case(runs: Sequence[tuple]) -> dict[tuple, float]:
@@ -435,6 +425,15 @@ def summary_markdown(rows: Sequence[dict], baselines: Sequence[dict], n_total: i
     return "\n".join(lines)
 
 
+def _csv_text(columns: Sequence[str], rows: Sequence[dict], **options) -> str:
+    """`rows` as CSV text with a header of `columns` (`options`: csv.DictWriter's)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, **options)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_total: int, config, title: str = "") -> Path:
     """Write results.csv, case_results.csv (`case_rows`; only its header when no run recorded per-case Dice),
     baselines.json (`baselines`: what `read_results` gives back with the rows), learning_curve.png and
@@ -442,16 +441,8 @@ def write(out_dir: Path, rows: Sequence[dict], baselines: Sequence[dict], n_tota
     from flaxdose import plots  # matplotlib only when figures are drawn
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / RESULTS, text.getvalue())
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CASE_COLUMNS)
-    writer.writeheader()
-    writer.writerows(case_rows(rows))
-    atomic_write_text(out_dir / CASE_RESULTS, text.getvalue())
+    atomic_write_text(out_dir / RESULTS, _csv_text(COLUMNS, rows, extrasaction="ignore", restval=""))
+    atomic_write_text(out_dir / CASE_RESULTS, _csv_text(CASE_COLUMNS, case_rows(rows)))
     atomic_write_text(out_dir / BASELINES, json.dumps(list(baselines), indent=1) + "\n")
     if rows:
         panels = {label: curves(rows, key) for key, label in METRICS.items()}
